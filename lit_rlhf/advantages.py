@@ -1,0 +1,103 @@
+"""Advantage estimation, whitening, reward shaping and group baselines, as pure functions of tensors.
+
+Token-level tensors are ``[B, T]`` with a 0/1 ``mask`` marking the response tokens; outputs are 0 wherever the
+mask is 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lit_rlhf.losses import kl_penalty, masked_mean, masked_var
+
+GROUP_ADVANTAGE_KINDS = ("grpo", "rloo")
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation, Schulman et al. 2016, eq. 16: A_t = Σ_l (γλ)^l δ_{t+l} with
+    δ_t = r_t + γ·V_{t+1} − V_t. Returns ``(advantages, returns)``, both ``[B, T]``, returns = A + V.
+
+    Rows may end at different positions (right padding) and may start with masked prompt positions. Masked
+    positions get advantage and return 0, and their rewards and values never reach valid positions: the value
+    after the last valid token is 0 (the episode ends there), and a 0 inside a row's mask ends the episode for
+    the positions before it. Computed without gradient: these are regression targets.
+    """
+    rewards, values = rewards.detach(), values.detach()
+    valid = mask.bool()
+    rewards = torch.where(valid, rewards, torch.zeros_like(rewards))
+    values = torch.where(valid, values, torch.zeros_like(values))
+
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = torch.where(valid[:, t], delta + gamma * lam * next_advantage, torch.zeros_like(delta))
+        advantages[:, t] = advantage
+        # Masked values and advantages are 0, so an invalid next position bootstraps nothing.
+        next_value, next_advantage = values[:, t], advantage
+
+    returns = torch.where(valid, advantages + values, torch.zeros_like(advantages))
+    return advantages, returns
+
+
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """Normalise ``x`` to mean 0 and variance 1 over all masked-in positions of the batch (as in TRL's
+    ``masked_whiten``); the variance is the unbiased one (Bessel-corrected, like TRL's ``masked_var``).
+
+    ``shift_mean=False`` only rescales: the mean is added back, e.g. to keep the sign of rewards.
+    Positions outside the mask are 0 in the output.
+    """
+    mean = masked_mean(x, mask)
+    whitened = (x - mean) * torch.rsqrt(masked_var(x, mask) + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+def shape_rewards(
+    scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, beta: float, kind: str = "k1"
+) -> Tensor:
+    """Per-token RLHF reward ``[B, T]``: −β·KL penalty on every response token, plus the sequence score
+    ``scores[b]`` on the last valid token of row b (Ziegler et al. 2019, §2; Ouyang et al. 2022, eq. 2).
+
+    ``kind`` picks the KL estimator (see :func:`lit_rlhf.losses.kl_penalty`). The last valid token is the last
+    position where ``mask`` is non-zero, so leading prompt positions are fine. A row with an empty mask has no
+    token to credit and gets all zeros.
+    """
+    valid = mask.bool()
+    rewards = -beta * kl_penalty(logprobs, ref_logprobs, kind)
+    rewards = torch.where(valid, rewards, torch.zeros_like(rewards))
+
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(valid)
+    last_valid = torch.where(valid, positions, -1).amax(dim=1)
+    has_valid = last_valid >= 0
+    score_credit = torch.where(has_valid, scores.to(rewards.dtype), torch.zeros_like(scores, dtype=rewards.dtype))
+    return rewards.scatter_add(1, last_valid.clamp_min(0).unsqueeze(1), score_credit.unsqueeze(1))
+
+
+def group_advantages(scores: Tensor, group_size: int, kind: str) -> Tensor:
+    """Critic-free advantages ``[B]`` from groups of completions of the same prompt.
+
+    ``scores`` is ``[B]`` with consecutive runs of ``group_size`` rows forming a group.
+
+    - ``grpo``: (s − group mean) / (group std + 1e-6), GRPO outcome supervision (Shao et al. 2024, §4.1.2),
+      with the unbiased (n − 1) standard deviation, as TRL's GRPO uses.
+    - ``rloo``: s − mean of the other members of its group, the REINFORCE leave-one-out baseline
+      (Ahmadian et al. 2024, "Back to Basics", RLOO).
+    """
+    if kind not in GROUP_ADVANTAGE_KINDS:
+        raise ValueError(f"unknown group advantage kind {kind!r}; expected one of {', '.join(GROUP_ADVANTAGE_KINDS)}")
+    if group_size < 2:
+        raise ValueError(f"group_size must be at least 2 to form a baseline; got {group_size}")
+    if scores.shape[0] % group_size != 0:
+        raise ValueError(f"batch of {scores.shape[0]} scores is not divisible into groups of {group_size}")
+
+    groups = scores.view(-1, group_size)
+    if kind == "grpo":
+        advantages = (groups - groups.mean(dim=1, keepdim=True)) / (groups.std(dim=1, keepdim=True) + 1e-6)
+    else:
+        others_mean = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+        advantages = groups - others_mean
+    return advantages.reshape(-1)

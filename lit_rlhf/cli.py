@@ -1,0 +1,111 @@
+"""The command line: ``lit-rlhf fit|validate|test --config configs/<phase>.yaml`` and a few extra commands.
+
+The phase commands are LightningCLI (subclass mode for model and data, so a config names the classes).
+The extra commands (``world``, …) are thin argparse front-ends over library functions. Errors a user can
+meet are printed on one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+from lit_rlhf.errors import LitRLHFError
+
+RUNS_DIR = "runs"
+
+
+def default_loggers() -> list[dict]:
+    """CSV always; W&B too, offline unless ``WANDB_API_KEY`` is set (never a login prompt), off when
+    ``WANDB_MODE=disabled``."""
+    loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": RUNS_DIR}}]
+    if os.environ.get("WANDB_MODE") != "disabled":
+        offline = not os.environ.get("WANDB_API_KEY")
+        loggers.append(
+            {
+                "class_path": "lightning.pytorch.loggers.WandbLogger",
+                "init_args": {"save_dir": RUNS_DIR, "project": "lit-rlhf", "offline": offline},
+            }
+        )
+    return loggers
+
+
+def _phase_name(model_class_path: str) -> str:
+    """``lit_rlhf.phases.sft.SFTModule`` → ``sft``: the run folder under ``runs/``."""
+    return model_class_path.rsplit(".", 1)[-1].removesuffix("Module").lower() or "run"
+
+
+class RLHFCLI(LightningCLI):
+    """LightningCLI with CPU-friendly defaults, linked tokenizer and prompt length, and a validation pass
+    before training so the first logged row is the untrained model."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            trainer_defaults={
+                "logger": default_loggers(),
+                "num_sanity_val_steps": 0,
+                "inference_mode": False,
+                "log_every_n_steps": 10,
+                "enable_model_summary": False,
+            },
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "lit-rlhf"},
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.tokenizer_name_or_path")
+        parser.link_arguments("data.init_args.max_prompt_length", "model.init_args.max_prompt_length")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        loggers = config.trainer.logger
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init_args = getattr(logger, "init_args", None)
+            if init_args is not None and "name" in init_args and init_args.name in (None, "lightning_logs"):
+                init_args.name = _phase_name(config.model.class_path)
+
+    def before_fit(self) -> None:
+        if self.config.fit.get("ckpt_path") is None:
+            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+
+
+def _world_command(argv: list[str]) -> None:
+    from lit_rlhf.world import write_world
+
+    parser = argparse.ArgumentParser(prog="lit-rlhf world", description="Write the embedded world's datasets.")
+    parser.add_argument("--out", required=True, help="folder to write the JSONL files and tokenizer into")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for name, path in write_world(args.out, seed=args.seed).items():
+        print(f"{name}: {path}")
+
+
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {"world": _world_command}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in EXTRA_COMMANDS:
+            EXTRA_COMMANDS[argv[0]](argv[1:])
+        else:
+            RLHFCLI(args=argv)
+    except LitRLHFError as error:
+        print(f"lit-rlhf: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

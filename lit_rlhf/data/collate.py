@@ -1,0 +1,268 @@
+"""Tokenisation and padding: the one place where records become token ids and batches.
+
+A sequence is ``prompt_ids + completion_ids + [eos]``, prompt and completion tokenised separately without
+special tokens, so the boundary between them is exact whatever the tokenizer merges. Truncation first cuts the
+prompt to ``max_prompt_length`` from the **left** (its end, next to the response, is what matters), then cuts
+the response so that the whole is at most ``max_length``, keeping its **start**; a cut response loses its EOS,
+so the model is never taught to stop where the text did not.
+
+Masks are int64 0/1 over input positions, like Hugging Face's ``attention_mask``. ``response_mask[b, t]`` is 1
+where ``input_ids[b, t]`` is a response token (the EOS included): with logits shifted by one, score
+``logits[:, :-1]`` against ``input_ids[:, 1:]`` under ``response_mask[:, 1:]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from lit_rlhf.data.formats import Comparison, Demonstration, PromptRecord, Unpaired
+from lit_rlhf.errors import ConfigError
+
+Example = dict[str, Any]
+"""One tokenised record: ``prompt_ids`` and, where there is a response, ``response_ids`` (or ``chosen_ids`` and
+``rejected_ids``) already truncated, plus the texts."""
+
+
+def pad_right(
+    seqs: Sequence[Sequence[int]], pad_id: int, length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad on the right to ``length`` (default: the longest) → ``(ids, attention_mask)``, both int64 [B, T]."""
+    return _pad(seqs, pad_id, length, left=False)
+
+
+def pad_left(
+    seqs: Sequence[Sequence[int]], pad_id: int, length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad on the left (for generation: every prompt ends at the last column) → ``(ids, attention_mask)``."""
+    return _pad(seqs, pad_id, length, left=True)
+
+
+def _pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, length: int | None, left: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max((len(seq) for seq in seqs), default=0)
+    length = longest if length is None else length
+    if length < longest:
+        raise ValueError(f"cannot pad a sequence of {longest} tokens to length {length}")
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        if not seq:
+            continue
+        columns = slice(length - len(seq), length) if left else slice(0, len(seq))
+        ids[row, columns] = torch.tensor(seq, dtype=torch.long)
+        mask[row, columns] = 1
+    return ids, mask
+
+
+def check_lengths(max_length: int, max_prompt_length: int) -> None:
+    """Fail early on limits that leave no room for a response."""
+    if max_prompt_length < 1:
+        raise ConfigError(f"max_prompt_length must be at least 1, got {max_prompt_length}")
+    if max_length <= max_prompt_length:
+        raise ConfigError(
+            f"max_length ({max_length}) must be larger than max_prompt_length ({max_prompt_length}) "
+            "to leave room for a response"
+        )
+
+
+# --- tokenisation ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Encoded:
+    examples: list[Example]
+    truncated_rows: int
+    """Records whose prompt or response was cut."""
+
+
+def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def _prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_prompt_length: int
+) -> tuple[list[list[int]], list[bool]]:
+    """Prompt ids cut from the left to ``max_prompt_length``, and which were cut."""
+    ids = _tokenize(tokenizer, prompts)
+    return [seq[-max_prompt_length:] for seq in ids], [len(seq) > max_prompt_length for seq in ids]
+
+
+def _response_ids(
+    tokenizer: PreTrainedTokenizerBase, prompt_ids: list[list[int]], completions: Sequence[str], max_length: int
+) -> tuple[list[list[int]], list[bool]]:
+    """``completion + [eos]`` cut at the end to fit after each prompt within ``max_length``, and which were cut."""
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to end responses with")
+    full = [seq + [tokenizer.eos_token_id] for seq in _tokenize(tokenizer, completions)]
+    budgets = [max_length - len(prompt) for prompt in prompt_ids]
+    cut = [len(seq) > budget for seq, budget in zip(full, budgets)]
+    return [seq[:budget] for seq, budget in zip(full, budgets)], cut
+
+
+def tokenize_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_prompt_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts ready for generation, cut from the left and left-padded → ``(ids, attention_mask)``."""
+    ids, _ = _prompt_ids(tokenizer, prompts, max_prompt_length)
+    return pad_left(ids, tokenizer.pad_token_id)
+
+
+def encode_demonstrations(
+    records: Sequence[Demonstration], tokenizer: PreTrainedTokenizerBase, max_length: int, max_prompt_length: int
+) -> Encoded:
+    check_lengths(max_length, max_prompt_length)
+    prompt_ids, prompt_cut = _prompt_ids(tokenizer, [record.prompt for record in records], max_prompt_length)
+    response_ids, response_cut = _response_ids(
+        tokenizer, prompt_ids, [record.completion for record in records], max_length
+    )
+    examples = [
+        {"prompt_ids": prompt, "response_ids": response, "prompt": record.prompt}
+        for record, prompt, response in zip(records, prompt_ids, response_ids)
+    ]
+    return Encoded(examples, sum(map(any, zip(prompt_cut, response_cut))))
+
+
+def encode_comparisons(
+    records: Sequence[Comparison], tokenizer: PreTrainedTokenizerBase, max_length: int, max_prompt_length: int
+) -> Encoded:
+    check_lengths(max_length, max_prompt_length)
+    prompt_ids, prompt_cut = _prompt_ids(tokenizer, [record.prompt for record in records], max_prompt_length)
+    chosen_ids, chosen_cut = _response_ids(
+        tokenizer, prompt_ids, [record.chosen for record in records], max_length
+    )
+    rejected_ids, rejected_cut = _response_ids(
+        tokenizer, prompt_ids, [record.rejected for record in records], max_length
+    )
+    examples = [
+        {
+            "prompt_ids": prompt,
+            "chosen_ids": chosen,
+            "rejected_ids": rejected,
+            "margin": record.margin,
+            "prompt": record.prompt,
+            "chosen": record.chosen,
+            "rejected": record.rejected,
+        }
+        for record, prompt, chosen, rejected in zip(records, prompt_ids, chosen_ids, rejected_ids)
+    ]
+    return Encoded(examples, sum(map(any, zip(prompt_cut, chosen_cut, rejected_cut))))
+
+
+def encode_prompts(
+    records: Sequence[PromptRecord], tokenizer: PreTrainedTokenizerBase, max_prompt_length: int
+) -> Encoded:
+    prompt_ids, prompt_cut = _prompt_ids(tokenizer, [record.prompt for record in records], max_prompt_length)
+    examples = [{"prompt_ids": prompt, "prompt": record.prompt} for record, prompt in zip(records, prompt_ids)]
+    return Encoded(examples, sum(prompt_cut))
+
+
+def encode_unpaired(
+    records: Sequence[Unpaired], tokenizer: PreTrainedTokenizerBase, max_length: int, max_prompt_length: int
+) -> Encoded:
+    check_lengths(max_length, max_prompt_length)
+    prompt_ids, prompt_cut = _prompt_ids(tokenizer, [record.prompt for record in records], max_prompt_length)
+    response_ids, response_cut = _response_ids(
+        tokenizer, prompt_ids, [record.completion for record in records], max_length
+    )
+    examples = [
+        {
+            "prompt_ids": prompt,
+            "response_ids": response,
+            "label": record.label,
+            "prompt": record.prompt,
+            "completion": record.completion,
+        }
+        for record, prompt, response in zip(records, prompt_ids, response_ids)
+    ]
+    return Encoded(examples, sum(map(any, zip(prompt_cut, response_cut))))
+
+
+# --- batches -----------------------------------------------------------------------------------------------------
+
+
+def _sequences(
+    prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int, length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``prompt + response`` → ``(input_ids, attention_mask, response_mask)``."""
+    input_ids, attention_mask = pad_right([p + r for p, r in zip(prompts, responses)], pad_id, length)
+    positions = torch.arange(input_ids.shape[1])
+    starts = torch.tensor([len(p) for p in prompts], dtype=torch.long).unsqueeze(1)
+    ends = starts + torch.tensor([len(r) for r in responses], dtype=torch.long).unsqueeze(1)
+    response_mask = ((positions >= starts) & (positions < ends)).long()
+    return input_ids, attention_mask, response_mask
+
+
+def collate_demonstrations(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
+    """``input_ids``, ``attention_mask``, ``response_mask`` [B, T]; ``prompt`` texts."""
+    input_ids, attention_mask, response_mask = _sequences(
+        [e["prompt_ids"] for e in examples], [e["response_ids"] for e in examples], pad_id
+    )
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "response_mask": response_mask,
+        "prompt": [e["prompt"] for e in examples],
+    }
+
+
+def collate_comparisons(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
+    """``chosen_*`` and ``rejected_*`` ``input_ids`` / ``attention_mask`` / ``response_mask``, all [B, T] with
+    ONE common T so that a phase can ``torch.cat`` them for a single forward; ``margin`` float [B] (0.0 where
+    absent) and ``has_margin`` bool [B]; ``prompt``, ``chosen``, ``rejected`` texts."""
+    prompts = [e["prompt_ids"] for e in examples]
+    length = max(len(p) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for p, e in zip(prompts, examples))
+    batch: dict[str, Any] = {}
+    for side in ("chosen", "rejected"):
+        input_ids, attention_mask, response_mask = _sequences(
+            prompts, [e[f"{side}_ids"] for e in examples], pad_id, length
+        )
+        batch[f"{side}_input_ids"] = input_ids
+        batch[f"{side}_attention_mask"] = attention_mask
+        batch[f"{side}_response_mask"] = response_mask
+    batch["margin"] = torch.tensor([e["margin"] or 0.0 for e in examples], dtype=torch.float)
+    batch["has_margin"] = torch.tensor([e["margin"] is not None for e in examples], dtype=torch.bool)
+    for text in ("prompt", "chosen", "rejected"):
+        batch[text] = [e[text] for e in examples]
+    return batch
+
+
+def collate_prompts(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
+    """``prompt_input_ids``, ``prompt_attention_mask`` [B, T] **left**-padded for generation; ``prompt`` texts."""
+    prompt_input_ids, prompt_attention_mask = pad_left([e["prompt_ids"] for e in examples], pad_id)
+    return {
+        "prompt_input_ids": prompt_input_ids,
+        "prompt_attention_mask": prompt_attention_mask,
+        "prompt": [e["prompt"] for e in examples],
+    }
+
+
+def collate_unpaired(examples: Sequence[Example], pad_id: int, max_length: int) -> dict[str, Any]:
+    """``input_ids``, ``attention_mask``, ``response_mask`` [B, T], ``label`` bool [B]; and ``kl_input_ids``,
+    ``kl_attention_mask``, ``kl_response_mask``: prompt i with completion (i + 1) mod B, the mismatched pairs KTO
+    estimates its KL reference point from (Ethayarajh et al. 2024; a batch of one pairs a row with itself);
+    ``prompt`` and ``completion`` texts."""
+    prompts = [e["prompt_ids"] for e in examples]
+    responses = [e["response_ids"] for e in examples]
+    input_ids, attention_mask, response_mask = _sequences(prompts, responses, pad_id)
+    shifted = responses[1:] + responses[:1]
+    kl_responses = [response[: max_length - len(prompt)] for prompt, response in zip(prompts, shifted)]
+    kl_input_ids, kl_attention_mask, kl_response_mask = _sequences(prompts, kl_responses, pad_id)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "response_mask": response_mask,
+        "label": torch.tensor([e["label"] for e in examples], dtype=torch.bool),
+        "kl_input_ids": kl_input_ids,
+        "kl_attention_mask": kl_attention_mask,
+        "kl_response_mask": kl_response_mask,
+        "prompt": [e["prompt"] for e in examples],
+        "completion": [e["completion"] for e in examples],
+    }

@@ -1,0 +1,287 @@
+"""LightningDataModules for the four kinds of RLHF data: read → normalise → tokenise once, then batch.
+
+Each takes ``path`` (a local .jsonl/.json/.parquet/.csv file or folder, a ``save_to_disk`` folder, or a
+``datasets`` name; see :mod:`lit_rlhf.data.sources`) and uses the embedded world when ``path`` is unset. Rows
+become canonical records in :mod:`lit_rlhf.data.formats` and batches in :mod:`lit_rlhf.data.collate`, whose
+docstrings give the accepted formats and the batch layouts.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from lit_rlhf.data.collate import (
+    Encoded,
+    Example,
+    check_lengths,
+    collate_comparisons,
+    collate_demonstrations,
+    collate_prompts,
+    collate_unpaired,
+    encode_comparisons,
+    encode_demonstrations,
+    encode_prompts,
+    encode_unpaired,
+)
+from lit_rlhf.data.formats import Kind, NormalizedRows, PromptRecord, Record, make_chat_renderer, normalize_rows
+from lit_rlhf.data.sources import read_rows
+from lit_rlhf.errors import ConfigError, DataError
+from lit_rlhf.models import load_tokenizer
+from lit_rlhf.world import ensure_world
+
+
+def default_world_dir() -> Path:
+    """Where the embedded world is written: ``$LIT_RLHF_CACHE/world``, else ``~/.cache/lit-rlhf/world``."""
+    return Path(os.environ.get("LIT_RLHF_CACHE") or Path.home() / ".cache" / "lit-rlhf") / "world"
+
+
+def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of a deterministic random split, each list in increasing order.
+
+    The same ``n``, fraction and seed always give the same split. Validation gets ``round(n · val_fraction)``
+    rows, at least one when ``val_fraction > 0`` and ``n ≥ 2``; training always keeps at least one row.
+    """
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_val = min(round(n * val_fraction), max(n - 1, 0))
+    if val_fraction > 0 and n >= 2:
+        n_val = max(n_val, 1)
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+class RLHFDataModule(LightningDataModule):
+    """Reads, validates and tokenises a dataset once in :meth:`setup`, then serves right-padded batches.
+
+    Args:
+        path: A file, folder or ``datasets`` name; ``None`` uses the embedded world (:attr:`is_world`).
+        tokenizer_name_or_path: The tokenizer to encode with, the model's; ``"world"`` is the world's.
+        max_length: Most tokens in prompt + response; responses are cut at the end to fit.
+        max_prompt_length: Most prompt tokens; prompts are cut from the left.
+        batch_size: Rows per batch.
+        val_fraction: Share of the rows held out for validation, in [0, 1).
+        split_seed: Seeds the train/val split and the training shuffle.
+        on_bad_row: ``"error"`` stops at the first bad row; ``"skip"`` leaves bad rows out and counts them.
+        num_workers: DataLoader worker processes.
+        split: The split of a ``datasets`` name, a saved DatasetDict, or a folder whose files are named by split.
+        num_eval_prompts: How many prompts :attr:`eval_prompts` holds.
+        world_dir: Where the world is written; default :func:`default_world_dir`.
+
+    After :meth:`setup` the phases read :attr:`tokenizer`, :attr:`train_records` / :attr:`val_records`,
+    :attr:`eval_prompts` (the world's held-out prompts, or else the first distinct prompts of the validation
+    split), and the counts :attr:`skipped_rows`, :attr:`skipped_reasons`, :attr:`truncated_rows` and
+    :attr:`ties_dropped`.
+    """
+
+    kind: ClassVar[Kind]
+    world_file: ClassVar[str]
+    """The key of :func:`lit_rlhf.world.ensure_world`'s paths that holds this kind's rows."""
+
+    def __init__(
+        self,
+        path: str | None = None,
+        tokenizer_name_or_path: str = "world",
+        max_length: int = 64,
+        max_prompt_length: int = 32,
+        batch_size: int = 32,
+        val_fraction: float = 0.05,
+        split_seed: int = 0,
+        on_bad_row: Literal["error", "skip"] = "error",
+        num_workers: int = 0,
+        split: str = "train",
+        num_eval_prompts: int = 64,
+        world_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        check_lengths(max_length, max_prompt_length)
+        if not 0 <= val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        if on_bad_row not in ("error", "skip"):
+            raise ConfigError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+        if num_workers < 0 or num_eval_prompts < 0:
+            raise ConfigError("num_workers and num_eval_prompts must not be negative")
+        self.save_hyperparameters()
+        self.train_records: list[Record] = []
+        self.val_records: list[Record] = []
+        self.eval_prompts: list[str] = []
+        self.skipped_rows = 0
+        self.skipped_reasons: Counter[str] = Counter()
+        self.truncated_rows = 0
+        self.ties_dropped = 0
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._train: Encoded | None = None
+        self._val: Encoded | None = None
+
+    @property
+    def is_world(self) -> bool:
+        return self.hparams.path is None
+
+    @property
+    def world_dir(self) -> Path:
+        return Path(self.hparams.world_dir) if self.hparams.world_dir else default_world_dir()
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """Loaded on first use, so that a model can size its embeddings before :meth:`setup`."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams.tokenizer_name_or_path)
+        return self._tokenizer
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node: the only place that writes files.
+        if self.is_world:
+            ensure_world(self.world_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._train is not None:
+            return
+        source = str(ensure_world(self.world_dir)[self.world_file]) if self.is_world else self.hparams.path
+        normalized = self._normalize(source, self.kind)
+        self.skipped_rows, self.skipped_reasons = normalized.skipped_rows, normalized.skipped
+        self.ties_dropped = normalized.ties
+        if normalized.skipped_rows:
+            reasons = ", ".join(f"{reason} ({count})" for reason, count in normalized.skipped.most_common())
+            rank_zero_warn(f"{source}: skipped {normalized.skipped_rows} of {normalized.rows} rows: {reasons}")
+        if not normalized.records:
+            raise DataError(
+                f"{source}: no usable {self.kind} rows ({normalized.rows} read, {normalized.skipped_rows} skipped)"
+            )
+        train_indices, val_indices = train_val_split(
+            len(normalized.records), self.hparams.val_fraction, self.hparams.split_seed
+        )
+        self.train_records = [normalized.records[i] for i in train_indices]
+        self.val_records = [normalized.records[i] for i in val_indices]
+        self._train, self._val = self._encode(self.train_records), self._encode(self.val_records)
+        self.truncated_rows = self._train.truncated_rows + self._val.truncated_rows
+        if self.truncated_rows:
+            rank_zero_info(f"{source}: truncated {self.truncated_rows} rows to fit the length limits")
+        self.eval_prompts = self._eval_prompts()
+
+    def train_dataloader(self) -> DataLoader:
+        self._require_setup()
+        generator = torch.Generator().manual_seed(self.hparams.split_seed)
+        return self._loader(self._train.examples, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        self._require_setup()
+        return self._loader(self._val.examples, shuffle=False)
+
+    # --- per kind ---
+
+    def _encode(self, records: list[Record]) -> Encoded:
+        raise NotImplementedError
+
+    def _collate_fn(self) -> Callable[[list[Example]], dict[str, Any]]:
+        raise NotImplementedError
+
+    # --- helpers ---
+
+    def _normalize(self, source: str, kind: Kind) -> NormalizedRows:
+        return normalize_rows(
+            read_rows(source, self.hparams.split),
+            kind,
+            source=source,
+            chat_renderer=make_chat_renderer(self.tokenizer),
+            on_bad_row=self.hparams.on_bad_row,
+        )
+
+    def _eval_prompts(self) -> list[str]:
+        if self.is_world:
+            world_eval = self._normalize(str(ensure_world(self.world_dir)["eval_prompts"]), "prompt")
+            prompts = [record.prompt for record in world_eval.records]
+        else:
+            prompts = list(dict.fromkeys(record.prompt for record in self.val_records or self.train_records))
+        return prompts[: self.hparams.num_eval_prompts]
+
+    def _require_setup(self) -> None:
+        if self._train is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are asked for")
+
+    def _loader(self, examples: list[Example], shuffle: bool, generator: torch.Generator | None = None) -> DataLoader:
+        return DataLoader(
+            examples,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            collate_fn=self._collate_fn(),
+            num_workers=self.hparams.num_workers,
+        )
+
+
+class DemonstrationDataModule(RLHFDataModule):
+    """SFT data. Batches: ``input_ids``, ``attention_mask``, ``response_mask`` [B, T]; ``prompt`` texts."""
+
+    kind = "demonstration"
+    world_file = "demonstrations"
+
+    def _encode(self, records: list[Record]) -> Encoded:
+        hp = self.hparams
+        return encode_demonstrations(records, self.tokenizer, hp.max_length, hp.max_prompt_length)
+
+    def _collate_fn(self) -> Callable[[list[Example]], dict[str, Any]]:
+        return partial(collate_demonstrations, pad_id=self.tokenizer.pad_token_id)
+
+
+class ComparisonDataModule(RLHFDataModule):
+    """Reward-model and DPO data. Batches: ``chosen_`` and ``rejected_`` ``input_ids`` / ``attention_mask`` /
+    ``response_mask``, all [B, T] with one common T; ``margin`` [B], ``has_margin`` [B]; ``prompt``, ``chosen``,
+    ``rejected`` texts. Ranking rows are expanded to pairs; :attr:`ties_dropped` counts the tied pairs."""
+
+    kind = "comparison"
+    world_file = "comparisons"
+
+    def _encode(self, records: list[Record]) -> Encoded:
+        hp = self.hparams
+        return encode_comparisons(records, self.tokenizer, hp.max_length, hp.max_prompt_length)
+
+    def _collate_fn(self) -> Callable[[list[Example]], dict[str, Any]]:
+        return partial(collate_comparisons, pad_id=self.tokenizer.pad_token_id)
+
+
+class PromptDataModule(RLHFDataModule):
+    """PPO prompts. Batches: ``prompt_input_ids``, ``prompt_attention_mask`` [B, T] left-padded; ``prompt`` texts.
+    Training serves the training split; validation serves :attr:`eval_prompts`."""
+
+    kind = "prompt"
+    world_file = "prompts"
+
+    def val_dataloader(self) -> DataLoader:
+        self._require_setup()
+        records = [PromptRecord(prompt) for prompt in self.eval_prompts]
+        return self._loader(self._encode(records).examples, shuffle=False)
+
+    def _encode(self, records: list[Record]) -> Encoded:
+        return encode_prompts(records, self.tokenizer, self.hparams.max_prompt_length)
+
+    def _collate_fn(self) -> Callable[[list[Example]], dict[str, Any]]:
+        return partial(collate_prompts, pad_id=self.tokenizer.pad_token_id)
+
+
+class UnpairedDataModule(RLHFDataModule):
+    """KTO data; paired comparison rows are accepted too (chosen desirable, rejected undesirable). Batches:
+    ``input_ids``, ``attention_mask``, ``response_mask`` [B, T], ``label`` bool [B]; ``kl_input_ids``,
+    ``kl_attention_mask``, ``kl_response_mask`` (prompt i with completion i + 1 mod B); ``prompt``,
+    ``completion`` texts."""
+
+    kind = "unpaired"
+    world_file = "unpaired"
+
+    def _encode(self, records: list[Record]) -> Encoded:
+        hp = self.hparams
+        return encode_unpaired(records, self.tokenizer, hp.max_length, hp.max_prompt_length)
+
+    def _collate_fn(self) -> Callable[[list[Example]], dict[str, Any]]:
+        return partial(collate_unpaired, pad_id=self.tokenizer.pad_token_id, max_length=self.hparams.max_length)

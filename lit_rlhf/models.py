@@ -1,0 +1,180 @@
+"""The one model loader: tokenizers, causal LMs and scalar-head models from a name, a path or the world preset.
+
+Every phase names its starting model ``model_name_or_path``. A Hugging Face name or a local folder goes through
+``from_pretrained`` (safetensors, ``trust_remote_code`` off unless asked); the special value ``"world"``
+(:data:`WORLD`) builds the small GPT-2 preset for the embedded world with ``from_config``. Phases export with
+:func:`export` so the next phase loads the result by path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2Config,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from lit_rlhf import losses
+from lit_rlhf.errors import ConfigError
+
+WORLD = "world"
+"""The value of ``model_name_or_path`` / ``tokenizer_name_or_path`` that selects the embedded world preset."""
+
+WORLD_PRESET = {"n_embd": 128, "n_layer": 2, "n_head": 4, "n_positions": 128}
+"""Size of the world's GPT-2 (~0.4M parameters): it learns the world in well under a minute on two CPU cores."""
+
+
+def is_world(name_or_path: str) -> bool:
+    return name_or_path == WORLD
+
+
+def _check_exists(name_or_path: str) -> None:
+    """Fail with one line when a path-looking name does not exist (instead of a hub lookup traceback)."""
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).suffix != ""
+    if looks_like_path and not Path(name_or_path).expanduser().exists():
+        raise ConfigError(f"model not found: {name_or_path} (no such folder)")
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer, give it a pad token if it has none (the EOS token), and pad on the right."""
+    if is_world(name_or_path):
+        from lit_rlhf.world import build_tokenizer
+
+        tokenizer = build_tokenizer()
+    else:
+        _check_exists(name_or_path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        except OSError as error:
+            raise ConfigError(f"cannot load a tokenizer from {name_or_path}: {error}") from error
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"tokenizer {name_or_path} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def world_config(tokenizer: PreTrainedTokenizerBase) -> GPT2Config:
+    """The world preset: a small GPT-2 without dropout (RLHF log-prob ratios must not be noisy)."""
+    return GPT2Config(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        **WORLD_PRESET,
+    )
+
+
+def _align_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def _from_pretrained(auto_class, name_or_path: str, trust_remote_code: bool, dtype: str | None, **kwargs):
+    _check_exists(name_or_path)
+    if dtype:
+        kwargs["dtype"] = getattr(torch, dtype)
+    try:
+        return auto_class.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as error:
+        raise ConfigError(f"cannot load a model from {name_or_path}: {error}") from error
+
+
+def load_causal_lm(
+    name_or_path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    trust_remote_code: bool = False,
+    dtype: str | None = None,
+) -> PreTrainedModel:
+    """A causal LM from a name or path, or the world preset freshly initialised (seed it first)."""
+    if is_world(name_or_path):
+        model = AutoModelForCausalLM.from_config(world_config(tokenizer))
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, name_or_path, trust_remote_code, dtype)
+    return _align_special_tokens(model, tokenizer)
+
+
+def load_scalar_head_model(
+    name_or_path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    trust_remote_code: bool = False,
+    dtype: str | None = None,
+) -> PreTrainedModel:
+    """A model with a scalar head read at the last non-pad token (``AutoModelForSequenceClassification``,
+    ``num_labels=1``): the reward model, initialised from an SFT export whose LM head it drops."""
+    if is_world(name_or_path):
+        config = world_config(tokenizer)
+        config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(config)
+    else:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        config.num_labels = 1
+        config.pad_token_id = tokenizer.pad_token_id
+        model = _from_pretrained(
+            AutoModelForSequenceClassification, name_or_path, trust_remote_code, dtype, config=config
+        )
+    return _align_special_tokens(model, tokenizer)
+
+
+def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+    """Write model and tokenizer with ``save_pretrained`` (safetensors) so the next phase loads them by path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only real tokens, so a left-padded row sees the same positions as a right-padded one."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def forward(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Run a model with padding-independent position ids (``generate`` does the same internally)."""
+    return model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+    )
+
+
+def response_logprobs(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the given tokens under a causal LM, aligned for next-token prediction.
+
+    Returns ``(logps, mask)`` of shape ``[B, T-1]``: ``logps[:, t]`` is log π(input_ids[:, t+1] | prefix) and
+    ``mask`` is ``response_mask[:, 1:]``. Sampling ``temperature`` divides the logits, so PPO's ratios refer to
+    the distribution the rollouts were drawn from. Every phase's log-probs come from here.
+    """
+    logits = forward(model, input_ids, attention_mask).logits
+    if temperature != 1.0:
+        logits = logits / temperature
+    logits, labels, mask = losses.shift_for_next_token(logits, input_ids, response_mask)
+    return losses.token_logprobs(logits, labels), mask
+
+
+def scalar_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B]`` scores of a scalar-head model, read at each row's last non-pad token (left or right padding)."""
+    return forward(model, input_ids, attention_mask).logits.squeeze(-1).float()

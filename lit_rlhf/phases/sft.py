@@ -1,0 +1,101 @@
+"""Phase 1: supervised fine-tuning on demonstrations, the loss on response tokens only (InstructGPT §3.5)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from lightning.pytorch import LightningModule
+from torchmetrics import MeanMetric
+from transformers import get_cosine_schedule_with_warmup
+
+from lit_rlhf import losses
+from lit_rlhf.models import export, forward, load_causal_lm, load_tokenizer
+from lit_rlhf.rollout import SamplingConfig, evaluate_policy
+
+
+class SFTModule(LightningModule):
+    """Causal-LM fine-tuning with the prompt masked out of the loss.
+
+    Logs ``train/loss``, ``train/tokens_per_second``, ``val/loss``, ``val/perplexity`` and, at every validation,
+    samples answers to the datamodule's held-out prompts: ``response/length_mean`` always and ``gold/reward`` on
+    the embedded world. Exports a Hugging Face folder at the end of fit (``export_dir``, default
+    ``<log_dir>/hf``) that the next phase loads by path.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "world",
+        learning_rate: float = 3e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 20,
+        export_dir: str | None = None,
+        max_new_tokens: int = 24,
+        eval_temperature: float = 1.0,
+        eval_seed: int = 1234,
+        max_prompt_length: int = 32,
+        trust_remote_code: bool = False,
+        dtype: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
+        self.model = None
+        self.val_nll = MeanMetric()
+        self._batch_started_at = 0.0
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            hp = self.hparams
+            self.model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.trust_remote_code, hp.dtype)
+
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = forward(self.model, batch["input_ids"], batch["attention_mask"]).logits
+        loss = losses.sft_loss(logits, batch["input_ids"], batch["response_mask"])
+        response_tokens = batch["response_mask"][:, 1:].sum()
+        return loss, response_tokens
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self._batch_started_at = time.perf_counter()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, response_tokens = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=int(response_tokens))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        seconds = time.perf_counter() - self._batch_started_at
+        tokens = batch["attention_mask"].sum().item()
+        self.log("train/tokens_per_second", tokens / max(seconds, 1e-9))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, response_tokens = self._loss(batch)
+        self.val_nll.update(loss, weight=response_tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        val_loss = self.val_nll.compute()
+        self.val_nll.reset()
+        self.log_dict({"val/loss": val_loss, "val/perplexity": torch.exp(val_loss)})
+        datamodule = self.trainer.datamodule
+        metrics = evaluate_policy(
+            self.model,
+            self.tokenizer,
+            datamodule.eval_prompts,
+            SamplingConfig(self.hparams.max_new_tokens, self.hparams.eval_temperature),
+            max_prompt_length=self.hparams.max_prompt_length,
+            with_gold=datamodule.is_world,
+            seed=self.hparams.eval_seed,
+        ).metrics
+        self.log_dict(metrics, sync_dist=True)
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero:
+            export(self.model, self.tokenizer, self.hparams.export_dir or f"{self.trainer.log_dir}/hf")
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+        )
+        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, min(self.hparams.warmup_steps, total_steps), total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

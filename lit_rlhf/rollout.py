@@ -1,0 +1,150 @@
+"""The one generation function, and the record of what it produced.
+
+SFT evaluation, comparison collection, PPO rollouts, rejection sampling and SPIN all sample through
+:func:`generate`, so decoding settings mean the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from lit_rlhf.data.collate import tokenize_prompts
+from lit_rlhf.world import gold_reward
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Decoding settings. ``temperature=0`` means greedy decoding."""
+
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def to_generation_config(self, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
+        sampling = self.temperature > 0
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=sampling,
+            temperature=self.temperature if sampling else None,
+            top_k=self.top_k if sampling else None,
+            top_p=self.top_p if sampling else None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+        )
+
+
+@dataclass
+class Generation:
+    """Prompts (left-padded) and the sampled responses (right-padded, EOS included when produced)."""
+
+    prompt_input_ids: torch.Tensor
+    prompt_attention_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    ended_with_eos: torch.Tensor
+    """Whether each response stopped on EOS rather than running out of ``max_new_tokens``."""
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_input_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_attention_mask, self.response_mask], dim=1)
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(dim=1)
+
+    def decode(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        """Response texts without special tokens or padding."""
+        ids = self.response_ids.masked_fill(self.response_mask == 0, tokenizer.pad_token_id)
+        return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """1 on generated tokens up to and including the first EOS; what follows is padding ``generate`` wrote."""
+    is_eos = (response_ids == eos_token_id).long()
+    eos_seen_before = (is_eos.cumsum(dim=1) - is_eos) > 0
+    return (~eos_seen_before).long()
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_input_ids: torch.Tensor,
+    prompt_attention_mask: torch.Tensor,
+    sampling: SamplingConfig,
+) -> Generation:
+    """Sample one response per (left-padded) prompt with the KV cache, in eval mode, stopping at EOS.
+
+    The model's train/eval mode is restored afterwards. Under FSDP every rank must call this together
+    (``generate`` keeps ranks in step itself; never pass ``synced_gpus=False``).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        output = model.generate(
+            input_ids=prompt_input_ids,
+            attention_mask=prompt_attention_mask,
+            generation_config=sampling.to_generation_config(tokenizer),
+        )
+    finally:
+        model.train(was_training)
+    response_ids = output[:, prompt_input_ids.shape[1] :]
+    response_mask = response_mask_from_ids(response_ids, tokenizer.eos_token_id)
+    ended_with_eos = ((response_ids == tokenizer.eos_token_id) & (response_mask == 1)).any(dim=1)
+    response_ids = response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id)
+    return Generation(prompt_input_ids, prompt_attention_mask, response_ids, response_mask, ended_with_eos)
+
+
+@dataclass
+class PolicyEvaluation:
+    """Sampled answers to held-out prompts and the metrics computed on them."""
+
+    prompts: list[str]
+    responses: list[str]
+    metrics: dict[str, float]
+
+
+def evaluate_policy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    sampling: SamplingConfig,
+    max_prompt_length: int,
+    with_gold: bool,
+    seed: int,
+    batch_size: int = 64,
+) -> PolicyEvaluation:
+    """Answer fixed prompts with fixed sampling noise, so successive evaluations differ only by the policy.
+
+    Metrics: ``response/length_mean`` (tokens before EOS), ``response/eos_fraction`` and, on the embedded
+    world, ``gold/reward``. The global RNG is left untouched.
+    """
+    responses: list[str] = []
+    lengths: list[torch.Tensor] = []
+    ended: list[torch.Tensor] = []
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            prompt_ids, prompt_mask = tokenize_prompts(tokenizer, chunk, max_prompt_length)
+            generation = generate(model, tokenizer, prompt_ids.to(device), prompt_mask.to(device), sampling)
+            responses.extend(generation.decode(tokenizer))
+            lengths.append(generation.response_lengths - generation.ended_with_eos.long())
+            ended.append(generation.ended_with_eos)
+    metrics = {
+        "response/length_mean": torch.cat(lengths).float().mean().item(),
+        "response/eos_fraction": torch.cat(ended).float().mean().item(),
+    }
+    if with_gold:
+        metrics["gold/reward"] = sum(map(gold_reward, prompts, responses)) / len(prompts)
+    return PolicyEvaluation(prompts, responses, metrics)

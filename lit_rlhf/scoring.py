@@ -1,0 +1,85 @@
+"""Scoring ``(prompt, response)`` texts: the one scoring function that PPO, judges and rejection sampling use.
+
+:class:`RewardModelScorer` wraps an exported reward model; :class:`GoldScorer` is the embedded world's exact gold
+reward behind the same interface (oracle runs, evaluation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lit_rlhf.data.collate import collate_demonstrations, encode_demonstrations
+from lit_rlhf.data.formats import Demonstration
+from lit_rlhf.models import load_scalar_head_model, load_tokenizer, scalar_scores
+from lit_rlhf.world import gold_reward
+
+SCORE_MEAN_KEY = "lit_rlhf_score_mean"
+SCORE_STD_KEY = "lit_rlhf_score_std"
+"""Config attributes where the reward phase stores the score statistics of its reference sample."""
+
+
+class Scorer(Protocol):
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor: ...
+
+
+class GoldScorer:
+    """The embedded world's gold reward (exact; available only on the world)."""
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        return torch.tensor([gold_reward(p, r) for p, r in zip(prompts, responses)], dtype=torch.float32)
+
+
+class RewardModelScorer:
+    """A scalar-head reward model scoring texts, each sequence tokenised as the reward phase trained on it
+    (``prompt + response + EOS``), optionally normalised with the statistics stored in the export."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int = 64,
+        max_prompt_length: int = 32,
+        batch_size: int = 64,
+        normalize: bool = False,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.batch_size = batch_size
+        self.normalize = normalize
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> RewardModelScorer:
+        tokenizer = load_tokenizer(str(path))
+        model = load_scalar_head_model(str(path), tokenizer).eval()
+        return cls(model, tokenizer, **kwargs)
+
+    @property
+    def statistics(self) -> tuple[float, float]:
+        """``(mean, std)`` of the scores on the reward phase's reference sample; ``(0, 1)`` if none was stored."""
+        config = self.model.config
+        return getattr(config, SCORE_MEAN_KEY, 0.0), getattr(config, SCORE_STD_KEY, 1.0)
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        records = [Demonstration(prompt, response) for prompt, response in zip(prompts, responses)]
+        device = next(self.model.parameters()).device
+        scores = []
+        for start in range(0, len(records), self.batch_size):
+            chunk = records[start : start + self.batch_size]
+            encoded = encode_demonstrations(chunk, self.tokenizer, self.max_length, self.max_prompt_length)
+            batch = collate_demonstrations(encoded.examples, self.tokenizer.pad_token_id)
+            scores.append(
+                scalar_scores(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu()
+            )
+        scores = torch.cat(scores) if scores else torch.zeros(0)
+        if self.normalize:
+            mean, std = self.statistics
+            scores = (scores - mean) / std
+        return scores

@@ -1,0 +1,257 @@
+"""Tokenisation, truncation, padding and batch layouts by exact token ids; the DataModules end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from lit_rlhf.data.collate import (
+    collate_comparisons,
+    collate_demonstrations,
+    collate_prompts,
+    collate_unpaired,
+    encode_comparisons,
+    encode_demonstrations,
+    encode_prompts,
+    encode_unpaired,
+    pad_left,
+    pad_right,
+    tokenize_prompts,
+)
+from lit_rlhf.data.datamodules import (
+    ComparisonDataModule,
+    DemonstrationDataModule,
+    PromptDataModule,
+    UnpairedDataModule,
+    default_world_dir,
+    train_val_split,
+)
+from lit_rlhf.data.formats import Comparison, Demonstration, PromptRecord, Unpaired
+from lit_rlhf.errors import ConfigError, DataError
+from lit_rlhf.models import load_tokenizer
+
+PAD, EOS = 0, 1
+WORDS = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "User:", "Assistant:"]
+ID = {word: index for index, word in enumerate(WORDS, start=2)}
+"""Token ids of the test tokenizer: one per word, after <pad> (0) and <eos> (1)."""
+
+
+def ids(text: str) -> list[int]:
+    return [ID[word] for word in text.split()]
+
+
+def save_word_tokenizer(folder: Path, chat_template: str | None = None) -> str:
+    word_level = Tokenizer(models.WordLevel({"<pad>": PAD, "<eos>": EOS, **ID}, unk_token="<pad>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="<pad>", eos_token="<eos>")
+    tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory) -> str:
+    return save_word_tokenizer(tmp_path_factory.mktemp("word-tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_path):
+    return load_tokenizer(tokenizer_path)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+# --- padding and truncation --------------------------------------------------------------------------------------
+
+
+def test_pad_right_and_pad_left():
+    padded, mask = pad_right([[5, 6, 7], [8]], pad_id=0)
+    assert padded.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    padded, mask = pad_left([[5, 6, 7], [8]], pad_id=0, length=4)
+    assert padded.tolist() == [[0, 5, 6, 7], [0, 0, 0, 8]] and mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+    assert padded.dtype == mask.dtype == torch.long
+
+
+def test_prompts_are_cut_from_the_left_and_responses_keep_their_start(tokenizer):
+    records = [Demonstration("a b c d e", " f g h i"), Demonstration("a", " b")]
+    encoded = encode_demonstrations(records, tokenizer, max_length=6, max_prompt_length=3)
+    long, short = encoded.examples
+    assert long["prompt_ids"] == ids("c d e") and long["response_ids"] == ids("f g h")  # cut, so no EOS
+    assert short["prompt_ids"] == ids("a") and short["response_ids"] == ids("b") + [EOS]
+    assert encoded.truncated_rows == 1
+
+
+def test_demonstration_masks(tokenizer):
+    examples = encode_demonstrations(
+        [Demonstration("a b", " c"), Demonstration("a", " b c d")], tokenizer, 8, 4
+    ).examples
+    batch = collate_demonstrations(examples, pad_id=PAD)
+    a, b, c, d = ids("a b c d")
+    assert batch["input_ids"].tolist() == [[a, b, c, EOS, PAD], [a, b, c, d, EOS]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert batch["response_mask"].tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]]
+    assert batch["prompt"] == ["a b", "a"]
+
+
+def test_comparison_batches_share_one_length(tokenizer):
+    records = [Comparison("a", " b c d", " e", margin=1.5), Comparison("a b", " c", " d")]
+    batch = collate_comparisons(encode_comparisons(records, tokenizer, 8, 4).examples, pad_id=PAD)
+    a, b, c, d, e = ids("a b c d e")
+    assert batch["chosen_input_ids"].tolist() == [[a, b, c, d, EOS], [a, b, c, EOS, PAD]]
+    assert batch["rejected_input_ids"].tolist() == [[a, e, EOS, PAD, PAD], [a, b, d, EOS, PAD]]
+    assert batch["chosen_response_mask"].tolist() == [[0, 1, 1, 1, 1], [0, 0, 1, 1, 0]]
+    assert batch["rejected_response_mask"].tolist() == [[0, 1, 1, 0, 0], [0, 0, 1, 1, 0]]
+    assert batch["rejected_attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]
+    assert batch["margin"].tolist() == [1.5, 0.0] and batch["has_margin"].tolist() == [True, False]
+    assert batch["chosen"] == [" b c d", " c"] and batch["rejected"] == [" e", " d"]
+    both = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    assert both.shape == (4, 5)
+
+
+def test_prompt_batches_are_left_padded(tokenizer):
+    encoded = encode_prompts([PromptRecord("a b c d e"), PromptRecord("f")], tokenizer, max_prompt_length=3)
+    batch = collate_prompts(encoded.examples, pad_id=PAD)
+    assert batch["prompt_input_ids"].tolist() == [ids("c d e"), [PAD, PAD, ID["f"]]]
+    assert batch["prompt_attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert encoded.truncated_rows == 1
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, ["a b c d e", "f"], max_prompt_length=3)
+    assert prompt_ids.tolist() == batch["prompt_input_ids"].tolist()
+    assert prompt_mask.tolist() == batch["prompt_attention_mask"].tolist()
+
+
+def test_unpaired_batches_pair_each_prompt_with_the_next_completion_for_kl(tokenizer):
+    records = [Unpaired("a", " b", True), Unpaired("c d", " e f g", False), Unpaired("h", " i", True)]
+    batch = collate_unpaired(encode_unpaired(records, tokenizer, 5, 2).examples, pad_id=PAD, max_length=5)
+    a, b, c, d, e, f, g, h, i = ids("a b c d e f g h i")
+    assert batch["input_ids"].tolist() == [[a, b, EOS, PAD, PAD], [c, d, e, f, g], [h, i, EOS, PAD, PAD]]
+    assert batch["label"].tolist() == [True, False, True]
+    # Prompt i with completion i + 1 (mod B), cut to max_length: "c d" + " i <eos>", "h" + " b <eos>".
+    assert batch["kl_input_ids"].tolist() == [[a, e, f, g], [c, d, i, EOS], [h, b, EOS, PAD]]
+    assert batch["kl_response_mask"].tolist() == [[0, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 0]]
+    assert batch["completion"] == [" b", " e f g", " i"]
+
+
+# --- splitting ---------------------------------------------------------------------------------------------------
+
+
+def test_train_val_split_is_deterministic_and_never_leaves_val_empty():
+    train, val = train_val_split(100, 0.1, seed=3)
+    assert (train, val) == train_val_split(100, 0.1, seed=3)
+    assert val != train_val_split(100, 0.1, seed=4)[1]
+    assert len(val) == 10 and sorted(train + val) == list(range(100))
+    assert len(train_val_split(5, 0.01, seed=0)[1]) == 1
+    assert train_val_split(1, 0.5, seed=0) == ([0], [])
+    assert train_val_split(4, 0.0, seed=0) == ([0, 1, 2, 3], [])
+
+
+# --- datamodules -------------------------------------------------------------------------------------------------
+
+DEMONSTRATIONS = [{"prompt": f"a {word}", "completion": f" {word} b"} for word in "cdefghij"] * 3
+
+
+def make(cls, path: str, tokenizer_path: str, **kwargs):
+    datamodule = cls(path=path, tokenizer_name_or_path=tokenizer_path, batch_size=4, **kwargs)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
+
+
+def test_demonstration_datamodule_splits_deterministically(tmp_path, tokenizer_path):
+    path = write_jsonl(tmp_path / "demos.jsonl", DEMONSTRATIONS)
+    first = make(DemonstrationDataModule, path, tokenizer_path, val_fraction=0.25, split_seed=1)
+    again = make(DemonstrationDataModule, path, tokenizer_path, val_fraction=0.25, split_seed=1)
+    other = make(DemonstrationDataModule, path, tokenizer_path, val_fraction=0.25, split_seed=2)
+    assert len(first.train_records) == 18 and len(first.val_records) == 6
+    assert first.val_records == again.val_records != other.val_records
+    assert not first.is_world and first.hparams.path == path
+    assert first.eval_prompts == list(dict.fromkeys(r.prompt for r in first.val_records))
+    first_batches = [batch["input_ids"].tolist() for batch in first.train_dataloader()]
+    assert first_batches == [batch["input_ids"].tolist() for batch in again.train_dataloader()]
+    assert [b["prompt"] for b in first.val_dataloader()][0] == [r.prompt for r in first.val_records[:4]]
+
+
+def test_bad_rows_stop_the_datamodule_or_are_skipped_and_counted(tmp_path, tokenizer_path):
+    path = write_jsonl(tmp_path / "demos.jsonl", [*DEMONSTRATIONS[:5], {"prompt": "a", "completion": 3}, {"x": 1}])
+    expected = rf"^{path}:6: field 'completion': must be a string or a list of messages, got int$"
+    with pytest.raises(DataError, match=expected):
+        make(DemonstrationDataModule, path, tokenizer_path)
+    datamodule = make(DemonstrationDataModule, path, tokenizer_path, on_bad_row="skip")
+    assert datamodule.skipped_rows == 2
+    assert datamodule.skipped_reasons == {"field 'completion': wrong type": 1, "wrong format": 1}
+    assert len(datamodule.train_records) + len(datamodule.val_records) == 5
+
+
+def test_a_source_without_usable_rows_is_a_data_error(tmp_path, tokenizer_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"x": 1}])
+    with pytest.raises(DataError, match=r"no usable demonstration rows \(1 read, 1 skipped\)"):
+        make(DemonstrationDataModule, path, tokenizer_path, on_bad_row="skip")
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"val_fraction": 1.0}, r"val_fraction must be in \[0, 1\)"),
+        ({"max_length": 16, "max_prompt_length": 16}, r"max_length \(16\) must be larger than max_prompt_length"),
+        ({"batch_size": 0}, "batch_size must be at least 1"),
+    ],
+)
+def test_settings_that_cannot_work_are_config_errors(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        DemonstrationDataModule(**settings)
+
+
+def test_chat_rows_use_the_tokenizers_template(tmp_path):
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}j {% endif %}{{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}j {% endif %}"
+    )
+    tokenizer_path = save_word_tokenizer(tmp_path / "chat-tokenizer", chat_template=template)
+    row = {"messages": [{"role": "user", "content": "a b"}, {"role": "assistant", "content": "c"}]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [row, row])
+    datamodule = make(DemonstrationDataModule, path, tokenizer_path, val_fraction=0.0)
+    assert datamodule.train_records[0] == Demonstration("a b j ", "c ")
+    assert next(iter(datamodule.train_dataloader()))["input_ids"][0].tolist() == ids("a b j c") + [EOS]
+
+
+def test_comparison_datamodule_counts_ties(tmp_path, tokenizer_path):
+    path = write_jsonl(tmp_path / "ranks.jsonl", [{"prompt": "a", "responses": [" b", " c", " d"], "ranks": [0, 1, 1]}])
+    datamodule = make(ComparisonDataModule, path, tokenizer_path, val_fraction=0.0)
+    assert datamodule.ties_dropped == 1 and len(datamodule.train_records) == 2
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["chosen_input_ids"].shape == batch["rejected_input_ids"].shape
+
+
+def test_prompt_datamodule_validates_on_left_padded_eval_prompts(tmp_path, tokenizer_path):
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": " ".join("abcdef"[: n + 1])} for n in range(6)])
+    datamodule = make(PromptDataModule, path, tokenizer_path, val_fraction=0.5, num_eval_prompts=2)
+    assert datamodule.eval_prompts == [r.prompt for r in datamodule.val_records[:2]]
+    (batch,) = list(datamodule.val_dataloader())
+    assert batch["prompt"] == datamodule.eval_prompts
+    assert batch["prompt_attention_mask"][:, -1].tolist() == [1, 1]
+
+
+def test_unpaired_datamodule_accepts_paired_rows(tmp_path, tokenizer_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": " b", "rejected": " c"}])
+    datamodule = make(UnpairedDataModule, path, tokenizer_path, val_fraction=0.0)
+    batch = next(iter(datamodule.train_dataloader()))
+    assert sorted(zip(batch["completion"], batch["label"].tolist())) == [(" b", True), (" c", False)]
+
+
+def test_the_world_is_the_default(world_cache):
+    datamodule = ComparisonDataModule(batch_size=8)
+    assert datamodule.is_world and datamodule.world_dir == default_world_dir() == world_cache / "world"
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    assert len(datamodule.eval_prompts) == 64 and datamodule.skipped_rows == 0
+    assert datamodule.val_records and datamodule.train_records
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["chosen_input_ids"].shape[0] == 8
+    assert int(batch["chosen_input_ids"].max()) < len(datamodule.tokenizer)

@@ -1,0 +1,101 @@
+"""SFT phase through the command line: the world run, real HF models by path, resume, errors, config round-trip."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from helpers import latest_run, metric_series, run_cli, write_jsonl
+
+CONFIG = str(Path(__file__).parents[1] / "configs" / "sft.yaml")
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_sft_on_world_raises_gold_reward_and_exports(in_tmp):
+    run_cli("fit", "--config", CONFIG, "--trainer.max_steps", "120", "--trainer.val_check_interval", "60")
+    run = latest_run(in_tmp, "sft")
+    gold = metric_series(run, "gold/reward")
+    # One row from the validation before training, then one per validation interval.
+    assert len(gold) == 3
+    assert gold[-1] > gold[0] + 0.5, gold
+    assert len(metric_series(run, "val/perplexity")) == 3
+    assert metric_series(run, "train/loss")
+    export = run / "hf"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    assert model.config.model_type == "gpt2"
+    assert (export / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_gpt2_path", "tiny_llama_path"])
+def test_sft_with_hf_model_by_path_and_jsonl(in_tmp, request, model_fixture):
+    model_path = request.getfixturevalue(model_fixture)
+    data = write_jsonl(
+        in_tmp / "demos.jsonl",
+        [{"prompt": f"name {n} fruits .", "completion": " apple , pear , plum ."} for n in range(20)],
+    )
+    run_cli(
+        "fit", "--config", CONFIG,
+        "--model.model_name_or_path", model_path,
+        "--data.path", str(data),
+        "--data.batch_size", "4",
+        "--data.num_eval_prompts", "4",
+        "--trainer.max_steps", "3",
+        "--trainer.val_check_interval", "3",
+    )
+    run = latest_run(in_tmp, "sft")
+    assert len(metric_series(run, "val/loss")) == 2
+    assert "gold/reward" not in (run / "metrics.csv").read_text()
+    reloaded = AutoModelForCausalLM.from_pretrained(run / "hf")
+    original = AutoModelForCausalLM.from_pretrained(model_path)
+    assert type(reloaded) is type(original)
+    changed = any(not torch.equal(a, b) for a, b in zip(reloaded.parameters(), original.parameters()))
+    assert changed, "training did not change the weights"
+
+
+def test_sft_resumes_from_checkpoint(in_tmp):
+    common = ["--config", CONFIG, "--trainer.val_check_interval", "10", "--data.num_eval_prompts", "8"]
+    run_cli("fit", *common, "--trainer.max_steps", "10")
+    checkpoint = next((latest_run(in_tmp, "sft") / "checkpoints").glob("*.ckpt"))
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == 10
+    run_cli("fit", *common, "--trainer.max_steps", "20", "--ckpt_path", str(checkpoint))
+    resumed = next((latest_run(in_tmp, "sft") / "checkpoints").glob("*.ckpt"))
+    assert torch.load(resumed, weights_only=False)["global_step"] == 20
+    # A resumed run does not re-validate the untrained model first: one validation, at step 20.
+    assert len(metric_series(latest_run(in_tmp, "sft"), "val/loss")) == 1
+
+
+def test_print_config_round_trips(in_tmp):
+    def print_config(config: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "lit_rlhf", "fit", "--config", config, "--print_config"],
+            capture_output=True, text=True, check=True,
+        )
+        return result.stdout
+
+    first = print_config(CONFIG)
+    (in_tmp / "printed.yaml").write_text(first)
+    assert print_config(str(in_tmp / "printed.yaml")) == first
+    assert "lit_rlhf.phases.sft.SFTModule" in first
+
+
+def test_bad_row_exits_2_with_one_line(in_tmp):
+    data = write_jsonl(in_tmp / "bad.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": 3}])
+    result = subprocess.run(
+        [sys.executable, "-m", "lit_rlhf", "fit", "--config", CONFIG, "--data.path", str(data)],
+        capture_output=True, text=True, cwd=in_tmp,
+    )
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("lit-rlhf: error: ")
+    assert "bad.jsonl:2" in last_line and "completion" in last_line
+    assert "Traceback" not in result.stderr
