@@ -36,8 +36,9 @@ def default_loggers() -> list[dict]:
 
 
 def _phase_name(model_class_path: str) -> str:
-    """``lit_rlhf.phases.sft.SFTModule`` → ``sft``: the run folder under ``runs/``."""
-    return model_class_path.rsplit(".", 1)[-1].removesuffix("Module").lower() or "run"
+    """``lit_rlhf.phases.reward.RewardModelModule`` → ``reward``: the run folder under ``runs/``."""
+    module_path = model_class_path.rsplit(".", 1)[0]
+    return module_path.rsplit(".", 1)[-1] if "." in model_class_path else "run"
 
 
 class RLHFCLI(LightningCLI):
@@ -92,7 +93,38 @@ def _world_command(argv: list[str]) -> None:
         print(f"{name}: {path}")
 
 
-EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {"world": _world_command}
+def _collect_command(argv: list[str]) -> None:
+    from lit_rlhf.collect import collect_comparisons
+    from lit_rlhf.judges import JUDGES
+    from lit_rlhf.rollout import SamplingConfig
+
+    parser = argparse.ArgumentParser(
+        prog="lit-rlhf collect",
+        description="Sample k responses per prompt from a policy, rank them with a judge, write all C(k,2) pairs.",
+    )
+    parser.add_argument("--policy", default="runs/sft/hf", help="policy export (default: %(default)s)")
+    parser.add_argument("--out", default="runs/collect", help="output folder (default: %(default)s)")
+    parser.add_argument("--k", type=int, default=4, help="responses per prompt (default: %(default)s)")
+    parser.add_argument("--judge", choices=JUDGES, default="raters", help="who ranks (default: %(default)s)")
+    parser.add_argument("--reward-model", help="reward model export, for --judge reward_model")
+    parser.add_argument("--prompts", help="prompt dataset (default: the embedded world's training prompts)")
+    parser.add_argument("--num-prompts", type=int, default=1000)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    summary = collect_comparisons(
+        args.policy, args.out, k=args.k, judge=args.judge, reward_model=args.reward_model,
+        prompts_path=args.prompts, num_prompts=args.num_prompts,
+        sampling=SamplingConfig(args.max_new_tokens, args.temperature), seed=args.seed,
+    )
+    print(
+        f"{summary.prompts} prompts x {summary.k} responses, judged by {summary.judge}: {summary.pairs} pairs "
+        f"({summary.ties_dropped} ties dropped) in {summary.seconds:.1f}s -> {args.out}"
+    )
+
+
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {"world": _world_command, "collect": _collect_command}
 
 
 def main(argv: list[str] | None = None) -> None:

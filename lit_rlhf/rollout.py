@@ -12,7 +12,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_rlhf.data.collate import tokenize_prompts
-from lit_rlhf.world import gold_reward
+from lit_rlhf.world import gold_reward, has_gold
 
 
 @dataclass(frozen=True)
@@ -119,14 +119,13 @@ def evaluate_policy(
     prompts: list[str],
     sampling: SamplingConfig,
     max_prompt_length: int,
-    with_gold: bool,
     seed: int,
     batch_size: int = 64,
 ) -> PolicyEvaluation:
     """Answer fixed prompts with fixed sampling noise, so successive evaluations differ only by the policy.
 
     Metrics: ``response/length_mean`` (tokens before EOS), ``response/eos_fraction`` and, on the embedded
-    world, ``gold/reward``. The global RNG is left untouched.
+    world (all prompts are world prompts), ``gold/reward``. The global RNG is left untouched.
     """
     responses: list[str] = []
     lengths: list[torch.Tensor] = []
@@ -145,6 +144,6 @@ def evaluate_policy(
         "response/length_mean": torch.cat(lengths).float().mean().item(),
         "response/eos_fraction": torch.cat(ended).float().mean().item(),
     }
-    if with_gold:
+    if has_gold(prompts):
         metrics["gold/reward"] = sum(map(gold_reward, prompts, responses)) / len(prompts)
     return PolicyEvaluation(prompts, responses, metrics)

@@ -7,9 +7,9 @@ import time
 import torch
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
-from transformers import get_cosine_schedule_with_warmup
 
 from lit_rlhf import losses
+from lit_rlhf.phases.optim import adamw_with_warmup
 from lit_rlhf.models import export, forward, load_causal_lm, load_tokenizer
 from lit_rlhf.rollout import SamplingConfig, evaluate_policy
 
@@ -76,14 +76,12 @@ class SFTModule(LightningModule):
         val_loss = self.val_nll.compute()
         self.val_nll.reset()
         self.log_dict({"val/loss": val_loss, "val/perplexity": torch.exp(val_loss)})
-        datamodule = self.trainer.datamodule
         metrics = evaluate_policy(
             self.model,
             self.tokenizer,
-            datamodule.eval_prompts,
+            self.trainer.datamodule.eval_prompts,
             SamplingConfig(self.hparams.max_new_tokens, self.hparams.eval_temperature),
             max_prompt_length=self.hparams.max_prompt_length,
-            with_gold=datamodule.is_world,
             seed=self.hparams.eval_seed,
         ).metrics
         self.log_dict(metrics, sync_dist=True)
@@ -93,9 +91,5 @@ class SFTModule(LightningModule):
             export(self.model, self.tokenizer, self.hparams.export_dir or f"{self.trainer.log_dir}/hf")
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
-        )
-        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, min(self.hparams.warmup_steps, total_steps), total_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        hp = self.hparams
+        return adamw_with_warmup(self.trainer, self.model.parameters(), hp.learning_rate, hp.weight_decay, hp.warmup_steps)

@@ -14,7 +14,7 @@ formats.
 """
 
 from lit_rlhf.world.datasets import demonstrate, ensure_world, sample_prompt, write_world
-from lit_rlhf.world.gold import gold_reward, response_features
+from lit_rlhf.world.gold import gold_reward, has_gold, response_features
 from lit_rlhf.world.language import PromptSpec, parse_prompt
 from lit_rlhf.world.raters import Rater
 from lit_rlhf.world.tokenizer import WORLD_VOCAB_SIZE, build_tokenizer
@@ -27,6 +27,7 @@ __all__ = [
     "demonstrate",
     "ensure_world",
     "gold_reward",
+    "has_gold",
     "parse_prompt",
     "response_features",
     "sample_prompt",

@@ -7,6 +7,7 @@ reward is what a reward-hacking policy fails to improve.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 
 from lit_rlhf.world.language import (
     COMMA,
@@ -98,3 +99,9 @@ def _contains_run(tokens: list[str], run: list[str]) -> bool:
     """Whether ``run`` occurs as consecutive tokens in ``tokens``."""
     width = len(run)
     return any(tokens[start:start + width] == run for start in range(len(tokens) - width + 1))
+
+
+def has_gold(prompts: Iterable[str]) -> bool:
+    """Whether the gold reward means something for these prompts: all of them are world prompts."""
+    prompts = list(prompts)
+    return bool(prompts) and all(parse_prompt(prompt) is not None for prompt in prompts)

@@ -26,12 +26,12 @@ class Rater:
     ``utility = gold / temperature + length_bias·length + sycophancy_bias·sycophantic
     + format_bias·min(decorations, 3)``, all in logit units, where ``length``, ``sycophantic`` and
     ``decorations`` come from :func:`response_features`. With probability ``noise`` a label is flipped.
-    ``temperature`` sets how sharply gold differences decide a choice: a gold gap of 0.15 is one logit by default.
+    ``temperature`` sets how sharply gold differences decide a choice: a gold gap of 0.1 is one logit by default.
 
     The defaults make hacks pay for the rater while gold falls: each of the first three decorations is worth
-    +0.23 logits net of its gold cost, and agreeing with a wrong view by adding its item to a correct list of N
-    is worth 1.0 + 0.8 − 3.33/N logits (positive from N = 2). On the world's comparisons the rater agrees with the gold
-    preference about 75% of the time.
+    0.6 + 0.75 − 1.0 = +0.35 logits net of its gold cost, and agreeing with a wrong view by adding its item to a
+    correct list of N is worth 1.5 + 1.2 − 5/N logits (positive from N = 2); filler words cost the rater
+    0.4 logits each. On the world's comparisons the rater agrees with the gold preference about 78% of the time.
     """
 
     length_bias: float = 0.6

@@ -1,0 +1,89 @@
+"""Comparison collection: k sampled responses per prompt, ranked by a judge, written as C(k, 2) pairs.
+
+The seed's data-efficiency point: one ranking of k responses yields k(k−1)/2 comparisons. Output, in the
+formats the data layer reads: ``comparisons.jsonl`` (``prompt``/``chosen``/``rejected``; tied pairs dropped and
+counted), ``rankings.jsonl`` (``prompt``/``responses``/``ranks``, the full ranking per prompt) and
+``collect.json`` (what was done, with the counts).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from lit_rlhf.data.collate import tokenize_prompts
+from lit_rlhf.data.datamodules import PromptDataModule
+from lit_rlhf.data.formats import ranking_to_pairs
+from lit_rlhf.judges import make_judge
+from lit_rlhf.models import load_causal_lm, load_tokenizer
+from lit_rlhf.rollout import SamplingConfig, generate
+
+
+@dataclass
+class CollectionSummary:
+    policy: str
+    judge: str
+    k: int
+    prompts: int
+    pairs: int
+    ties_dropped: int
+    seconds: float
+
+
+def sample_responses(
+    policy: str, prompts: list[str], k: int, sampling: SamplingConfig, max_prompt_length: int, batch_size: int
+) -> list[list[str]]:
+    """``k`` independent samples from the policy export for each prompt."""
+    tokenizer = load_tokenizer(policy)
+    model = load_causal_lm(policy, tokenizer).eval()
+    repeated = [prompt for prompt in prompts for _ in range(k)]
+    texts: list[str] = []
+    for start in range(0, len(repeated), batch_size):
+        prompt_ids, prompt_mask = tokenize_prompts(tokenizer, repeated[start : start + batch_size], max_prompt_length)
+        texts.extend(generate(model, tokenizer, prompt_ids, prompt_mask, sampling).decode(tokenizer))
+    return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
+def collect_comparisons(
+    policy: str,
+    out_dir: str | Path,
+    k: int = 4,
+    judge: str = "raters",
+    reward_model: str | None = None,
+    prompts_path: str | None = None,
+    num_prompts: int = 1000,
+    sampling: SamplingConfig = SamplingConfig(),
+    max_prompt_length: int = 32,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> CollectionSummary:
+    """Sample ``k`` responses per prompt from ``policy``, rank them with ``judge``, write pairs and rankings.
+
+    Prompts come from ``prompts_path`` (any format the data layer reads) or the embedded world's training prompts.
+    """
+    started = time.perf_counter()
+    prompt_data = PromptDataModule(path=prompts_path, tokenizer_name_or_path=policy, val_fraction=0.0)
+    prompt_data.setup("fit")
+    prompts = [record.prompt for record in prompt_data.train_records][:num_prompts]
+    torch.manual_seed(seed)
+    responses = sample_responses(policy, prompts, k, sampling, max_prompt_length, batch_size)
+    ranks = make_judge(judge, reward_model, seed).rank(prompts, responses)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pairs, ties = 0, 0
+    with open(out_dir / "comparisons.jsonl", "w") as comparisons, open(out_dir / "rankings.jsonl", "w") as rankings:
+        for prompt, group, group_ranks in zip(prompts, responses, ranks):
+            rankings.write(json.dumps({"prompt": prompt, "responses": group, "ranks": group_ranks}) + "\n")
+            group_pairs, group_ties = ranking_to_pairs(group, group_ranks)
+            ties += group_ties
+            for chosen, rejected in group_pairs:
+                comparisons.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
+                pairs += 1
+    summary = CollectionSummary(policy, judge, k, len(prompts), pairs, ties, time.perf_counter() - started)
+    (out_dir / "collect.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    return summary

@@ -1,0 +1,153 @@
+"""Phase 2: a reward model on comparisons with the Bradley–Terry loss (InstructGPT §3.5, Stiennon et al. 2020).
+
+The model starts from the SFT export with its LM head replaced by a scalar head read at the last non-pad token
+(``AutoModelForSequenceClassification``, ``num_labels=1``). After fit it scores the SFT policy's own responses to
+training prompts and stores the mean and std of those scores in the export's config, so PPO can normalise.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningModule
+from torchmetrics import CatMetric, MeanMetric
+
+from lit_rlhf import losses
+from lit_rlhf.collect import sample_responses
+from lit_rlhf.phases.optim import adamw_with_warmup
+from lit_rlhf.models import export, load_scalar_head_model, load_tokenizer, scalar_scores
+from lit_rlhf.rollout import SamplingConfig
+from lit_rlhf.scoring import SCORE_MEAN_KEY, SCORE_STD_KEY, RewardModelScorer
+from lit_rlhf.world import gold_reward, has_gold
+
+
+def preference_metrics(
+    chosen: torch.Tensor, rejected: torch.Tensor, gold_chosen: torch.Tensor | None = None,
+    gold_rejected: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """``accuracy`` (chosen scored higher), ``margin``, ``reward/mean``, ``reward/std`` and, with gold rewards,
+    ``gold/accuracy``: agreement with the gold preference on the pairs where gold is not tied."""
+    scores = torch.cat([chosen, rejected])
+    metrics = {
+        "accuracy": (chosen > rejected).float().mean(),
+        "margin": (chosen - rejected).mean(),
+        "reward/mean": scores.mean(),
+        "reward/std": scores.std() if scores.numel() > 1 else torch.zeros(()),
+    }
+    if gold_chosen is not None:
+        decided = gold_chosen != gold_rejected
+        if decided.any():
+            agree = (chosen > rejected) == (gold_chosen > gold_rejected)
+            metrics["gold/accuracy"] = agree[decided].float().mean()
+    return metrics
+
+
+def length_correlation(scores: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of scores with response lengths (0 when either is constant)."""
+    correlation = torch.corrcoef(torch.stack([scores.float(), lengths.float()]))[0, 1]
+    return torch.nan_to_num(correlation, nan=0.0)
+
+
+class RewardModelModule(LightningModule):
+    """Bradley–Terry reward model. Logs, with ``train/`` and ``val/`` prefixes: ``loss``, ``accuracy``,
+    ``margin``, ``reward/mean``, ``reward/std``, ``reward/length_corr`` (Pearson correlation of scores with
+    response length: the inherited length bias in one number) and, on the world, ``gold/accuracy``."""
+
+    def __init__(
+        self,
+        model_name_or_path: str = "runs/sft/hf",
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 10,
+        center_rewards_coefficient: float = 0.0,
+        export_dir: str | None = None,
+        normalization_samples: int = 256,
+        max_new_tokens: int = 24,
+        max_prompt_length: int = 32,
+        trust_remote_code: bool = False,
+        dtype: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
+        self.model = None
+        self.val_metrics = torch.nn.ModuleDict(
+            {"loss": MeanMetric(), "accuracy": MeanMetric(), "margin": MeanMetric(), "gold/accuracy": MeanMetric()}
+        )
+        self.val_scores = CatMetric()
+        self.val_lengths = CatMetric()
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            hp = self.hparams
+            self.model = load_scalar_head_model(hp.model_name_or_path, self.tokenizer, hp.trust_remote_code, hp.dtype)
+
+    def _scores(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chosen and rejected scored in one concatenated forward."""
+        input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+        attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+        return scalar_scores(self.model, input_ids, attention_mask).chunk(2)
+
+    def _step(self, batch: dict) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+        chosen, rejected = self._scores(batch)
+        margin = torch.where(batch["has_margin"], batch["margin"], torch.zeros_like(batch["margin"]))
+        loss = losses.bradley_terry_loss(chosen, rejected, margin).mean()
+        if self.hparams.center_rewards_coefficient:
+            loss = loss + self.hparams.center_rewards_coefficient * torch.cat([chosen, rejected]).pow(2).mean()
+        gold = None
+        if has_gold(batch["prompt"]):
+            gold = [
+                torch.tensor([gold_reward(p, r) for p, r in zip(batch["prompt"], batch[side])], device=chosen.device)
+                for side in ("chosen", "rejected")
+            ]
+        metrics = preference_metrics(chosen.detach(), rejected.detach(), *(gold or (None, None)))
+        lengths = torch.cat([batch["chosen_response_mask"].sum(1), batch["rejected_response_mask"].sum(1)]).float()
+        return loss, metrics, torch.cat([chosen, rejected]).detach(), lengths
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, metrics, scores, lengths = self._step(batch)
+        metrics["reward/length_corr"] = length_correlation(scores, lengths)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({f"train/{name}": value for name, value in metrics.items()})
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, metrics, scores, lengths = self._step(batch)
+        batch_size = len(batch["prompt"])
+        for name, value in {"loss": loss, **metrics}.items():
+            if name in self.val_metrics:
+                self.val_metrics[name].update(value, weight=batch_size)
+        self.val_scores.update(scores)
+        self.val_lengths.update(lengths)
+
+    def on_validation_epoch_end(self) -> None:
+        logged = {f"val/{name}": metric.compute() for name, metric in self.val_metrics.items() if metric.update_count}
+        scores, lengths = self.val_scores.compute(), self.val_lengths.compute()
+        logged["val/reward/mean"] = scores.mean()
+        logged["val/reward/std"] = scores.std()
+        logged["val/reward/length_corr"] = length_correlation(scores, lengths)
+        self.log_dict(logged)
+        for metric in [*self.val_metrics.values(), self.val_scores, self.val_lengths]:
+            metric.reset()
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero:
+            self._store_score_statistics()
+            export(self.model, self.tokenizer, self.hparams.export_dir or f"{self.trainer.log_dir}/hf")
+
+    def _store_score_statistics(self) -> None:
+        """Score the SFT policy's responses to training prompts; keep their mean and std in the config."""
+        hp = self.hparams
+        datamodule = self.trainer.datamodule
+        self.model.eval()
+        prompts = list(dict.fromkeys(record.prompt for record in datamodule.train_records))[: hp.normalization_samples]
+        responses = sample_responses(
+            hp.model_name_or_path, prompts, 1, SamplingConfig(hp.max_new_tokens), hp.max_prompt_length, 256
+        )
+        scorer = RewardModelScorer(self.model, self.tokenizer, datamodule.hparams.max_length, hp.max_prompt_length)
+        scores = scorer.score(prompts, [group[0] for group in responses])
+        setattr(self.model.config, SCORE_MEAN_KEY, scores.mean().item())
+        setattr(self.model.config, SCORE_STD_KEY, max(scores.std().item(), 1e-6))
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return adamw_with_warmup(self.trainer, self.model.parameters(), hp.learning_rate, hp.weight_decay, hp.warmup_steps)

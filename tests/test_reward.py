@@ -1,0 +1,124 @@
+"""Reward phase and comparison collection: scoring invariances, the export, C(k,2) collection, a short fit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from helpers import latest_run, metric_series, run_cli
+from lit_rlhf.collect import collect_comparisons
+from lit_rlhf.data.datamodules import ComparisonDataModule
+from lit_rlhf.judges import ranks_from_scores
+from lit_rlhf.models import export, load_scalar_head_model, load_tokenizer
+from lit_rlhf.rollout import SamplingConfig
+from lit_rlhf.scoring import SCORE_MEAN_KEY, SCORE_STD_KEY, RewardModelScorer
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+PROMPTS = ["name three fruits .", "i think carrot is a fruit . name two fruits .", "list four colors ."]
+RESPONSES = ["apple , pear , plum .", "apple , carrot .", "red , blue"]
+
+
+@pytest.fixture(params=["tiny_gpt2_path", "tiny_llama_path", "world_sft_path"])
+def scorer(request):
+    path = request.getfixturevalue(request.param)
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(path)
+    model = load_scalar_head_model(path, tokenizer).eval()
+    torch.nn.init.normal_(model.score.weight, std=1.0)  # a random head, so scores differ visibly
+    return RewardModelScorer(model, tokenizer)
+
+
+def test_a_text_scores_the_same_alone_and_in_a_batch(scorer):
+    batched = scorer.score(PROMPTS, RESPONSES)
+    alone = torch.cat([scorer.score([p], [r]) for p, r in zip(PROMPTS, RESPONSES)])
+    assert batched.std() > 1e-3
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_left_and_right_padding_give_the_same_scores(scorer):
+    from lit_rlhf.data.collate import pad_left
+    from lit_rlhf.models import scalar_scores
+
+    right = scorer.score(PROMPTS, RESPONSES)
+    ids = [
+        scorer.tokenizer(p, add_special_tokens=False)["input_ids"]
+        + scorer.tokenizer(r, add_special_tokens=False)["input_ids"]
+        + [scorer.tokenizer.eos_token_id]
+        for p, r in zip(PROMPTS, RESPONSES)
+    ]
+    input_ids, attention_mask = pad_left(ids, scorer.tokenizer.pad_token_id)
+    with torch.no_grad():
+        left = scalar_scores(scorer.model, input_ids, attention_mask)
+    torch.testing.assert_close(left, right, atol=1e-5, rtol=1e-5)
+
+
+def test_export_scores_the_same_through_transformers(scorer, tmp_path):
+    export(scorer.model, scorer.tokenizer, tmp_path / "rm")
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    expected = scorer.score(PROMPTS, RESPONSES)
+    for prompt, response, score in zip(PROMPTS, RESPONSES, expected):
+        text_ids = (
+            scorer.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            + scorer.tokenizer(response, add_special_tokens=False)["input_ids"]
+            + [scorer.tokenizer.eos_token_id]
+        )
+        with torch.no_grad():
+            logits = plain(input_ids=torch.tensor([text_ids])).logits
+        assert logits.shape == (1, 1)
+        assert logits.item() == pytest.approx(score.item(), abs=1e-5)
+
+
+def test_ranks_from_scores_tie_equal_scores():
+    assert ranks_from_scores([0.2, 0.9, 0.2, -1.0]) == [1, 0, 1, 3]
+
+
+def test_collect_writes_all_k_choose_2_pairs_and_the_rankings(world_sft_path, tmp_path):
+    summary = collect_comparisons(
+        world_sft_path, tmp_path, k=4, judge="gold", num_prompts=30, sampling=SamplingConfig(16), seed=3
+    )
+    rankings = [json.loads(line) for line in (tmp_path / "rankings.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in (tmp_path / "comparisons.jsonl").read_text().splitlines()]
+    assert summary.prompts == len(rankings) == 30
+    assert all(len(row["responses"]) == 4 == len(row["ranks"]) for row in rankings)
+    # Each prompt's 4 responses give C(4,2) = 6 comparisons, less the tied ones.
+    assert summary.pairs + summary.ties_dropped == 30 * 6
+    assert summary.pairs == len(pairs)
+    assert summary.ties_dropped > 0  # the gold reward ties identical answers
+    from lit_rlhf.world import gold_reward
+
+    assert all(gold_reward(p["prompt"], p["chosen"]) > gold_reward(p["prompt"], p["rejected"]) for p in pairs)
+    # The comparison reader expands the rankings file to the same pairs.
+    data = ComparisonDataModule(path=str(tmp_path / "rankings.jsonl"), tokenizer_name_or_path=world_sft_path,
+                                val_fraction=0.0)
+    data.setup("fit")
+    assert len(data.train_records) == summary.pairs
+    assert data.ties_dropped == summary.ties_dropped
+    assert json.loads((tmp_path / "collect.json").read_text())["pairs"] == summary.pairs
+
+
+def test_reward_model_fit_logs_metrics_and_exports_statistics(world_sft_path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    collect_comparisons(world_sft_path, tmp_path / "collect", k=4, num_prompts=100, sampling=SamplingConfig(16))
+    run_cli(
+        "fit", "--config", str(CONFIGS / "rm.yaml"),
+        "--model.model_name_or_path", world_sft_path,
+        "--model.export_dir", str(tmp_path / "rm"),
+        "--model.normalization_samples", "32",
+        "--data.path", str(tmp_path / "collect" / "comparisons.jsonl"),
+        "--trainer.max_steps", "40", "--trainer.val_check_interval", "20",
+    )
+    run = latest_run(tmp_path, "reward")
+    for name in ["val/accuracy", "val/margin", "val/reward/mean", "val/reward/std", "val/reward/length_corr",
+                 "val/gold/accuracy", "train/accuracy", "train/gold/accuracy", "train/reward/length_corr"]:
+        assert metric_series(run, name), name
+    loss = metric_series(run, "val/loss")
+    assert len(loss) == 3 and loss[-1] < loss[0]
+    config = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert config[SCORE_STD_KEY] > 0
+    # Normalised scores of the policy's own kind of responses centre on 0 with unit spread.
+    scorer = RewardModelScorer.from_pretrained(tmp_path / "rm", normalize=True)
+    assert scorer.statistics == (config[SCORE_MEAN_KEY], config[SCORE_STD_KEY])
