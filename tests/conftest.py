@@ -90,3 +90,15 @@ def world_sft_path(tmp_path_factory):
         "--data.num_eval_prompts", "16", "--model.export_dir", str(root / "hf"),
     ])
     return str(root / "hf")
+
+
+@pytest.fixture(scope="session")
+def world_rm_path(world_sft_path, tmp_path_factory):
+    """A reward-model export initialised from the world SFT policy (scalar head untrained): for plumbing tests."""
+    from lit_rlhf.models import export, load_scalar_head_model, load_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(world_sft_path)
+    path = tmp_path_factory.mktemp("world-rm")
+    export(load_scalar_head_model(world_sft_path, tokenizer), tokenizer, path)
+    return str(path)

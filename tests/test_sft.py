@@ -30,7 +30,7 @@ def test_sft_on_world_raises_gold_reward_and_exports(in_tmp):
     assert gold[-1] > gold[0] + 0.5, gold
     assert len(metric_series(run, "val/perplexity")) == 3
     assert metric_series(run, "train/loss")
-    export = run / "hf"
+    export = in_tmp / "runs" / "sft" / "hf"  # configs/sft.yaml's export_dir, where configs/rm.yaml starts
     model = AutoModelForCausalLM.from_pretrained(export)
     assert model.config.model_type == "gpt2"
     assert (export / "tokenizer.json").exists()
@@ -55,7 +55,7 @@ def test_sft_with_hf_model_by_path_and_jsonl(in_tmp, request, model_fixture):
     run = latest_run(in_tmp, "sft")
     assert len(metric_series(run, "val/loss")) == 2
     assert "gold/reward" not in (run / "metrics.csv").read_text()
-    reloaded = AutoModelForCausalLM.from_pretrained(run / "hf")
+    reloaded = AutoModelForCausalLM.from_pretrained(in_tmp / "runs" / "sft" / "hf")
     original = AutoModelForCausalLM.from_pretrained(model_path)
     assert type(reloaded) is type(original)
     changed = any(not torch.equal(a, b) for a, b in zip(reloaded.parameters(), original.parameters()))

@@ -220,7 +220,8 @@ def test_demonstrations_leave_headroom(world):
     golds = [gold_reward(row["prompt"], row["completion"]) for row in rows]
     assert 0.5 <= statistics.mean(golds) <= 0.75
     assert 0.25 <= sum(gold == 1.0 for gold in golds) / len(golds) <= 0.45
-    assert max(len(row["completion"].split()) for row in rows if gold_reward(row["prompt"], row["completion"]) == 1) <= 12
+    perfect = [row["completion"] for row in rows if gold_reward(row["prompt"], row["completion"]) == 1]
+    assert max(len(completion.split()) for completion in perfect) <= 12
 
 
 def test_comparisons_carry_the_raters_biases_and_agree_with_gold(world):

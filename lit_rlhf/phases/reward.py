@@ -13,8 +13,8 @@ from torchmetrics import CatMetric, MeanMetric
 
 from lit_rlhf import losses
 from lit_rlhf.collect import sample_responses
-from lit_rlhf.phases.optim import adamw_with_warmup
 from lit_rlhf.models import export, load_scalar_head_model, load_tokenizer, scalar_scores
+from lit_rlhf.phases.optim import adamw_with_warmup
 from lit_rlhf.rollout import SamplingConfig
 from lit_rlhf.scoring import SCORE_MEAN_KEY, SCORE_STD_KEY, RewardModelScorer
 from lit_rlhf.world import gold_reward, has_gold
@@ -150,4 +150,5 @@ class RewardModelModule(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        return adamw_with_warmup(self.trainer, self.model.parameters(), hp.learning_rate, hp.weight_decay, hp.warmup_steps)
+        parameters = self.model.parameters()
+        return adamw_with_warmup(self.trainer, parameters, hp.learning_rate, hp.weight_decay, hp.warmup_steps)

@@ -9,8 +9,8 @@ from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
 from lit_rlhf import losses
-from lit_rlhf.phases.optim import adamw_with_warmup
 from lit_rlhf.models import export, forward, load_causal_lm, load_tokenizer
+from lit_rlhf.phases.optim import adamw_with_warmup
 from lit_rlhf.rollout import SamplingConfig, evaluate_policy
 
 
@@ -92,4 +92,5 @@ class SFTModule(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        return adamw_with_warmup(self.trainer, self.model.parameters(), hp.learning_rate, hp.weight_decay, hp.warmup_steps)
+        parameters = self.model.parameters()
+        return adamw_with_warmup(self.trainer, parameters, hp.learning_rate, hp.weight_decay, hp.warmup_steps)

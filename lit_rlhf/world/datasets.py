@@ -15,10 +15,8 @@ from pathlib import Path
 from lit_rlhf.world.language import (
     CATEGORIES,
     CATEGORY_NAMES,
-    COMMA,
     DECORATIONS,
     FILLERS,
-    ITEM_CATEGORY,
     MAX_COUNT,
     PERIOD,
     REQUEST_VERBS,
