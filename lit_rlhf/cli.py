@@ -15,6 +15,7 @@ from collections.abc import Callable
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+from lit_rlhf.data.datamodules import DataReport
 from lit_rlhf.errors import LitRLHFError
 
 RUNS_DIR = "runs"
@@ -58,6 +59,7 @@ class RLHFCLI(LightningCLI):
                 "inference_mode": False,
                 "log_every_n_steps": 10,
                 "enable_model_summary": False,
+                "callbacks": [DataReport()],
             },
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "lit-rlhf"},

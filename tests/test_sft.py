@@ -54,6 +54,7 @@ def test_sft_with_hf_model_by_path_and_jsonl(in_tmp, request, model_fixture):
     )
     run = latest_run(in_tmp, "sft")
     assert len(metric_series(run, "val/loss")) == 2
+    assert metric_series(run, "data/skipped_rows") == [0.0]
     assert "gold/reward" not in (run / "metrics.csv").read_text()
     reloaded = AutoModelForCausalLM.from_pretrained(in_tmp / "runs" / "sft" / "hf")
     original = AutoModelForCausalLM.from_pretrained(model_path)
@@ -86,6 +87,16 @@ def test_print_config_round_trips(in_tmp):
     (in_tmp / "printed.yaml").write_text(first)
     assert print_config(str(in_tmp / "printed.yaml")) == first
     assert "lit_rlhf.phases.sft.SFTModule" in first
+
+
+def test_skipped_rows_are_counted_and_logged(in_tmp):
+    rows = [{"prompt": "name two fruits .", "completion": "apple , pear ."}] * 8 + [{"prompt": "a"}, {"text": 5}]
+    data = write_jsonl(in_tmp / "some_bad.jsonl", rows)
+    run_cli(
+        "fit", "--config", CONFIG, "--data.path", str(data), "--data.on_bad_row", "skip",
+        "--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--data.num_eval_prompts", "2",
+    )
+    assert metric_series(latest_run(in_tmp, "sft"), "data/skipped_rows") == [2.0]
 
 
 def test_bad_row_exits_2_with_one_line(in_tmp):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
@@ -285,3 +285,20 @@ class UnpairedDataModule(RLHFDataModule):
 
     def _collate_fn(self) -> Callable[[list[Example]], dict[str, Any]]:
         return partial(collate_unpaired, pad_id=self.tokenizer.pad_token_id, max_length=self.hparams.max_length)
+
+
+class DataReport(Callback):
+    """Logs what the data edge left out or cut (``data/skipped_rows``, ``data/truncated_rows``,
+    ``data/ties_dropped``) once, when training starts, so the counts sit beside the run's metrics."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        datamodule = trainer.datamodule
+        if not isinstance(datamodule, RLHFDataModule):
+            return
+        counts = {
+            "data/skipped_rows": datamodule.skipped_rows,
+            "data/truncated_rows": datamodule.truncated_rows,
+            "data/ties_dropped": datamodule.ties_dropped,
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(counts, step=trainer.global_step)
