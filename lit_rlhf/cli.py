@@ -110,7 +110,7 @@ def _collect_command(argv: list[str]) -> None:
     parser.add_argument("--judge", choices=JUDGES, default="raters", help="who ranks (default: %(default)s)")
     parser.add_argument("--reward-model", help="reward model export, for --judge reward_model")
     parser.add_argument("--prompts", help="prompt dataset (default: the embedded world's training prompts)")
-    parser.add_argument("--num-prompts", type=int, default=1000)
+    parser.add_argument("--num-prompts", type=int, default=2000)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)

@@ -55,7 +55,7 @@ def collect_comparisons(
     judge: str = "raters",
     reward_model: str | None = None,
     prompts_path: str | None = None,
-    num_prompts: int = 1000,
+    num_prompts: int = 2000,
     sampling: SamplingConfig = SamplingConfig(),
     max_prompt_length: int = 32,
     batch_size: int = 256,
