@@ -1,0 +1,423 @@
+"""Phase 3: PPO against a reward model with a KL leash to the SFT policy (Ziegler et al. 2019; Ouyang et al. 2022,
+§3.5), and the critic-free GRPO and RLOO estimators in the same loop.
+
+Networks in memory: the ``policy`` (trained, from the SFT export); the ``reference``, a frozen second copy of the
+SFT export, because the KL penalty needs π_ref's log-prob of every sampled token while the policy moves; the
+``reward_network``, the frozen reward-model export that scores decoded texts (absent for the world's gold reward or
+a Python reward function); and, for ``gae`` only, the ``critic`` (trained): per-token values from a scalar-head
+model, by default the reward-model export as in InstructGPT. So four with a reward model and a critic (the two
+trained ones carry AdamW's two moment buffers each), three for GRPO/RLOO, two for GRPO/RLOO on a gold or function
+reward. The frozen ones are kept out of checkpoints and reload from their paths.
+
+One iteration (one ``training_step``): sample responses with :func:`generate` (``group_size`` per prompt for
+``grpo``/``rloo``); score the decoded texts (normalised with the reward model's stored statistics), subtract the
+optional missing-EOS penalty, clip; compute old and reference log-probs (and values) without gradient;
+:func:`shape_rewards` puts −β·KL on every response token and the score on the last; then ``gae`` takes advantages
+from the critic's values, while ``grpo``/``rloo`` sum each sequence's shaped rewards (score − β·KL) and give every
+token of it the group advantage. So the KL always goes into the reward. GRPO as published puts a k3 term in the
+loss instead; differentiated through the samples that term has the gradient of KL(π_ref‖π), not of KL(π‖π_ref),
+and it stops short of the KL-regularised optimum π* ∝ π_ref·exp(r/β) (on a 5-armed bandit, at KL(π‖π*) ≈ 0.08;
+KL in the reward reaches π*). Advantages are whitened; ``ppo_epochs`` passes over shuffled minibatches minimise
+:func:`ppo_policy_loss` + ``vf_coef``·:func:`ppo_value_loss` (+ ``ptx_coef``·SFT loss on demonstrations:
+PPO-ptx), with gradient clipping; the KL controller then updates β.
+
+``trainer.max_steps`` counts optimiser updates, ``ppo_epochs × num_minibatches`` per iteration. The datamodule's
+``batch_size`` is the number of prompts per iteration.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from importlib import import_module
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import move_data_to_device
+from torchmetrics.functional import explained_variance
+
+from lit_rlhf.advantages import gae, group_advantages, shape_rewards, whiten
+from lit_rlhf.data.datamodules import DemonstrationDataModule
+from lit_rlhf.errors import ConfigError
+from lit_rlhf.kl_control import AdaptiveKLController, FixedKLController
+from lit_rlhf.losses import KL_PENALTY_KINDS, kl_penalty, masked_sum, ppo_policy_loss, ppo_value_loss, sft_loss
+from lit_rlhf.models import (
+    export,
+    forward,
+    load_causal_lm,
+    load_scalar_head_model,
+    load_tokenizer,
+    position_ids_from_mask,
+    response_logprobs,
+)
+from lit_rlhf.rollout import Rollout, RolloutBuffer, SamplingConfig, evaluate_policy, generate
+from lit_rlhf.scoring import GoldScorer, RewardModelScorer
+from lit_rlhf.world import has_gold
+
+GOLD = "gold"
+"""The ``reward_model`` value that scores with the embedded world's gold reward (oracle runs)."""
+FROZEN_PREFIXES = ("reference.", "reward_network.")
+"""State-dict prefixes of the frozen networks, which checkpoints leave out."""
+
+
+class FunctionScorer:
+    """A Python reward ``"package.module:function"`` taking ``(prompts, responses)`` and returning one score each."""
+
+    def __init__(self, spec: str) -> None:
+        module_name, _, function_name = spec.partition(":")
+        try:
+            self.function = getattr(import_module(module_name), function_name)
+        except (ImportError, AttributeError) as error:
+            raise ConfigError(f"reward_model {spec!r}: cannot import {function_name} from {module_name}") from error
+
+    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        return torch.as_tensor(self.function(prompts, responses), dtype=torch.float32)
+
+
+class ValueModel(torch.nn.Module):
+    """Per-token values ``[B, T]``: a scalar-head model's backbone with its ``score`` head applied at every
+    position (its own forward reads the head at the last token only)."""
+
+    def __init__(self, scalar_head_model: torch.nn.Module) -> None:
+        super().__init__()
+        if not hasattr(scalar_head_model, "score"):
+            raise ConfigError(f"{type(scalar_head_model).__name__} has no `score` head to serve as a value head")
+        self.backbone, self.head = scalar_head_model.base_model, scalar_head_model.score
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        position_ids = position_ids_from_mask(attention_mask)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return self.head(hidden.last_hidden_state).squeeze(-1).float()
+
+
+def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """PPO's probability ratios must be exactly 1 before the first update: no dropout noise anywhere."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    return without_dropout(model).eval().requires_grad_(False)
+
+
+class PPOModule(LightningModule):
+    """PPO / GRPO / RLOO fine-tuning of an SFT export; the module docstring describes the loop.
+
+    ``reward_model``: a reward-model export, ``"gold"`` (the world's gold reward) or ``"package.module:function"``.
+    ``value_model``: where the critic starts (``gae`` only); default the reward-model export, else the SFT export.
+
+    Logged every iteration: ``objective/{scores,kl,rlhf_reward,non_score_reward,entropy}`` (per-sequence means,
+    KL and entropy estimated from the sampled tokens), ``policy/{clipfrac,approxkl}``, ``loss/policy``,
+    ``kl/beta``, ``response/{length_mean,eos_fraction,length_drift}`` (drift: against the reference policy's
+    answers to the held-out prompts); with a critic ``loss/value``, ``val/clipfrac``, ``val/explained_variance``;
+    with PPO-ptx ``loss/ptx``; on the world ``gold/reward`` and ``gold/proxy_gap`` (scores − gold reward).
+    Validation answers the held-out prompts with fixed sampling noise and logs the generation metrics, the proxy
+    score and on the world the gold ones under ``eval/``. Every ``log_samples_every_n_iterations`` some samples go
+    to a W&B table and to ``samples.jsonl`` in the run folder. The policy is exported at the end of fit.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "runs/sft/hf",
+        reward_model: str = "runs/reward/hf",
+        value_model: str | None = None,
+        advantage_estimator: Literal["gae", "grpo", "rloo"] = "gae",
+        group_size: int = 4,
+        max_new_tokens: int = 24,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        init_kl_coef: float = 0.05,
+        kl_target: float | None = None,
+        kl_horizon: float = 10000,
+        kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1",
+        normalize_scores: bool = True,
+        score_clip: float | None = None,
+        missing_eos_penalty: float | None = None,
+        learning_rate: float = 1e-3,
+        value_learning_rate: float | None = None,
+        ppo_epochs: int = 4,
+        num_minibatches: int = 1,
+        gradient_accumulation_steps: int = 1,
+        clip_range: float = 0.2,
+        clip_range_value: float = 0.2,
+        vf_coef: float = 0.1,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        whiten_advantages: bool = True,
+        max_grad_norm: float | None = 1.0,
+        ptx_coef: float = 0.0,
+        ptx_data_path: str | None = None,
+        ptx_batch_size: int = 16,
+        log_samples_every_n_iterations: int = 10,
+        num_logged_samples: int = 8,
+        eval_seed: int = 1234,
+        seed: int = 0,
+        export_dir: str | None = None,
+        max_prompt_length: int = 32,
+        trust_remote_code: bool = False,
+        dtype: str | None = None,
+    ) -> None:
+        super().__init__()
+        if advantage_estimator not in ("gae", "grpo", "rloo"):
+            raise ConfigError(f"advantage_estimator must be gae, grpo or rloo, got {advantage_estimator!r}")
+        if advantage_estimator != "gae" and group_size < 2:
+            raise ConfigError(f"{advantage_estimator} needs group_size >= 2 to form a baseline, got {group_size}")
+        if kl_estimator not in KL_PENALTY_KINDS:
+            raise ConfigError(f"kl_estimator must be one of {', '.join(KL_PENALTY_KINDS)}, got {kl_estimator!r}")
+        if temperature <= 0:
+            raise ConfigError(f"PPO samples its rollouts: temperature must be positive, got {temperature}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
+        self.sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p)
+        self.kl_controller = (
+            AdaptiveKLController(init_kl_coef, kl_target, kl_horizon) if kl_target else FixedKLController(init_kl_coef)
+        )
+        self.policy = self.reference = self.reward_network = self.critic = self.scorer = None
+        self.iteration = 0
+        """Completed iterations: they fix the prompts and the random seed of the next one."""
+        self._reference_evaluation = self._prompts = self._demonstrations = None
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        load = (self.tokenizer, hp.trust_remote_code, hp.dtype)
+        self.policy = without_dropout(load_causal_lm(hp.model_name_or_path, *load))
+        self.reference = frozen(load_causal_lm(hp.model_name_or_path, *load))
+        if hp.reward_model == GOLD:
+            self.scorer = GoldScorer()
+        elif ":" in hp.reward_model and not Path(hp.reward_model).exists():
+            self.scorer = FunctionScorer(hp.reward_model)
+        else:
+            self.scorer = RewardModelScorer.from_pretrained(
+                hp.reward_model, normalize=hp.normalize_scores, max_prompt_length=hp.max_prompt_length,
+                max_length=hp.max_prompt_length + hp.max_new_tokens + 1,
+            )
+            self.reward_network = frozen(self.scorer.model)  # a registered module: the strategy places it
+        if hp.advantage_estimator == "gae":
+            seed = hp.value_model or (hp.model_name_or_path if self.reward_network is None else hp.reward_model)
+            self.critic = without_dropout(ValueModel(load_scalar_head_model(seed, *load)))
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = [{"params": self.policy.parameters(), "lr": hp.learning_rate}]
+        if self.critic is not None:
+            groups.append({"params": self.critic.parameters(), "lr": hp.value_learning_rate or hp.learning_rate})
+        return torch.optim.AdamW(groups, weight_decay=0.0)
+
+    # --- one iteration ---
+
+    def on_train_start(self) -> None:
+        self._prompts = self.trainer.train_dataloader
+        if self.hparams.ptx_coef:
+            self._demonstrations = self._load_demonstrations()
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        """One iteration. The datamodule's batch only paces the loop: the prompts come from :meth:`_prompt_batch`,
+        a function of the iteration, so that a run resumed mid-epoch sees the prompts the uninterrupted run would
+        have seen (a plain DataLoader starts its shuffle again when resumed)."""
+        hp = self.hparams
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(hash((hp.seed, self.iteration, self.global_rank)) % 2**63)  # int hashes are stable
+            rollout, metrics, samples = self._rollout(self._prompt_batch(self.iteration))
+            buffer = RolloutBuffer(rollout, hp.num_minibatches, hp.gradient_accumulation_steps)
+            metrics |= self._optimise(buffer)
+        kl = self.trainer.strategy.reduce(metrics["objective/kl"], reduce_op="mean")
+        self.kl_controller.update(kl, n_steps=len(rollout) * self.trainer.world_size)
+        self.log_dict(metrics, batch_size=len(rollout))
+        if self.iteration % hp.log_samples_every_n_iterations == 0:
+            self._log_samples(samples[: hp.num_logged_samples])
+        self.iteration += 1
+
+    def _prompt_batch(self, iteration: int) -> dict:
+        """Epoch e visits the training prompts in an order seeded by (seed, e), each rank its own share."""
+        examples, batch_size, world_size = self._prompts.dataset, self._prompts.batch_size, self.trainer.world_size
+        per_rank = len(examples) // world_size
+        epoch, position = divmod(iteration, max(1, per_rank // batch_size))
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.hparams.seed + epoch))
+        rows = order[self.global_rank :: world_size][:per_rank][position * batch_size : (position + 1) * batch_size]
+        return move_data_to_device(self._prompts.collate_fn([examples[i] for i in rows]), self.device)
+
+    @torch.no_grad()
+    def _rollout(self, prompts: dict) -> tuple[Rollout, dict[str, torch.Tensor], list[dict]]:
+        hp = self.hparams
+        per_prompt = 1 if hp.advantage_estimator == "gae" else hp.group_size
+        prompt_texts = [text for text in prompts["prompt"] for _ in range(per_prompt)]
+        generation = generate(
+            self.policy, self.tokenizer, prompts["prompt_input_ids"].repeat_interleave(per_prompt, 0),
+            prompts["prompt_attention_mask"].repeat_interleave(per_prompt, 0), self.sampling,
+        )
+        responses = generation.decode(self.tokenizer)
+        scores = self._scores(prompt_texts, responses, generation.ended_with_eos)
+
+        input_ids, attention_mask = generation.input_ids, generation.attention_mask
+        response_mask = torch.cat([torch.zeros_like(generation.prompt_attention_mask), generation.response_mask], 1)
+        sequences = (input_ids, attention_mask, response_mask, hp.temperature)
+        logprobs, mask = response_logprobs(self.policy, *sequences)
+        ref_logprobs, _ = response_logprobs(self.reference, *sequences)
+        beta = self.kl_controller.beta
+        rewards = shape_rewards(scores, logprobs, ref_logprobs, mask, beta, hp.kl_estimator)
+
+        metrics, values, returns = {}, None, None
+        if self.critic is not None:
+            values = self.critic(input_ids, attention_mask)[:, :-1]
+            advantages, returns = gae(rewards, values, mask, hp.gamma, hp.lam)
+            metrics["val/explained_variance"] = explained_variance(values[mask.bool()], returns[mask.bool()])
+        else:
+            sequence_rewards = masked_sum(rewards, mask, dim=1)
+            advantages = group_advantages(sequence_rewards, hp.group_size, hp.advantage_estimator)[:, None] * mask
+        if hp.whiten_advantages:
+            advantages = whiten(advantages, mask)
+
+        non_score_rewards = masked_sum(rewards, mask, dim=1) - scores
+        lengths = (generation.response_lengths - generation.ended_with_eos.long()).float()
+        metrics |= {
+            "objective/scores": scores.mean(),
+            "objective/kl": masked_sum(kl_penalty(logprobs, ref_logprobs, "k1"), mask, dim=1).mean(),
+            "objective/non_score_reward": non_score_rewards.mean(),
+            "objective/rlhf_reward": (scores + non_score_rewards).mean(),
+            "objective/entropy": masked_sum(-logprobs, mask, dim=1).mean(),
+            "kl/beta": torch.tensor(beta),
+            "response/length_mean": lengths.mean(),
+            "response/length_drift": lengths.mean() - self._reference_length(),
+            "response/eos_fraction": generation.ended_with_eos.float().mean(),
+        }
+        samples = [
+            {"iteration": self.iteration, "prompt": prompt, "response": response, "score": score}
+            for prompt, response, score in zip(prompt_texts, responses, scores.tolist())
+        ]
+        if has_gold(prompt_texts):
+            gold = GoldScorer().score(prompt_texts, responses)
+            metrics |= {"gold/reward": gold.mean(), "gold/proxy_gap": scores.mean().cpu() - gold.mean()}
+            for sample, value in zip(samples, gold.tolist()):
+                sample["gold"] = value
+        rollout = Rollout(input_ids, attention_mask, response_mask, mask, logprobs, advantages, values, returns)
+        return rollout, metrics, samples
+
+    def _scores(self, prompts: list[str], responses: list[str], ended_with_eos: torch.Tensor) -> torch.Tensor:
+        hp = self.hparams
+        scores = self.scorer.score(prompts, responses).to(self.device)
+        if hp.missing_eos_penalty:
+            scores = scores - hp.missing_eos_penalty * (~ended_with_eos).float()
+        if hp.score_clip is not None:
+            scores = scores.clamp(-hp.score_clip, hp.score_clip)
+        return scores
+
+    def _optimise(self, buffer: RolloutBuffer) -> dict[str, torch.Tensor]:
+        optimizer = self.optimizers()
+        stats = defaultdict(list)
+        for _ in range(self.hparams.ppo_epochs):
+            for micro_batches in buffer.minibatches():
+                for micro_batch in micro_batches:
+                    loss, micro_stats = self._loss(micro_batch)
+                    self.manual_backward(loss / len(micro_batches))
+                    for name, value in micro_stats.items():
+                        stats[name].append(value)
+                if self.hparams.max_grad_norm is not None:
+                    self.clip_gradients(optimizer, self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+                optimizer.zero_grad()
+        return {name: torch.stack(values).mean() for name, values in stats.items()}
+
+    def _loss(self, batch: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        hp = self.hparams
+        logprobs, mask = response_logprobs(
+            self.policy, batch.input_ids, batch.attention_mask, batch.response_mask, hp.temperature
+        )
+        loss, policy_stats = ppo_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, hp.clip_range)
+        stats = {"loss/policy": loss.detach(), **{f"policy/{name}": value for name, value in policy_stats.items()}}
+        if self.critic is not None:
+            values = self.critic(batch.input_ids, batch.attention_mask)[:, :-1]
+            value_loss, value_stats = ppo_value_loss(values, batch.values, batch.returns, mask, hp.clip_range_value)
+            loss = loss + hp.vf_coef * value_loss
+            stats |= {"loss/value": value_loss.detach(), "val/clipfrac": value_stats["clipfrac"]}
+        if self._demonstrations is not None:
+            demos = self._demonstration_batch()
+            logits = forward(self.policy, demos["input_ids"], demos["attention_mask"]).logits
+            ptx_loss = sft_loss(logits, demos["input_ids"], demos["response_mask"])
+            loss = loss + hp.ptx_coef * ptx_loss
+            stats["loss/ptx"] = ptx_loss.detach()
+        return loss, stats
+
+    # --- PPO-ptx: the SFT loss on demonstrations (the world's when ptx_data_path is unset) ---
+
+    def _load_demonstrations(self):
+        hp = self.hparams
+        data = DemonstrationDataModule(
+            path=hp.ptx_data_path, tokenizer_name_or_path=hp.model_name_or_path, batch_size=hp.ptx_batch_size,
+            max_length=hp.max_prompt_length + hp.max_new_tokens + 1, max_prompt_length=hp.max_prompt_length,
+            val_fraction=0.0,
+        )
+        data.prepare_data()
+        data.setup("fit")
+        return data.train_dataloader()
+
+    def _demonstration_batch(self) -> dict:
+        loader = self._demonstrations
+        rows = torch.randint(len(loader.dataset), (loader.batch_size,)).tolist()
+        return move_data_to_device(loader.collate_fn([loader.dataset[i] for i in rows]), self.device)
+
+    # --- evaluation and logging ---
+
+    def _evaluate(self, model: torch.nn.Module):
+        return evaluate_policy(
+            model, self.tokenizer, self.trainer.datamodule.eval_prompts, self.sampling,
+            max_prompt_length=self.hparams.max_prompt_length, seed=self.hparams.eval_seed,
+        )
+
+    def _reference_length(self) -> float:
+        """Mean response length of the reference policy on the held-out prompts (computed once)."""
+        if self._reference_evaluation is None:
+            self._reference_evaluation = self._evaluate(self.reference)
+        return self._reference_evaluation.metrics["response/length_mean"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Nothing per batch: :meth:`on_validation_epoch_end` answers all held-out prompts with fixed noise."""
+
+    def on_validation_epoch_end(self) -> None:
+        evaluation = self._evaluate(self.policy)
+        metrics = dict(evaluation.metrics)
+        metrics["response/length_drift"] = metrics["response/length_mean"] - self._reference_length()
+        metrics["objective/scores"] = self.scorer.score(evaluation.prompts, evaluation.responses).mean().item()
+        if "gold/reward" in metrics:
+            metrics["gold/proxy_gap"] = metrics["objective/scores"] - metrics["gold/reward"]
+        self.log_dict({f"eval/{name}": value for name, value in metrics.items()}, sync_dist=True)
+
+    def _log_samples(self, samples: list[dict]) -> None:
+        if not self.trainer.is_global_zero or not samples:
+            return
+        with open(Path(self.trainer.log_dir or ".") / "samples.jsonl", "a") as handle:
+            handle.writelines(json.dumps(sample) + "\n" for sample in samples)
+        columns = list(samples[0])
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table("samples", columns, [[sample.get(column) for column in columns] for sample in samples])
+
+    # --- checkpoint and export ---
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Beyond weights and optimiser state, the loop's state is β and the iteration count, which fixes the next
+        prompts and every random draw of the next iteration (so no RNG state needs saving)."""
+        state = checkpoint["state_dict"]
+        for key in [key for key in state if key.startswith(FROZEN_PREFIXES)]:
+            del state[key]
+        checkpoint["ppo"] = {"kl_controller": self.kl_controller.state_dict(), "iteration": self.iteration}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # The frozen networks were loaded from their paths; hand their weights back so loading stays strict.
+        checkpoint["state_dict"].update(
+            {key: value for key, value in self.state_dict().items() if key.startswith(FROZEN_PREFIXES)}
+        )
+        self.kl_controller.load_state_dict(checkpoint["ppo"]["kl_controller"])
+        self.iteration = checkpoint["ppo"]["iteration"]
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero:
+            export(self.policy, self.tokenizer, self.hparams.export_dir or f"{self.trainer.log_dir}/hf")

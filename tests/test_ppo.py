@@ -1,0 +1,207 @@
+"""PPO phase: the KL-regularised bandit optimum for each estimator, resume, PPO-ptx, reward sources, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
+
+from helpers import latest_run, metric_series, run_cli
+from lit_rlhf.data.datamodules import PromptDataModule
+from lit_rlhf.errors import ConfigError
+from lit_rlhf.models import export, load_tokenizer
+from lit_rlhf.phases.ppo import PPOModule
+
+CONFIG = str(Path(__file__).parents[1] / "configs" / "ppo.yaml")
+
+# --- the bandit: one prompt, one-token answers, a known reward --------------------------------------------------
+
+BANDIT_VOCAB = ["<pad>", "<eos>", "q", "a", "b", "c", "d"]
+BANDIT_REWARD = {"a": 1.0, "b": 0.5, "c": 0.0, "d": -0.5}
+"""r(y) of each answer; the other tokens (the prompt word, and pad and EOS, which decode to "") get -1."""
+BANDIT_BETA = 0.5
+
+
+def bandit_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    return [BANDIT_REWARD.get(response, -1.0) for response in responses]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models here are tiny: extra OpenMP threads only add overhead (and spin on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bandit(tmp_path_factory):
+    """A tiny GPT-2 over the bandit vocabulary (its random init is a non-uniform π_ref) and a prompt file."""
+    root = tmp_path_factory.mktemp("bandit")
+    backend = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(BANDIT_VOCAB)}, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(BANDIT_VOCAB), n_embd=16, n_layer=1, n_head=2, n_positions=8, initializer_range=0.1,
+        eos_token_id=1, bos_token_id=1, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    export(AutoModelForCausalLM.from_config(config), tokenizer, root / "model")
+    return root / "model"
+
+
+def answer_distribution(model, tokenizer) -> torch.Tensor:
+    """π(y | "q") over the whole vocabulary."""
+    prompt = torch.tensor([[tokenizer.convert_tokens_to_ids("q")]])
+    with torch.no_grad():
+        return torch.softmax(model(prompt).logits[0, -1].float(), dim=-1)
+
+
+def kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    return (p * (p / q).log()).sum().item()
+
+
+@pytest.mark.parametrize(
+    ("estimator", "prompts_per_iteration", "iterations"), [("gae", 64, 100), ("grpo", 16, 60), ("rloo", 16, 60)]
+)
+def test_bandit_ppo_reaches_kl_regularised_optimum(bandit, tmp_path, estimator, prompts_per_iteration, iterations):
+    tokenizer = load_tokenizer(str(bandit))
+    reference = answer_distribution(AutoModelForCausalLM.from_pretrained(bandit), tokenizer)
+    rewards = torch.tensor(bandit_reward([], [tokenizer.decode([i], skip_special_tokens=True) for i in range(7)]))
+    optimum = reference * torch.exp(rewards / BANDIT_BETA)  # π* ∝ π_ref·exp(r/β), Rafailov et al. 2023, eq. 4
+    optimum /= optimum.sum()
+    assert kl(reference, optimum) > 1.0  # the reference is far from the optimum: there is something to learn
+
+    seed_everything(0)
+    module = PPOModule(
+        model_name_or_path=str(bandit), reward_model="test_ppo:bandit_reward",
+        advantage_estimator=estimator, group_size=8, max_new_tokens=1, init_kl_coef=BANDIT_BETA,
+        learning_rate=0.01, ppo_epochs=2, max_prompt_length=4, export_dir=str(tmp_path / "export"),
+    )
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text((json.dumps({"prompt": "q"}) + "\n") * prompts_per_iteration)
+    data = PromptDataModule(
+        path=str(prompts), tokenizer_name_or_path=str(bandit), max_length=8, max_prompt_length=4,
+        batch_size=prompts_per_iteration, val_fraction=0.0,
+    )
+    trainer = Trainer(
+        max_steps=iterations * 2, max_epochs=-1, logger=False, enable_checkpointing=False, limit_val_batches=0,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+    )
+    trainer.fit(module, datamodule=data)
+
+    assert module.iteration == iterations
+    policy = answer_distribution(module.policy, tokenizer)
+    assert kl(policy, optimum) < 0.02, (estimator, policy.tolist(), optimum.tolist())
+
+
+# --- the world: the CLI, resume, critic-free estimators with PPO-ptx ---------------------------------------------
+
+PER_ITERATION_METRICS = [
+    "objective/scores", "objective/kl", "objective/rlhf_reward", "objective/non_score_reward", "objective/entropy",
+    "policy/clipfrac", "policy/approxkl", "loss/policy", "loss/value", "val/clipfrac", "val/explained_variance",
+    "kl/beta", "response/length_mean", "response/length_drift", "response/eos_fraction", "gold/reward",
+    "gold/proxy_gap",
+]
+EVAL_METRICS = [
+    "eval/response/length_mean", "eval/response/length_drift", "eval/response/eos_fraction", "eval/gold/reward",
+    "eval/objective/scores", "eval/gold/proxy_gap",
+]
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_ppo_cli_on_world_logs_every_iteration_and_exports(in_tmp, world_sft_path, world_rm_path):
+    run_cli(
+        "fit", "--config", CONFIG, "--model.model_name_or_path", world_sft_path, "--model.reward_model", world_rm_path,
+        "--model.ppo_epochs", "1", "--model.num_minibatches", "2", "--model.log_samples_every_n_iterations", "2",
+        "--data.batch_size", "8", "--data.num_eval_prompts", "8",
+        "--trainer.max_steps", "6", "--trainer.val_check_interval", "3",
+    )
+    run = latest_run(in_tmp, "ppo")
+    for name in PER_ITERATION_METRICS:
+        assert len(metric_series(run, name)) == 3, name  # 6 updates = 3 iterations of 2 minibatches
+    for name in EVAL_METRICS:
+        assert len(metric_series(run, name)) == 2, name  # before training, and after iteration 3
+    assert metric_series(run, "eval/response/length_drift")[0] == 0.0  # the untrained policy is the reference
+    assert metric_series(run, "objective/kl")[0] == pytest.approx(0.0, abs=1e-4)  # first rollout: π = π_ref
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert [sample["iteration"] for sample in samples] == [0] * 8 + [2] * 8
+    assert set(samples[0]) == {"iteration", "prompt", "response", "score", "gold"}
+    exported = AutoModelForCausalLM.from_pretrained(in_tmp / "runs" / "ppo" / "hf")
+    assert exported.config.model_type == "gpt2"
+
+
+class IterationMetrics(Callback):
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.rows.append({name: float(value) for name, value in trainer.callback_metrics.items()})
+
+
+def fit_world(tmp_path, sft: str, reward: str, iterations: int, updates_per_iteration: int, ckpt_path=None, **kwargs):
+    """PPO on the world with a plain Trainer; returns the per-iteration metrics and the trainer."""
+    seed_everything(0)
+    module = PPOModule(model_name_or_path=sft, reward_model=reward, max_new_tokens=12,
+                       export_dir=str(tmp_path / "export"), **kwargs)
+    data = PromptDataModule(tokenizer_name_or_path=sft, batch_size=8, num_eval_prompts=8)
+    recorder = IterationMetrics()
+    trainer = Trainer(
+        max_steps=iterations * updates_per_iteration, logger=False, enable_checkpointing=False, limit_val_batches=0,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=[recorder],
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return recorder.rows, trainer
+
+
+def test_ppo_resumes_mid_run_with_the_same_numbers(tmp_path, world_sft_path, world_rm_path):
+    settings = dict(kl_target=1.0, kl_horizon=100, init_kl_coef=0.1, ppo_epochs=2, num_minibatches=2)
+    uninterrupted, _ = fit_world(tmp_path, world_sft_path, world_rm_path, 3, 4, **settings)
+    _, trainer = fit_world(tmp_path, world_sft_path, world_rm_path, 2, 4, **settings)
+    checkpoint = tmp_path / "two-iterations.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    resumed, _ = fit_world(tmp_path, world_sft_path, world_rm_path, 3, 4, ckpt_path=str(checkpoint), **settings)
+
+    assert len(resumed) == 1
+    betas = [row["kl/beta"] for row in uninterrupted]
+    assert len(set(betas)) == 3  # the adaptive controller moves β every iteration
+    for name in ["kl/beta", "objective/scores", "objective/kl", "loss/policy", "loss/value", "policy/approxkl"]:
+        assert resumed[0][name] == pytest.approx(uninterrupted[2][name], rel=1e-5, abs=1e-6), name
+    saved = torch.load(checkpoint, weights_only=False)
+    assert saved["ppo"]["iteration"] == 2
+    assert not [key for key in saved["state_dict"] if key.startswith(("reference.", "reward_network."))]
+    assert any(key.startswith("critic.") for key in saved["state_dict"])
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_critic_free_estimators_with_ptx_on_gold_reward(tmp_path, world_sft_path, estimator):
+    rows, trainer = fit_world(
+        tmp_path, world_sft_path, "gold", 2, 1, advantage_estimator=estimator, group_size=2, ppo_epochs=1,
+        ptx_coef=0.5, ptx_batch_size=4,
+    )
+    module = trainer.lightning_module
+    assert module.critic is None and module.reward_network is None
+    assert len(rows) == 2
+    assert rows[-1]["loss/ptx"] > 0 and "loss/value" not in rows[-1]
+    assert rows[0]["objective/scores"] == pytest.approx(rows[0]["gold/reward"])  # the proxy is the gold reward
+
+
+def test_invalid_settings_fail_with_one_clear_error(world_sft_path):
+    with pytest.raises(ConfigError, match="advantage_estimator"):
+        PPOModule(model_name_or_path=world_sft_path, advantage_estimator="reinforce")
+    with pytest.raises(ConfigError, match="group_size"):
+        PPOModule(model_name_or_path=world_sft_path, advantage_estimator="rloo", group_size=1)
+    module = PPOModule(model_name_or_path=world_sft_path, reward_model="no_such_module:reward")
+    with pytest.raises(ConfigError, match="cannot import reward"):
+        module.configure_model()
