@@ -62,6 +62,15 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Per-position entropy ``H = logsumexp(l) − Σ softmax(l)·l`` of the categorical distribution the logits
+    define, ``[..., V] → [...]``, in float32. PPO's optional entropy bonus (Schulman et al. 2017, eq. 9)."""
+    logits = logits.float()
+    # A −inf logit has probability 0 and contributes 0 (not 0·∞ = NaN) to the expectation.
+    expected_logit = torch.nan_to_num(torch.softmax(logits, dim=-1) * logits, nan=0.0).sum(dim=-1)
+    return torch.logsumexp(logits, dim=-1) - expected_logit
+
+
 def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
     """Log-probability of each label token: ``logits[b, t, labels[b, t]] − logsumexp(logits[b, t])``.
 

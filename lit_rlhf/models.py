@@ -161,18 +161,23 @@ def response_logprobs(
     attention_mask: torch.Tensor,
     response_mask: torch.Tensor,
     temperature: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_entropy: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Per-token log-probs of the given tokens under a causal LM, aligned for next-token prediction.
 
     Returns ``(logps, mask)`` of shape ``[B, T-1]``: ``logps[:, t]`` is log π(input_ids[:, t+1] | prefix) and
     ``mask`` is ``response_mask[:, 1:]``. Sampling ``temperature`` divides the logits, so PPO's ratios refer to
-    the distribution the rollouts were drawn from. Every phase's log-probs come from here.
+    the distribution the rollouts were drawn from. With ``return_entropy`` the per-position entropy of the whole
+    next-token distribution comes third, from the same forward. Every phase's log-probs come from here.
     """
     logits = forward(model, input_ids, attention_mask).logits
     if temperature != 1.0:
         logits = logits / temperature
     logits, labels, mask = losses.shift_for_next_token(logits, input_ids, response_mask)
-    return losses.token_logprobs(logits, labels), mask
+    logps = losses.token_logprobs(logits, labels)
+    if return_entropy:
+        return logps, mask, losses.entropy_from_logits(logits)
+    return logps, mask
 
 
 def scalar_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -311,3 +311,11 @@ def test_kl_penalty_kinds(ratio, kind, expected):
 def test_unknown_kl_penalty_kind():
     with pytest.raises(ValueError, match="k1, k2, k3, abs"):
         kl_penalty(t(0.0), t(0.0), "full")
+
+
+def test_entropy_from_logits_by_hand():
+    from lit_rlhf.losses import entropy_from_logits
+
+    # Uniform over 4: H = ln 4. Probabilities (1/2, 1/4, 1/4) from logits ln(2), 0, 0: H = 1.5·ln 2.
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [math.log(2.0), 0.0, 0.0, -math.inf]])
+    torch.testing.assert_close(entropy_from_logits(logits), torch.tensor([math.log(4.0), 1.5 * math.log(2.0)]))

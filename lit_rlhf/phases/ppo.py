@@ -19,7 +19,8 @@ loss instead; differentiated through the samples that term has the gradient of K
 and it stops short of the KL-regularised optimum π* ∝ π_ref·exp(r/β) (on a 5-armed bandit, at KL(π‖π*) ≈ 0.08;
 KL in the reward reaches π*). Advantages are whitened; ``ppo_epochs`` passes over shuffled minibatches minimise
 :func:`ppo_policy_loss` + ``vf_coef``·:func:`ppo_value_loss` (+ ``ptx_coef``·SFT loss on demonstrations:
-PPO-ptx), with gradient clipping; the KL controller then updates β.
+PPO-ptx; − ``entropy_coef``·mean token entropy: the optional entropy bonus), with gradient clipping; the KL
+controller then updates β.
 
 ``trainer.max_steps`` counts optimiser updates, ``ppo_epochs × num_minibatches`` per iteration. The datamodule's
 ``batch_size`` is the number of prompts per iteration.
@@ -43,7 +44,15 @@ from lit_rlhf.advantages import gae, group_advantages, shape_rewards, whiten
 from lit_rlhf.data.datamodules import DemonstrationDataModule
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.kl_control import AdaptiveKLController, FixedKLController
-from lit_rlhf.losses import KL_PENALTY_KINDS, kl_penalty, masked_sum, ppo_policy_loss, ppo_value_loss, sft_loss
+from lit_rlhf.losses import (
+    KL_PENALTY_KINDS,
+    kl_penalty,
+    masked_mean,
+    masked_sum,
+    ppo_policy_loss,
+    ppo_value_loss,
+    sft_loss,
+)
 from lit_rlhf.models import (
     export,
     forward,
@@ -112,7 +121,8 @@ class PPOModule(LightningModule):
     ``value_model``: where the critic starts (``gae`` only); default the reward-model export, else the SFT export.
 
     Logged every iteration: ``objective/{scores,kl,rlhf_reward,non_score_reward,entropy}`` (per-sequence means,
-    KL and entropy estimated from the sampled tokens), ``policy/{clipfrac,approxkl}``, ``loss/policy``,
+    KL and entropy estimated from the sampled tokens), ``policy/{clipfrac,approxkl,entropy}`` (``policy/entropy``:
+    exact mean entropy of the next-token distributions during the update), ``loss/policy``,
     ``kl/beta``, ``response/{length_mean,eos_fraction,length_drift}`` (drift: against the reference policy's
     answers to the held-out prompts); with a critic ``loss/value``, ``val/clipfrac``, ``val/explained_variance``;
     with PPO-ptx ``loss/ptx``; on the world ``gold/reward`` and ``gold/proxy_gap`` (scores − gold reward).
@@ -147,6 +157,7 @@ class PPOModule(LightningModule):
         clip_range: float = 0.2,
         clip_range_value: float = 0.2,
         vf_coef: float = 0.1,
+        entropy_coef: float = 0.0,
         gamma: float = 1.0,
         lam: float = 0.95,
         whiten_advantages: bool = True,
@@ -328,11 +339,16 @@ class PPOModule(LightningModule):
 
     def _loss(self, batch: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         hp = self.hparams
-        logprobs, mask = response_logprobs(
-            self.policy, batch.input_ids, batch.attention_mask, batch.response_mask, hp.temperature
+        logprobs, mask, entropy = response_logprobs(
+            self.policy, batch.input_ids, batch.attention_mask, batch.response_mask, hp.temperature,
+            return_entropy=True,
         )
         loss, policy_stats = ppo_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, hp.clip_range)
         stats = {"loss/policy": loss.detach(), **{f"policy/{name}": value for name, value in policy_stats.items()}}
+        mean_entropy = masked_mean(entropy, mask)
+        stats["policy/entropy"] = mean_entropy.detach()
+        if hp.entropy_coef:
+            loss = loss - hp.entropy_coef * mean_entropy
         if self.critic is not None:
             values = self.critic(batch.input_ids, batch.attention_mask)[:, :-1]
             value_loss, value_stats = ppo_value_loss(values, batch.values, batch.returns, mask, hp.clip_range_value)
