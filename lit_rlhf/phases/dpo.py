@@ -1,0 +1,394 @@
+"""Phase 3 without RL: DPO and its relatives on preference data, one LightningModule for all of them.
+
+``loss_type`` picks the objective (formulas and papers in :mod:`lit_rlhf.losses`):
+
+- ``sigmoid`` (DPO), ``robust``, ``hinge``, ``ipo`` on pairs, against a frozen reference, the starting SFT policy;
+  ``label_smoothing`` applies to ``sigmoid`` (conservative DPO) and ``robust``.
+- ``simpo`` on pairs: length-averaged log-probs, target margin ``simpo_gamma``, no reference model.
+- ``kto`` on unpaired rows (``UnpairedDataModule``, which also splits preference pairs into a desirable and an
+  undesirable row). Its reference point is KL(π‖π_ref), estimated on the batch's mismatched prompt–completion pairs.
+
+Chosen and rejected go through the policy in one concatenated forward. With ``precompute_ref_logps`` the
+reference scores every training and validation sequence once before training and is then freed
+(:class:`ReferenceLogpsCache` says how the values are kept and invalidated).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+from itertools import chain
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lit_rlhf import losses
+from lit_rlhf.data.collate import tokenize_prompts
+from lit_rlhf.errors import ConfigError
+from lit_rlhf.models import export, is_world, load_causal_lm, load_tokenizer, response_logprobs
+from lit_rlhf.phases.optim import adamw_with_warmup
+from lit_rlhf.rollout import SamplingConfig, generate
+from lit_rlhf.world import gold_reward, has_gold
+
+LossType = Literal["sigmoid", "robust", "hinge", "ipo", "simpo", "kto"]
+LOSS_TYPES = (*losses.PREFERENCE_LOSS_TYPES, "simpo", "kto")
+SMOOTHED_LOSS_TYPES = ("sigmoid", "robust")
+SEQUENCE_FIELDS = ("input_ids", "attention_mask", "response_mask")
+Metrics = dict[str, tuple[torch.Tensor, int]]
+"""Metric name → (value, number of rows it averages), so epoch means weigh batches correctly."""
+
+
+def concatenated(batch: dict, *prefixes: str) -> dict:
+    """The sequence fields of ``batch`` under each prefix, stacked along the batch for a single forward."""
+    return {field: torch.cat([batch[f"{prefix}{field}"] for prefix in prefixes]) for field in SEQUENCE_FIELDS}
+
+
+def sequence_logps(model: PreTrainedModel, sequences: dict, average: bool) -> tuple[torch.Tensor, ...]:
+    """``(logps [B], token_logps [B, T-1], mask [B, T-1])`` of the response tokens of ``sequences``."""
+    token_logps, mask = response_logprobs(model, *(sequences[field] for field in SEQUENCE_FIELDS))
+    return losses.sequence_logprobs(token_logps, mask, average=average), token_logps, mask
+
+
+def without_dropout(model: PreTrainedModel) -> PreTrainedModel:
+    # The implicit reward is a log-ratio of policy and reference; dropout would make it noisy (TRL does the same).
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+class ReferenceLogpsCache:
+    """Reference log-probs of sequences, addressed by content, optionally kept in a file between runs.
+
+    A sequence's key hashes its tokens and which of them are response tokens: all its log-prob depends on
+    besides the reference. So shuffling is harmless, and changed rows, tokenizer or length limits simply miss the
+    cache and get computed. The file is tagged with ``fingerprint``, the reference's identity; a file with
+    another fingerprint is ignored and overwritten.
+    """
+
+    def __init__(self, fingerprint: str, path: str | None = None) -> None:
+        self.fingerprint, self.path = fingerprint, Path(path) if path else None
+        self.values: dict[bytes, float] = {}
+        if self.path is not None and self.path.exists():
+            stored = torch.load(self.path, weights_only=True)
+            if stored["fingerprint"] == fingerprint:
+                self.values = dict(zip(map(bytes, stored["keys"].numpy()), stored["logps"].tolist()))
+
+    @staticmethod
+    def keys(sequences: dict) -> list[bytes]:
+        rows = zip(*(sequences[field].cpu() for field in SEQUENCE_FIELDS))
+        return [
+            hashlib.blake2b(ids[real == 1].numpy().tobytes() + response[real == 1].numpy().tobytes(), digest_size=16)
+            .digest()
+            for ids, real, response in rows
+        ]
+
+    def lookup(self, sequences: dict) -> torch.Tensor:
+        try:
+            return torch.tensor([self.values[key] for key in self.keys(sequences)])
+        except KeyError:
+            raise RuntimeError("a sequence has no precomputed reference log-prob; did the data change?") from None
+
+    def save(self, keep: set[bytes]) -> None:
+        """Write the entries in ``keep`` (the current data's keys) to the file."""
+        kept = [key for key in self.values if key in keep]
+        keys = torch.tensor([list(key) for key in kept], dtype=torch.uint8).reshape(len(kept), 16)
+        logps = torch.tensor([self.values[key] for key in kept], dtype=torch.float32)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"fingerprint": self.fingerprint, "keys": keys, "logps": logps}, self.path)
+
+
+@torch.no_grad()
+def evaluate_against_reference(
+    policy: PreTrainedModel,
+    reference: PreTrainedModel | None,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    sampling: SamplingConfig,
+    max_prompt_length: int,
+    seed: int,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """:func:`lit_rlhf.rollout.evaluate_policy`'s metrics (same prompts, seeding and definitions) plus, given a
+    reference, ``objective/kl``: the mean over samples of Σ_t log π − log π_ref on the sampled response tokens (the
+    k1 estimate of KL(π‖π_ref), both models at the sampling temperature as in PPO)."""
+    device = next(policy.parameters()).device
+    temperature = sampling.temperature or 1.0  # greedy decoding: score with the untempered distributions
+    kls, lengths, ended, responses = [], [], [], []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            prompt_ids, prompt_mask = tokenize_prompts(tokenizer, chunk, max_prompt_length)
+            generation = generate(policy, tokenizer, prompt_ids.to(device), prompt_mask.to(device), sampling)
+            responses.extend(generation.decode(tokenizer))
+            lengths.append(generation.response_lengths - generation.ended_with_eos.long())
+            ended.append(generation.ended_with_eos)
+            if reference is not None:
+                prompt_zeros = torch.zeros_like(generation.prompt_attention_mask)
+                response_mask = torch.cat([prompt_zeros, generation.response_mask], dim=1)
+                sampled = (generation.input_ids, generation.attention_mask, response_mask)
+                logps, mask = response_logprobs(policy, *sampled, temperature=temperature)
+                ref_logps, _ = response_logprobs(reference, *sampled, temperature=temperature)
+                kls.append(losses.masked_sum(losses.kl_penalty(logps, ref_logps, "k1"), mask, dim=1))
+    metrics = {
+        "response/length_mean": torch.cat(lengths).float().mean().item(),
+        "response/eos_fraction": torch.cat(ended).float().mean().item(),
+    }
+    if reference is not None:
+        metrics["objective/kl"] = torch.cat(kls).mean().item()
+    if has_gold(prompts):
+        metrics["gold/reward"] = sum(map(gold_reward, prompts, responses)) / len(prompts)
+    return metrics
+
+
+class DPOModule(LightningModule):
+    """Direct preference optimisation and its relatives (see the module docstring), from an SFT export.
+
+    Logs ``train/loss`` and, each training step, ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
+    ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``, ``lengths/chosen_minus_rejected``; the same with
+    a ``val/`` prefix over the validation split. Rewards are β·(log π − log π_ref), for SimPO β·(mean log π). KTO
+    logs no accuracies (its rows are unpaired), its chosen and rejected are the desirable and undesirable rows,
+    and ``kl`` is its reference point. Each validation also samples the datamodule's held-out prompts and logs,
+    on PPO's axes, ``objective/kl`` (to the reference, on the samples), ``response/length_mean``,
+    ``response/length_drift`` (minus the reference policy's mean length for the same prompts and sampling seed,
+    computed once) and, on the world, ``gold/reward``.
+
+    The reference is frozen, in eval mode, not optimised, and left out of checkpoints (it reloads from
+    ``model_name_or_path``). With ``precompute_ref_logps``, and for SimPO, it is not kept in memory at all:
+    validation loads it for the generation metrics and frees it again. ``ref_logps_cache`` names a file that keeps
+    precomputed log-probs for later runs with the same reference (a β sweep, say). ``length_normalized`` uses the
+    mean instead of the sum of token log-probs; ``rpo_alpha`` adds α·NLL of the chosen responses per token (RPO,
+    Pang et al. 2024).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "runs/sft/hf",
+        loss_type: LossType = "sigmoid",
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        simpo_gamma: float = 0.5,
+        length_normalized: bool = False,
+        rpo_alpha: float = 0.0,
+        desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0,
+        precompute_ref_logps: bool = False,
+        ref_logps_cache: str | None = None,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 10,
+        export_dir: str | None = None,
+        max_new_tokens: int = 24,
+        eval_temperature: float = 1.0,
+        eval_seed: int = 1234,
+        max_prompt_length: int = 32,
+        trust_remote_code: bool = False,
+        dtype: str | None = None,
+    ) -> None:
+        super().__init__()
+        if loss_type not in LOSS_TYPES:
+            raise ConfigError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+        if is_world(model_name_or_path):
+            raise ConfigError("DPO starts from a trained policy: set model_name_or_path to an SFT export, not 'world'")
+        if label_smoothing and loss_type not in SMOOTHED_LOSS_TYPES:
+            raise ConfigError(f"label_smoothing is defined for sigmoid and robust, not {loss_type!r}")
+        if loss_type == "kto" and (rpo_alpha or precompute_ref_logps):
+            raise ConfigError(
+                "kto supports neither rpo_alpha (it has no chosen responses) nor precompute_ref_logps (its KL pairs "
+                "are formed per batch, so their reference log-probs cannot be computed ahead)"
+            )
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
+        self.model: PreTrainedModel | None = None
+        self.reference: PreTrainedModel | None = None
+        self.reference_cache: ReferenceLogpsCache | None = None
+        self._reference_length_mean: float | None = None
+
+    @property
+    def _uses_reference(self) -> bool:
+        return self.hparams.loss_type != "simpo"
+
+    @property
+    def _average_logps(self) -> bool:
+        return self.hparams.length_normalized or self.hparams.loss_type == "simpo"
+
+    def _load_reference(self) -> PreTrainedModel:
+        hp = self.hparams
+        reference = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.trust_remote_code, hp.dtype)
+        return without_dropout(reference).requires_grad_(False).eval().to(self.device)
+
+    def configure_model(self) -> None:
+        hp = self.hparams
+        if self.model is None:
+            policy = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.trust_remote_code, hp.dtype)
+            self.model = without_dropout(policy)
+        if self.reference is None and self._uses_reference and not hp.precompute_ref_logps:
+            self.reference = self._load_reference()
+
+    # --- reference log-probs ---
+
+    def setup(self, stage: str) -> None:
+        # Runs before every fit/validate, after the datamodule's setup: the data is tokenised, the policy not built.
+        if self.hparams.precompute_ref_logps and self._uses_reference:
+            self._precompute_reference_logps()
+
+    def _reference_fingerprint(self) -> str:
+        """The reference's identity: its name or folder, its files' sizes and mtimes, dtype and averaging."""
+        hp = self.hparams
+        folder = Path(hp.model_name_or_path)
+        parts = [str(folder.resolve()) if folder.is_dir() else hp.model_name_or_path, str(hp.dtype)]
+        parts.append(str(self._average_logps))
+        if folder.is_dir():
+            files = sorted(f for f in folder.iterdir() if f.is_file())
+            parts += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+    def _precompute_reference_logps(self) -> None:
+        """One pass of the reference over the training and validation sequences that the cache lacks."""
+        fingerprint = self._reference_fingerprint()
+        if self.reference_cache is None or self.reference_cache.fingerprint != fingerprint:
+            self.reference_cache = ReferenceLogpsCache(fingerprint, self.hparams.ref_logps_cache)
+        cache, datamodule = self.reference_cache, self.trainer.datamodule
+        reference, current_keys = None, set()
+        for batch in chain(datamodule.train_dataloader(), datamodule.val_dataloader()):
+            sequences = concatenated(batch, "chosen_", "rejected_")
+            keys = cache.keys(sequences)
+            current_keys.update(keys)
+            if all(key in cache.values for key in keys):
+                continue
+            if reference is None:
+                reference = self._load_reference()
+            with torch.no_grad():
+                on_device = {field: value.to(self.device) for field, value in sequences.items()}
+                cache.values.update(zip(keys, sequence_logps(reference, on_device, self._average_logps)[0].tolist()))
+        if reference is not None:
+            del reference  # out of memory before training starts
+            gc.collect()
+            if cache.path is not None and self.trainer.is_global_zero:
+                cache.save(current_keys)
+
+    def _reference_logps(self, sequences: dict) -> torch.Tensor:
+        if self.reference_cache is not None:
+            return self.reference_cache.lookup(sequences).to(self.device)
+        with torch.no_grad():
+            return sequence_logps(self.reference, sequences, self._average_logps)[0]
+
+    # --- losses ---
+
+    def _paired_step(self, batch: dict) -> tuple[torch.Tensor, Metrics]:
+        hp = self.hparams
+        sequences = concatenated(batch, "chosen_", "rejected_")
+        logps, token_logps, mask = sequence_logps(self.model, sequences, self._average_logps)
+        chosen_logps, rejected_logps = logps.chunk(2)
+        if hp.loss_type == "simpo":
+            per_pair = losses.simpo_loss(chosen_logps, rejected_logps, hp.beta, hp.simpo_gamma)
+            chosen_rewards, rejected_rewards = hp.beta * chosen_logps.detach(), hp.beta * rejected_logps.detach()
+        else:
+            ref_chosen, ref_rejected = self._reference_logps(sequences).chunk(2)
+            per_pair, chosen_rewards, rejected_rewards = losses.preference_loss(
+                chosen_logps, rejected_logps, ref_chosen, ref_rejected, hp.beta, hp.loss_type, hp.label_smoothing
+            )
+        loss = per_pair.mean()
+        if hp.rpo_alpha:
+            loss = loss - hp.rpo_alpha * losses.masked_mean(token_logps.chunk(2)[0], mask.chunk(2)[0])
+        chosen_lengths, rejected_lengths = sequences["response_mask"].sum(1).float().chunk(2)
+        pairs = len(chosen_logps)
+        metrics = {
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "logps/chosen": chosen_logps.detach().mean(),
+            "logps/rejected": rejected_logps.detach().mean(),
+            "lengths/chosen_minus_rejected": (chosen_lengths - rejected_lengths).mean(),
+        }
+        return loss, {name: (value, pairs) for name, value in metrics.items()}
+
+    def _kto_step(self, batch: dict) -> tuple[torch.Tensor, Metrics]:
+        hp = self.hparams
+        matched, mismatched = concatenated(batch, ""), concatenated(batch, "kl_")
+        logps = sequence_logps(self.model, matched, self._average_logps)[0]
+        with torch.no_grad():
+            mismatched_logps = sequence_logps(self.model, mismatched, self._average_logps)[0]
+            mismatched_logratios = mismatched_logps - self._reference_logps(mismatched)
+        # KTO's reference point: the batch estimate of KL(π‖π_ref), averaged over every device's batch.
+        kl = self.all_gather(mismatched_logratios.mean()).mean()
+        ref_logps = self._reference_logps(matched)
+        desirable = batch["label"]
+        per_row = losses.kto_loss(logps, ref_logps, desirable, kl, hp.beta, hp.desirable_weight, hp.undesirable_weight)
+        rewards, lengths = hp.beta * (logps.detach() - ref_logps), matched["response_mask"].sum(1).float()
+        metrics = {"kl": (kl, len(logps))}
+        for side, rows in {"chosen": desirable, "rejected": ~desirable}.items():
+            if rows.any():
+                metrics[f"rewards/{side}"] = (rewards[rows].mean(), int(rows.sum()))
+                metrics[f"logps/{side}"] = (logps.detach()[rows].mean(), int(rows.sum()))
+        if desirable.any() and not desirable.all():
+            metrics["rewards/margins"] = (rewards[desirable].mean() - rewards[~desirable].mean(), len(logps))
+            length_gap = lengths[desirable].mean() - lengths[~desirable].mean()
+            metrics["lengths/chosen_minus_rejected"] = (length_gap, len(logps))
+        return per_row.mean(), metrics
+
+    def _step(self, batch: dict) -> tuple[torch.Tensor, Metrics]:
+        return self._kto_step(batch) if self.hparams.loss_type == "kto" else self._paired_step(batch)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, metrics = self._step(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
+        for name, (value, rows) in metrics.items():
+            self.log(name, value, batch_size=rows)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, metrics = self._step(batch)
+        self.log("val/loss", loss, batch_size=len(batch["prompt"]))
+        for name, (value, rows) in metrics.items():
+            self.log(f"val/{name}", value, batch_size=rows)
+
+    # --- generation-side metrics, on PPO's axes ---
+
+    def on_validation_epoch_end(self) -> None:
+        hp = self.hparams
+        reference = self.reference if self.reference is not None else self._load_reference()
+        evaluation = dict(
+            tokenizer=self.tokenizer,
+            prompts=self.trainer.datamodule.eval_prompts,
+            sampling=SamplingConfig(hp.max_new_tokens, hp.eval_temperature),
+            max_prompt_length=hp.max_prompt_length,
+            seed=hp.eval_seed,
+        )
+        metrics = evaluate_against_reference(self.model, reference, **evaluation)
+        if self._reference_length_mean is None:
+            reference_metrics = evaluate_against_reference(reference, None, **evaluation)
+            self._reference_length_mean = reference_metrics["response/length_mean"]
+        metrics["response/length_drift"] = metrics["response/length_mean"] - self._reference_length_mean
+        if reference is not self.reference:
+            del reference
+            gc.collect()
+        self.log_dict(metrics, sync_dist=True)
+
+    # --- checkpoints and export ---
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The frozen reference reloads from model_name_or_path; storing it would double every checkpoint.
+        state_dict = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: v for k, v in state_dict.items() if not k.startswith("reference.")}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # configure_model has loaded the reference already; hand its weights back so that strict loading still
+        # checks every policy weight.
+        if self.reference is not None:
+            checkpoint["state_dict"].update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero:
+            export(self.model, self.tokenizer, self.hparams.export_dir or f"{self.trainer.log_dir}/hf")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return adamw_with_warmup(
+            self.trainer, self.model.parameters(), hp.learning_rate, hp.weight_decay, hp.warmup_steps
+        )
