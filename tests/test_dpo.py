@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -121,10 +121,14 @@ def test_bandit_dpo_converges_to_the_kl_regularised_optimum(tmp_path):
 def test_bandit_dpo_module_with_ipo_loss_converges_to_the_ipo_optimum(tmp_path):
     tau = 0.25
     log_ref, log_policy = train_bandit(tmp_path, "ipo", tau)
-    # Azar et al. 2023, §5 (IPO = ΨPO with Ψ the identity): the minimiser of the IPO loss (their eq. 17, the
-    # sampled form) is π*(y) ∝ π_ref(y)·exp(τ⁻¹·p*(y ≻ μ)), with p*(y ≻ μ) = E_{y'∼μ}[p*(y ≻ y')] the probability
-    # that y beats a response from the data's sampling distribution μ (uniform here; pairs y = y' would only add
-    # a constant ½/K). Not the DPO optimum: IPO's target is bounded preference probabilities, not rewards.
+    # Azar et al. 2023, §5.1: IPO is ΨPO with Ψ the identity, and its loss is minimised by the ΨPO optimum
+    #     π*(y) ∝ π_ref(y)·exp(τ⁻¹·p*(y ≻ μ)),   p*(y ≻ μ) = E_{y'∼μ}[p*(y ≻ y')],
+    # the probability that y beats a response drawn from the data's sampling distribution μ (uniform here; the
+    # pairs y = y' we never draw would only add ½/K to every p*(y ≻ μ)). Why: with p = p*(y ≻ y') and h the
+    # log-ratio difference, a pair's expected loss p·(h − 1/(2τ))² + (1 − p)·(h + 1/(2τ))² is least at
+    # h = (p − ½)/τ, and least squares over differences h = g(y) − g(y') of log-ratios g give g(y) = p*(y ≻ μ)/τ
+    # plus a constant.
+    # Not the DPO optimum: IPO regresses onto bounded preference probabilities, not onto rewards.
     win_probability = torch.sigmoid(REWARDS[:, None] - REWARDS[None, :]).mean(dim=1)
     log_ipo_optimum = torch.log_softmax(log_ref + win_probability / tau, dim=0)
     log_dpo_optimum = torch.log_softmax(log_ref + REWARDS / tau, dim=0)
@@ -151,9 +155,9 @@ def mean_gold_reward(policy_path: str, world_dir: Path, seeds: int = 8) -> float
 def test_dpo_on_rater_comparisons_of_sft_samples_raises_gold_reward(world_sft_path, world_cache, tmp_path,
                                                                    monkeypatch):
     monkeypatch.chdir(tmp_path)
+    # The documented recipe: collect writes runs/collect/comparisons.jsonl, which configs/dpo.yaml reads.
     run_cli("collect", "--policy", world_sft_path, "--num-prompts", "1000", "--k", "4")
-    run_cli("fit", "--config", str(CONFIGS / "dpo.yaml"), "--model.model_name_or_path", world_sft_path,
-            "--data.path", "runs/collect/comparisons.jsonl")
+    run_cli("fit", "--config", str(CONFIGS / "dpo.yaml"), "--model.model_name_or_path", world_sft_path)
     run = latest_run(tmp_path, "dpo")
     # One validation before training (the SFT policy, its own reference), then after steps 150 and 300.
     assert metric_series(run, "objective/kl")[0] == pytest.approx(0.0, abs=1e-5)
@@ -332,33 +336,31 @@ def test_precomputed_reference_logps_give_the_live_reference_losses(world_sft_pa
 
 def test_reference_logps_cache_is_reused_and_invalidated(world_sft_path, small_world_comparisons, tmp_path,
                                                          monkeypatch):
+    reference_path = shutil.copytree(world_sft_path, tmp_path / "sft")  # a copy, to rewrite it below
     loads = []
     load_reference = DPOModule._load_reference
     monkeypatch.setattr(DPOModule, "_load_reference", lambda self: loads.append(1) or load_reference(self))
     cache = str(tmp_path / "ref_logps.pt")
 
-    def precompute(data_path: str) -> int:
+    def reference_loads_to_precompute(data_path: str) -> int:
         loads.clear()
-        module = DPOModule(world_sft_path, precompute_ref_logps=True, ref_logps_cache=cache)
-        data = ComparisonDataModule(path=data_path, tokenizer_name_or_path=world_sft_path, val_fraction=0.25)
+        module = DPOModule(str(reference_path), precompute_ref_logps=True, ref_logps_cache=cache)
+        data = ComparisonDataModule(path=data_path, tokenizer_name_or_path=str(reference_path), val_fraction=0.25)
         trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
         trainer.fit(module, data)
         return len(loads)
 
-    assert precompute(small_world_comparisons) == 1  # computed once, then the reference is freed
-    assert precompute(small_world_comparisons) == 0  # same reference and data: read from the file
+    assert reference_loads_to_precompute(small_world_comparisons) == 1  # computed once, then freed
+    assert reference_loads_to_precompute(small_world_comparisons) == 0  # same reference and data: from the file
     rows = Path(small_world_comparisons).read_text().splitlines()
     changed = tmp_path / "changed.jsonl"
     changed.write_text("\n".join(rows[:80] + [rows[80].replace('"chosen": "', '"chosen": "really ')]) + "\n")
-    assert precompute(str(changed)) == 1  # a changed row misses the cache
-    config = Path(world_sft_path) / "config.json"
-    stat = config.stat()
-    os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    try:
-        assert precompute(str(changed)) == 1  # a rewritten reference invalidates the file
-    finally:
-        os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert reference_loads_to_precompute(str(changed)) == 1  # a changed row misses the cache
+    assert reference_loads_to_precompute(str(changed)) == 0
+    config = reference_path / "config.json"
+    config.write_text(config.read_text() + "\n")  # the reference changed on disk
+    assert reference_loads_to_precompute(str(changed)) == 1
 
 
 def test_checkpoints_leave_out_the_reference_and_reload(world_sft_path, small_world_comparisons, tmp_path):
@@ -390,7 +392,7 @@ GENERATION_METRICS = ("objective/kl", "response/length_mean", "response/length_d
 def test_config_runs_a_step_and_logs_the_ecosystem_metrics(world_sft_path, tmp_path, monkeypatch, config):
     monkeypatch.chdir(tmp_path)
     run_cli(
-        "fit", "--config", str(CONFIGS / config), "--model.model_name_or_path", world_sft_path,
+        "fit", "--config", str(CONFIGS / config), "--model.model_name_or_path", world_sft_path, "--data.path", "null",
         "--trainer.max_steps", "1", "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "2",
         "--data.num_eval_prompts", "8",
     )

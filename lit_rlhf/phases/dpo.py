@@ -77,14 +77,16 @@ class ReferenceLogpsCache:
             if stored["fingerprint"] == fingerprint:
                 self.values = dict(zip(map(bytes, stored["keys"].numpy()), stored["logps"].tolist()))
 
-    @staticmethod
-    def keys(sequences: dict) -> list[bytes]:
-        rows = zip(*(sequences[field].cpu() for field in SEQUENCE_FIELDS))
-        return [
-            hashlib.blake2b(ids[real == 1].numpy().tobytes() + response[real == 1].numpy().tobytes(), digest_size=16)
-            .digest()
-            for ids, real, response in rows
-        ]
+    KEY_BYTES = 16
+
+    @classmethod
+    def keys(cls, sequences: dict) -> list[bytes]:
+        keys = []
+        for ids, attention, response in zip(*(sequences[field].cpu() for field in SEQUENCE_FIELDS)):
+            real = attention == 1
+            content = ids[real].numpy().tobytes() + response[real].numpy().tobytes()
+            keys.append(hashlib.blake2b(content, digest_size=cls.KEY_BYTES).digest())
+        return keys
 
     def lookup(self, sequences: dict) -> torch.Tensor:
         try:
@@ -95,7 +97,7 @@ class ReferenceLogpsCache:
     def save(self, keep: set[bytes]) -> None:
         """Write the entries in ``keep`` (the current data's keys) to the file."""
         kept = [key for key in self.values if key in keep]
-        keys = torch.tensor([list(key) for key in kept], dtype=torch.uint8).reshape(len(kept), 16)
+        keys = torch.tensor([list(key) for key in kept], dtype=torch.uint8).reshape(len(kept), self.KEY_BYTES)
         logps = torch.tensor([self.values[key] for key in kept], dtype=torch.float32)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"fingerprint": self.fingerprint, "keys": keys, "logps": logps}, self.path)
