@@ -255,3 +255,22 @@ def test_the_world_is_the_default(world_cache):
     batch = next(iter(datamodule.train_dataloader()))
     assert batch["chosen_input_ids"].shape[0] == 8
     assert int(batch["chosen_input_ids"].max()) < len(datamodule.tokenizer)
+
+
+def test_comparisons_split_by_prompt_and_group_every_pair_of_a_prompt_in_one_batch(tmp_path):
+    fruits = ["apple .", "pear .", "plum .", "fig ."]
+    rankings = [{"prompt": f"name {n} fruits .", "responses": fruits, "ranks": [0, 1, 2, 3]}
+                for n in ["one", "two", "three", "four", "five", "six"]]
+    path = write_jsonl(tmp_path / "rankings.jsonl", rankings)
+    grouped = ComparisonDataModule(path=path, tokenizer_name_or_path="world", batch_size=2, val_fraction=0.34,
+                                   group_by_prompt=True)
+    grouped.setup("fit")
+    train_prompts = {r.prompt for r in grouped.train_records}
+    val_prompts = {r.prompt for r in grouped.val_records}
+    assert len(train_prompts) == 4 and len(val_prompts) == 2 and not train_prompts & val_prompts
+    batches = list(grouped.train_dataloader())
+    # Two prompts per batch, each with its C(4,2) = 6 pairs.
+    assert [len(batch["prompt"]) for batch in batches] == [12, 12]
+    assert all(len(set(batch["prompt"])) == 2 for batch in batches)
+    assert {p for batch in batches for p in batch["prompt"]} == train_prompts
+    assert batches[0]["chosen_input_ids"].shape == batches[0]["rejected_input_ids"].shape

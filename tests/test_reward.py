@@ -115,10 +115,38 @@ def test_reward_model_fit_logs_metrics_and_exports_statistics(world_sft_path, tm
     for name in ["val/accuracy", "val/margin", "val/reward/mean", "val/reward/std", "val/reward/length_corr",
                  "val/gold/accuracy", "train/accuracy", "train/gold/accuracy", "train/reward/length_corr"]:
         assert metric_series(run, name), name
-    loss = metric_series(run, "val/loss")
-    assert len(loss) == 3 and loss[-1] < loss[0]
+    assert len(metric_series(run, "val/loss")) == 3
+    train_loss = metric_series(run, "train/loss")
+    assert len(train_loss) == 4 and train_loss[-1] < train_loss[0]
     config = json.loads((tmp_path / "rm" / "config.json").read_text())
     assert config[SCORE_STD_KEY] > 0
     # Normalised scores of the policy's own kind of responses centre on 0 with unit spread.
     scorer = RewardModelScorer.from_pretrained(tmp_path / "rm", normalize=True)
     assert scorer.statistics == (config[SCORE_MEAN_KEY], config[SCORE_STD_KEY])
+
+
+def test_scoring_each_distinct_sequence_once_gives_the_same_scores(world_sft_path):
+    from lit_rlhf.data.collate import collate_comparisons
+    from lit_rlhf.models import scalar_scores
+    from lit_rlhf.phases.reward import RewardModelModule
+
+    module = RewardModelModule(model_name_or_path=world_sft_path)
+    module.configure_model()
+    torch.nn.init.normal_(module.model.score.weight, std=1.0)
+    tokenize = lambda text: module.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt = tokenize("name two fruits .")
+    responses = ["apple , pear .", "fig .", "dog , pear ."]
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    examples = [
+        {"prompt_ids": prompt, "chosen_ids": tokenize(responses[c]) + [1], "rejected_ids": tokenize(responses[r]) + [1],
+         "margin": None, "prompt": "name two fruits .", "chosen": responses[c], "rejected": responses[r]}
+        for c, r in pairs
+    ]
+    batch = collate_comparisons(examples, pad_id=module.tokenizer.pad_token_id)
+    with torch.no_grad():
+        chosen, rejected = module._scores(batch)
+        expected = [scalar_scores(module.model, batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"])
+                    for side in ("chosen", "rejected")]
+    torch.testing.assert_close(chosen, expected[0])
+    torch.testing.assert_close(rejected, expected[1])
+    assert chosen[0] == chosen[1] and rejected[0] == chosen[2] and rejected[1] == rejected[2]

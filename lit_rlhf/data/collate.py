@@ -234,6 +234,11 @@ def collate_comparisons(examples: Sequence[Example], pad_id: int) -> dict[str, A
     return batch
 
 
+def collate_comparison_groups(groups: Sequence[Sequence[Example]], pad_id: int) -> dict[str, Any]:
+    """Every pair of every group (one prompt's comparisons) in one :func:`collate_comparisons` batch."""
+    return collate_comparisons([example for group in groups for example in group], pad_id)
+
+
 def collate_prompts(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
     """``prompt_input_ids``, ``prompt_attention_mask`` [B, T] **left**-padded for generation; ``prompt`` texts."""
     prompt_input_ids, prompt_attention_mask = pad_left([e["prompt_ids"] for e in examples], pad_id)

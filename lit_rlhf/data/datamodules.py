@@ -26,6 +26,7 @@ from lit_rlhf.data.collate import (
     Encoded,
     Example,
     check_lengths,
+    collate_comparison_groups,
     collate_comparisons,
     collate_demonstrations,
     collate_prompts,
@@ -159,11 +160,7 @@ class RLHFDataModule(LightningDataModule):
             raise DataError(
                 f"{source}: no usable {self.kind} rows ({normalized.rows} read, {normalized.skipped_rows} skipped)"
             )
-        train_indices, val_indices = train_val_split(
-            len(normalized.records), self.hparams.val_fraction, self.hparams.split_seed
-        )
-        self.train_records = [normalized.records[i] for i in train_indices]
-        self.val_records = [normalized.records[i] for i in val_indices]
+        self.train_records, self.val_records = self._split(normalized.records)
         self._train, self._val = self._encode(self.train_records), self._encode(self.val_records)
         self.truncated_rows = self._train.truncated_rows + self._val.truncated_rows
         if self.truncated_rows:
@@ -197,6 +194,15 @@ class RLHFDataModule(LightningDataModule):
             chat_renderer=make_chat_renderer(self.tokenizer),
             on_bad_row=self.hparams.on_bad_row,
         )
+
+    def _split(self, records: list[Record]) -> tuple[list[Record], list[Record]]:
+        """Split by prompt, so that no prompt (and none of a ranking's pairs) is on both sides."""
+        by_prompt: dict[str, list[Record]] = {}
+        for record in records:
+            by_prompt.setdefault(record.prompt, []).append(record)
+        groups = list(by_prompt.values())
+        train_indices, val_indices = train_val_split(len(groups), self.hparams.val_fraction, self.hparams.split_seed)
+        return [r for i in train_indices for r in groups[i]], [r for i in val_indices for r in groups[i]]
 
     def _eval_prompts(self) -> list[str]:
         if self.is_world:
@@ -238,17 +244,32 @@ class DemonstrationDataModule(RLHFDataModule):
 class ComparisonDataModule(RLHFDataModule):
     """Reward-model and DPO data. Batches: ``chosen_`` and ``rejected_`` ``input_ids`` / ``attention_mask`` /
     ``response_mask``, all [B, T] with one common T; ``margin`` [B], ``has_margin`` [B]; ``prompt``, ``chosen``,
-    ``rejected`` texts. Ranking rows are expanded to pairs; :attr:`ties_dropped` counts the tied pairs."""
+    ``rejected`` texts. Ranking rows are expanded to pairs; :attr:`ties_dropped` counts the tied pairs.
+
+    With ``group_by_prompt`` a batch holds every pair of ``batch_size`` prompts: the C(k,2) comparisons of a
+    k-wise ranking then train as one batch element, each response scored once (InstructGPT §3.5, where this both
+    saves forwards and stops the reward model overfitting to responses seen in k − 1 separate pairs)."""
 
     kind = "comparison"
     world_file = "comparisons"
 
+    def __init__(self, *args: Any, group_by_prompt: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.save_hyperparameters()
+
     def _encode(self, records: list[Record]) -> Encoded:
         hp = self.hparams
-        return encode_comparisons(records, self.tokenizer, hp.max_length, hp.max_prompt_length)
+        encoded = encode_comparisons(records, self.tokenizer, hp.max_length, hp.max_prompt_length)
+        if hp.group_by_prompt:
+            groups: dict[str, list[Example]] = {}
+            for example in encoded.examples:
+                groups.setdefault(example["prompt"], []).append(example)
+            encoded.examples = list(groups.values())
+        return encoded
 
     def _collate_fn(self) -> Callable[[list[Example]], dict[str, Any]]:
-        return partial(collate_comparisons, pad_id=self.tokenizer.pad_token_id)
+        collate = collate_comparison_groups if self.hparams.group_by_prompt else collate_comparisons
+        return partial(collate, pad_id=self.tokenizer.pad_token_id)
 
 
 class PromptDataModule(RLHFDataModule):

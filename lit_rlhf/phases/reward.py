@@ -82,10 +82,15 @@ class RewardModelModule(LightningModule):
             self.model = load_scalar_head_model(hp.model_name_or_path, self.tokenizer, hp.trust_remote_code, hp.dtype)
 
     def _scores(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chosen and rejected scored in one concatenated forward."""
+        """Chosen and rejected scored in one concatenated forward, each distinct sequence once (a response in
+        several pairs of a prompt-grouped batch is scored once and its score shared)."""
         input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
         attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-        return scalar_scores(self.model, input_ids, attention_mask).chunk(2)
+        distinct, row_of = torch.unique(torch.cat([input_ids, attention_mask], 1), dim=0, return_inverse=True)
+        first_row = torch.full((len(distinct),), len(input_ids), device=input_ids.device)
+        first_row = first_row.scatter_reduce(0, row_of, torch.arange(len(input_ids), device=input_ids.device), "amin")
+        scores = scalar_scores(self.model, input_ids[first_row], attention_mask[first_row])
+        return scores[row_of].chunk(2)
 
     def _step(self, batch: dict) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
         chosen, rejected = self._scores(batch)
