@@ -21,16 +21,16 @@ from lit_rlhf.errors import LitRLHFError
 RUNS_DIR = "runs"
 
 
-def default_loggers() -> list[dict]:
+def default_loggers(runs_dir: str = RUNS_DIR) -> list[dict]:
     """CSV always; W&B too, offline unless ``WANDB_API_KEY`` is set (never a login prompt), off when
-    ``WANDB_MODE=disabled``."""
-    loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": RUNS_DIR}}]
+    ``WANDB_MODE=disabled``. Both write under ``runs_dir``."""
+    loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": runs_dir}}]
     if os.environ.get("WANDB_MODE") != "disabled":
         offline = not os.environ.get("WANDB_API_KEY")
         loggers.append(
             {
                 "class_path": "lightning.pytorch.loggers.WandbLogger",
-                "init_args": {"save_dir": RUNS_DIR, "project": "lit-rlhf", "offline": offline},
+                "init_args": {"save_dir": runs_dir, "project": "lit-rlhf", "offline": offline},
             }
         )
     return loggers
@@ -46,7 +46,7 @@ class RLHFCLI(LightningCLI):
     """LightningCLI with CPU-friendly defaults, linked tokenizer and prompt length, and a validation pass
     before training so the first logged row is the untrained model."""
 
-    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+    def __init__(self, args: list[str] | None = None, run: bool = True, runs_dir: str = RUNS_DIR) -> None:
         super().__init__(
             LightningModule,
             LightningDataModule,
@@ -54,7 +54,8 @@ class RLHFCLI(LightningCLI):
             subclass_mode_data=True,
             seed_everything_default=0,
             trainer_defaults={
-                "logger": default_loggers(),
+                "logger": default_loggers(runs_dir),
+                "default_root_dir": runs_dir,
                 "num_sanity_val_steps": 0,
                 "inference_mode": False,
                 "log_every_n_steps": 10,
@@ -109,6 +110,7 @@ def _collect_command(argv: list[str]) -> None:
     parser.add_argument("--k", type=int, default=4, help="responses per prompt (default: %(default)s)")
     parser.add_argument("--judge", choices=JUDGES, default="raters", help="who ranks (default: %(default)s)")
     parser.add_argument("--reward-model", help="reward model export, for --judge reward_model")
+    parser.add_argument("--judge-model", help="causal LM name or path, for --judge llm")
     parser.add_argument("--prompts", help="prompt dataset (default: the embedded world's training prompts)")
     parser.add_argument("--num-prompts", type=int, default=2000)
     parser.add_argument("--max-new-tokens", type=int, default=24)
@@ -116,17 +118,36 @@ def _collect_command(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     summary = collect_comparisons(
-        args.policy, args.out, k=args.k, judge=args.judge, reward_model=args.reward_model,
+        args.policy, args.out, k=args.k, judge=args.judge, judge_model=args.judge_model or args.reward_model,
         prompts_path=args.prompts, num_prompts=args.num_prompts,
         sampling=SamplingConfig(args.max_new_tokens, args.temperature), seed=args.seed,
     )
     print(
         f"{summary.prompts} prompts x {summary.k} responses, judged by {summary.judge}: {summary.pairs} pairs "
         f"({summary.ties_dropped} ties dropped) in {summary.seconds:.1f}s -> {args.out}"
+        + (f"; agrees with gold on {summary.gold_agreement:.1%} of decided pairs" if summary.gold_agreement else "")
     )
 
 
-EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {"world": _world_command, "collect": _collect_command}
+def _pipeline_command(argv: list[str]) -> None:
+    from lit_rlhf.pipeline import run_pipeline
+
+    parser = argparse.ArgumentParser(
+        prog="lit-rlhf pipeline",
+        description="SFT -> collect -> reward model -> PPO, plus DPO and best-of-n; resumable stage by stage.",
+    )
+    parser.add_argument("--config", default="configs/pipeline.yaml", help="pipeline file (default: %(default)s)")
+    parser.add_argument("--out", help="output folder (default: the file's 'out', else runs/pipeline)")
+    parser.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo this stage (repeatable)")
+    args = parser.parse_args(argv)
+    run_pipeline(args.config, args.out, tuple(args.force))
+
+
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "world": _world_command,
+    "collect": _collect_command,
+    "pipeline": _pipeline_command,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

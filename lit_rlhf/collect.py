@@ -21,6 +21,7 @@ from lit_rlhf.data.formats import ranking_to_pairs
 from lit_rlhf.judges import make_judge
 from lit_rlhf.models import load_causal_lm, load_tokenizer
 from lit_rlhf.rollout import SamplingConfig, generate
+from lit_rlhf.world import gold_reward, has_gold
 
 
 @dataclass
@@ -32,6 +33,9 @@ class CollectionSummary:
     pairs: int
     ties_dropped: int
     seconds: float
+    gold_agreement: float | None = None
+    """On the world: the share of the written pairs, among those gold does not tie, whose chosen response has the
+    higher gold reward — how often this judge agrees with gold."""
 
 
 def sample_responses(
@@ -53,7 +57,7 @@ def collect_comparisons(
     out_dir: str | Path,
     k: int = 4,
     judge: str = "raters",
-    reward_model: str | None = None,
+    judge_model: str | None = None,
     prompts_path: str | None = None,
     num_prompts: int = 2000,
     sampling: SamplingConfig = SamplingConfig(),
@@ -64,6 +68,8 @@ def collect_comparisons(
     """Sample ``k`` responses per prompt from ``policy``, rank them with ``judge``, write pairs and rankings.
 
     Prompts come from ``prompts_path`` (any format the data layer reads) or the embedded world's training prompts.
+    ``judge_model`` is the reward-model export (``judge="reward_model"``) or causal LM (``judge="llm"``); the LLM
+    judge's verdicts are cached in ``out_dir/judge_cache.json``.
     """
     started = time.perf_counter()
     prompt_data = PromptDataModule(path=prompts_path, tokenizer_name_or_path=policy, val_fraction=0.0)
@@ -71,11 +77,11 @@ def collect_comparisons(
     prompts = [record.prompt for record in prompt_data.train_records][:num_prompts]
     torch.manual_seed(seed)
     responses = sample_responses(policy, prompts, k, sampling, max_prompt_length, batch_size)
-    ranks = make_judge(judge, reward_model, seed).rank(prompts, responses)
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pairs, ties = 0, 0
+    ranks = make_judge(judge, judge_model, seed, cache_path=out_dir / "judge_cache.json").rank(prompts, responses)
+    pairs, ties, agree, decided = 0, 0, 0, 0
+    on_world = has_gold(prompts)
     with open(out_dir / "comparisons.jsonl", "w") as comparisons, open(out_dir / "rankings.jsonl", "w") as rankings:
         for prompt, group, group_ranks in zip(prompts, responses, ranks):
             rankings.write(json.dumps({"prompt": prompt, "responses": group, "ranks": group_ranks}) + "\n")
@@ -84,6 +90,12 @@ def collect_comparisons(
             for chosen, rejected in group_pairs:
                 comparisons.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
                 pairs += 1
-    summary = CollectionSummary(policy, judge, k, len(prompts), pairs, ties, time.perf_counter() - started)
+                if on_world and (gold := gold_reward(prompt, chosen) - gold_reward(prompt, rejected)) != 0:
+                    decided += 1
+                    agree += gold > 0
+    summary = CollectionSummary(
+        policy, judge, k, len(prompts), pairs, ties, time.perf_counter() - started,
+        agree / decided if decided else None,
+    )
     (out_dir / "collect.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
     return summary

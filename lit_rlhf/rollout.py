@@ -9,12 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from lit_rlhf import losses
 from lit_rlhf.data.collate import tokenize_prompts
+from lit_rlhf.models import response_logprobs
 from lit_rlhf.world import gold_reward, has_gold
+
+if TYPE_CHECKING:
+    from lit_rlhf.scoring import Scorer
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,7 @@ class PolicyEvaluation:
     metrics: dict[str, float]
 
 
+@torch.no_grad()
 def evaluate_policy(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -123,15 +130,22 @@ def evaluate_policy(
     max_prompt_length: int,
     seed: int,
     batch_size: int = 64,
+    reference: PreTrainedModel | None = None,
+    scorer: Scorer | None = None,
 ) -> PolicyEvaluation:
     """Answer fixed prompts with fixed sampling noise, so successive evaluations differ only by the policy.
 
-    Metrics: ``response/length_mean`` (tokens before EOS), ``response/eos_fraction`` and, on the embedded
-    world (all prompts are world prompts), ``gold/reward``. The global RNG is left untouched.
+    Metrics: ``response/length_mean`` (tokens before EOS), ``response/eos_fraction``; on the embedded world (all
+    prompts are world prompts) ``gold/reward``; given a ``scorer`` (the reward model), ``proxy/reward``, its mean
+    score; given a ``reference``, ``objective/kl``: the mean over samples of Σ_t log π − log π_ref on the sampled
+    response tokens (the k1 estimate of KL(π‖π_ref), both models at the sampling temperature as in PPO). The
+    global RNG is left untouched.
     """
+    temperature = sampling.temperature or 1.0  # greedy decoding: score with the untempered distributions
     responses: list[str] = []
     lengths: list[torch.Tensor] = []
     ended: list[torch.Tensor] = []
+    kls: list[torch.Tensor] = []
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -142,10 +156,21 @@ def evaluate_policy(
             responses.extend(generation.decode(tokenizer))
             lengths.append(generation.response_lengths - generation.ended_with_eos.long())
             ended.append(generation.ended_with_eos)
+            if reference is not None:
+                prompt_zeros = torch.zeros_like(generation.prompt_attention_mask)
+                response_mask = torch.cat([prompt_zeros, generation.response_mask], dim=1)
+                sampled = (generation.input_ids, generation.attention_mask, response_mask)
+                logps, mask = response_logprobs(model, *sampled, temperature=temperature)
+                ref_logps, _ = response_logprobs(reference, *sampled, temperature=temperature)
+                kls.append(losses.masked_sum(losses.kl_penalty(logps, ref_logps, "k1"), mask, dim=1))
     metrics = {
         "response/length_mean": torch.cat(lengths).float().mean().item(),
         "response/eos_fraction": torch.cat(ended).float().mean().item(),
     }
+    if reference is not None:
+        metrics["objective/kl"] = torch.cat(kls).mean().item()
+    if scorer is not None:
+        metrics["proxy/reward"] = scorer.score(prompts, responses).float().mean().item()
     if has_gold(prompts):
         metrics["gold/reward"] = sum(map(gold_reward, prompts, responses)) / len(prompts)
     return PolicyEvaluation(prompts, responses, metrics)

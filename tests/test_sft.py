@@ -22,7 +22,7 @@ def in_tmp(tmp_path, monkeypatch):
 
 
 def test_sft_on_world_raises_gold_reward_and_exports(in_tmp):
-    run_cli("fit", "--config", CONFIG, "--trainer.max_steps", "120", "--trainer.val_check_interval", "60")
+    run_cli("fit", "--config", CONFIG, "--trainer.max_steps", "160", "--trainer.val_check_interval", "80")
     run = latest_run(in_tmp, "sft")
     gold = metric_series(run, "gold/reward")
     # One row from the validation before training, then one per validation interval.

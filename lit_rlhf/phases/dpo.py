@@ -23,15 +23,13 @@ from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from lit_rlhf import losses
-from lit_rlhf.data.collate import tokenize_prompts
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.models import export, is_world, load_causal_lm, load_tokenizer, response_logprobs
 from lit_rlhf.phases.optim import adamw_with_warmup
-from lit_rlhf.rollout import SamplingConfig, generate
-from lit_rlhf.world import gold_reward, has_gold
+from lit_rlhf.rollout import SamplingConfig, evaluate_policy
 
 LossType = Literal["sigmoid", "robust", "hinge", "ipo", "simpo", "kto"]
 LOSS_TYPES = (*losses.PREFERENCE_LOSS_TYPES, "simpo", "kto")
@@ -101,50 +99,6 @@ class ReferenceLogpsCache:
         logps = torch.tensor([self.values[key] for key in kept], dtype=torch.float32)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"fingerprint": self.fingerprint, "keys": keys, "logps": logps}, self.path)
-
-
-@torch.no_grad()
-def evaluate_against_reference(
-    policy: PreTrainedModel,
-    reference: PreTrainedModel | None,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
-    sampling: SamplingConfig,
-    max_prompt_length: int,
-    seed: int,
-    batch_size: int = 64,
-) -> dict[str, float]:
-    """:func:`lit_rlhf.rollout.evaluate_policy`'s metrics (same prompts, seeding and definitions) plus, given a
-    reference, ``objective/kl``: the mean over samples of Σ_t log π − log π_ref on the sampled response tokens (the
-    k1 estimate of KL(π‖π_ref), both models at the sampling temperature as in PPO)."""
-    device = next(policy.parameters()).device
-    temperature = sampling.temperature or 1.0  # greedy decoding: score with the untempered distributions
-    kls, lengths, ended, responses = [], [], [], []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            prompt_ids, prompt_mask = tokenize_prompts(tokenizer, chunk, max_prompt_length)
-            generation = generate(policy, tokenizer, prompt_ids.to(device), prompt_mask.to(device), sampling)
-            responses.extend(generation.decode(tokenizer))
-            lengths.append(generation.response_lengths - generation.ended_with_eos.long())
-            ended.append(generation.ended_with_eos)
-            if reference is not None:
-                prompt_zeros = torch.zeros_like(generation.prompt_attention_mask)
-                response_mask = torch.cat([prompt_zeros, generation.response_mask], dim=1)
-                sampled = (generation.input_ids, generation.attention_mask, response_mask)
-                logps, mask = response_logprobs(policy, *sampled, temperature=temperature)
-                ref_logps, _ = response_logprobs(reference, *sampled, temperature=temperature)
-                kls.append(losses.masked_sum(losses.kl_penalty(logps, ref_logps, "k1"), mask, dim=1))
-    metrics = {
-        "response/length_mean": torch.cat(lengths).float().mean().item(),
-        "response/eos_fraction": torch.cat(ended).float().mean().item(),
-    }
-    if reference is not None:
-        metrics["objective/kl"] = torch.cat(kls).mean().item()
-    if has_gold(prompts):
-        metrics["gold/reward"] = sum(map(gold_reward, prompts, responses)) / len(prompts)
-    return metrics
 
 
 class DPOModule(LightningModule):
@@ -362,9 +316,9 @@ class DPOModule(LightningModule):
             max_prompt_length=hp.max_prompt_length,
             seed=hp.eval_seed,
         )
-        metrics = evaluate_against_reference(self.model, reference, **evaluation)
+        metrics = evaluate_policy(self.model, reference=reference, **evaluation).metrics
         if self._reference_length_mean is None:
-            reference_metrics = evaluate_against_reference(reference, None, **evaluation)
+            reference_metrics = evaluate_policy(reference, **evaluation).metrics
             self._reference_length_mean = reference_metrics["response/length_mean"]
         metrics["response/length_drift"] = metrics["response/length_mean"] - self._reference_length_mean
         if reference is not self.reference:

@@ -1,0 +1,376 @@
+"""``lit-rlhf pipeline``: the whole recipe in one command, resumable stage by stage.
+
+A pipeline file (``configs/pipeline.yaml``) lists stages. Each writes under ``OUT/<name>/`` and, when it is
+complete, ``OUT/<name>/done.json``; a stage with that file is skipped, so re-running resumes after the last
+completed stage (``--force NAME`` redoes one; a stage whose settings changed runs again). Stage kinds:
+
+- ``fit``: a Lightning phase from a phase config (``config``, relative to the pipeline file), with ``model``,
+  ``reward_model`` and ``data`` naming earlier stages (or paths) and ``args`` more ``--key value`` overrides.
+- ``collect``: k samples per prompt from ``policy``, ranked by a ``judge``, written as C(k,2) comparisons.
+- ``rejection_sample``: n samples per prompt from ``policy``, the best ``keep`` by ``reward_model`` (optionally
+  above ``threshold``) written as demonstrations, for a ``fit`` with the SFT phase.
+- ``self_play``: SPIN's comparisons, the demonstration over ``policy``'s own answer, for a ``fit`` with DPO.
+- ``best_of_n``: the baseline, evaluated only: n samples of ``policy`` per held-out prompt, the best by
+  ``reward_model``.
+
+Three shorthands expand into such stages: ``rejection_sampling`` (``rounds`` of sample → SFT), ``spin``
+(``rounds`` of self-play → DPO, each round's reference the previous round's model) and ``iterative``
+(``rounds`` of collect from the current policy → reward model → PPO or DPO).
+
+At the end every policy is evaluated on the same held-out prompts with the same sampling noise, and
+``OUT/summary.json`` lists one object per stage: ``stage``, ``gold_reward``, ``proxy_reward``, ``kl`` (to the
+``evaluation.reference`` policy), ``length_mean`` and ``seconds``; reward-model stages carry ``accuracy`` and
+``gold_accuracy`` instead of the reward keys, and the ``init`` row is the untrained model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from lit_rlhf.errors import ConfigError
+
+DONE_FILE = "done.json"
+POLICY, REWARD_MODEL, DATA, BASELINE = "policy", "reward_model", "data", "baseline"
+SUMMARY_KEYS = ("stage", "gold_reward", "proxy_reward", "kl", "length_mean", "seconds")
+BOOKKEEPING_KEYS = ("kind", "role", "model", "data", "seconds", "spec")
+"""Keys of ``done.json`` that say where a stage's output is, not what it measured."""
+STAGE_KINDS = ("fit", "collect", "rejection_sample", "self_play", "best_of_n")
+SHORTHANDS = ("rejection_sampling", "spin", "iterative")
+
+
+# --- the pipeline file ---------------------------------------------------------------------------------------------
+
+
+def load_pipeline(path: str | Path) -> dict[str, Any]:
+    """Read and check a pipeline file; shorthands are expanded and phase configs made absolute."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"pipeline file not found: {path}")
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("stages"), list) or not spec["stages"]:
+        raise ConfigError(f"{path}: expected a mapping with a non-empty 'stages' list")
+    stages: list[dict[str, Any]] = []
+    for index, stage in enumerate(spec["stages"]):
+        if not isinstance(stage, dict) or "name" not in stage or "kind" not in stage:
+            raise ConfigError(f"{path}: stage {index + 1} needs a 'name' and a 'kind'")
+        stages.extend(_expand(stage) if stage["kind"] in SHORTHANDS else [dict(stage)])
+    names = set()
+    for stage in stages:
+        if stage["kind"] not in STAGE_KINDS:
+            raise ConfigError(
+                f"{path}: stage {stage['name']!r} has unknown kind {stage['kind']!r}; expected one of "
+                f"{', '.join(STAGE_KINDS + SHORTHANDS)}"
+            )
+        if stage["name"] in names or stage["name"] == "init":
+            raise ConfigError(f"{path}: stage name {stage['name']!r} is used twice (or is the reserved 'init')")
+        names.add(stage["name"])
+        if "config" in stage:
+            stage["config"] = str((path.parent / stage["config"]).resolve())
+            if not Path(stage["config"]).is_file():
+                raise ConfigError(f"{path}: stage {stage['name']!r}: config not found: {stage['config']}")
+    spec["stages"] = stages
+    spec.setdefault("evaluation", {})
+    return spec
+
+
+def _expand(stage: dict[str, Any]) -> list[dict[str, Any]]:
+    """A shorthand stage as the plain stages it stands for, named ``<name><round>_<step>``."""
+    name, kind, rounds = stage["name"], stage["kind"], int(stage.get("rounds", 1))
+    policy, stages = stage["policy"], []
+    for round_ in range(1, rounds + 1):
+        prefix = f"{name}{round_}" if rounds > 1 else name
+        if kind == "rejection_sampling":
+            sample = {k: stage[k] for k in ("n", "keep", "threshold", "num_prompts", "temperature") if k in stage}
+            stages.append({"name": f"{prefix}_data", "kind": "rejection_sample", "policy": policy,
+                           "reward_model": stage["reward_model"], **sample})
+            stages.append({"name": prefix, "kind": "fit", "config": stage["config"], "model": policy,
+                           "data": f"{prefix}_data", "args": stage.get("args", {}), "role": POLICY})
+        elif kind == "spin":
+            sample = {k: stage[k] for k in ("num_prompts", "temperature", "demonstrations") if k in stage}
+            stages.append({"name": f"{prefix}_data", "kind": "self_play", "policy": policy, **sample})
+            stages.append({"name": prefix, "kind": "fit", "config": stage["config"], "model": policy,
+                           "data": f"{prefix}_data", "args": stage.get("args", {}), "role": POLICY})
+        else:  # iterative
+            collect = {k: stage[k] for k in ("k", "num_prompts", "judge", "judge_model") if k in stage}
+            reward_init = stage.get("reward_init", "policy")  # "policy": retrain from it; "previous": continue
+            rm_model = stages[-2]["name"] if reward_init == "previous" and stages else policy
+            stages.append({"name": f"{prefix}_collect", "kind": "collect", "policy": policy, **collect})
+            stages.append({"name": f"{prefix}_rm", "kind": "fit", "config": stage["rm_config"], "model": rm_model,
+                           "data": f"{prefix}_collect", "args": stage.get("rm_args", {})})
+            policy_stage = {"name": prefix, "kind": "fit", "config": stage["config"], "model": policy,
+                            "args": stage.get("args", {}), "role": POLICY}
+            if stage.get("algorithm", "ppo") == "ppo":
+                policy_stage["reward_model"] = f"{prefix}_rm"
+            else:
+                policy_stage["data"] = f"{prefix}_collect"
+            stages.append(policy_stage)
+        policy = prefix
+    return stages
+
+
+# --- running -------------------------------------------------------------------------------------------------------
+
+
+def run_pipeline(config: str | Path, out: str | Path | None = None, force: tuple[str, ...] = ()) -> list[dict]:
+    """Run every stage not yet complete, then evaluate and write ``summary.json``; returns its rows."""
+    spec = load_pipeline(config)
+    out_dir = Path(out or spec.get("out", "runs/pipeline"))
+    names = [stage["name"] for stage in spec["stages"]]
+    unknown = [name for name in force if name not in names]
+    if unknown:
+        raise ConfigError(f"--force {unknown[0]}: no such stage (stages: {', '.join(names)})")
+    for stage in spec["stages"]:
+        stage_dir = out_dir / stage["name"]
+        if _is_complete(stage, stage_dir) and stage["name"] not in force:
+            print(f"[pipeline] {stage['name']}: complete, skipped")
+            continue
+        if stage_dir.exists():
+            shutil.rmtree(stage_dir)  # a stage cut short leaves partial output behind
+        stage_dir.mkdir(parents=True)
+        print(f"[pipeline] {stage['name']}: running ({stage['kind']})")
+        started = time.perf_counter()
+        record = STAGE_RUNNERS[stage["kind"]](stage, stage_dir, out_dir, spec)
+        record["seconds"] = round(time.perf_counter() - started, 1)
+        record["spec"] = stage
+        (stage_dir / DONE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    rows = summarize(spec, out_dir)
+    (out_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(format_table(rows))
+    print(f"[pipeline] summary: {out_dir / 'summary.json'}")
+    return rows
+
+
+def _is_complete(stage: dict[str, Any], stage_dir: Path) -> bool:
+    """Whether the stage finished before with the same settings (a changed stage runs again)."""
+    done = stage_dir / DONE_FILE
+    return done.exists() and json.loads(done.read_text()).get("spec") == stage
+
+
+def _done(out_dir: Path, name: str) -> dict[str, Any]:
+    done = out_dir / name / DONE_FILE
+    if not done.exists():
+        raise ConfigError(f"stage {name!r} is referred to before it has run")
+    return json.loads(done.read_text())
+
+
+def _resolve(reference: str | None, out_dir: Path, stage_names: set[str], output: str) -> str | None:
+    """A stage name → that stage's ``output`` (its model folder or data file); anything else is a path or name."""
+    if reference is None or reference not in stage_names:
+        return reference
+    return str(out_dir / reference / _done(out_dir, reference)[output])
+
+
+def _stage_names(spec: dict[str, Any]) -> set[str]:
+    return {stage["name"] for stage in spec["stages"]}
+
+
+def _run_fit(stage: dict, stage_dir: Path, out_dir: Path, spec: dict) -> dict[str, Any]:
+    from lit_rlhf.cli import RLHFCLI
+    from lit_rlhf.phases.reward import RewardModelModule
+
+    names = _stage_names(spec)
+    args = ["fit", "--config", stage["config"], "--model.init_args.export_dir", str(stage_dir / "hf")]
+    for option, key, output in (("model", "model.init_args.model_name_or_path", "model"),
+                                ("reward_model", "model.init_args.reward_model", "model"),
+                                ("data", "data.init_args.path", "data")):
+        if stage.get(option):
+            args += [f"--{key}", _resolve(stage[option], out_dir, names, output)]
+    for key, value in (stage.get("args") or {}).items():
+        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    cli = RLHFCLI(args=args, runs_dir=str(stage_dir))
+    role = REWARD_MODEL if isinstance(cli.model, RewardModelModule) else stage.get("role", POLICY)
+    record: dict[str, Any] = {"kind": "fit", "role": role, "model": "hf"}
+    if role == REWARD_MODEL:
+        metrics = cli.trainer.callback_metrics
+        record["accuracy"] = _float(metrics.get("val/accuracy"))
+        record["gold_accuracy"] = _float(metrics.get("val/gold/accuracy"))
+    return record
+
+
+def _run_collect(stage: dict, stage_dir: Path, out_dir: Path, spec: dict) -> dict[str, Any]:
+    from lit_rlhf.collect import collect_comparisons
+    from lit_rlhf.rollout import SamplingConfig
+
+    names = _stage_names(spec)
+    summary = collect_comparisons(
+        _resolve(stage["policy"], out_dir, names, "model"), stage_dir, k=int(stage.get("k", 4)),
+        judge=stage.get("judge", "raters"), judge_model=_resolve(stage.get("judge_model"), out_dir, names, "model"),
+        num_prompts=int(stage.get("num_prompts", 2000)),
+        sampling=SamplingConfig(int(stage.get("max_new_tokens", 24)), float(stage.get("temperature", 1.0))),
+        seed=int(spec.get("seed", 0)),
+    )
+    return {"kind": "collect", "role": DATA, "data": "comparisons.jsonl", "pairs": summary.pairs,
+            "ties_dropped": summary.ties_dropped, "gold_agreement": summary.gold_agreement}
+
+
+def _training_prompts(spec: dict, num_prompts: int) -> list[str]:
+    from lit_rlhf.data.datamodules import PromptDataModule
+
+    prompts = PromptDataModule(path=spec.get("prompts"), val_fraction=0.0)
+    prompts.setup("fit")
+    return [record.prompt for record in prompts.train_records][:num_prompts]
+
+
+def _run_rejection_sample(stage: dict, stage_dir: Path, out_dir: Path, spec: dict) -> dict[str, Any]:
+    from lit_rlhf.collect import sample_responses
+    from lit_rlhf.rollout import SamplingConfig
+    from lit_rlhf.scoring import RewardModelScorer
+    from lit_rlhf.selection import pick_best
+
+    names = _stage_names(spec)
+    policy = _resolve(stage["policy"], out_dir, names, "model")
+    prompts = _training_prompts(spec, int(stage.get("num_prompts", 1000)))
+    torch.manual_seed(int(spec.get("seed", 0)))
+    sampling = SamplingConfig(int(stage.get("max_new_tokens", 24)), float(stage.get("temperature", 1.0)))
+    groups = sample_responses(policy, prompts, int(stage.get("n", 8)), sampling, 32, 256)
+    scorer = RewardModelScorer.from_pretrained(_resolve(stage["reward_model"], out_dir, names, "model"))
+    picks = pick_best(prompts, groups, scorer, int(stage.get("keep", 1)), stage.get("threshold"))
+    _write_jsonl(stage_dir / "demonstrations.jsonl", [{"prompt": p.prompt, "completion": p.response} for p in picks])
+    return {"kind": "rejection_sample", "role": DATA, "data": "demonstrations.jsonl", "rows": len(picks)}
+
+
+def _run_self_play(stage: dict, stage_dir: Path, out_dir: Path, spec: dict) -> dict[str, Any]:
+    from lit_rlhf.collect import sample_responses
+    from lit_rlhf.data.datamodules import DemonstrationDataModule
+    from lit_rlhf.rollout import SamplingConfig
+    from lit_rlhf.selection import self_play_pairs
+
+    names = _stage_names(spec)
+    policy = _resolve(stage["policy"], out_dir, names, "model")
+    demonstrations = DemonstrationDataModule(path=stage.get("demonstrations"), val_fraction=0.0)
+    demonstrations.setup("fit")
+    records = demonstrations.train_records[: int(stage.get("num_prompts", 1000))]
+    torch.manual_seed(int(spec.get("seed", 0)))
+    sampling = SamplingConfig(int(stage.get("max_new_tokens", 24)), float(stage.get("temperature", 1.0)))
+    prompts = [record.prompt for record in records]
+    generations = [group[0] for group in sample_responses(policy, prompts, 1, sampling, 32, 256)]
+    pairs = self_play_pairs(prompts, [record.completion for record in records], generations)
+    _write_jsonl(stage_dir / "comparisons.jsonl", pairs)
+    return {"kind": "self_play", "role": DATA, "data": "comparisons.jsonl", "pairs": len(pairs)}
+
+
+def _run_best_of_n(stage: dict, stage_dir: Path, out_dir: Path, spec: dict) -> dict[str, Any]:
+    from lit_rlhf.collect import sample_responses
+    from lit_rlhf.scoring import RewardModelScorer
+    from lit_rlhf.selection import best_of_n_kl, pick_best
+    from lit_rlhf.world import gold_reward, has_gold
+
+    names = _stage_names(spec)
+    n = int(stage.get("n", 8))
+    prompts, sampling, seed = _evaluation_setup(spec)
+    torch.manual_seed(seed)
+    groups = sample_responses(_resolve(stage["policy"], out_dir, names, "model"), prompts, n, sampling, 32, 256)
+    scorer = RewardModelScorer.from_pretrained(_resolve(stage["reward_model"], out_dir, names, "model"))
+    picks = pick_best(prompts, groups, scorer)
+    _write_jsonl(stage_dir / "samples.jsonl", [vars(pick) for pick in picks])
+    tokenizer = scorer.tokenizer
+    lengths = [len(tokenizer(pick.response, add_special_tokens=False)["input_ids"]) for pick in picks]
+    metrics = {
+        "proxy_reward": sum(pick.score for pick in picks) / len(picks),
+        "kl": best_of_n_kl(n),
+        "length_mean": sum(lengths) / len(lengths),
+        "gold_reward": (sum(gold_reward(p.prompt, p.response) for p in picks) / len(picks)
+                        if has_gold(prompts) else None),
+    }
+    return {"kind": "best_of_n", "role": BASELINE, "n": n, **metrics}
+
+
+STAGE_RUNNERS: dict[str, Callable[[dict, Path, Path, dict], dict[str, Any]]] = {
+    "fit": _run_fit,
+    "collect": _run_collect,
+    "rejection_sample": _run_rejection_sample,
+    "self_play": _run_self_play,
+    "best_of_n": _run_best_of_n,
+}
+
+
+# --- evaluation and the summary ------------------------------------------------------------------------------------
+
+
+def _evaluation_setup(spec: dict) -> tuple[list[str], Any, int]:
+    """The held-out prompts (each repeated ``samples_per_prompt`` times), sampling and seed every policy is
+    evaluated with."""
+    from lit_rlhf.data.datamodules import PromptDataModule
+    from lit_rlhf.rollout import SamplingConfig
+
+    evaluation = spec["evaluation"]
+    prompts = PromptDataModule(path=evaluation.get("prompts"), val_fraction=0.0,
+                               num_eval_prompts=int(evaluation.get("num_prompts", 64)))
+    prompts.setup("fit")
+    sampling = SamplingConfig(int(evaluation.get("max_new_tokens", 24)), float(evaluation.get("temperature", 1.0)))
+    repeats = int(evaluation.get("samples_per_prompt", 4))
+    return [p for p in prompts.eval_prompts for _ in range(repeats)], sampling, int(evaluation.get("seed", 1234))
+
+
+def summarize(spec: dict, out_dir: Path) -> list[dict[str, Any]]:
+    """One row per stage (and the ``init`` row): policies evaluated here, the rest from their ``done.json``."""
+    from lit_rlhf.models import load_causal_lm, load_tokenizer
+    from lit_rlhf.rollout import evaluate_policy
+    from lit_rlhf.scoring import RewardModelScorer
+
+    evaluation, names = spec["evaluation"], _stage_names(spec)
+    prompts, sampling, seed = _evaluation_setup(spec)
+    reference_path = _resolve(evaluation.get("reference"), out_dir, names, "model")
+    reward_model = _resolve(evaluation.get("reward_model"), out_dir, names, "model")
+    scorer = RewardModelScorer.from_pretrained(reward_model) if reward_model else None
+    reference = load_causal_lm(reference_path, load_tokenizer(reference_path)).eval() if reference_path else None
+
+    def evaluate(name_or_path: str) -> dict[str, Any]:
+        tokenizer = load_tokenizer(name_or_path)
+        torch.manual_seed(int(spec.get("seed", 0)))  # the untrained world model is built from this seed
+        model = load_causal_lm(name_or_path, tokenizer).eval()
+        metrics = evaluate_policy(model, tokenizer, prompts, sampling, 32, seed, 128, reference, scorer).metrics
+        return {"gold_reward": metrics.get("gold/reward"), "proxy_reward": metrics.get("proxy/reward"),
+                "kl": metrics.get("objective/kl"), "length_mean": metrics["response/length_mean"]}
+
+    rows = []
+    if evaluation.get("init"):
+        rows.append({"stage": "init", **evaluate(evaluation["init"]), "seconds": 0.0})
+    for stage in spec["stages"]:
+        done = _done(out_dir, stage["name"])
+        row: dict[str, Any] = {"stage": stage["name"]}
+        if done["role"] == POLICY:
+            row |= evaluate(str(out_dir / stage["name"] / done["model"]))
+        elif done["role"] == BASELINE:
+            row |= {key: done[key] for key in SUMMARY_KEYS[1:-1]}
+        else:
+            row |= {key: value for key, value in done.items() if key not in BOOKKEEPING_KEYS}
+        rows.append({**row, "seconds": done["seconds"]})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The summary as a fixed-width text table."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    cells = [[_cell(row.get(column)) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
+    lines = ["  ".join(column.ljust(width) for column, width in zip(columns, widths))]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in cells]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")

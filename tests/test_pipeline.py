@@ -1,0 +1,148 @@
+"""The pipeline: stages wired by name, resumable after a crash, one summary row per stage; and its variants."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import run_cli
+from lit_rlhf import pipeline
+from lit_rlhf.errors import ConfigError
+from lit_rlhf.scoring import GoldScorer
+from lit_rlhf.selection import best_of_n_kl, pick_best, self_play_pairs
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+PIPELINES = sorted(CONFIGS.glob("pipeline*.yaml"))
+QUICK = {"trainer.max_steps": 2, "trainer.val_check_interval": 1, "trainer.limit_val_batches": 1,
+         "trainer.enable_progress_bar": False, "data.num_eval_prompts": 2}
+QUICK_PPO = {**QUICK, "trainer.max_steps": 8, "data.batch_size": 8, "model.max_new_tokens": 8}
+
+
+def tiny(spec_path: Path, tmp_path: Path) -> Path:
+    """The pipeline file with every stage cut to seconds: few steps, prompts and samples."""
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["evaluation"] |= {"num_prompts": 4, "samples_per_prompt": 1, "max_new_tokens": 8}
+    for stage in spec["stages"]:
+        stage["num_prompts"] = 16
+        if "config" in stage:
+            stage["config"] = str(CONFIGS / stage["config"])
+            quick = QUICK_PPO if "ppo" in stage["config"] else QUICK
+            stage["args"] = {**stage.get("args", {}), **quick}
+        if "rm_config" in stage:
+            stage["rm_config"] = str(CONFIGS / stage["rm_config"])
+            stage["rm_args"] = QUICK
+    path = tmp_path / spec_path.name
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_the_pipeline_resumes_after_a_crash_without_redoing_completed_stages(tmp_path, monkeypatch):
+    spec, out = tiny(CONFIGS / "pipeline.yaml", tmp_path), tmp_path / "out"
+    runs: list[str] = []
+    fit = pipeline.STAGE_RUNNERS["fit"]
+
+    def crash_at_ppo(stage, *args):
+        runs.append(stage["name"])
+        if stage["name"] == "ppo" and runs.count("ppo") == 1:
+            raise KeyboardInterrupt  # the process is killed half-way through PPO
+        return fit(stage, *args)
+
+    monkeypatch.setitem(pipeline.STAGE_RUNNERS, "fit", crash_at_ppo)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(spec, out)
+    assert [p.parent.name for p in sorted(out.glob("*/done.json"))] == ["collect", "rm", "sft"]
+    assert not (out / "ppo" / "done.json").exists()
+
+    rows = pipeline.run_pipeline(spec, out)
+    assert runs == ["sft", "rm", "ppo", "ppo", "dpo"]  # sft and rm were not trained again
+    assert [row["stage"] for row in rows] == ["init", "sft", "collect", "rm", "ppo", "dpo", "best_of_n"]
+    assert json.loads((out / "summary.json").read_text()) == rows
+    by_stage = {row["stage"]: row for row in rows}
+    for stage in ("init", "sft", "ppo", "dpo", "best_of_n"):
+        assert set(pipeline.SUMMARY_KEYS) <= set(by_stage[stage]), stage
+        assert -1.0 <= by_stage[stage]["gold_reward"] <= 1.0
+    assert by_stage["sft"]["kl"] == 0.0 and by_stage["ppo"]["kl"] != 0.0
+    assert by_stage["best_of_n"]["kl"] == pytest.approx(math.log(8) - 7 / 8)
+    assert 0.0 <= by_stage["rm"]["accuracy"] <= 1.0 and "gold_accuracy" in by_stage["rm"]
+    assert by_stage["collect"]["pairs"] > 0
+    assert all(row["seconds"] >= 0 for row in rows)
+
+    runs.clear()
+    pipeline.run_pipeline(spec, out, force=("rm",))
+    assert runs == ["rm"]  # --force redoes that stage only
+
+
+@pytest.mark.parametrize("variant", ["rejection_sampling", "spin", "iterative"])
+def test_each_variant_runs_end_to_end(variant, tmp_path):
+    rows = pipeline.run_pipeline(tiny(CONFIGS / f"pipeline_{variant}.yaml", tmp_path), tmp_path / "out")
+    stages = [row["stage"] for row in rows]
+    expected = {
+        "rejection_sampling": ["rejection_sampling_data", "rejection_sampling"],
+        "spin": ["spin1_data", "spin1", "spin2_data", "spin2"],
+        "iterative": ["iterative1_collect", "iterative1_rm", "iterative1", "iterative2_collect", "iterative2_rm",
+                      "iterative2"],
+    }[variant]
+    assert stages[-len(expected):] == expected
+    assert rows[-1]["gold_reward"] is not None and rows[-1]["kl"] is not None
+
+
+def test_shorthands_wire_each_round_to_the_previous_one(tmp_path):
+    spec = pipeline.load_pipeline(CONFIGS / "pipeline_iterative.yaml")
+    stages = {stage["name"]: stage for stage in spec["stages"]}
+    assert stages["iterative2_collect"]["policy"] == "iterative1"
+    assert stages["iterative2_rm"]["data"] == "iterative2_collect" and stages["iterative2_rm"]["model"] == "iterative1"
+    assert stages["iterative2"]["model"] == "iterative1" and stages["iterative2"]["reward_model"] == "iterative2_rm"
+    spin = {stage["name"]: stage for stage in pipeline.load_pipeline(CONFIGS / "pipeline_spin.yaml")["stages"]}
+    assert spin["spin2_data"]["policy"] == "spin1" and spin["spin2"]["model"] == "spin1"  # reference: last round
+
+
+@pytest.mark.parametrize(
+    ("stages", "message"),
+    [
+        ([{"name": "a", "kind": "train"}], "unknown kind 'train'"),
+        ([{"name": "a", "kind": "fit", "config": "missing.yaml"}], "config not found"),
+        ([{"name": "a", "kind": "collect", "policy": "x"}] * 2, "used twice"),
+        ([{"kind": "collect"}], "needs a 'name' and a 'kind'"),
+    ],
+)
+def test_bad_pipeline_files_are_config_errors(stages, message, tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"stages": stages}))
+    with pytest.raises(ConfigError, match=message):
+        pipeline.load_pipeline(path)
+
+
+def test_the_command_line_reports_a_missing_pipeline_file_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("pipeline", "--config", str(tmp_path / "nope.yaml"))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"lit-rlhf: error: pipeline file not found: "
+                                                            f"{tmp_path / 'nope.yaml'}"]
+
+
+def test_pick_best_keeps_the_top_scored_distinct_responses():
+    prompts = ["name two fruits .", "name one fruit ."]
+    groups = [["dog .", "apple , pear .", "apple , pear .", "apple ."], ["fig .", "fig , fig ."]]
+    picks = pick_best(prompts, groups, GoldScorer(), keep=2)
+    assert [(p.prompt, p.response, round(p.score, 3)) for p in picks] == [
+        ("name two fruits .", "apple , pear .", 1.0), ("name two fruits .", "apple .", 0.5),
+        ("name one fruit .", "fig .", 1.0), ("name one fruit .", "fig , fig .", 0.5),
+    ]
+    assert [p.response for p in pick_best(prompts, groups, GoldScorer(), keep=2, threshold=0.9)] == ["apple , pear .",
+                                                                                                    "fig ."]
+
+
+def test_best_of_n_kl_and_self_play_pairs():
+    assert best_of_n_kl(1) == 0.0 and best_of_n_kl(8) == pytest.approx(2.0794415 - 0.875)
+    pairs = self_play_pairs(["p", "q"], ["good .", "same ."], ["bad .", "same ."])
+    assert pairs == [{"prompt": "p", "chosen": "good .", "rejected": "bad ."}]
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=[path.name for path in PIPELINES])
+def test_every_pipeline_file_loads(path):
+    spec = pipeline.load_pipeline(path)
+    assert all(stage["kind"] in pipeline.STAGE_KINDS for stage in spec["stages"])
