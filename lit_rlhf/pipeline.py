@@ -13,9 +13,10 @@ completed stage (``--force NAME`` redoes one; a stage whose settings changed run
 - ``best_of_n``: the baseline, evaluated only: n samples of ``policy`` per held-out prompt, the best by
   ``reward_model``.
 
-Three shorthands expand into such stages: ``rejection_sampling`` (``rounds`` of sample → SFT), ``spin``
-(``rounds`` of self-play → DPO, each round's reference the previous round's model) and ``iterative``
-(``rounds`` of collect from the current policy → reward model → PPO or DPO).
+Sampling stages read the training prompts of their own ``prompts``, else the file's top-level ``prompts``, else the
+embedded world's. Three shorthands expand into such stages: ``rejection_sampling`` (``rounds`` of sample →
+SFT), ``spin`` (``rounds`` of self-play → DPO, each round's reference the previous round's model) and
+``iterative`` (``rounds`` of collect from the current policy → reward model → PPO or DPO).
 
 At the end every policy is evaluated on the same held-out prompts with the same sampling noise, and
 ``OUT/summary.json`` lists one object per stage: ``stage``, ``gold_reward``, ``proxy_reward``, ``kl`` (to the
@@ -200,40 +201,50 @@ def _run_fit(stage: dict, stage_dir: Path, out_dir: Path, spec: dict) -> dict[st
 
 def _run_collect(stage: dict, stage_dir: Path, out_dir: Path, spec: dict) -> dict[str, Any]:
     from lit_rlhf.collect import collect_comparisons
-    from lit_rlhf.rollout import SamplingConfig
 
     names = _stage_names(spec)
+    sampling, max_prompt_length = _sampling(stage)
     summary = collect_comparisons(
         _resolve(stage["policy"], out_dir, names, "model"), stage_dir, k=int(stage.get("k", 4)),
         judge=stage.get("judge", "raters"), judge_model=_resolve(stage.get("judge_model"), out_dir, names, "model"),
-        num_prompts=int(stage.get("num_prompts", 2000)),
-        sampling=SamplingConfig(int(stage.get("max_new_tokens", 24)), float(stage.get("temperature", 1.0))),
-        seed=int(spec.get("seed", 0)),
+        prompts_path=_prompts_path(stage, spec), num_prompts=int(stage.get("num_prompts", 2000)),
+        sampling=sampling, max_prompt_length=max_prompt_length, seed=int(spec.get("seed", 0)),
     )
     return {"kind": "collect", "role": DATA, "data": "comparisons.jsonl", "pairs": summary.pairs,
             "ties_dropped": summary.ties_dropped, "gold_agreement": summary.gold_agreement}
 
 
-def _training_prompts(spec: dict, num_prompts: int) -> list[str]:
+def _sampling(stage: dict) -> tuple[Any, int]:
+    """A sampling stage's decoding settings and prompt length limit."""
+    from lit_rlhf.rollout import SamplingConfig
+
+    sampling = SamplingConfig(int(stage.get("max_new_tokens", 24)), float(stage.get("temperature", 1.0)))
+    return sampling, int(stage.get("max_prompt_length", 32))
+
+
+def _prompts_path(stage: dict, spec: dict) -> str | None:
+    """The training prompts a sampling stage uses: its own ``prompts``, else the file's, else the world's."""
+    return stage.get("prompts", spec.get("prompts"))
+
+
+def _training_prompts(stage: dict, spec: dict) -> list[str]:
     from lit_rlhf.data.datamodules import PromptDataModule
 
-    prompts = PromptDataModule(path=spec.get("prompts"), val_fraction=0.0)
+    prompts = PromptDataModule(path=_prompts_path(stage, spec), val_fraction=0.0)
     prompts.setup("fit")
-    return [record.prompt for record in prompts.train_records][:num_prompts]
+    return [record.prompt for record in prompts.train_records][: int(stage.get("num_prompts", 1000))]
 
 
 def _run_rejection_sample(stage: dict, stage_dir: Path, out_dir: Path, spec: dict) -> dict[str, Any]:
     from lit_rlhf.collect import sample_responses
-    from lit_rlhf.rollout import SamplingConfig
     from lit_rlhf.scoring import RewardModelScorer
     from lit_rlhf.selection import pick_best
 
     names = _stage_names(spec)
     policy = _resolve(stage["policy"], out_dir, names, "model")
-    prompts = _training_prompts(spec, int(stage.get("num_prompts", 1000)))
+    prompts = _training_prompts(stage, spec)
     torch.manual_seed(int(spec.get("seed", 0)))
-    sampling = SamplingConfig(int(stage.get("max_new_tokens", 24)), float(stage.get("temperature", 1.0)))
-    groups = sample_responses(policy, prompts, int(stage.get("n", 8)), sampling, 32, 256)
+    groups = sample_responses(policy, prompts, int(stage.get("n", 8)), *_sampling(stage), 256)
     scorer = RewardModelScorer.from_pretrained(_resolve(stage["reward_model"], out_dir, names, "model"))
     picks = pick_best(prompts, groups, scorer, int(stage.get("keep", 1)), stage.get("threshold"))
     _write_jsonl(stage_dir / "demonstrations.jsonl", [{"prompt": p.prompt, "completion": p.response} for p in picks])
@@ -243,7 +254,6 @@ def _run_rejection_sample(stage: dict, stage_dir: Path, out_dir: Path, spec: dic
 def _run_self_play(stage: dict, stage_dir: Path, out_dir: Path, spec: dict) -> dict[str, Any]:
     from lit_rlhf.collect import sample_responses
     from lit_rlhf.data.datamodules import DemonstrationDataModule
-    from lit_rlhf.rollout import SamplingConfig
     from lit_rlhf.selection import self_play_pairs
 
     names = _stage_names(spec)
@@ -252,9 +262,8 @@ def _run_self_play(stage: dict, stage_dir: Path, out_dir: Path, spec: dict) -> d
     demonstrations.setup("fit")
     records = demonstrations.train_records[: int(stage.get("num_prompts", 1000))]
     torch.manual_seed(int(spec.get("seed", 0)))
-    sampling = SamplingConfig(int(stage.get("max_new_tokens", 24)), float(stage.get("temperature", 1.0)))
     prompts = [record.prompt for record in records]
-    generations = [group[0] for group in sample_responses(policy, prompts, 1, sampling, 32, 256)]
+    generations = [group[0] for group in sample_responses(policy, prompts, 1, *_sampling(stage), 256)]
     pairs = self_play_pairs(prompts, [record.completion for record in records], generations)
     _write_jsonl(stage_dir / "comparisons.jsonl", pairs)
     return {"kind": "self_play", "role": DATA, "data": "comparisons.jsonl", "pairs": len(pairs)}
@@ -262,6 +271,7 @@ def _run_self_play(stage: dict, stage_dir: Path, out_dir: Path, spec: dict) -> d
 
 def _run_best_of_n(stage: dict, stage_dir: Path, out_dir: Path, spec: dict) -> dict[str, Any]:
     from lit_rlhf.collect import sample_responses
+    from lit_rlhf.models import load_tokenizer
     from lit_rlhf.scoring import RewardModelScorer
     from lit_rlhf.selection import best_of_n_kl, pick_best
     from lit_rlhf.world import gold_reward, has_gold
@@ -270,11 +280,12 @@ def _run_best_of_n(stage: dict, stage_dir: Path, out_dir: Path, spec: dict) -> d
     n = int(stage.get("n", 8))
     prompts, sampling, seed = _evaluation_setup(spec)
     torch.manual_seed(seed)
-    groups = sample_responses(_resolve(stage["policy"], out_dir, names, "model"), prompts, n, sampling, 32, 256)
+    policy = _resolve(stage["policy"], out_dir, names, "model")
+    groups = sample_responses(policy, prompts, n, sampling, int(stage.get("max_prompt_length", 32)), 256)
     scorer = RewardModelScorer.from_pretrained(_resolve(stage["reward_model"], out_dir, names, "model"))
     picks = pick_best(prompts, groups, scorer)
     _write_jsonl(stage_dir / "samples.jsonl", [vars(pick) for pick in picks])
-    tokenizer = scorer.tokenizer
+    tokenizer = load_tokenizer(policy)
     lengths = [len(tokenizer(pick.response, add_special_tokens=False)["input_ids"]) for pick in picks]
     metrics = {
         "proxy_reward": sum(pick.score for pick in picks) / len(picks),

@@ -82,7 +82,7 @@ def test_each_variant_runs_end_to_end(variant, tmp_path):
     stages = [row["stage"] for row in rows]
     expected = {
         "rejection_sampling": ["rejection_sampling_data", "rejection_sampling"],
-        "spin": ["spin1_data", "spin1", "spin2_data", "spin2"],
+        "spin": ["spin1_data", "spin1", "spin2_data", "spin2", "spin3_data", "spin3"],
         "iterative": ["iterative1_collect", "iterative1_rm", "iterative1", "iterative2_collect", "iterative2_rm",
                       "iterative2"],
     }[variant]
