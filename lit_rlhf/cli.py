@@ -85,6 +85,11 @@ class RLHFCLI(LightningCLI):
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
 
 
+def fit_phase(args: list[str], runs_dir: str) -> RLHFCLI:
+    """``lit-rlhf fit ARGS`` with logs under ``runs_dir``: how the pipeline runs its ``fit`` stages."""
+    return RLHFCLI(args=["fit", *args, "--trainer.enable_progress_bar", "false"], runs_dir=runs_dir)
+
+
 def _world_command(argv: list[str]) -> None:
     from lit_rlhf.world import write_world
 
@@ -140,7 +145,7 @@ def _pipeline_command(argv: list[str]) -> None:
     parser.add_argument("--out", help="output folder (default: the file's 'out', else runs/pipeline)")
     parser.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo this stage (repeatable)")
     args = parser.parse_args(argv)
-    run_pipeline(args.config, args.out, tuple(args.force))
+    run_pipeline(args.config, fit_phase, args.out, tuple(args.force))
 
 
 EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {

@@ -30,6 +30,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ import yaml
 
 from lit_rlhf.errors import ConfigError
 
+FitPhase = Callable[[list[str], str], Any]
+"""Runs ``lit-rlhf fit ARGS`` with its logs under a folder and returns the finished LightningCLI."""
 DONE_FILE = "done.json"
 POLICY, REWARD_MODEL, DATA, BASELINE = "policy", "reward_model", "data", "baseline"
 SUMMARY_KEYS = ("stage", "gold_reward", "proxy_reward", "kl", "length_mean", "seconds")
@@ -123,16 +126,48 @@ def _expand(stage: dict[str, Any]) -> list[dict[str, Any]]:
 # --- running -------------------------------------------------------------------------------------------------------
 
 
-def run_pipeline(config: str | Path, out: str | Path | None = None, force: tuple[str, ...] = ()) -> list[dict]:
-    """Run every stage not yet complete, then evaluate and write ``summary.json``; returns its rows."""
+@dataclass
+class PipelineRun:
+    """One run of a pipeline file: its stages, where they write, and how a ``fit`` stage runs a phase."""
+
+    spec: dict[str, Any]
+    out_dir: Path
+    fit_phase: FitPhase
+
+    @property
+    def stage_names(self) -> set[str]:
+        return {stage["name"] for stage in self.spec["stages"]}
+
+    def done(self, name: str) -> dict[str, Any]:
+        done = self.out_dir / name / DONE_FILE
+        if not done.exists():
+            raise ConfigError(f"stage {name!r} is referred to before it has run")
+        return json.loads(done.read_text())
+
+    def resolve(self, reference: str | None, output: str) -> str | None:
+        """A stage name → that stage's ``output`` (its model folder or data file); anything else is a path or
+        a name, returned as it is."""
+        if reference is None or reference not in self.stage_names:
+            return reference
+        return str(self.out_dir / reference / self.done(reference)[output])
+
+
+def run_pipeline(
+    config: str | Path, fit_phase: FitPhase, out: str | Path | None = None, force: tuple[str, ...] = ()
+) -> list[dict]:
+    """Run every stage not yet complete, then evaluate and write ``summary.json``; returns its rows.
+
+    ``fit_phase(args, runs_dir)`` runs ``lit-rlhf fit ARGS`` with its logs under ``runs_dir`` and returns the
+    finished LightningCLI (the command line passes :func:`lit_rlhf.cli.fit_phase`).
+    """
     spec = load_pipeline(config)
-    out_dir = Path(out or spec.get("out", "runs/pipeline"))
+    run = PipelineRun(spec, Path(out or spec.get("out", "runs/pipeline")), fit_phase)
     names = [stage["name"] for stage in spec["stages"]]
     unknown = [name for name in force if name not in names]
     if unknown:
         raise ConfigError(f"--force {unknown[0]}: no such stage (stages: {', '.join(names)})")
     for stage in spec["stages"]:
-        stage_dir = out_dir / stage["name"]
+        stage_dir = run.out_dir / stage["name"]
         if _is_complete(stage, stage_dir) and stage["name"] not in force:
             print(f"[pipeline] {stage['name']}: complete, skipped")
             continue
@@ -141,14 +176,14 @@ def run_pipeline(config: str | Path, out: str | Path | None = None, force: tuple
         stage_dir.mkdir(parents=True)
         print(f"[pipeline] {stage['name']}: running ({stage['kind']})")
         started = time.perf_counter()
-        record = STAGE_RUNNERS[stage["kind"]](stage, stage_dir, out_dir, spec)
+        record = STAGE_RUNNERS[stage["kind"]](stage, stage_dir, run)
         record["seconds"] = round(time.perf_counter() - started, 1)
         record["spec"] = stage
         (stage_dir / DONE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    rows = summarize(spec, out_dir)
-    (out_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    rows = summarize(run)
+    (run.out_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(format_table(rows))
-    print(f"[pipeline] summary: {out_dir / 'summary.json'}")
+    print(f"[pipeline] summary: {run.out_dir / 'summary.json'}")
     return rows
 
 
@@ -158,38 +193,18 @@ def _is_complete(stage: dict[str, Any], stage_dir: Path) -> bool:
     return done.exists() and json.loads(done.read_text()).get("spec") == stage
 
 
-def _done(out_dir: Path, name: str) -> dict[str, Any]:
-    done = out_dir / name / DONE_FILE
-    if not done.exists():
-        raise ConfigError(f"stage {name!r} is referred to before it has run")
-    return json.loads(done.read_text())
-
-
-def _resolve(reference: str | None, out_dir: Path, stage_names: set[str], output: str) -> str | None:
-    """A stage name → that stage's ``output`` (its model folder or data file); anything else is a path or name."""
-    if reference is None or reference not in stage_names:
-        return reference
-    return str(out_dir / reference / _done(out_dir, reference)[output])
-
-
-def _stage_names(spec: dict[str, Any]) -> set[str]:
-    return {stage["name"] for stage in spec["stages"]}
-
-
-def _run_fit(stage: dict, stage_dir: Path, out_dir: Path, spec: dict) -> dict[str, Any]:
-    from lit_rlhf.cli import RLHFCLI
+def _run_fit(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
     from lit_rlhf.phases.reward import RewardModelModule
 
-    names = _stage_names(spec)
-    args = ["fit", "--config", stage["config"], "--model.init_args.export_dir", str(stage_dir / "hf")]
+    args = ["--config", stage["config"], "--model.init_args.export_dir", str(stage_dir / "hf")]
     for option, key, output in (("model", "model.init_args.model_name_or_path", "model"),
                                 ("reward_model", "model.init_args.reward_model", "model"),
                                 ("data", "data.init_args.path", "data")):
         if stage.get(option):
-            args += [f"--{key}", _resolve(stage[option], out_dir, names, output)]
+            args += [f"--{key}", run.resolve(stage[option], output)]
     for key, value in (stage.get("args") or {}).items():
         args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
-    cli = RLHFCLI(args=args, runs_dir=str(stage_dir))
+    cli = run.fit_phase(args, str(stage_dir))
     role = REWARD_MODEL if isinstance(cli.model, RewardModelModule) else stage.get("role", POLICY)
     record: dict[str, Any] = {"kind": "fit", "role": role, "model": "hf"}
     if role == REWARD_MODEL:
@@ -199,16 +214,15 @@ def _run_fit(stage: dict, stage_dir: Path, out_dir: Path, spec: dict) -> dict[st
     return record
 
 
-def _run_collect(stage: dict, stage_dir: Path, out_dir: Path, spec: dict) -> dict[str, Any]:
+def _run_collect(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
     from lit_rlhf.collect import collect_comparisons
 
-    names = _stage_names(spec)
     sampling, max_prompt_length = _sampling(stage)
     summary = collect_comparisons(
-        _resolve(stage["policy"], out_dir, names, "model"), stage_dir, k=int(stage.get("k", 4)),
-        judge=stage.get("judge", "raters"), judge_model=_resolve(stage.get("judge_model"), out_dir, names, "model"),
-        prompts_path=_prompts_path(stage, spec), num_prompts=int(stage.get("num_prompts", 2000)),
-        sampling=sampling, max_prompt_length=max_prompt_length, seed=int(spec.get("seed", 0)),
+        run.resolve(stage["policy"], "model"), stage_dir, k=int(stage.get("k", 4)),
+        judge=stage.get("judge", "raters"), judge_model=run.resolve(stage.get("judge_model"), "model"),
+        prompts_path=_prompts_path(stage, run.spec), num_prompts=int(stage.get("num_prompts", 2000)),
+        sampling=sampling, max_prompt_length=max_prompt_length, seed=int(run.spec.get("seed", 0)),
     )
     return {"kind": "collect", "role": DATA, "data": "comparisons.jsonl", "pairs": summary.pairs,
             "ties_dropped": summary.ties_dropped, "gold_agreement": summary.gold_agreement}
@@ -235,33 +249,31 @@ def _training_prompts(stage: dict, spec: dict) -> list[str]:
     return [record.prompt for record in prompts.train_records][: int(stage.get("num_prompts", 1000))]
 
 
-def _run_rejection_sample(stage: dict, stage_dir: Path, out_dir: Path, spec: dict) -> dict[str, Any]:
+def _run_rejection_sample(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
     from lit_rlhf.collect import sample_responses
     from lit_rlhf.scoring import RewardModelScorer
     from lit_rlhf.selection import pick_best
 
-    names = _stage_names(spec)
-    policy = _resolve(stage["policy"], out_dir, names, "model")
-    prompts = _training_prompts(stage, spec)
-    torch.manual_seed(int(spec.get("seed", 0)))
+    policy = run.resolve(stage["policy"], "model")
+    prompts = _training_prompts(stage, run.spec)
+    torch.manual_seed(int(run.spec.get("seed", 0)))
     groups = sample_responses(policy, prompts, int(stage.get("n", 8)), *_sampling(stage), 256)
-    scorer = RewardModelScorer.from_pretrained(_resolve(stage["reward_model"], out_dir, names, "model"))
+    scorer = RewardModelScorer.from_pretrained(run.resolve(stage["reward_model"], "model"))
     picks = pick_best(prompts, groups, scorer, int(stage.get("keep", 1)), stage.get("threshold"))
     _write_jsonl(stage_dir / "demonstrations.jsonl", [{"prompt": p.prompt, "completion": p.response} for p in picks])
     return {"kind": "rejection_sample", "role": DATA, "data": "demonstrations.jsonl", "rows": len(picks)}
 
 
-def _run_self_play(stage: dict, stage_dir: Path, out_dir: Path, spec: dict) -> dict[str, Any]:
+def _run_self_play(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
     from lit_rlhf.collect import sample_responses
     from lit_rlhf.data.datamodules import DemonstrationDataModule
     from lit_rlhf.selection import self_play_pairs
 
-    names = _stage_names(spec)
-    policy = _resolve(stage["policy"], out_dir, names, "model")
+    policy = run.resolve(stage["policy"], "model")
     demonstrations = DemonstrationDataModule(path=stage.get("demonstrations"), val_fraction=0.0)
     demonstrations.setup("fit")
     records = demonstrations.train_records[: int(stage.get("num_prompts", 1000))]
-    torch.manual_seed(int(spec.get("seed", 0)))
+    torch.manual_seed(int(run.spec.get("seed", 0)))
     prompts = [record.prompt for record in records]
     generations = [group[0] for group in sample_responses(policy, prompts, 1, *_sampling(stage), 256)]
     pairs = self_play_pairs(prompts, [record.completion for record in records], generations)
@@ -269,20 +281,19 @@ def _run_self_play(stage: dict, stage_dir: Path, out_dir: Path, spec: dict) -> d
     return {"kind": "self_play", "role": DATA, "data": "comparisons.jsonl", "pairs": len(pairs)}
 
 
-def _run_best_of_n(stage: dict, stage_dir: Path, out_dir: Path, spec: dict) -> dict[str, Any]:
+def _run_best_of_n(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
     from lit_rlhf.collect import sample_responses
     from lit_rlhf.models import load_tokenizer
     from lit_rlhf.scoring import RewardModelScorer
     from lit_rlhf.selection import best_of_n_kl, pick_best
     from lit_rlhf.world import gold_reward, has_gold
 
-    names = _stage_names(spec)
     n = int(stage.get("n", 8))
-    prompts, sampling, seed = _evaluation_setup(spec)
+    prompts, sampling, seed = _evaluation_setup(run.spec)
     torch.manual_seed(seed)
-    policy = _resolve(stage["policy"], out_dir, names, "model")
+    policy = run.resolve(stage["policy"], "model")
     groups = sample_responses(policy, prompts, n, sampling, int(stage.get("max_prompt_length", 32)), 256)
-    scorer = RewardModelScorer.from_pretrained(_resolve(stage["reward_model"], out_dir, names, "model"))
+    scorer = RewardModelScorer.from_pretrained(run.resolve(stage["reward_model"], "model"))
     picks = pick_best(prompts, groups, scorer)
     _write_jsonl(stage_dir / "samples.jsonl", [vars(pick) for pick in picks])
     tokenizer = load_tokenizer(policy)
@@ -297,7 +308,7 @@ def _run_best_of_n(stage: dict, stage_dir: Path, out_dir: Path, spec: dict) -> d
     return {"kind": "best_of_n", "role": BASELINE, "n": n, **metrics}
 
 
-STAGE_RUNNERS: dict[str, Callable[[dict, Path, Path, dict], dict[str, Any]]] = {
+STAGE_RUNNERS: dict[str, Callable[[dict, Path, PipelineRun], dict[str, Any]]] = {
     "fit": _run_fit,
     "collect": _run_collect,
     "rejection_sample": _run_rejection_sample,
@@ -324,16 +335,16 @@ def _evaluation_setup(spec: dict) -> tuple[list[str], Any, int]:
     return [p for p in prompts.eval_prompts for _ in range(repeats)], sampling, int(evaluation.get("seed", 1234))
 
 
-def summarize(spec: dict, out_dir: Path) -> list[dict[str, Any]]:
+def summarize(run: PipelineRun) -> list[dict[str, Any]]:
     """One row per stage (and the ``init`` row): policies evaluated here, the rest from their ``done.json``."""
     from lit_rlhf.models import load_causal_lm, load_tokenizer
     from lit_rlhf.rollout import evaluate_policy
     from lit_rlhf.scoring import RewardModelScorer
 
-    evaluation, names = spec["evaluation"], _stage_names(spec)
+    spec, evaluation = run.spec, run.spec["evaluation"]
     prompts, sampling, seed = _evaluation_setup(spec)
-    reference_path = _resolve(evaluation.get("reference"), out_dir, names, "model")
-    reward_model = _resolve(evaluation.get("reward_model"), out_dir, names, "model")
+    reference_path = run.resolve(evaluation.get("reference"), "model")
+    reward_model = run.resolve(evaluation.get("reward_model"), "model")
     scorer = RewardModelScorer.from_pretrained(reward_model) if reward_model else None
     reference = load_causal_lm(reference_path, load_tokenizer(reference_path)).eval() if reference_path else None
 
@@ -349,10 +360,10 @@ def summarize(spec: dict, out_dir: Path) -> list[dict[str, Any]]:
     if evaluation.get("init"):
         rows.append({"stage": "init", **evaluate(evaluation["init"]), "seconds": 0.0})
     for stage in spec["stages"]:
-        done = _done(out_dir, stage["name"])
+        done = run.done(stage["name"])
         row: dict[str, Any] = {"stage": stage["name"]}
         if done["role"] == POLICY:
-            row |= evaluate(str(out_dir / stage["name"] / done["model"]))
+            row |= evaluate(str(run.out_dir / stage["name"] / done["model"]))
         elif done["role"] == BASELINE:
             row |= {key: done[key] for key in SUMMARY_KEYS[1:-1]}
         else:

@@ -11,6 +11,7 @@ import yaml
 
 from helpers import run_cli
 from lit_rlhf import pipeline
+from lit_rlhf.cli import fit_phase
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.scoring import GoldScorer
 from lit_rlhf.selection import best_of_n_kl, pick_best, self_play_pairs
@@ -18,7 +19,7 @@ from lit_rlhf.selection import best_of_n_kl, pick_best, self_play_pairs
 CONFIGS = Path(__file__).parents[1] / "configs"
 PIPELINES = sorted(CONFIGS.glob("pipeline*.yaml"))
 QUICK = {"trainer.max_steps": 2, "trainer.val_check_interval": 1, "trainer.limit_val_batches": 1,
-         "trainer.enable_progress_bar": False, "data.num_eval_prompts": 2}
+         "data.num_eval_prompts": 2}
 QUICK_PPO = {**QUICK, "trainer.max_steps": 8, "data.batch_size": 8, "model.max_new_tokens": 8}
 
 
@@ -53,11 +54,11 @@ def test_the_pipeline_resumes_after_a_crash_without_redoing_completed_stages(tmp
 
     monkeypatch.setitem(pipeline.STAGE_RUNNERS, "fit", crash_at_ppo)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.run_pipeline(spec, out)
+        pipeline.run_pipeline(spec, fit_phase, out)
     assert [p.parent.name for p in sorted(out.glob("*/done.json"))] == ["collect", "rm", "sft"]
     assert not (out / "ppo" / "done.json").exists()
 
-    rows = pipeline.run_pipeline(spec, out)
+    rows = pipeline.run_pipeline(spec, fit_phase, out)
     assert runs == ["sft", "rm", "ppo", "ppo", "dpo"]  # sft and rm were not trained again
     assert [row["stage"] for row in rows] == ["init", "sft", "collect", "rm", "ppo", "dpo", "best_of_n"]
     assert json.loads((out / "summary.json").read_text()) == rows
@@ -72,13 +73,13 @@ def test_the_pipeline_resumes_after_a_crash_without_redoing_completed_stages(tmp
     assert all(row["seconds"] >= 0 for row in rows)
 
     runs.clear()
-    pipeline.run_pipeline(spec, out, force=("rm",))
+    pipeline.run_pipeline(spec, fit_phase, out, force=("rm",))
     assert runs == ["rm"]  # --force redoes that stage only
 
 
 @pytest.mark.parametrize("variant", ["rejection_sampling", "spin", "iterative"])
 def test_each_variant_runs_end_to_end(variant, tmp_path):
-    rows = pipeline.run_pipeline(tiny(CONFIGS / f"pipeline_{variant}.yaml", tmp_path), tmp_path / "out")
+    rows = pipeline.run_pipeline(tiny(CONFIGS / f"pipeline_{variant}.yaml", tmp_path), fit_phase, tmp_path / "out")
     stages = [row["stage"] for row in rows]
     expected = {
         "rejection_sampling": ["rejection_sampling_data", "rejection_sampling"],
