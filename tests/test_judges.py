@@ -118,4 +118,7 @@ def test_collect_writes_ai_labelled_comparisons(world_sft_path, tiny_gpt2_path, 
     summary = json.loads((out / "collect.json").read_text())
     assert summary["judge"] == "llm" and summary["pairs"] + summary["ties_dropped"] == 6 * 3
     assert 0.0 <= summary["gold_agreement"] <= 1.0
-    assert len(json.loads((out / "judge_cache.json").read_text())) == 6 * 3  # one verdict per pair, both orders
+    rankings = [json.loads(line) for line in (out / "rankings.jsonl").read_text().splitlines()]
+    distinct_pairs = {(row["prompt"], row["responses"][i], row["responses"][j])
+                      for row in rankings for i in range(3) for j in range(i + 1, 3)}
+    assert len(json.loads((out / "judge_cache.json").read_text())) == len(distinct_pairs)  # one verdict each
