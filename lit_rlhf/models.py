@@ -183,3 +183,17 @@ def response_logprobs(
 def scalar_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """``[B]`` scores of a scalar-head model, read at each row's last non-pad token (left or right padding)."""
     return forward(model, input_ids, attention_mask).logits.squeeze(-1).float()
+
+
+def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Dropout off everywhere: RLHF's probability ratios (PPO's π/π_old, DPO's π/π_ref) must not be noisy, and
+    exactly 1 before the first update (TRL does the same)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """A network that is only evaluated: no dropout, eval mode, no gradients."""
+    return without_dropout(model).eval().requires_grad_(False)

@@ -251,14 +251,14 @@ def _training_prompts(stage: dict, spec: dict) -> list[str]:
 
 def _run_rejection_sample(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
     from lit_rlhf.collect import sample_responses
-    from lit_rlhf.scoring import RewardModelScorer
+    from lit_rlhf.scoring import make_scorer
     from lit_rlhf.selection import pick_best
 
     policy = run.resolve(stage["policy"], "model")
     prompts = _training_prompts(stage, run.spec)
     torch.manual_seed(int(run.spec.get("seed", 0)))
     groups = sample_responses(policy, prompts, int(stage.get("n", 8)), *_sampling(stage), 256)
-    scorer = RewardModelScorer.from_pretrained(run.resolve(stage["reward_model"], "model"))
+    scorer = make_scorer(run.resolve(stage["reward_model"], "model"))
     picks = pick_best(prompts, groups, scorer, int(stage.get("keep", 1)), stage.get("threshold"))
     _write_jsonl(stage_dir / "demonstrations.jsonl", [{"prompt": p.prompt, "completion": p.response} for p in picks])
     return {"kind": "rejection_sample", "role": DATA, "data": "demonstrations.jsonl", "rows": len(picks)}
@@ -284,7 +284,7 @@ def _run_self_play(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, 
 def _run_best_of_n(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
     from lit_rlhf.collect import sample_responses
     from lit_rlhf.models import load_tokenizer
-    from lit_rlhf.scoring import RewardModelScorer
+    from lit_rlhf.scoring import make_scorer
     from lit_rlhf.selection import best_of_n_kl, pick_best
     from lit_rlhf.world import gold_reward, has_gold
 
@@ -293,7 +293,7 @@ def _run_best_of_n(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, 
     torch.manual_seed(seed)
     policy = run.resolve(stage["policy"], "model")
     groups = sample_responses(policy, prompts, n, sampling, int(stage.get("max_prompt_length", 32)), 256)
-    scorer = RewardModelScorer.from_pretrained(run.resolve(stage["reward_model"], "model"))
+    scorer = make_scorer(run.resolve(stage["reward_model"], "model"))
     picks = pick_best(prompts, groups, scorer)
     _write_jsonl(stage_dir / "samples.jsonl", [vars(pick) for pick in picks])
     tokenizer = load_tokenizer(policy)
@@ -339,13 +339,13 @@ def summarize(run: PipelineRun) -> list[dict[str, Any]]:
     """One row per stage (and the ``init`` row): policies evaluated here, the rest from their ``done.json``."""
     from lit_rlhf.models import load_causal_lm, load_tokenizer
     from lit_rlhf.rollout import evaluate_policy
-    from lit_rlhf.scoring import RewardModelScorer
+    from lit_rlhf.scoring import make_scorer
 
     spec, evaluation = run.spec, run.spec["evaluation"]
     prompts, sampling, seed = _evaluation_setup(spec)
     reference_path = run.resolve(evaluation.get("reference"), "model")
     reward_model = run.resolve(evaluation.get("reward_model"), "model")
-    scorer = RewardModelScorer.from_pretrained(reward_model) if reward_model else None
+    scorer = make_scorer(reward_model) if reward_model else None
     reference = load_causal_lm(reference_path, load_tokenizer(reference_path)).eval() if reference_path else None
 
     def evaluate(name_or_path: str) -> dict[str, Any]:

@@ -1,12 +1,14 @@
 """Scoring ``(prompt, response)`` texts: the one scoring function that PPO, judges and rejection sampling use.
 
 :class:`RewardModelScorer` wraps an exported reward model; :class:`GoldScorer` is the embedded world's exact gold
-reward behind the same interface (oracle runs, evaluation).
+reward behind the same interface (oracle runs, evaluation); :class:`FunctionScorer` a Python function.
+:func:`make_scorer` builds one from a name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from importlib import import_module
 from pathlib import Path
 from typing import Protocol
 
@@ -15,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_rlhf.data.collate import collate_demonstrations, encode_demonstrations
 from lit_rlhf.data.formats import Demonstration
+from lit_rlhf.errors import ConfigError
 from lit_rlhf.models import load_scalar_head_model, load_tokenizer, scalar_scores
 from lit_rlhf.world import gold_reward
 
@@ -83,3 +86,31 @@ class RewardModelScorer:
             mean, std = self.statistics
             scores = (scores - mean) / std
         return scores
+
+
+GOLD = "gold"
+"""The reward name that scores with the embedded world's gold reward (oracle runs)."""
+
+
+class FunctionScorer:
+    """A Python reward ``"package.module:function"`` taking ``(prompts, responses)`` and returning one score each."""
+
+    def __init__(self, spec: str) -> None:
+        module_name, _, function_name = spec.partition(":")
+        try:
+            self.function = getattr(import_module(module_name), function_name)
+        except (ImportError, AttributeError) as error:
+            raise ConfigError(f"reward {spec!r}: cannot import {function_name} from {module_name}") from error
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        return torch.as_tensor(self.function(list(prompts), list(responses)), dtype=torch.float32)
+
+
+def make_scorer(reward: str, **reward_model_options) -> Scorer:
+    """The scorer a reward name means: ``"gold"``, ``"package.module:function"``, or a reward-model export path
+    (built with ``reward_model_options``, e.g. ``normalize=True``)."""
+    if reward == GOLD:
+        return GoldScorer()
+    if ":" in reward and not Path(reward).exists():
+        return FunctionScorer(reward)
+    return RewardModelScorer.from_pretrained(reward, **reward_model_options)

@@ -27,7 +27,15 @@ from transformers import PreTrainedModel
 
 from lit_rlhf import losses
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.models import export, is_world, load_causal_lm, load_tokenizer, response_logprobs
+from lit_rlhf.models import (
+    export,
+    frozen,
+    is_world,
+    load_causal_lm,
+    load_tokenizer,
+    response_logprobs,
+    without_dropout,
+)
 from lit_rlhf.phases.optim import adamw_with_warmup
 from lit_rlhf.rollout import SamplingConfig, evaluate_policy
 
@@ -48,14 +56,6 @@ def sequence_logps(model: PreTrainedModel, sequences: dict, average: bool) -> tu
     """``(logps [B], token_logps [B, T-1], mask [B, T-1])`` of the response tokens of ``sequences``."""
     token_logps, mask = response_logprobs(model, *(sequences[field] for field in SEQUENCE_FIELDS))
     return losses.sequence_logprobs(token_logps, mask, average=average), token_logps, mask
-
-
-def without_dropout(model: PreTrainedModel) -> PreTrainedModel:
-    # The implicit reward is a log-ratio of policy and reference; dropout would make it noisy (TRL does the same).
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    return model
 
 
 class ReferenceLogpsCache:
@@ -175,7 +175,7 @@ class DPOModule(LightningModule):
     def _load_reference(self) -> PreTrainedModel:
         hp = self.hparams
         reference = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.trust_remote_code, hp.dtype)
-        return without_dropout(reference).requires_grad_(False).eval().to(self.device)
+        return frozen(reference).to(self.device)
 
     def configure_model(self) -> None:
         hp = self.hparams

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from importlib import import_module
 from pathlib import Path
 from typing import Literal
 
@@ -56,34 +55,20 @@ from lit_rlhf.losses import (
 from lit_rlhf.models import (
     export,
     forward,
+    frozen,
     load_causal_lm,
     load_scalar_head_model,
     load_tokenizer,
     position_ids_from_mask,
     response_logprobs,
+    without_dropout,
 )
 from lit_rlhf.rollout import Rollout, RolloutBuffer, SamplingConfig, evaluate_policy, generate
-from lit_rlhf.scoring import GoldScorer, RewardModelScorer
+from lit_rlhf.scoring import GoldScorer, RewardModelScorer, make_scorer
 from lit_rlhf.world import has_gold
 
-GOLD = "gold"
-"""The ``reward_model`` value that scores with the embedded world's gold reward (oracle runs)."""
 FROZEN_PREFIXES = ("reference.", "reward_network.")
 """State-dict prefixes of the frozen networks, which checkpoints leave out."""
-
-
-class FunctionScorer:
-    """A Python reward ``"package.module:function"`` taking ``(prompts, responses)`` and returning one score each."""
-
-    def __init__(self, spec: str) -> None:
-        module_name, _, function_name = spec.partition(":")
-        try:
-            self.function = getattr(import_module(module_name), function_name)
-        except (ImportError, AttributeError) as error:
-            raise ConfigError(f"reward_model {spec!r}: cannot import {function_name} from {module_name}") from error
-
-    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        return torch.as_tensor(self.function(prompts, responses), dtype=torch.float32)
 
 
 class ValueModel(torch.nn.Module):
@@ -100,18 +85,6 @@ class ValueModel(torch.nn.Module):
         position_ids = position_ids_from_mask(attention_mask)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         return self.head(hidden.last_hidden_state).squeeze(-1).float()
-
-
-def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
-    """PPO's probability ratios must be exactly 1 before the first update: no dropout noise anywhere."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    return model
-
-
-def frozen(model: torch.nn.Module) -> torch.nn.Module:
-    return without_dropout(model).eval().requires_grad_(False)
 
 
 class PPOModule(LightningModule):
@@ -202,15 +175,11 @@ class PPOModule(LightningModule):
         load = (self.tokenizer, hp.trust_remote_code, hp.dtype)
         self.policy = without_dropout(load_causal_lm(hp.model_name_or_path, *load))
         self.reference = frozen(load_causal_lm(hp.model_name_or_path, *load))
-        if hp.reward_model == GOLD:
-            self.scorer = GoldScorer()
-        elif ":" in hp.reward_model and not Path(hp.reward_model).exists():
-            self.scorer = FunctionScorer(hp.reward_model)
-        else:
-            self.scorer = RewardModelScorer.from_pretrained(
-                hp.reward_model, normalize=hp.normalize_scores, max_prompt_length=hp.max_prompt_length,
-                max_length=hp.max_prompt_length + hp.max_new_tokens + 1,
-            )
+        self.scorer = make_scorer(
+            hp.reward_model, normalize=hp.normalize_scores, max_prompt_length=hp.max_prompt_length,
+            max_length=hp.max_prompt_length + hp.max_new_tokens + 1,
+        )
+        if isinstance(self.scorer, RewardModelScorer):
             self.reward_network = frozen(self.scorer.model)  # a registered module: the strategy places it
         if hp.advantage_estimator == "gae":
             seed = hp.value_model or (hp.model_name_or_path if self.reward_network is None else hp.reward_model)
