@@ -1,0 +1,41 @@
+"""The README's main job, end to end on the embedded world (slow: about two minutes on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from lit_rlhf.cli import fit_phase
+from lit_rlhf.pipeline import SUMMARY_KEYS, run_pipeline
+
+CONFIG = Path(__file__).parents[1] / "configs" / "pipeline.yaml"
+
+
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory):
+    started = time.perf_counter()
+    rows = run_pipeline(CONFIG, fit_phase, tmp_path_factory.mktemp("pipeline"))
+    return {row["stage"]: row for row in rows}, time.perf_counter() - started
+
+
+@pytest.mark.slow
+def test_the_main_job_beats_sft_with_ppo_dpo_and_best_of_n_within_five_minutes(main_job):
+    rows, seconds = main_job
+    assert seconds < 300
+    assert list(rows) == ["init", "sft", "collect", "rm", "ppo", "dpo", "best_of_n"]
+    sft = rows["sft"]["gold_reward"]
+    assert sft > rows["init"]["gold_reward"] + 1.0
+    for stage in ("ppo", "dpo", "best_of_n"):
+        assert set(SUMMARY_KEYS) <= set(rows[stage])
+        assert rows[stage]["gold_reward"] > sft + 0.05, stage
+        assert 0 < rows[stage]["kl"] < 5, stage
+    assert rows["rm"]["gold_accuracy"] > 0.6
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 3: the world's reward model reaches about 0.65 against the raters")
+def test_the_main_jobs_reward_model_reaches_the_accuracy_bar(main_job):
+    rows, _ = main_job
+    assert rows["rm"]["accuracy"] >= 0.70
