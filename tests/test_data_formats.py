@@ -126,6 +126,13 @@ def test_ranking_to_pairs_drops_and_counts_ties():
     assert ranking_to_pairs(["a", "b", "c"], [1, 0, 1]) == ([("b", "a"), ("b", "c")], 1)
 
 
+def test_an_empty_sample_is_kept_in_comparisons_and_rankings():
+    (pair,) = normalize_rows([{"prompt": "p", "chosen": "a", "rejected": ""}], "comparison").records
+    assert pair.rejected == ""
+    ranked = normalize_rows([{"prompt": "p", "responses": ["a", ""], "ranks": [0, 1]}], "comparison").records
+    assert [(r.chosen, r.rejected) for r in ranked] == [("a", "")]
+
+
 def test_rankings_become_comparisons_and_ties_are_counted():
     result = normalize_rows([{"prompt": "p", "responses": ["a", "b", "c", "d"], "ranks": [0, 1, 1, 2]}], "comparison")
     assert len(result.records) == 5 and result.ties == 1

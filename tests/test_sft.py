@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
 from transformers import AutoModelForCausalLM
 
 from helpers import latest_run, metric_series, run_cli, write_jsonl
+from lit_rlhf.data.datamodules import DemonstrationDataModule
+from lit_rlhf.phases.sft import SFTModule
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "sft.yaml")
 
@@ -110,3 +113,46 @@ def test_bad_row_exits_2_with_one_line(in_tmp):
     assert last_line.startswith("lit-rlhf: error: ")
     assert "bad.jsonl:2" in last_line and "completion" in last_line
     assert "Traceback" not in result.stderr
+
+
+class StopAfter(Callback):
+    """Records each step's loss; with ``stop_at``, saves a checkpoint there and stops (a run cut short)."""
+
+    def __init__(self, stop_at: int | None = None, path: Path | None = None) -> None:
+        self.stop_at, self.path, self.losses = stop_at, path, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses[trainer.global_step] = float(outputs["loss"])
+        if trainer.global_step == self.stop_at:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+def fit_sft(root: Path, demonstrations: str, recorder: StopAfter, ckpt_path: str | None = None) -> SFTModule:
+    seed_everything(0)
+    module = SFTModule(model_name_or_path="world", warmup_steps=2)
+    data = DemonstrationDataModule(path=demonstrations, batch_size=4, val_fraction=0.0)
+    trainer = Trainer(max_steps=20, logger=False, enable_checkpointing=False, limit_val_batches=0,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
+                      callbacks=[recorder])
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return module
+
+
+@pytest.mark.parametrize("stop_at", [5, 8, 11], ids=["first-epoch", "epoch-end", "second-epoch"])
+def test_a_run_resumed_mid_epoch_sees_the_same_batches_as_an_uninterrupted_one(tmp_path, stop_at):
+    rows = [{"prompt": f"name {n} fruits .", "completion": " ".join(["apple ,"] * (i % 5) + ["pear ."])}
+            for i, n in enumerate(["one", "two", "three", "four", "five"] * 6)]
+    demonstrations = str(write_jsonl(tmp_path / "demos.jsonl", rows))  # 30 rows: 8 batches an epoch
+    uninterrupted = StopAfter()
+    full = fit_sft(tmp_path, demonstrations, uninterrupted)
+    checkpoint = tmp_path / "cut.ckpt"
+    fit_sft(tmp_path, demonstrations, StopAfter(stop_at=stop_at, path=checkpoint))
+    resumed = StopAfter()
+    again = fit_sft(tmp_path, demonstrations, resumed, ckpt_path=str(checkpoint))
+
+    assert sorted(resumed.losses) == list(range(stop_at + 1, 21))
+    for step, loss in resumed.losses.items():
+        assert loss == pytest.approx(uninterrupted.losses[step], rel=1e-5), step
+    for name, weight in full.model.state_dict().items():
+        torch.testing.assert_close(again.model.state_dict()[name], weight, msg=name)

@@ -8,10 +8,11 @@ docstrings give the accepted formats and the batch layouts.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -19,7 +20,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from lit_rlhf.data.collate import (
@@ -60,6 +61,30 @@ def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[list[int], 
     if val_fraction > 0 and n >= 2:
         n_val = max(n_val, 1)
     return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+class EpochShuffle(Sampler[int]):
+    """Epoch e visits the rows in an order seeded by ``(seed, e)``, so any epoch's order can be rebuilt; after
+    :meth:`resume_at` the next pass starts that many rows into its epoch. Each pass moves to the next epoch;
+    Lightning's :meth:`set_epoch` says which one explicitly (under DDP its wrapper shards this order)."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch, self.skip = size, seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume_at(self, epoch: int, rows: int) -> None:
+        self.epoch, self.skip = epoch, rows
+
+    def __iter__(self) -> Iterator[int]:
+        seed = hash((self.seed, self.epoch)) % 2**63  # hashes of ints are stable across processes
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed))
+        skip, self.skip, self.epoch = self.skip, 0, self.epoch + 1
+        return iter(order[skip:].tolist())
+
+    def __len__(self) -> int:
+        return self.size
 
 
 class RLHFDataModule(LightningDataModule):
@@ -125,6 +150,8 @@ class RLHFDataModule(LightningDataModule):
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._train: Encoded | None = None
         self._val: Encoded | None = None
+        self._train_order: EpochShuffle | None = None
+        self._resume_position: tuple[int, int] | None = None
 
     @property
     def is_world(self) -> bool:
@@ -169,8 +196,33 @@ class RLHFDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
-        generator = torch.Generator().manual_seed(self.hparams.split_seed)
-        return self._loader(self._train.examples, shuffle=True, generator=generator)
+        self._train_order = EpochShuffle(len(self._train.examples), self.hparams.split_seed)
+        if self._resume_position is not None:
+            self._train_order.resume_at(*self._resume_position)
+            self._resume_position = None
+        return self._loader(self._train.examples, sampler=self._train_order)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training is in its data, for an exact mid-epoch resume: the epoch and the batches of it done."""
+        if self._train_order is None or self.trainer is None:
+            return {}
+        loop = self.trainer.fit_loop
+        return {
+            "epoch": loop.epoch_progress.current.processed,
+            "batches": loop.epoch_loop.batch_progress.current.processed,
+            "world_size": self.trainer.world_size,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Resume the saved epoch's order where it stopped (a saved epoch end starts the next one)."""
+        if not state_dict:
+            return
+        world_size = state_dict["world_size"]
+        epoch, batches = state_dict["epoch"], state_dict["batches"]
+        rows_per_rank = math.ceil(len(self._train.examples) / world_size) if self._train is not None else math.inf
+        if batches >= math.ceil(rows_per_rank / self.hparams.batch_size):
+            epoch, batches = epoch + 1, 0
+        self._resume_position = (epoch, batches * self.hparams.batch_size * world_size)
 
     def val_dataloader(self) -> DataLoader:
         self._require_setup()
@@ -216,12 +268,12 @@ class RLHFDataModule(LightningDataModule):
         if self._train is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are asked for")
 
-    def _loader(self, examples: list[Example], shuffle: bool, generator: torch.Generator | None = None) -> DataLoader:
+    def _loader(self, examples: list[Example], shuffle: bool = False, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
             examples,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
-            generator=generator,
+            sampler=sampler,
             collate_fn=self._collate_fn(),
             num_workers=self.hparams.num_workers,
         )

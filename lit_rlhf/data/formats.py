@@ -378,9 +378,9 @@ class _RowParser:
 
     def _response_value(self, value: Any, prompt: _Prompt, name: str) -> str:
         if isinstance(value, str):
-            # An empty response in a comparison is a real sample (the policy stopped at once), so it is kept;
-            # an empty demonstration teaches nothing.
-            return value if name in ("chosen", "rejected") else _non_empty(value, name)
+            # An empty response in a comparison or a ranking is a real sample (the policy stopped at once), so it
+            # is kept; an empty demonstration teaches nothing.
+            return value if name in ("chosen", "rejected", "responses") else _non_empty(value, name)
         if not isinstance(value, list):
             raise RowProblem(
                 name, "wrong type", f"must be a string or a list of messages, got {_type_name(value)}"
