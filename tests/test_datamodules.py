@@ -274,3 +274,20 @@ def test_comparisons_split_by_prompt_and_group_every_pair_of_a_prompt_in_one_bat
     assert all(len(set(batch["prompt"])) == 2 for batch in batches)
     assert {p for batch in batches for p in batch["prompt"]} == train_prompts
     assert batches[0]["chosen_input_ids"].shape == batches[0]["rejected_input_ids"].shape
+
+
+@pytest.mark.parametrize("size", [48, 50])
+def test_epoch_shuffle_rebuilds_any_epoch_of_a_seeded_shuffling_loader_and_resumes_inside_it(size):
+    from torch.utils.data import DataLoader
+
+    from lit_rlhf.data.datamodules import EpochShuffle
+
+    shuffling = DataLoader(range(size), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(3))
+    expected = [[batch.tolist() for batch in shuffling] for _ in range(3)]
+    order = EpochShuffle(size, seed=3)
+    loader = DataLoader(range(size), batch_size=8, sampler=order)
+    order.set_epoch(2)
+    assert [batch.tolist() for batch in loader] == expected[2]
+    order.resume_at(epoch=1, rows=16)
+    assert [batch.tolist() for batch in loader] == expected[1][2:]
+    assert [batch.tolist() for batch in loader] == expected[2]  # the pass after a resumed one is the next epoch

@@ -64,9 +64,10 @@ def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[list[int], 
 
 
 class EpochShuffle(Sampler[int]):
-    """Epoch e visits the rows in an order seeded by ``(seed, e)``, so any epoch's order can be rebuilt; after
-    :meth:`resume_at` the next pass starts that many rows into its epoch. Each pass moves to the next epoch;
-    Lightning's :meth:`set_epoch` says which one explicitly (under DDP its wrapper shards this order)."""
+    """Epoch e visits the rows in the order ``DataLoader(shuffle=True, generator=Generator().manual_seed(seed))``
+    gives in its epoch e, rebuilt from scratch so that any epoch's order can be recovered; after :meth:`resume_at`
+    the next pass starts that many rows into its epoch. Each pass moves to the next epoch; Lightning's
+    :meth:`set_epoch` says which one explicitly (under DDP its wrapper shards this order)."""
 
     def __init__(self, size: int, seed: int) -> None:
         self.size, self.seed, self.epoch, self.skip = size, seed, 0, 0
@@ -78,8 +79,13 @@ class EpochShuffle(Sampler[int]):
         self.epoch, self.skip = epoch, rows
 
     def __iter__(self) -> Iterator[int]:
-        seed = hash((self.seed, self.epoch)) % 2**63  # hashes of ints are stable across processes
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.epoch):  # an epoch of DataLoader + RandomSampler draws a worker seed and two orders
+            torch.empty((), dtype=torch.int64).random_(generator=generator)
+            torch.randperm(self.size, generator=generator)
+            torch.randperm(self.size, generator=generator)
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+        order = torch.randperm(self.size, generator=generator)
         skip, self.skip, self.epoch = self.skip, 0, self.epoch + 1
         return iter(order[skip:].tolist())
 
@@ -200,7 +206,9 @@ class RLHFDataModule(LightningDataModule):
         if self._resume_position is not None:
             self._train_order.resume_at(*self._resume_position)
             self._resume_position = None
-        return self._loader(self._train.examples, sampler=self._train_order)
+        # The loader's own generator seeds worker processes; given one, it leaves the global RNG alone.
+        generator = torch.Generator().manual_seed(self.hparams.split_seed)
+        return self._loader(self._train.examples, sampler=self._train_order, generator=generator)
 
     def state_dict(self) -> dict[str, int]:
         """Where training is in its data, for an exact mid-epoch resume: the epoch and the batches of it done."""
@@ -268,12 +276,19 @@ class RLHFDataModule(LightningDataModule):
         if self._train is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are asked for")
 
-    def _loader(self, examples: list[Example], shuffle: bool = False, sampler: Sampler | None = None) -> DataLoader:
+    def _loader(
+        self,
+        examples: list[Example],
+        shuffle: bool = False,
+        sampler: Sampler | None = None,
+        generator: torch.Generator | None = None,
+    ) -> DataLoader:
         return DataLoader(
             examples,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
             sampler=sampler,
+            generator=generator,
             collate_fn=self._collate_fn(),
             num_workers=self.hparams.num_workers,
         )
