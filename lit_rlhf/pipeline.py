@@ -46,6 +46,16 @@ POLICY, REWARD_MODEL, DATA, BASELINE = "policy", "reward_model", "data", "baseli
 SUMMARY_KEYS = ("stage", "gold_reward", "proxy_reward", "kl", "length_mean", "seconds")
 BOOKKEEPING_KEYS = ("kind", "role", "model", "data", "seconds", "spec")
 """Keys of ``done.json`` that say where a stage's output is, not what it measured."""
+REQUIRED_KEYS = {
+    "fit": ("config",),
+    "collect": ("policy",),
+    "rejection_sample": ("policy", "reward_model"),
+    "self_play": ("policy",),
+    "best_of_n": ("policy", "reward_model"),
+    "rejection_sampling": ("policy", "reward_model", "config"),
+    "spin": ("policy", "config"),
+    "iterative": ("policy", "config", "rm_config"),
+}
 STAGE_KINDS = ("fit", "collect", "rejection_sample", "self_play", "best_of_n")
 SHORTHANDS = ("rejection_sampling", "spin", "iterative")
 
@@ -68,6 +78,9 @@ def load_pipeline(path: str | Path) -> dict[str, Any]:
     for index, stage in enumerate(spec["stages"]):
         if not isinstance(stage, dict) or "name" not in stage or "kind" not in stage:
             raise ConfigError(f"{path}: stage {index + 1} needs a 'name' and a 'kind'")
+        missing = [key for key in REQUIRED_KEYS.get(stage["kind"], ()) if key not in stage]
+        if missing:
+            raise ConfigError(f"{path}: stage {stage['name']!r} ({stage['kind']}) needs {', '.join(missing)}")
         stages.extend(_expand(stage) if stage["kind"] in SHORTHANDS else [dict(stage)])
     names = set()
     for stage in stages:

@@ -108,6 +108,8 @@ def test_shorthands_wire_each_round_to_the_previous_one(tmp_path):
         ([{"name": "a", "kind": "fit", "config": "missing.yaml"}], "config not found"),
         ([{"name": "a", "kind": "collect", "policy": "x"}] * 2, "used twice"),
         ([{"kind": "collect"}], "needs a 'name' and a 'kind'"),
+        ([{"name": "bon", "kind": "best_of_n", "policy": "sft"}], r"'bon' \(best_of_n\) needs reward_model"),
+        ([{"name": "it", "kind": "iterative", "policy": "sft", "config": "ppo.yaml"}], "needs rm_config"),
     ],
 )
 def test_bad_pipeline_files_are_config_errors(stages, message, tmp_path):
