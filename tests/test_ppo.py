@@ -111,7 +111,7 @@ PER_ITERATION_METRICS = [
 ]
 EVAL_METRICS = [
     "eval/response/length_mean", "eval/response/length_drift", "eval/response/eos_fraction", "eval/gold/reward",
-    "eval/objective/scores", "eval/gold/proxy_gap",
+    "eval/proxy/reward", "eval/objective/kl", "eval/gold/proxy_gap",
 ]
 
 
@@ -134,6 +134,8 @@ def test_ppo_cli_on_world_logs_every_iteration_and_exports(in_tmp, world_sft_pat
     for name in EVAL_METRICS:
         assert len(metric_series(run, name)) == 2, name  # before training, and after iteration 3
     assert metric_series(run, "eval/response/length_drift")[0] == 0.0  # the untrained policy is the reference
+    assert metric_series(run, "eval/objective/kl")[0] == pytest.approx(0.0, abs=1e-5)
+    assert metric_series(run, "eval/objective/kl")[1] > 0.0
     assert metric_series(run, "objective/kl")[0] == pytest.approx(0.0, abs=1e-4)  # first rollout: π = π_ref
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert [sample["iteration"] for sample in samples] == [0] * 8 + [2] * 8

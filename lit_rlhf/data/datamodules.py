@@ -64,21 +64,21 @@ def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[list[int], 
 
 
 class EpochShuffle(Sampler[int]):
-    """Epoch e visits the rows in the order ``DataLoader(shuffle=True, generator=Generator().manual_seed(seed))``
-    gives in its epoch e, rebuilt from scratch so that any epoch's order can be recovered; after :meth:`resume_at`
-    the next pass starts that many rows into its epoch. Each pass moves to the next epoch; Lightning's
-    :meth:`set_epoch` says which one explicitly (under DDP its wrapper shards this order)."""
+    """Pass e over the rows visits them in the order ``DataLoader(shuffle=True, generator=Generator().manual_seed(
+    seed))`` gives in its epoch e, rebuilt from scratch so that any epoch's order can be recovered. :attr:`epoch`
+    is the epoch of the pass under way; after :meth:`resume_at` the next pass is that epoch, started that many rows
+    in. The epoch is counted here, by passes, not taken from the trainer: a run stopped by ``max_steps`` counts its
+    unfinished epoch as done, and would otherwise resume in the next epoch's order."""
 
     def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch, self.skip = size, seed, 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.size, self.seed = size, seed
+        self.epoch, self._next_epoch, self._skip = -1, 0, 0
 
     def resume_at(self, epoch: int, rows: int) -> None:
-        self.epoch, self.skip = epoch, rows
+        self._next_epoch, self._skip = epoch, rows
 
     def __iter__(self) -> Iterator[int]:
+        self.epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
         generator = torch.Generator().manual_seed(self.seed)
         for _ in range(self.epoch):  # an epoch of DataLoader + RandomSampler draws a worker seed and two orders
             torch.empty((), dtype=torch.int64).random_(generator=generator)
@@ -86,7 +86,7 @@ class EpochShuffle(Sampler[int]):
             torch.randperm(self.size, generator=generator)
         torch.empty((), dtype=torch.int64).random_(generator=generator)
         order = torch.randperm(self.size, generator=generator)
-        skip, self.skip, self.epoch = self.skip, 0, self.epoch + 1
+        skip, self._skip = self._skip, 0
         return iter(order[skip:].tolist())
 
     def __len__(self) -> int:
@@ -214,10 +214,9 @@ class RLHFDataModule(LightningDataModule):
         """Where training is in its data, for an exact mid-epoch resume: the epoch and the batches of it done."""
         if self._train_order is None or self.trainer is None:
             return {}
-        loop = self.trainer.fit_loop
         return {
-            "epoch": loop.epoch_progress.current.processed,
-            "batches": loop.epoch_loop.batch_progress.current.processed,
+            "epoch": max(self._train_order.epoch, 0),
+            "batches": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
             "world_size": self.trainer.world_size,
         }
 

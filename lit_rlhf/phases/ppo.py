@@ -99,9 +99,10 @@ class PPOModule(LightningModule):
     ``kl/beta``, ``response/{length_mean,eos_fraction,length_drift}`` (drift: against the reference policy's
     answers to the held-out prompts); with a critic ``loss/value``, ``val/clipfrac``, ``val/explained_variance``;
     with PPO-ptx ``loss/ptx``; on the world ``gold/reward`` and ``gold/proxy_gap`` (scores − gold reward).
-    Validation answers the held-out prompts with fixed sampling noise and logs the generation metrics, the proxy
-    score and on the world the gold ones under ``eval/``. Every ``log_samples_every_n_iterations`` some samples go
-    to a W&B table and to ``samples.jsonl`` in the run folder. The policy is exported at the end of fit.
+    Validation answers the held-out prompts with fixed sampling noise and logs under ``eval/`` the generation
+    metrics, ``proxy/reward`` (the scorer's mean), ``objective/kl`` to the reference and on the world the gold
+    ones. Every ``log_samples_every_n_iterations`` some samples go to a W&B table and to ``samples.jsonl`` in the
+    run folder. The policy is exported at the end of fit.
     """
 
     def __init__(
@@ -165,8 +166,8 @@ class PPOModule(LightningModule):
         )
         self.policy = self.reference = self.reward_network = self.critic = self.scorer = None
         self.iteration = 0
-        """Completed iterations: they fix the prompts and the random seed of the next one."""
-        self._reference_evaluation = self._prompts = self._demonstrations = None
+        """Completed iterations: they fix the random seed of the next one."""
+        self._reference_evaluation = self._demonstrations = None
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -195,18 +196,16 @@ class PPOModule(LightningModule):
     # --- one iteration ---
 
     def on_train_start(self) -> None:
-        self._prompts = self.trainer.train_dataloader
         if self.hparams.ptx_coef:
             self._demonstrations = self._load_demonstrations()
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        """One iteration. The datamodule's batch only paces the loop: the prompts come from :meth:`_prompt_batch`,
-        a function of the iteration, so that a run resumed mid-epoch sees the prompts the uninterrupted run would
-        have seen (a plain DataLoader starts its shuffle again when resumed)."""
+        """One iteration on one batch of prompts. Its random draws are seeded by the iteration count, so a run
+        resumed mid-epoch (the datamodule resumes its prompt order exactly) repeats the uninterrupted one."""
         hp = self.hparams
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(hash((hp.seed, self.iteration, self.global_rank)) % 2**63)  # int hashes are stable
-            rollout, metrics, samples = self._rollout(self._prompt_batch(self.iteration))
+            rollout, metrics, samples = self._rollout(batch)
             buffer = RolloutBuffer(rollout, hp.num_minibatches, hp.gradient_accumulation_steps)
             metrics |= self._optimise(buffer)
         kl = self.trainer.strategy.reduce(metrics["objective/kl"], reduce_op="mean")
@@ -215,15 +214,6 @@ class PPOModule(LightningModule):
         if self.iteration % hp.log_samples_every_n_iterations == 0:
             self._log_samples(samples[: hp.num_logged_samples])
         self.iteration += 1
-
-    def _prompt_batch(self, iteration: int) -> dict:
-        """Epoch e visits the training prompts in an order seeded by (seed, e), each rank its own share."""
-        examples, batch_size, world_size = self._prompts.dataset, self._prompts.batch_size, self.trainer.world_size
-        per_rank = len(examples) // world_size
-        epoch, position = divmod(iteration, max(1, per_rank // batch_size))
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.hparams.seed + epoch))
-        rows = order[self.global_rank :: world_size][:per_rank][position * batch_size : (position + 1) * batch_size]
-        return move_data_to_device(self._prompts.collate_fn([examples[i] for i in rows]), self.device)
 
     @torch.no_grad()
     def _rollout(self, prompts: dict) -> tuple[Rollout, dict[str, torch.Tensor], list[dict]]:
@@ -351,10 +341,10 @@ class PPOModule(LightningModule):
 
     # --- evaluation and logging ---
 
-    def _evaluate(self, model: torch.nn.Module):
+    def _evaluate(self, model: torch.nn.Module, **scoring):
         return evaluate_policy(
             model, self.tokenizer, self.trainer.datamodule.eval_prompts, self.sampling,
-            max_prompt_length=self.hparams.max_prompt_length, seed=self.hparams.eval_seed,
+            max_prompt_length=self.hparams.max_prompt_length, seed=self.hparams.eval_seed, **scoring,
         )
 
     def _reference_length(self) -> float:
@@ -367,12 +357,10 @@ class PPOModule(LightningModule):
         """Nothing per batch: :meth:`on_validation_epoch_end` answers all held-out prompts with fixed noise."""
 
     def on_validation_epoch_end(self) -> None:
-        evaluation = self._evaluate(self.policy)
-        metrics = dict(evaluation.metrics)
+        metrics = dict(self._evaluate(self.policy, reference=self.reference, scorer=self.scorer).metrics)
         metrics["response/length_drift"] = metrics["response/length_mean"] - self._reference_length()
-        metrics["objective/scores"] = self.scorer.score(evaluation.prompts, evaluation.responses).mean().item()
         if "gold/reward" in metrics:
-            metrics["gold/proxy_gap"] = metrics["objective/scores"] - metrics["gold/reward"]
+            metrics["gold/proxy_gap"] = metrics["proxy/reward"] - metrics["gold/reward"]
         self.log_dict({f"eval/{name}": value for name, value in metrics.items()}, sync_dist=True)
 
     def _log_samples(self, samples: list[dict]) -> None:
@@ -388,8 +376,8 @@ class PPOModule(LightningModule):
     # --- checkpoint and export ---
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Beyond weights and optimiser state, the loop's state is β and the iteration count, which fixes the next
-        prompts and every random draw of the next iteration (so no RNG state needs saving)."""
+        """Beyond weights and optimiser state, the loop's state is β and the iteration count, which fixes every
+        random draw of the next iteration (so no RNG state needs saving); the datamodule keeps the prompt order."""
         state = checkpoint["state_dict"]
         for key in [key for key in state if key.startswith(FROZEN_PREFIXES)]:
             del state[key]
