@@ -290,3 +290,16 @@ def test_epoch_shuffle_rebuilds_any_epoch_of_a_seeded_shuffling_loader_and_resum
     order.resume_at(epoch=1, rows=16)
     assert [batch.tolist() for batch in loader] == expected[1][2:] and order.epoch == 1
     assert [batch.tolist() for batch in loader] == expected[2]  # the pass after a resumed one is the next epoch
+
+
+def test_epoch_shuffle_shares_an_epoch_between_replicas_and_resumes_each_where_it_stopped():
+    from lit_rlhf.data.datamodules import EpochShuffle
+
+    whole = list(EpochShuffle(7, seed=3))
+    padded = whole + whole[:1]  # 7 rows for 2 replicas: padded with the first, as DistributedSampler pads
+    replicas = [EpochShuffle(7, seed=3, num_replicas=2, rank=rank) for rank in (0, 1)]
+    assert [list(replica) for replica in replicas] == [padded[0::2], padded[1::2]]
+    assert [len(replica) for replica in replicas] == [4, 4]
+    for replica in replicas:
+        replica.resume_at(epoch=0, rows=4)  # two batches of one row done on each replica
+    assert [list(replica) for replica in replicas] == [padded[4::2], padded[5::2]]

@@ -14,13 +14,14 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterator
 from functools import partial
+from itertools import chain
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from lit_rlhf.data.collate import (
@@ -63,19 +64,28 @@ def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[list[int], 
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-class EpochShuffle(Sampler[int]):
+class EpochShuffle(DistributedSampler):
     """Pass e over the rows visits them in the order ``DataLoader(shuffle=True, generator=Generator().manual_seed(
     seed))`` gives in its epoch e, rebuilt from scratch so that any epoch's order can be recovered. :attr:`epoch`
     is the epoch of the pass under way; after :meth:`resume_at` the next pass is that epoch, started that many rows
-    in. The epoch is counted here, by passes, not taken from the trainer: a run stopped by ``max_steps`` counts its
-    unfinished epoch as done, and would otherwise resume in the next epoch's order."""
+    in. The epoch is counted here, by passes, not taken from the trainer (``set_epoch`` is ignored): a run stopped
+    by ``max_steps`` counts its unfinished epoch as done, and would otherwise resume in the next epoch's order.
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed = size, seed
+    Under data parallelism the order is padded to a multiple of ``num_replicas`` with its first rows, as
+    ``DistributedSampler`` pads, and replica r takes every ``num_replicas``-th row from row r. ``resume_at`` skips
+    rows of that whole order, so a resumed replica sees exactly the rows it would have seen. Being a
+    ``DistributedSampler``, it is used as it is by Lightning, which would otherwise wrap it in one."""
+
+    def __init__(self, size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.size = size
         self.epoch, self._next_epoch, self._skip = -1, 0, 0
 
     def resume_at(self, epoch: int, rows: int) -> None:
         self._next_epoch, self._skip = epoch, rows
+
+    def set_epoch(self, epoch: int) -> None:
+        """Ignored: the epoch is counted by passes (see the class docstring)."""
 
     def __iter__(self) -> Iterator[int]:
         self.epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
@@ -85,12 +95,10 @@ class EpochShuffle(Sampler[int]):
             torch.randperm(self.size, generator=generator)
             torch.randperm(self.size, generator=generator)
         torch.empty((), dtype=torch.int64).random_(generator=generator)
-        order = torch.randperm(self.size, generator=generator)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        order += order[: self.total_size - self.size]
         skip, self._skip = self._skip, 0
-        return iter(order[skip:].tolist())
-
-    def __len__(self) -> int:
-        return self.size
+        return iter(order[skip + self.rank :: self.num_replicas])
 
 
 class RLHFDataModule(LightningDataModule):
@@ -202,7 +210,8 @@ class RLHFDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
-        self._train_order = EpochShuffle(len(self._train.examples), self.hparams.split_seed)
+        replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        self._train_order = EpochShuffle(len(self._train.examples), self.hparams.split_seed, replicas, rank)
         if self._resume_position is not None:
             self._train_order.resume_at(*self._resume_position)
             self._resume_position = None
@@ -234,6 +243,12 @@ class RLHFDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         self._require_setup()
         return self._loader(self._val.examples, shuffle=False)
+
+    def every_batch(self) -> Iterator[dict[str, Any]]:
+        """Every training and validation row once, in file order, batched like training: one pass of a frozen
+        model over all the data (DPO's reference log-probs), whichever rows this process trains on."""
+        self._require_setup()
+        return chain(self._loader(self._train.examples), self._loader(self._val.examples))
 
     # --- per kind ---
 

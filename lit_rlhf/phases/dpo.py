@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-from itertools import chain
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +27,6 @@ from transformers import PreTrainedModel
 from lit_rlhf import losses
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.models import (
-    export,
     frozen,
     is_world,
     load_causal_lm,
@@ -36,7 +34,7 @@ from lit_rlhf.models import (
     response_logprobs,
     without_dropout,
 )
-from lit_rlhf.phases.optim import adamw_with_warmup
+from lit_rlhf.phases.shared import adamw_with_warmup, export_trained
 from lit_rlhf.rollout import SamplingConfig, evaluate_policy
 
 LossType = Literal["sigmoid", "robust", "hinge", "ipo", "simpo", "kto"]
@@ -210,7 +208,7 @@ class DPOModule(LightningModule):
             self.reference_cache = ReferenceLogpsCache(fingerprint, self.hparams.ref_logps_cache)
         cache, datamodule = self.reference_cache, self.trainer.datamodule
         reference, current_keys = None, set()
-        for batch in chain(datamodule.train_dataloader(), datamodule.val_dataloader()):
+        for batch in datamodule.every_batch():
             sequences = concatenated(batch, "chosen_", "rejected_")
             keys = cache.keys(sequences)
             current_keys.update(keys)
@@ -340,8 +338,7 @@ class DPOModule(LightningModule):
             checkpoint["state_dict"].update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
 
     def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero:
-            export(self.model, self.tokenizer, self.hparams.export_dir or f"{self.trainer.log_dir}/hf")
+        export_trained(self, self.model)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -53,7 +53,6 @@ from lit_rlhf.losses import (
     sft_loss,
 )
 from lit_rlhf.models import (
-    export,
     forward,
     frozen,
     load_causal_lm,
@@ -63,6 +62,7 @@ from lit_rlhf.models import (
     response_logprobs,
     without_dropout,
 )
+from lit_rlhf.phases.shared import export_trained
 from lit_rlhf.rollout import Rollout, RolloutBuffer, SamplingConfig, evaluate_policy, generate
 from lit_rlhf.scoring import GoldScorer, RewardModelScorer, make_scorer
 from lit_rlhf.world import has_gold
@@ -364,9 +364,10 @@ class PPOModule(LightningModule):
         self.log_dict({f"eval/{name}": value for name, value in metrics.items()}, sync_dist=True)
 
     def _log_samples(self, samples: list[dict]) -> None:
+        log_dir = self.trainer.log_dir or "."  # a collective under DDP: every rank asks
         if not self.trainer.is_global_zero or not samples:
             return
-        with open(Path(self.trainer.log_dir or ".") / "samples.jsonl", "a") as handle:
+        with open(Path(log_dir) / "samples.jsonl", "a") as handle:
             handle.writelines(json.dumps(sample) + "\n" for sample in samples)
         columns = list(samples[0])
         for logger in self.loggers:
@@ -392,5 +393,4 @@ class PPOModule(LightningModule):
         self.iteration = checkpoint["ppo"]["iteration"]
 
     def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero:
-            export(self.policy, self.tokenizer, self.hparams.export_dir or f"{self.trainer.log_dir}/hf")
+        export_trained(self, self.policy)

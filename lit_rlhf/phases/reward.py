@@ -13,8 +13,8 @@ from torchmetrics import CatMetric, MeanMetric
 
 from lit_rlhf import losses
 from lit_rlhf.collect import sample_responses
-from lit_rlhf.models import export, load_scalar_head_model, load_tokenizer, scalar_scores
-from lit_rlhf.phases.optim import adamw_with_warmup
+from lit_rlhf.models import load_scalar_head_model, load_tokenizer, scalar_scores
+from lit_rlhf.phases.shared import adamw_with_warmup, export_trained
 from lit_rlhf.rollout import SamplingConfig
 from lit_rlhf.scoring import SCORE_MEAN_KEY, SCORE_STD_KEY, RewardModelScorer
 from lit_rlhf.world import gold_reward, has_gold
@@ -135,9 +135,7 @@ class RewardModelModule(LightningModule):
             metric.reset()
 
     def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero:
-            self._store_score_statistics()
-            export(self.model, self.tokenizer, self.hparams.export_dir or f"{self.trainer.log_dir}/hf")
+        export_trained(self, self.model, before=self._store_score_statistics)
 
     def _store_score_statistics(self) -> None:
         """Score the SFT policy's responses to training prompts; keep their mean and std in the config."""

@@ -9,8 +9,8 @@ from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
 from lit_rlhf import losses
-from lit_rlhf.models import export, forward, load_causal_lm, load_tokenizer
-from lit_rlhf.phases.optim import adamw_with_warmup
+from lit_rlhf.models import forward, load_causal_lm, load_tokenizer
+from lit_rlhf.phases.shared import adamw_with_warmup, export_trained
 from lit_rlhf.rollout import SamplingConfig, evaluate_policy
 
 
@@ -87,8 +87,7 @@ class SFTModule(LightningModule):
         self.log_dict(metrics, sync_dist=True)
 
     def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero:
-            export(self.model, self.tokenizer, self.hparams.export_dir or f"{self.trainer.log_dir}/hf")
+        export_trained(self, self.model)
 
     def configure_optimizers(self):
         hp = self.hparams
