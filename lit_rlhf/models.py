@@ -11,6 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch < 2.5
+    from torch.distributed._tensor import DTensor
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -130,13 +135,45 @@ def load_scalar_head_model(
     return _align_special_tokens(model, tokenizer)
 
 
-def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
-    """Write model and tokenizer with ``save_pretrained`` (safetensors) so the next phase loads them by path."""
+def export(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, state_dict: dict | None = None
+) -> Path:
+    """Write model and tokenizer with ``save_pretrained`` (safetensors) so the next phase loads them by path;
+    ``state_dict`` gives the weights of a sharded model, gathered (see :func:`full_state_dict`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def shard(module: torch.nn.Module, mesh) -> torch.nn.Module:
+    """FSDP2 (``fully_shard``) over the device ``mesh``: every transformer block on its own (the classes the Hugging
+    Face models inside name in ``_no_split_modules``), then the rest with ``module`` as the root, so that calling
+    ``module`` gathers what its forward needs, one block at a time."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+
+    block_names = {
+        name for sub in module.modules() if isinstance(sub, PreTrainedModel) for name in sub._no_split_modules or ()
+    }
+    for block in [sub for sub in module.modules() if type(sub).__name__ in block_names]:
+        fully_shard(block, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return module
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    return any(isinstance(parameter, DTensor) for parameter in module.parameters())
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole weights of a sharded ``module`` on the CPU of rank 0 (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def count_parameters(model: torch.nn.Module) -> int:

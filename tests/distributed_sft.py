@@ -1,7 +1,8 @@
 """Two-process DDP SFT on CPU, run by ``test_distributed.py`` as a script (Lightning starts rank 1 by re-running it).
 
-``python distributed_sft.py ROOT DEMOS NAME [--stop-at STEP | --resume CKPT]`` writes ``ROOT/NAME.rank<r>.json``:
-each step's loss and batch token ids on that rank. ``--stop-at`` saves ``ROOT/cut.ckpt`` at that step and stops.
+``python distributed_sft.py ROOT DEMOS NAME [--stop-at STEP | --resume CKPT] [--fsdp]`` writes
+``ROOT/NAME.rank<r>.json`` (each step's loss and batch token ids on that rank) and exports to ``ROOT/NAME-hf``.
+``--stop-at`` saves ``ROOT/cut.ckpt`` at that step and stops; ``--fsdp`` shards with FullyShardedStrategy.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 
 from lit_rlhf.data.datamodules import DemonstrationDataModule
 from lit_rlhf.phases.sft import SFTModule
+from lit_rlhf.phases.shared import FullyShardedStrategy
 
 
 class RecordSteps(Callback):
@@ -37,14 +39,16 @@ def main() -> None:
     parser.add_argument("name")
     parser.add_argument("--stop-at", type=int)
     parser.add_argument("--resume")
+    parser.add_argument("--fsdp", action="store_true")
     args = parser.parse_args()
     seed_everything(0)
+    strategy = FullyShardedStrategy() if args.fsdp else "ddp"
     trainer = Trainer(
-        max_steps=12, accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
+        max_steps=12, accelerator="cpu", devices=2, strategy=strategy, logger=False, enable_checkpointing=False,
         limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False, default_root_dir=args.root,
         callbacks=[RecordSteps(args.root / args.name, args.stop_at)],
     )
-    module = SFTModule(model_name_or_path="world", warmup_steps=2, export_dir=str(args.root / "hf"))
+    module = SFTModule(model_name_or_path="world", warmup_steps=2, export_dir=str(args.root / f"{args.name}-hf"))
     data = DemonstrationDataModule(path=args.demonstrations, batch_size=2, val_fraction=0.0)
     trainer.fit(module, datamodule=data, ckpt_path=args.resume)
 

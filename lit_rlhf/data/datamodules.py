@@ -210,8 +210,7 @@ class RLHFDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
-        replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        self._train_order = EpochShuffle(len(self._train.examples), self.hparams.split_seed, replicas, rank)
+        self._train_order = EpochShuffle(len(self._train.examples), self.hparams.split_seed, *self._replica())
         if self._resume_position is not None:
             self._train_order.resume_at(*self._resume_position)
             self._resume_position = None
@@ -226,8 +225,13 @@ class RLHFDataModule(LightningDataModule):
         return {
             "epoch": max(self._train_order.epoch, 0),
             "batches": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
-            "world_size": self.trainer.world_size,
+            "world_size": self._replica()[0],
         }
+
+    def _replica(self) -> tuple[int, int]:
+        """``(number of data-parallel replicas, this process's replica)``, as the strategy shares out data."""
+        sharing = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
+        return (sharing["num_replicas"], sharing["rank"]) if sharing else (1, 0)
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         """Resume the saved epoch's order where it stopped (a saved epoch end starts the next one)."""

@@ -34,7 +34,13 @@ from lit_rlhf.models import (
     response_logprobs,
     without_dropout,
 )
-from lit_rlhf.phases.shared import adamw_with_warmup, export_trained
+from lit_rlhf.phases.shared import (
+    adamw_with_warmup,
+    export_trained,
+    leave_out_frozen,
+    restore_frozen,
+    shard_networks,
+)
 from lit_rlhf.rollout import SamplingConfig, evaluate_policy
 
 LossType = Literal["sigmoid", "robust", "hinge", "ipo", "simpo", "kto"]
@@ -177,11 +183,13 @@ class DPOModule(LightningModule):
 
     def configure_model(self) -> None:
         hp = self.hparams
-        if self.model is None:
-            policy = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.trust_remote_code, hp.dtype)
-            self.model = without_dropout(policy)
-        if self.reference is None and self._uses_reference and not hp.precompute_ref_logps:
+        if self.model is not None:
+            return
+        policy = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.trust_remote_code, hp.dtype)
+        self.model = without_dropout(policy)
+        if self._uses_reference and not hp.precompute_ref_logps:
             self.reference = self._load_reference()
+        shard_networks(self, self.model, self.reference)
 
     # --- reference log-probs ---
 
@@ -298,9 +306,9 @@ class DPOModule(LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, metrics = self._step(batch)
-        self.log("val/loss", loss, batch_size=len(batch["prompt"]))
+        self.log("val/loss", loss, batch_size=len(batch["prompt"]), sync_dist=True)
         for name, (value, rows) in metrics.items():
-            self.log(f"val/{name}", value, batch_size=rows)
+            self.log(f"val/{name}", value, batch_size=rows, sync_dist=True)
 
     # --- generation-side metrics, on PPO's axes ---
 
@@ -327,15 +335,10 @@ class DPOModule(LightningModule):
     # --- checkpoints and export ---
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The frozen reference reloads from model_name_or_path; storing it would double every checkpoint.
-        state_dict = checkpoint["state_dict"]
-        checkpoint["state_dict"] = {k: v for k, v in state_dict.items() if not k.startswith("reference.")}
+        leave_out_frozen(self, checkpoint, ("reference.",))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # configure_model has loaded the reference already; hand its weights back so that strict loading still
-        # checks every policy weight.
-        if self.reference is not None:
-            checkpoint["state_dict"].update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
+        restore_frozen(self, checkpoint, ("reference.",))
 
     def on_fit_end(self) -> None:
         export_trained(self, self.model)

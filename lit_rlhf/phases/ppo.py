@@ -62,7 +62,7 @@ from lit_rlhf.models import (
     response_logprobs,
     without_dropout,
 )
-from lit_rlhf.phases.shared import export_trained
+from lit_rlhf.phases.shared import export_trained, leave_out_frozen, restore_frozen, shard_networks
 from lit_rlhf.rollout import Rollout, RolloutBuffer, SamplingConfig, evaluate_policy, generate
 from lit_rlhf.scoring import GoldScorer, RewardModelScorer, make_scorer
 from lit_rlhf.world import has_gold
@@ -185,6 +185,7 @@ class PPOModule(LightningModule):
         if hp.advantage_estimator == "gae":
             seed = hp.value_model or (hp.model_name_or_path if self.reward_network is None else hp.reward_model)
             self.critic = without_dropout(ValueModel(load_scalar_head_model(seed, *load)))
+        shard_networks(self, self.policy, self.reference, self.reward_network, self.critic)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -379,16 +380,11 @@ class PPOModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Beyond weights and optimiser state, the loop's state is β and the iteration count, which fixes every
         random draw of the next iteration (so no RNG state needs saving); the datamodule keeps the prompt order."""
-        state = checkpoint["state_dict"]
-        for key in [key for key in state if key.startswith(FROZEN_PREFIXES)]:
-            del state[key]
+        leave_out_frozen(self, checkpoint, FROZEN_PREFIXES)
         checkpoint["ppo"] = {"kl_controller": self.kl_controller.state_dict(), "iteration": self.iteration}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # The frozen networks were loaded from their paths; hand their weights back so loading stays strict.
-        checkpoint["state_dict"].update(
-            {key: value for key, value in self.state_dict().items() if key.startswith(FROZEN_PREFIXES)}
-        )
+        restore_frozen(self, checkpoint, FROZEN_PREFIXES)
         self.kl_controller.load_state_dict(checkpoint["ppo"]["kl_controller"])
         self.iteration = checkpoint["ppo"]["iteration"]
 

@@ -14,7 +14,7 @@ from torchmetrics import CatMetric, MeanMetric
 from lit_rlhf import losses
 from lit_rlhf.collect import sample_responses
 from lit_rlhf.models import load_scalar_head_model, load_tokenizer, scalar_scores
-from lit_rlhf.phases.shared import adamw_with_warmup, export_trained
+from lit_rlhf.phases.shared import adamw_with_warmup, export_trained, shard_networks
 from lit_rlhf.rollout import SamplingConfig
 from lit_rlhf.scoring import SCORE_MEAN_KEY, SCORE_STD_KEY, RewardModelScorer
 from lit_rlhf.world import gold_reward, has_gold
@@ -80,6 +80,7 @@ class RewardModelModule(LightningModule):
         if self.model is None:
             hp = self.hparams
             self.model = load_scalar_head_model(hp.model_name_or_path, self.tokenizer, hp.trust_remote_code, hp.dtype)
+            shard_networks(self, self.model)
 
     def _scores(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen and rejected scored in one concatenated forward, each distinct sequence once (a response in
@@ -130,12 +131,13 @@ class RewardModelModule(LightningModule):
         logged["val/reward/mean"] = scores.mean()
         logged["val/reward/std"] = scores.std()
         logged["val/reward/length_corr"] = length_correlation(scores, lengths)
-        self.log_dict(logged)
+        self.log_dict(logged, sync_dist=True)  # already global: torchmetrics gathers every rank's updates
         for metric in [*self.val_metrics.values(), self.val_scores, self.val_lengths]:
             metric.reset()
 
     def on_fit_end(self) -> None:
-        export_trained(self, self.model, before=self._store_score_statistics)
+        self._store_score_statistics()  # every rank: a sharded model scores only with all of them
+        export_trained(self, self.model)
 
     def _store_score_statistics(self) -> None:
         """Score the SFT policy's responses to training prompts; keep their mean and std in the config."""

@@ -10,7 +10,7 @@ from torchmetrics import MeanMetric
 
 from lit_rlhf import losses
 from lit_rlhf.models import forward, load_causal_lm, load_tokenizer
-from lit_rlhf.phases.shared import adamw_with_warmup, export_trained
+from lit_rlhf.phases.shared import adamw_with_warmup, export_trained, shard_networks
 from lit_rlhf.rollout import SamplingConfig, evaluate_policy
 
 
@@ -48,6 +48,7 @@ class SFTModule(LightningModule):
         if self.model is None:
             hp = self.hparams
             self.model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.trust_remote_code, hp.dtype)
+            shard_networks(self, self.model)
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         logits = forward(self.model, batch["input_ids"], batch["attention_mask"]).logits
@@ -75,7 +76,7 @@ class SFTModule(LightningModule):
     def on_validation_epoch_end(self) -> None:
         val_loss = self.val_nll.compute()
         self.val_nll.reset()
-        self.log_dict({"val/loss": val_loss, "val/perplexity": torch.exp(val_loss)})
+        self.log_dict({"val/loss": val_loss, "val/perplexity": torch.exp(val_loss)}, sync_dist=True)  # already global
         metrics = evaluate_policy(
             self.model,
             self.tokenizer,

@@ -1,14 +1,16 @@
-"""What every phase shares: AdamW with linear warmup and cosine decay, and the export at the end of fit."""
+"""What every phase shares: AdamW with linear warmup and cosine decay, FSDP2 sharding, and the export at the end."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
 from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
-from lit_rlhf.models import export
+from lit_rlhf.errors import ConfigError
+from lit_rlhf.models import export, full_state_dict, is_sharded, shard
 
 
 def adamw_with_warmup(
@@ -25,18 +27,59 @@ def adamw_with_warmup(
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def export_trained(module: LightningModule, model: PreTrainedModel, before: Callable[[], None] | None = None) -> str:
-    """Export ``model`` with the module's tokenizer to ``export_dir`` (default ``<log_dir>/hf``) from rank 0, with
-    ``before`` run there first; every rank returns the folder once it is written.
+class FullyShardedStrategy(ModelParallelStrategy):
+    """FSDP2 over every process of every node: Lightning's ``ModelParallelStrategy`` with all devices in the
+    data-parallel dimension and no tensor parallelism. Each phase shards its networks in ``configure_model``
+    (:func:`shard_networks`); ``configs/trainer/fsdp.yaml`` selects it."""
 
-    ``trainer.log_dir`` is a collective under DDP (rank 0 broadcasts it), so every rank asks for it; asked on rank 0
-    alone it waits for ranks that have already left fit.
-    """
+    def __init__(self, save_distributed_checkpoint: bool = True, process_group_backend: str | None = None) -> None:
+        super().__init__(
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+        )
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+def shard_networks(module: LightningModule, *networks: torch.nn.Module | None) -> None:
+    """Shard each network with FSDP2 over the data-parallel mesh when the strategy gives one; else do nothing."""
+    mesh = module.device_mesh
+    if mesh is None:
+        return
+    if mesh["tensor_parallel"].size() > 1:
+        raise ConfigError("tensor parallelism is not supported: use FullyShardedStrategy (tensor_parallel_size 1)")
+    for network in networks:
+        if network is not None:
+            shard(network, mesh["data_parallel"])
+
+
+def leave_out_frozen(module: LightningModule, checkpoint: dict, prefixes: tuple[str, ...]) -> None:
+    """Drop the frozen networks (state-dict keys starting with ``prefixes``) from a checkpoint: they reload from
+    their paths, and storing them would double every checkpoint. A sharded checkpoint keeps them, because
+    ``torch.distributed.checkpoint`` loads a model whole."""
+    if not is_sharded(module):
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)}
+
+
+def restore_frozen(module: LightningModule, checkpoint: dict, prefixes: tuple[str, ...]) -> None:
+    """Hand the frozen networks' weights, loaded from their paths, back to a checkpoint that left them out, so
+    that strict loading still checks every trained weight (a sharded checkpoint has them and no ``state_dict``)."""
+    state = checkpoint.get("state_dict")
+    if state is not None:
+        state.update({k: v for k, v in module.state_dict().items() if k.startswith(prefixes) and k not in state})
+
+
+def export_trained(module: LightningModule, model: PreTrainedModel) -> str:
+    """Export ``model`` with the module's tokenizer to ``export_dir`` (default ``<log_dir>/hf``) from rank 0; every
+    rank returns the folder once it is written. Every rank must call it: ``trainer.log_dir`` is a collective under
+    DDP (rank 0 broadcasts it), and a sharded model's weights are gathered from all ranks."""
     trainer = module.trainer
     out_dir = module.hparams.export_dir or f"{trainer.log_dir}/hf"
+    state_dict = full_state_dict(model) if is_sharded(model) else None
     if trainer.is_global_zero:
-        if before is not None:
-            before()
-        export(model, module.tokenizer, out_dir)
+        export(model, module.tokenizer, out_dir, state_dict)
     trainer.strategy.barrier("export")
     return out_dir
