@@ -19,7 +19,7 @@ from lit_rlhf.data.collate import tokenize_prompts
 from lit_rlhf.data.datamodules import PromptDataModule
 from lit_rlhf.data.formats import ranking_to_pairs
 from lit_rlhf.judges import make_judge
-from lit_rlhf.models import load_causal_lm, load_tokenizer
+from lit_rlhf.models import inference_device, load_causal_lm, load_tokenizer
 from lit_rlhf.rollout import SamplingConfig, generate
 from lit_rlhf.world import gold_reward, has_gold
 
@@ -39,15 +39,23 @@ class CollectionSummary:
 
 
 def sample_responses(
-    policy: str, prompts: list[str], k: int, sampling: SamplingConfig, max_prompt_length: int, batch_size: int
+    policy: str,
+    prompts: list[str],
+    k: int,
+    sampling: SamplingConfig,
+    max_prompt_length: int,
+    batch_size: int,
+    device: torch.device | None = None,
 ) -> list[list[str]]:
-    """``k`` independent samples from the policy export for each prompt."""
+    """``k`` independent samples from the policy export for each prompt, on ``device`` (default
+    :func:`inference_device`)."""
     tokenizer = load_tokenizer(policy)
-    model = load_causal_lm(policy, tokenizer).eval()
+    model = load_causal_lm(policy, tokenizer, device=device or inference_device()).eval()
     repeated = [prompt for prompt in prompts for _ in range(k)]
     texts: list[str] = []
     for start in range(0, len(repeated), batch_size):
         prompt_ids, prompt_mask = tokenize_prompts(tokenizer, repeated[start : start + batch_size], max_prompt_length)
+        prompt_ids, prompt_mask = prompt_ids.to(model.device), prompt_mask.to(model.device)
         texts.extend(generate(model, tokenizer, prompt_ids, prompt_mask, sampling).decode(tokenizer))
     return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
 

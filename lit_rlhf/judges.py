@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.models import forward, load_causal_lm, load_tokenizer
+from lit_rlhf.models import forward, inference_device, load_causal_lm, load_tokenizer
 from lit_rlhf.scoring import GoldScorer, RewardModelScorer, Scorer
 from lit_rlhf.world import Rater
 
@@ -144,7 +144,7 @@ class LLMJudge(Judge):
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> LLMJudge:
         tokenizer = load_tokenizer(path)
-        return cls(load_causal_lm(path, tokenizer), tokenizer, **kwargs)
+        return cls(load_causal_lm(path, tokenizer, device=inference_device()), tokenizer, **kwargs)
 
     def judge_prompt(self, prompt: str, first: str, second: str) -> str:
         """The text the model reads, ``first`` shown as answer ``labels[0]``."""

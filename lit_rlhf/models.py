@@ -99,18 +99,27 @@ def _from_pretrained(auto_class, name_or_path: str, trust_remote_code: bool, dty
         raise ConfigError(f"cannot load a model from {name_or_path}: {error}") from error
 
 
+def inference_device() -> torch.device:
+    """Where models run outside a Trainer (collection, judges, best-of-n, the pipeline's evaluation): the GPU when
+    there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_causal_lm(
     name_or_path: str,
     tokenizer: PreTrainedTokenizerBase,
     trust_remote_code: bool = False,
     dtype: str | None = None,
+    device: torch.device | str | None = None,
 ) -> PreTrainedModel:
-    """A causal LM from a name or path, or the world preset freshly initialised (seed it first)."""
+    """A causal LM from a name or path, or the world preset freshly initialised (seed it first); on ``device`` if
+    given (in a phase the strategy places it)."""
     if is_world(name_or_path):
         model = AutoModelForCausalLM.from_config(world_config(tokenizer))
     else:
         model = _from_pretrained(AutoModelForCausalLM, name_or_path, trust_remote_code, dtype)
-    return _align_special_tokens(model, tokenizer)
+    model = _align_special_tokens(model, tokenizer)
+    return model if device is None else model.to(device)
 
 
 def load_scalar_head_model(
@@ -118,9 +127,11 @@ def load_scalar_head_model(
     tokenizer: PreTrainedTokenizerBase,
     trust_remote_code: bool = False,
     dtype: str | None = None,
+    device: torch.device | str | None = None,
 ) -> PreTrainedModel:
     """A model with a scalar head read at the last non-pad token (``AutoModelForSequenceClassification``,
-    ``num_labels=1``): the reward model, initialised from an SFT export whose LM head it drops."""
+    ``num_labels=1``): the reward model, initialised from an SFT export whose LM head it drops; on ``device`` if
+    given."""
     if is_world(name_or_path):
         config = world_config(tokenizer)
         config.num_labels = 1
@@ -132,7 +143,8 @@ def load_scalar_head_model(
         model = _from_pretrained(
             AutoModelForSequenceClassification, name_or_path, trust_remote_code, dtype, config=config
         )
-    return _align_special_tokens(model, tokenizer)
+    model = _align_special_tokens(model, tokenizer)
+    return model if device is None else model.to(device)
 
 
 def export(

@@ -350,7 +350,7 @@ def _evaluation_setup(spec: dict) -> tuple[list[str], Any, int]:
 
 def summarize(run: PipelineRun) -> list[dict[str, Any]]:
     """One row per stage (and the ``init`` row): policies evaluated here, the rest from their ``done.json``."""
-    from lit_rlhf.models import load_causal_lm, load_tokenizer
+    from lit_rlhf.models import inference_device, load_causal_lm, load_tokenizer
     from lit_rlhf.rollout import evaluate_policy
     from lit_rlhf.scoring import make_scorer
 
@@ -359,12 +359,15 @@ def summarize(run: PipelineRun) -> list[dict[str, Any]]:
     reference_path = run.resolve(evaluation.get("reference"), "model")
     reward_model = run.resolve(evaluation.get("reward_model"), "model")
     scorer = make_scorer(reward_model) if reward_model else None
-    reference = load_causal_lm(reference_path, load_tokenizer(reference_path)).eval() if reference_path else None
+    device = inference_device()
+    reference = None
+    if reference_path:
+        reference = load_causal_lm(reference_path, load_tokenizer(reference_path), device=device).eval()
 
     def evaluate(name_or_path: str) -> dict[str, Any]:
         tokenizer = load_tokenizer(name_or_path)
         torch.manual_seed(int(spec.get("seed", 0)))  # the untrained world model is built from this seed
-        model = load_causal_lm(name_or_path, tokenizer).eval()
+        model = load_causal_lm(name_or_path, tokenizer, device=device).eval()
         metrics = evaluate_policy(model, tokenizer, prompts, sampling, 32, seed, 128, reference, scorer).metrics
         return {"gold_reward": metrics.get("gold/reward"), "proxy_reward": metrics.get("proxy/reward"),
                 "kl": metrics.get("objective/kl"), "length_mean": metrics["response/length_mean"]}

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lit_rlhf.data.collate import collate_demonstrations, encode_demonstrations
 from lit_rlhf.data.formats import Demonstration
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.models import load_scalar_head_model, load_tokenizer, scalar_scores
+from lit_rlhf.models import inference_device, load_scalar_head_model, load_tokenizer, scalar_scores
 from lit_rlhf.world import gold_reward
 
 SCORE_MEAN_KEY = "lit_rlhf_score_mean"
@@ -59,8 +59,9 @@ class RewardModelScorer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> RewardModelScorer:
+        """Load an export onto :func:`inference_device` (a phase moves :attr:`model` where it needs it)."""
         tokenizer = load_tokenizer(str(path))
-        model = load_scalar_head_model(str(path), tokenizer).eval()
+        model = load_scalar_head_model(str(path), tokenizer, device=inference_device()).eval()
         return cls(model, tokenizer, **kwargs)
 
     @property

@@ -150,3 +150,14 @@ def test_scoring_each_distinct_sequence_once_gives_the_same_scores(world_sft_pat
     torch.testing.assert_close(chosen, expected[0])
     torch.testing.assert_close(rejected, expected[1])
     assert chosen[0] == chosen[1] and rejected[0] == chosen[2] and rejected[1] == rejected[2]
+
+
+def test_models_outside_a_trainer_load_onto_the_inference_device(world_sft_path, world_rm_path):
+    from lit_rlhf import models
+    from lit_rlhf.scoring import RewardModelScorer
+
+    assert models.inference_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = models.load_tokenizer(world_sft_path)
+    assert next(models.load_causal_lm(world_sft_path, tokenizer, device="meta").parameters()).is_meta
+    assert next(models.load_scalar_head_model(world_rm_path, tokenizer, device="meta").parameters()).is_meta
+    assert RewardModelScorer.from_pretrained(world_rm_path).model.device == models.inference_device()
