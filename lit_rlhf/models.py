@@ -3,7 +3,9 @@
 Every phase names its starting model ``model_name_or_path``. A Hugging Face name or a local folder goes through
 ``from_pretrained`` (safetensors, ``trust_remote_code`` off unless asked); the special value ``"world"``
 (:data:`WORLD`) builds the small GPT-2 preset for the embedded world with ``from_config``. Phases export with
-:func:`export` so the next phase loads the result by path.
+:func:`export` so the next phase loads the result by path. Also here: the per-token value head PPO's critic uses
+(:class:`ValueModel`), FSDP2 sharding (:func:`shard`, :func:`full_state_dict`) and where models run outside a
+Trainer (:func:`inference_device`).
 """
 
 from __future__ import annotations
@@ -232,6 +234,22 @@ def response_logprobs(
 def scalar_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """``[B]`` scores of a scalar-head model, read at each row's last non-pad token (left or right padding)."""
     return forward(model, input_ids, attention_mask).logits.squeeze(-1).float()
+
+
+class ValueModel(torch.nn.Module):
+    """Per-token values ``[B, T]``: a scalar-head model's backbone with its ``score`` head applied at every
+    position (its own forward reads the head at the last token only)."""
+
+    def __init__(self, scalar_head_model: torch.nn.Module) -> None:
+        super().__init__()
+        if not hasattr(scalar_head_model, "score"):
+            raise ConfigError(f"{type(scalar_head_model).__name__} has no `score` head to serve as a value head")
+        self.backbone, self.head = scalar_head_model.base_model, scalar_head_model.score
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        position_ids = position_ids_from_mask(attention_mask)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return self.head(hidden.last_hidden_state).squeeze(-1).float()
 
 
 def without_dropout(model: torch.nn.Module) -> torch.nn.Module:

@@ -53,12 +53,12 @@ from lit_rlhf.losses import (
     sft_loss,
 )
 from lit_rlhf.models import (
+    ValueModel,
     forward,
     frozen,
     load_causal_lm,
     load_scalar_head_model,
     load_tokenizer,
-    position_ids_from_mask,
     response_logprobs,
     without_dropout,
 )
@@ -69,22 +69,6 @@ from lit_rlhf.world import has_gold
 
 FROZEN_PREFIXES = ("reference.", "reward_network.")
 """State-dict prefixes of the frozen networks, which checkpoints leave out."""
-
-
-class ValueModel(torch.nn.Module):
-    """Per-token values ``[B, T]``: a scalar-head model's backbone with its ``score`` head applied at every
-    position (its own forward reads the head at the last token only)."""
-
-    def __init__(self, scalar_head_model: torch.nn.Module) -> None:
-        super().__init__()
-        if not hasattr(scalar_head_model, "score"):
-            raise ConfigError(f"{type(scalar_head_model).__name__} has no `score` head to serve as a value head")
-        self.backbone, self.head = scalar_head_model.base_model, scalar_head_model.score
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        position_ids = position_ids_from_mask(attention_mask)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        return self.head(hidden.last_hidden_state).squeeze(-1).float()
 
 
 class PPOModule(LightningModule):
