@@ -217,7 +217,7 @@ def make_judge(kind: str, model: str | None = None, seed: int = 0, cache_path: s
         flag = "--reward-model" if kind == "reward_model" else "--judge-model"
         raise ConfigError(f"judge {kind!r} needs a model ({flag} PATH)")
     if kind == "reward_model":
-        return ScoreJudge(RewardModelScorer.from_pretrained(model), "reward_model")
+        return ScoreJudge(RewardModelScorer.from_pretrained(model, inference_device()), "reward_model")
     if kind == "llm":
         return LLMJudge.from_pretrained(model, cache_path=cache_path)
     raise ConfigError(f"unknown judge {kind!r}; expected one of {', '.join(JUDGES)}")

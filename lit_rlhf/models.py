@@ -104,7 +104,7 @@ def _from_pretrained(auto_class, name_or_path: str, trust_remote_code: bool, dty
 def inference_device() -> torch.device:
     """Where models run outside a Trainer (collection, judges, best-of-n, the pipeline's evaluation): the GPU when
     there is one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def load_causal_lm(

@@ -264,6 +264,7 @@ def _training_prompts(stage: dict, spec: dict) -> list[str]:
 
 def _run_rejection_sample(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
     from lit_rlhf.collect import sample_responses
+    from lit_rlhf.models import inference_device
     from lit_rlhf.scoring import make_scorer
     from lit_rlhf.selection import pick_best
 
@@ -271,7 +272,7 @@ def _run_rejection_sample(stage: dict, stage_dir: Path, run: PipelineRun) -> dic
     prompts = _training_prompts(stage, run.spec)
     torch.manual_seed(int(run.spec.get("seed", 0)))
     groups = sample_responses(policy, prompts, int(stage.get("n", 8)), *_sampling(stage), 256)
-    scorer = make_scorer(run.resolve(stage["reward_model"], "model"))
+    scorer = make_scorer(run.resolve(stage["reward_model"], "model"), device=inference_device())
     picks = pick_best(prompts, groups, scorer, int(stage.get("keep", 1)), stage.get("threshold"))
     _write_jsonl(stage_dir / "demonstrations.jsonl", [{"prompt": p.prompt, "completion": p.response} for p in picks])
     return {"kind": "rejection_sample", "role": DATA, "data": "demonstrations.jsonl", "rows": len(picks)}
@@ -296,7 +297,7 @@ def _run_self_play(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, 
 
 def _run_best_of_n(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
     from lit_rlhf.collect import sample_responses
-    from lit_rlhf.models import load_tokenizer
+    from lit_rlhf.models import inference_device, load_tokenizer
     from lit_rlhf.scoring import make_scorer
     from lit_rlhf.selection import best_of_n_kl, pick_best
     from lit_rlhf.world import gold_reward, has_gold
@@ -306,7 +307,7 @@ def _run_best_of_n(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, 
     torch.manual_seed(seed)
     policy = run.resolve(stage["policy"], "model")
     groups = sample_responses(policy, prompts, n, sampling, int(stage.get("max_prompt_length", 32)), 256)
-    scorer = make_scorer(run.resolve(stage["reward_model"], "model"))
+    scorer = make_scorer(run.resolve(stage["reward_model"], "model"), device=inference_device())
     picks = pick_best(prompts, groups, scorer)
     _write_jsonl(stage_dir / "samples.jsonl", [vars(pick) for pick in picks])
     tokenizer = load_tokenizer(policy)
@@ -358,8 +359,8 @@ def summarize(run: PipelineRun) -> list[dict[str, Any]]:
     prompts, sampling, seed = _evaluation_setup(spec)
     reference_path = run.resolve(evaluation.get("reference"), "model")
     reward_model = run.resolve(evaluation.get("reward_model"), "model")
-    scorer = make_scorer(reward_model) if reward_model else None
     device = inference_device()
+    scorer = make_scorer(reward_model, device=device) if reward_model else None
     reference = None
     if reference_path:
         reference = load_causal_lm(reference_path, load_tokenizer(reference_path), device=device).eval()

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lit_rlhf.data.collate import collate_demonstrations, encode_demonstrations
 from lit_rlhf.data.formats import Demonstration
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.models import inference_device, load_scalar_head_model, load_tokenizer, scalar_scores
+from lit_rlhf.models import load_scalar_head_model, load_tokenizer, scalar_scores
 from lit_rlhf.world import gold_reward
 
 SCORE_MEAN_KEY = "lit_rlhf_score_mean"
@@ -58,10 +58,11 @@ class RewardModelScorer:
         self.normalize = normalize
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> RewardModelScorer:
-        """Load an export onto :func:`inference_device` (a phase moves :attr:`model` where it needs it)."""
+    def from_pretrained(cls, path: str | Path, device: torch.device | None = None, **kwargs) -> RewardModelScorer:
+        """Load an export, onto ``device`` if given (tools outside a Trainer pass :func:`inference_device`; in a
+        phase the strategy places the model)."""
         tokenizer = load_tokenizer(str(path))
-        model = load_scalar_head_model(str(path), tokenizer, device=inference_device()).eval()
+        model = load_scalar_head_model(str(path), tokenizer, device=device).eval()
         return cls(model, tokenizer, **kwargs)
 
     @property
@@ -109,7 +110,7 @@ class FunctionScorer:
 
 def make_scorer(reward: str, **reward_model_options) -> Scorer:
     """The scorer a reward name means: ``"gold"``, ``"package.module:function"``, or a reward-model export path
-    (built with ``reward_model_options``, e.g. ``normalize=True``)."""
+    (built with ``reward_model_options``, e.g. ``normalize=True`` or ``device``)."""
     if reward == GOLD:
         return GoldScorer()
     if ":" in reward and not Path(reward).exists():

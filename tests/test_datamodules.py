@@ -303,3 +303,11 @@ def test_epoch_shuffle_shares_an_epoch_between_replicas_and_resumes_each_where_i
     for replica in replicas:
         replica.resume_at(epoch=0, rows=4)  # two batches of one row done on each replica
     assert [list(replica) for replica in replicas] == [padded[4::2], padded[5::2]]
+
+
+def test_epoch_shuffle_pads_a_set_smaller_than_the_replicas_by_repeating_it():
+    from lit_rlhf.data.datamodules import EpochShuffle
+
+    whole = list(EpochShuffle(3, seed=3))
+    replicas = [list(EpochShuffle(3, seed=3, num_replicas=4, rank=rank)) for rank in range(4)]
+    assert replicas == [[row] for row in whole + whole[:1]]

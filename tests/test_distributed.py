@@ -1,5 +1,6 @@
-"""Two processes on CPU over gloo: DDP's exact resume, FSDP2 (configs/trainer/fsdp.yaml) training what DDP trains,
-and every phase reaching the end of fit, exporting and resuming on both ranks.
+"""Two processes on CPU over gloo: DDP's exact mid-epoch resume (SFT), FSDP2 (configs/trainer/fsdp.yaml) training
+SFT to DDP's weights, and the other phases reaching the end of fit and exporting on both ranks under DDP and FSDP2
+(PPO also resuming from its sharded checkpoint).
 
 Marked ``distributed``; `.ci/run` runs them after the default suite (about three minutes in all).
 """

@@ -156,8 +156,9 @@ def test_models_outside_a_trainer_load_onto_the_inference_device(world_sft_path,
     from lit_rlhf import models
     from lit_rlhf.scoring import RewardModelScorer
 
-    assert models.inference_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert models.inference_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = models.load_tokenizer(world_sft_path)
     assert next(models.load_causal_lm(world_sft_path, tokenizer, device="meta").parameters()).is_meta
     assert next(models.load_scalar_head_model(world_rm_path, tokenizer, device="meta").parameters()).is_meta
-    assert RewardModelScorer.from_pretrained(world_rm_path).model.device == models.inference_device()
+    device = models.inference_device()
+    assert RewardModelScorer.from_pretrained(world_rm_path, device).model.device == device

@@ -71,10 +71,10 @@ class EpochShuffle(DistributedSampler):
     in. The epoch is counted here, by passes, not taken from the trainer (``set_epoch`` is ignored): a run stopped
     by ``max_steps`` counts its unfinished epoch as done, and would otherwise resume in the next epoch's order.
 
-    Under data parallelism the order is padded to a multiple of ``num_replicas`` with its first rows, as
+    Under data parallelism the order is padded to a multiple of ``num_replicas`` by repeating it from its start, as
     ``DistributedSampler`` pads, and replica r takes every ``num_replicas``-th row from row r. ``resume_at`` skips
-    rows of that whole order, so a resumed replica sees exactly the rows it would have seen. Being a
-    ``DistributedSampler``, it is used as it is by Lightning, which would otherwise wrap it in one."""
+    rows of that whole order, so a replica resumed with the same number of replicas sees exactly the rows it would
+    have seen. Being a ``DistributedSampler``, it is used as it is by Lightning, which would otherwise wrap it."""
 
     def __init__(self, size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
         super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
@@ -96,7 +96,7 @@ class EpochShuffle(DistributedSampler):
             torch.randperm(self.size, generator=generator)
         torch.empty((), dtype=torch.int64).random_(generator=generator)
         order = torch.randperm(self.size, generator=generator).tolist()
-        order += order[: self.total_size - self.size]
+        order = (order * math.ceil(self.total_size / self.size))[: self.total_size]  # the padding, repeated if short
         skip, self._skip = self._skip, 0
         return iter(order[skip + self.rank :: self.num_replicas])
 
@@ -238,6 +238,11 @@ class RLHFDataModule(LightningDataModule):
         if not state_dict:
             return
         world_size = state_dict["world_size"]
+        if world_size != self._replica()[0]:
+            rank_zero_warn(
+                f"resuming data saved with {world_size} data-parallel replicas on {self._replica()[0]}: the rows "
+                "done are skipped, but the batches after them differ from the uninterrupted run's"
+            )
         epoch, batches = state_dict["epoch"], state_dict["batches"]
         rows_per_rank = math.ceil(len(self._train.examples) / world_size) if self._train is not None else math.inf
         if batches >= math.ceil(rows_per_rank / self.hparams.batch_size):

@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
 from lit_rlhf import losses
@@ -48,6 +49,11 @@ LOSS_TYPES = (*losses.PREFERENCE_LOSS_TYPES, "simpo", "kto")
 SMOOTHED_LOSS_TYPES = ("sigmoid", "robust")
 SEQUENCE_FIELDS = ("input_ids", "attention_mask", "response_mask")
 Metrics = dict[str, tuple[torch.Tensor, int]]
+"""Metric name → (value, the rows it is a mean over)."""
+PAIRED_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                  "logps/rejected", "lengths/chosen_minus_rejected")
+KTO_METRICS = ("kl", *(name for name in PAIRED_METRICS if name != "rewards/accuracies"))
+"""KTO's chosen and rejected are its desirable and undesirable rows; a batch reports those it has."""
 """Metric name → (value, number of rows it averages), so epoch means weigh batches correctly."""
 
 
@@ -166,6 +172,8 @@ class DPOModule(LightningModule):
         self.model: PreTrainedModel | None = None
         self.reference: PreTrainedModel | None = None
         self.reference_cache: ReferenceLogpsCache | None = None
+        names = KTO_METRICS if loss_type == "kto" else PAIRED_METRICS
+        self.val_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in ("loss", *names)})
         self._reference_length_mean: float | None = None
 
     @property
@@ -306,13 +314,21 @@ class DPOModule(LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, metrics = self._step(batch)
-        self.log("val/loss", loss, batch_size=len(batch["prompt"]), sync_dist=True)
-        for name, (value, rows) in metrics.items():
-            self.log(f"val/{name}", value, batch_size=rows, sync_dist=True)
+        for name, (value, rows) in {"loss": (loss, len(batch["prompt"])), **metrics}.items():
+            self.val_metrics[name].update(value, weight=rows)
+
+    def _log_validation_means(self) -> None:
+        """Row-weighted means over every rank's validation rows. Every rank computes every metric (a collective
+        each), also one its own batches never reported (KTO's batches may lack a kind), so that ranks stay in step."""
+        means = {f"val/{name}": metric.compute() for name, metric in self.val_metrics.items()}
+        for metric in self.val_metrics.values():
+            metric.reset()
+        self.log_dict({name: value for name, value in means.items() if not value.isnan()}, sync_dist=True)  # global
 
     # --- generation-side metrics, on PPO's axes ---
 
     def on_validation_epoch_end(self) -> None:
+        self._log_validation_means()
         hp = self.hparams
         reference = self.reference if self.reference is not None else self._load_reference()
         evaluation = dict(

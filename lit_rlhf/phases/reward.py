@@ -13,7 +13,7 @@ from torchmetrics import CatMetric, MeanMetric
 
 from lit_rlhf import losses
 from lit_rlhf.collect import sample_responses
-from lit_rlhf.models import load_scalar_head_model, load_tokenizer, scalar_scores
+from lit_rlhf.models import is_sharded, load_scalar_head_model, load_tokenizer, scalar_scores
 from lit_rlhf.phases.shared import adamw_with_warmup, export_trained, shard_networks
 from lit_rlhf.rollout import SamplingConfig
 from lit_rlhf.scoring import SCORE_MEAN_KEY, SCORE_STD_KEY, RewardModelScorer
@@ -126,7 +126,10 @@ class RewardModelModule(LightningModule):
         self.val_lengths.update(lengths)
 
     def on_validation_epoch_end(self) -> None:
-        logged = {f"val/{name}": metric.compute() for name, metric in self.val_metrics.items() if metric.update_count}
+        # Every rank computes every metric (a collective each) so that ranks stay in step; gold/accuracy is NaN
+        # off the world and then not logged.
+        logged = {f"val/{name}": metric.compute() for name, metric in self.val_metrics.items()}
+        logged = {name: value for name, value in logged.items() if not value.isnan()}
         scores, lengths = self.val_scores.compute(), self.val_lengths.compute()
         logged["val/reward/mean"] = scores.mean()
         logged["val/reward/std"] = scores.std()
@@ -136,7 +139,8 @@ class RewardModelModule(LightningModule):
             metric.reset()
 
     def on_fit_end(self) -> None:
-        self._store_score_statistics()  # every rank: a sharded model scores only with all of them
+        if is_sharded(self.model) or self.trainer.is_global_zero:  # a sharded model scores only on every rank
+            self._store_score_statistics()
         export_trained(self, self.model)
 
     def _store_score_statistics(self) -> None:

@@ -58,7 +58,7 @@ def shard_networks(module: LightningModule, *networks: torch.nn.Module | None) -
 
 def leave_out_frozen(module: LightningModule, checkpoint: dict, prefixes: tuple[str, ...]) -> None:
     """Drop the frozen networks (state-dict keys starting with ``prefixes``) from a checkpoint: they reload from
-    their paths, and storing them would double every checkpoint. A sharded checkpoint keeps them, because
+    their paths, and storing them would double every checkpoint. A sharded model's checkpoint keeps them, because
     ``torch.distributed.checkpoint`` loads a model whole."""
     if not is_sharded(module):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)}
