@@ -1,0 +1,65 @@
+"""A reward-model or DPO run cut mid-epoch and resumed from its checkpoint repeats the uninterrupted run exactly:
+the same loss at every later step and the same final weights (SFT's own test is in test_sft.py, PPO's in
+test_ppo.py, the DDP case in test_distributed.py)."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+from helpers import write_jsonl
+from lit_rlhf.data.datamodules import ComparisonDataModule
+from lit_rlhf.phases.dpo import DPOModule
+from lit_rlhf.phases.reward import RewardModelModule
+
+STEPS = 10  # 72 training pairs in batches of 16: 5 batches an epoch, so the cut at step 3 is inside the first
+
+
+class RecordLosses(Callback):
+    def __init__(self, stop_at: int | None = None, path=None) -> None:
+        self.stop_at, self.path, self.losses = stop_at, path, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses[trainer.global_step] = float(outputs["loss"])
+        if trainer.global_step == self.stop_at:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+def fit(phase: str, sft: str, pairs: str, root, recorder: RecordLosses, ckpt_path=None):
+    L.seed_everything(0)
+    export_dir = str(root / f"{phase}-export")
+    if phase == "rm":
+        module = RewardModelModule(sft, learning_rate=1e-3, export_dir=export_dir, normalization_samples=4)
+    else:
+        module = DPOModule(sft, learning_rate=1e-3, export_dir=export_dir, max_new_tokens=4)
+    data = ComparisonDataModule(path=pairs, tokenizer_name_or_path=sft, batch_size=16, val_fraction=0.25)
+    trainer = L.Trainer(max_steps=STEPS, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+                        callbacks=[recorder])
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return module.model
+
+
+@pytest.mark.parametrize("phase", ["rm", "dpo"])
+def test_a_run_resumed_mid_epoch_repeats_the_uninterrupted_one(phase, world_cache, world_sft_path, tmp_path):
+    from lit_rlhf.world import ensure_world
+
+    rows = ensure_world(world_cache / "world")["comparisons"].read_text().splitlines()[:96]
+    pairs = str(write_jsonl(tmp_path / "pairs.jsonl", [json.loads(row) for row in rows]))
+    uninterrupted = RecordLosses()
+    full = fit(phase, world_sft_path, pairs, tmp_path, uninterrupted)
+    checkpoint = tmp_path / "cut.ckpt"
+    fit(phase, world_sft_path, pairs, tmp_path, RecordLosses(stop_at=3, path=checkpoint))
+    resumed = RecordLosses()
+    again = fit(phase, world_sft_path, pairs, tmp_path, resumed, ckpt_path=str(checkpoint))
+
+    assert sorted(resumed.losses) == list(range(4, STEPS + 1))
+    for step, loss in resumed.losses.items():
+        assert loss == pytest.approx(uninterrupted.losses[step], rel=1e-5), step
+    for name, weight in full.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[name], weight, msg=name)
