@@ -46,11 +46,12 @@ def sample_responses(
     max_prompt_length: int,
     batch_size: int,
     device: torch.device | None = None,
+    dtype: str | None = None,
 ) -> list[list[str]]:
     """``k`` independent samples from the policy export for each prompt, on ``device`` (default
-    :func:`inference_device`)."""
+    :func:`inference_device`), in ``dtype`` if given."""
     tokenizer = load_tokenizer(policy)
-    model = load_causal_lm(policy, tokenizer, device=device or inference_device()).eval()
+    model = load_causal_lm(policy, tokenizer, dtype=dtype, device=device or inference_device()).eval()
     repeated = [prompt for prompt in prompts for _ in range(k)]
     texts: list[str] = []
     for start in range(0, len(repeated), batch_size):

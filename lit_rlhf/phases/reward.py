@@ -150,7 +150,8 @@ class RewardModelModule(LightningModule):
         self.model.eval()
         prompts = list(dict.fromkeys(record.prompt for record in datamodule.train_records))[: hp.normalization_samples]
         responses = sample_responses(
-            hp.model_name_or_path, prompts, 1, SamplingConfig(hp.max_new_tokens), hp.max_prompt_length, 256, self.device
+            hp.model_name_or_path, prompts, 1, SamplingConfig(hp.max_new_tokens), hp.max_prompt_length, 256,
+            self.device, hp.dtype,
         )
         scorer = RewardModelScorer(self.model, self.tokenizer, datamodule.hparams.max_length, hp.max_prompt_length)
         scores = scorer.score(prompts, [group[0] for group in responses])
