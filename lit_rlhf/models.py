@@ -252,6 +252,60 @@ class ValueModel(torch.nn.Module):
         return self.head(hidden.last_hidden_state).squeeze(-1).float()
 
 
+def with_lora(model: PreTrainedModel, lora: dict | None) -> PreTrainedModel:
+    """LoRA adapters (Hu et al. 2021) on ``model`` through ``peft`` when ``lora`` is given: its keys are
+    ``peft.LoraConfig`` arguments (``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``; by default every
+    linear layer but the output one). Only the adapters train; the weights under them stay those loaded."""
+    if not lora:
+        return model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise ConfigError("LoRA needs the peft package: pip install 'lit-rlhf[peft]'") from error
+    try:
+        config = LoraConfig(**{"target_modules": "all-linear", **lora})
+    except TypeError as error:
+        raise ConfigError(f"lora: {error}") from None
+    return get_peft_model(model, config)
+
+
+class AdaptersOff(torch.nn.Module):
+    """A LoRA-adapted model seen with its adapters disabled: the weights it was loaded with, so the frozen reference
+    of DPO and PPO needs no second copy of the model. The adapted model is held, not registered: its parameters are
+    the policy's, trained, placed and checkpointed there."""
+
+    def __init__(self, adapted: PreTrainedModel) -> None:
+        super().__init__()
+        self.__dict__["adapted"] = adapted
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapted.device
+
+    @property
+    def config(self):
+        return self.adapted.config
+
+    def forward(self, *args, **kwargs):
+        with self.adapted.disable_adapter():
+            return self.adapted(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        with self.adapted.disable_adapter():
+            return self.adapted.generate(*args, **kwargs)
+
+
+def merged(model: PreTrainedModel) -> PreTrainedModel:
+    """A LoRA-adapted model with its adapters merged into the weights (in place), as a plain ``transformers`` model
+    for export; any other model as it is."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters an optimiser should hold (with LoRA, the adapters only)."""
+    return [parameter for parameter in module.parameters() if parameter.requires_grad]
+
+
 def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """Dropout off everywhere: RLHF's probability ratios (PPO's π/π_old, DPO's π/π_ref) must not be noisy, and
     exactly 1 before the first update (TRL does the same)."""

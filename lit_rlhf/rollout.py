@@ -146,7 +146,7 @@ def evaluate_policy(
     lengths: list[torch.Tensor] = []
     ended: list[torch.Tensor] = []
     kls: list[torch.Tensor] = []
-    device = next(model.parameters()).device
+    device = model.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):

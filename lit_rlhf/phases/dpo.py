@@ -28,11 +28,15 @@ from transformers import PreTrainedModel
 from lit_rlhf import losses
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.models import (
+    AdaptersOff,
     frozen,
     is_world,
     load_causal_lm,
     load_tokenizer,
+    merged,
     response_logprobs,
+    trainable,
+    with_lora,
     without_dropout,
 )
 from lit_rlhf.phases.shared import (
@@ -128,7 +132,8 @@ class DPOModule(LightningModule):
     validation loads it for the generation metrics and frees it again. ``ref_logps_cache`` names a file that keeps
     precomputed log-probs for later runs with the same reference (a β sweep, say). ``length_normalized`` uses the
     mean instead of the sum of token log-probs; ``rpo_alpha`` adds α·NLL of the chosen responses per token (RPO,
-    Pang et al. 2024).
+    Pang et al. 2024). With ``lora`` (``peft.LoraConfig`` arguments) only LoRA adapters train and the reference is
+    the policy with its adapters disabled, so no second copy is loaded; the export has the adapters merged.
     """
 
     def __init__(
@@ -154,6 +159,7 @@ class DPOModule(LightningModule):
         max_prompt_length: int = 32,
         trust_remote_code: bool = False,
         dtype: str | None = None,
+        lora: dict | None = None,
     ) -> None:
         super().__init__()
         if loss_type not in LOSS_TYPES:
@@ -194,8 +200,10 @@ class DPOModule(LightningModule):
         if self.model is not None:
             return
         policy = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.trust_remote_code, hp.dtype)
-        self.model = without_dropout(policy)
-        if self._uses_reference and not hp.precompute_ref_logps:
+        self.model = without_dropout(with_lora(policy, hp.lora))
+        if hp.lora:
+            self.reference = AdaptersOff(self.model)  # the loaded weights themselves: no second copy
+        elif self._uses_reference and not hp.precompute_ref_logps:
             self.reference = self._load_reference()
         shard_networks(self, self.model, self.reference)
 
@@ -357,10 +365,10 @@ class DPOModule(LightningModule):
         restore_frozen(self, checkpoint, ("reference.",))
 
     def on_fit_end(self) -> None:
-        export_trained(self, self.model)
+        export_trained(self, merged(self.model))
 
     def configure_optimizers(self):
         hp = self.hparams
         return adamw_with_warmup(
-            self.trainer, self.model.parameters(), hp.learning_rate, hp.weight_decay, hp.warmup_steps
+            self.trainer, trainable(self.model), hp.learning_rate, hp.weight_decay, hp.warmup_steps
         )

@@ -7,7 +7,9 @@ SFT export, because the KL penalty needs π_ref's log-prob of every sampled toke
 a Python reward function); and, for ``gae`` only, the ``critic`` (trained): per-token values from a scalar-head
 model, by default the reward-model export as in InstructGPT. So four with a reward model and a critic (the two
 trained ones carry AdamW's two moment buffers each), three for GRPO/RLOO, two for GRPO/RLOO on a gold or function
-reward. The frozen ones are kept out of checkpoints and reload from their paths.
+reward. The frozen ones are kept out of checkpoints and reload from their paths. With ``lora`` (``peft.LoraConfig``
+arguments) only LoRA adapters on the policy train, and the reference is the policy with its adapters disabled: one
+copy of the SFT weights fewer. The export has the adapters merged.
 
 One iteration (one ``training_step``): sample responses with :func:`generate` (``group_size`` per prompt for
 ``grpo``/``rloo``); score the decoded texts (normalised with the reward model's stored statistics), subtract the
@@ -53,13 +55,17 @@ from lit_rlhf.losses import (
     sft_loss,
 )
 from lit_rlhf.models import (
+    AdaptersOff,
     ValueModel,
     forward,
     frozen,
     load_causal_lm,
     load_scalar_head_model,
     load_tokenizer,
+    merged,
     response_logprobs,
+    trainable,
+    with_lora,
     without_dropout,
 )
 from lit_rlhf.phases.shared import export_trained, leave_out_frozen, restore_frozen, shard_networks
@@ -131,6 +137,7 @@ class PPOModule(LightningModule):
         max_prompt_length: int = 32,
         trust_remote_code: bool = False,
         dtype: str | None = None,
+        lora: dict | None = None,
     ) -> None:
         super().__init__()
         if advantage_estimator not in ("gae", "grpo", "rloo"):
@@ -158,8 +165,10 @@ class PPOModule(LightningModule):
             return
         hp = self.hparams
         load = (self.tokenizer, hp.trust_remote_code, hp.dtype)
-        self.policy = without_dropout(load_causal_lm(hp.model_name_or_path, *load))
-        self.reference = frozen(load_causal_lm(hp.model_name_or_path, *load))
+        self.policy = without_dropout(with_lora(load_causal_lm(hp.model_name_or_path, *load), hp.lora))
+        # With LoRA the reference is the policy with its adapters disabled: the loaded weights, no second copy.
+        reference = AdaptersOff(self.policy) if hp.lora else load_causal_lm(hp.model_name_or_path, *load)
+        self.reference = frozen(reference)
         self.scorer = make_scorer(
             hp.reward_model, normalize=hp.normalize_scores, max_prompt_length=hp.max_prompt_length,
             max_length=hp.max_prompt_length + hp.max_new_tokens + 1,
@@ -173,7 +182,7 @@ class PPOModule(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        groups = [{"params": self.policy.parameters(), "lr": hp.learning_rate}]
+        groups = [{"params": trainable(self.policy), "lr": hp.learning_rate}]
         if self.critic is not None:
             groups.append({"params": self.critic.parameters(), "lr": hp.value_learning_rate or hp.learning_rate})
         return torch.optim.AdamW(groups, weight_decay=0.0)
@@ -373,4 +382,4 @@ class PPOModule(LightningModule):
         self.iteration = checkpoint["ppo"]["iteration"]
 
     def on_fit_end(self) -> None:
-        export_trained(self, self.policy)
+        export_trained(self, merged(self.policy))

@@ -9,7 +9,7 @@ from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
 from lit_rlhf import losses
-from lit_rlhf.models import forward, load_causal_lm, load_tokenizer
+from lit_rlhf.models import forward, load_causal_lm, load_tokenizer, merged, trainable, with_lora
 from lit_rlhf.phases.shared import adamw_with_warmup, export_trained, shard_networks
 from lit_rlhf.rollout import SamplingConfig, evaluate_policy
 
@@ -20,7 +20,8 @@ class SFTModule(LightningModule):
     Logs ``train/loss``, ``train/tokens_per_second``, ``val/loss``, ``val/perplexity`` and, at every validation,
     samples answers to the datamodule's held-out prompts: ``response/length_mean`` always and ``gold/reward`` on
     the embedded world. Exports a Hugging Face folder at the end of fit (``export_dir``, default
-    ``<log_dir>/hf``) that the next phase loads by path.
+    ``<log_dir>/hf``) that the next phase loads by path. With ``lora`` (``peft.LoraConfig`` arguments) only LoRA
+    adapters train, and the export has them merged into the weights.
     """
 
     def __init__(
@@ -36,6 +37,7 @@ class SFTModule(LightningModule):
         max_prompt_length: int = 32,
         trust_remote_code: bool = False,
         dtype: str | None = None,
+        lora: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -47,7 +49,8 @@ class SFTModule(LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             hp = self.hparams
-            self.model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.trust_remote_code, hp.dtype)
+            model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.trust_remote_code, hp.dtype)
+            self.model = with_lora(model, hp.lora)
             shard_networks(self, self.model)
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,9 +91,9 @@ class SFTModule(LightningModule):
         self.log_dict(metrics, sync_dist=True)
 
     def on_fit_end(self) -> None:
-        export_trained(self, self.model)
+        export_trained(self, merged(self.model))
 
     def configure_optimizers(self):
         hp = self.hparams
-        parameters = self.model.parameters()
+        parameters = trainable(self.model)
         return adamw_with_warmup(self.trainer, parameters, hp.learning_rate, hp.weight_decay, hp.warmup_steps)

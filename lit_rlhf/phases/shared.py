@@ -51,6 +51,8 @@ def shard_networks(module: LightningModule, *networks: torch.nn.Module | None) -
         return
     if mesh["tensor_parallel"].size() > 1:
         raise ConfigError("tensor parallelism is not supported: use FullyShardedStrategy (tensor_parallel_size 1)")
+    if any(hasattr(network, "peft_config") for network in networks):
+        raise ConfigError("LoRA is not supported with FSDP yet: train the adapters with configs/trainer/ddp.yaml")
     for network in networks:
         if network is not None:
             shard(network, mesh["data_parallel"])

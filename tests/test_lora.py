@@ -1,0 +1,104 @@
+"""LoRA adapters (``lora``: ``peft.LoraConfig`` arguments) on the policy of SFT, DPO and PPO: only the adapters
+train, the reference is the policy with its adapters disabled (no second copy), and the export has them merged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch import Callback
+from transformers import AutoModelForCausalLM
+
+from helpers import latest_run, run_cli, write_jsonl
+from lit_rlhf.data.datamodules import ComparisonDataModule, PromptDataModule
+from lit_rlhf.errors import ConfigError
+from lit_rlhf.models import AdaptersOff, load_causal_lm, load_tokenizer, with_lora
+from lit_rlhf.phases.dpo import DPOModule
+from lit_rlhf.phases.ppo import PPOModule
+from lit_rlhf.phases.shared import shard_networks
+
+pytest.importorskip("peft")
+LORA = {"r": 4, "lora_alpha": 8}
+PROBE = torch.tensor([[85, 54, 8, 14, 7, 94, 8]])  # token ids of a short world text
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=PROBE.to(model.device)).logits
+
+
+class InspectLastStep(Callback):
+    """At the last training step, before the export merges the adapters: what the module holds and computes."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        policy = pl_module.model if hasattr(pl_module, "model") else pl_module.policy
+        self.parameters = sum(p.numel() for p in pl_module.parameters())
+        self.policy_parameters = sum(p.numel() for p in policy.parameters())
+        self.optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+        self.adapter_ids = {id(p) for name, p in policy.named_parameters() if "lora_" in name}
+        self.policy_logits, self.reference_logits = logits(policy), logits(pl_module.reference)
+
+
+def test_dpo_with_lora_trains_the_adapters_against_the_loaded_weights_and_exports_them_merged(
+    world_sft_path, world_cache, tmp_path
+):
+    from lit_rlhf.world import ensure_world
+
+    rows = ensure_world(world_cache / "world")["comparisons"].read_text().splitlines()[:64]
+    pairs = str(write_jsonl(tmp_path / "pairs.jsonl", [json.loads(row) for row in rows]))
+    L.seed_everything(0)
+    module = DPOModule(world_sft_path, learning_rate=1e-2, lora=LORA, export_dir=str(tmp_path / "export"))
+    inspect = InspectLastStep()
+    trainer = L.Trainer(max_steps=6, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[inspect])
+    trainer.fit(module, ComparisonDataModule(path=pairs, tokenizer_name_or_path=world_sft_path, batch_size=8))
+
+    assert isinstance(module.reference, AdaptersOff)
+    assert inspect.parameters == inspect.policy_parameters  # no second copy for the reference
+    assert inspect.optimised == inspect.adapter_ids  # only the adapters train
+    sft = load_causal_lm(world_sft_path, load_tokenizer(world_sft_path))
+    torch.testing.assert_close(inspect.reference_logits, logits(sft))  # the reference is the loaded SFT policy
+    assert not torch.allclose(inspect.policy_logits, logits(sft), atol=1e-3)  # while the policy moved
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    torch.testing.assert_close(logits(exported), inspect.policy_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_ppo_with_lora_keeps_one_copy_of_the_sft_weights(world_sft_path, tmp_path):
+    L.seed_everything(0)
+    module = PPOModule(world_sft_path, reward_model="gold", advantage_estimator="rloo", group_size=2, lora=LORA,
+                       max_new_tokens=8, learning_rate=1e-2, export_dir=str(tmp_path / "export"))
+    inspect = InspectLastStep()
+    trainer = L.Trainer(max_steps=8, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[inspect])
+    trainer.fit(module, PromptDataModule(tokenizer_name_or_path=world_sft_path, batch_size=4, num_eval_prompts=4))
+
+    assert inspect.parameters == inspect.policy_parameters and inspect.optimised == inspect.adapter_ids
+    sft = load_causal_lm(world_sft_path, load_tokenizer(world_sft_path))
+    torch.testing.assert_close(inspect.reference_logits, logits(sft))
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "export")),
+                               inspect.policy_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_sft_takes_lora_from_the_command_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = str(Path(__file__).parents[1] / "configs" / "sft.yaml")
+    run_cli("fit", "--config", config, "--model.lora", "{r: 4, lora_alpha: 8}", "--trainer.max_steps", "2",
+            "--trainer.val_check_interval", "2", "--data.num_eval_prompts", "4", "--model.export_dir", "export")
+    assert "lora" in (latest_run(tmp_path, "sft") / "hparams.yaml").read_text()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")  # merged: a plain transformers model
+    assert not any("lora" in name for name, _ in exported.named_parameters())
+
+
+def test_lora_mistakes_are_config_errors(world_sft_path):
+    model = load_causal_lm(world_sft_path, load_tokenizer(world_sft_path))
+    with pytest.raises(ConfigError, match="lora: .*rank"):
+        with_lora(model, {"rank": 4})
+    mesh = {"tensor_parallel": SimpleNamespace(size=lambda: 1), "data_parallel": None}
+    with pytest.raises(ConfigError, match="LoRA is not supported with FSDP"):
+        shard_networks(SimpleNamespace(device_mesh=mesh), with_lora(model, LORA))
