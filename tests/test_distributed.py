@@ -81,9 +81,10 @@ def comparisons(folder: Path) -> str:
 def test_ppo_and_dpo_finish_and_export_on_two_ranks(uninterrupted, tmp_path):
     """Rank 0 alone used to ask for ``trainer.log_dir`` (a collective) at the end of fit and when logging PPO's
     samples, which hung or failed under DDP; DPO's precomputed reference log-probs must cover every rank's rows
-    in every epoch (24 pairs, 3 batches a rank, 6 steps: two epochs)."""
+    in every epoch (24 pairs, 3 batches a rank, 6 steps: two epochs). PPO trains LoRA adapters here."""
     ddp = ["--trainer.strategy", "ddp"]
     fit_on_two_cpus("ppo.yaml", ddp, "--model.init_args.model_name_or_path", "world",
+                    "--model.init_args.lora", "{r: 4}",
                     "--model.init_args.reward_model", "gold", "--model.init_args.log_samples_every_n_iterations", "1",
                     "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--data.init_args.batch_size", "4",
                     "--model.init_args.export_dir", "null", cwd=tmp_path)
