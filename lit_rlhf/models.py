@@ -10,6 +10,8 @@ Trainer (:func:`inference_device`).
 
 from __future__ import annotations
 
+import copy
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -255,18 +257,22 @@ class ValueModel(torch.nn.Module):
 def with_lora(model: PreTrainedModel, lora: dict | None) -> PreTrainedModel:
     """LoRA adapters (Hu et al. 2021) on ``model`` through ``peft`` when ``lora`` is given: its keys are
     ``peft.LoraConfig`` arguments (``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``; by default every
-    linear layer but the output one). Only the adapters train; the weights under them stay those loaded."""
+    linear layer but the output one). Only the adapters train; the weights under them stay those loaded, which is
+    what makes the model with its adapters disabled the reference (:class:`AdaptersOff`), so options that train
+    the biases or rewrite the weights at initialisation (PiSSA, LoftQ, …) are refused."""
     if not lora:
         return model
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as error:
         raise ConfigError("LoRA needs the peft package: pip install 'lit-rlhf[peft]'") from error
+    if lora.get("bias", "none") != "none" or lora.get("init_lora_weights", True) not in (True, False, "gaussian"):
+        raise ConfigError("lora: bias must be 'none' and init_lora_weights true, false or 'gaussian', so that the "
+                          "weights under the adapters stay the loaded ones")
     try:
-        config = LoraConfig(**{"target_modules": "all-linear", **lora})
-    except TypeError as error:
+        return get_peft_model(model, LoraConfig(**{"target_modules": "all-linear", **lora}))
+    except (TypeError, ValueError) as error:
         raise ConfigError(f"lora: {error}") from None
-    return get_peft_model(model, config)
 
 
 class AdaptersOff(torch.nn.Module):
@@ -286,19 +292,30 @@ class AdaptersOff(torch.nn.Module):
     def config(self):
         return self.adapted.config
 
+    @contextmanager
+    def _as_reference(self):
+        """The adapted model in eval mode with its adapters disabled, restored afterwards."""
+        was_training = self.adapted.training
+        self.adapted.eval()
+        try:
+            with self.adapted.disable_adapter():
+                yield self.adapted
+        finally:
+            self.adapted.train(was_training)
+
     def forward(self, *args, **kwargs):
-        with self.adapted.disable_adapter():
-            return self.adapted(*args, **kwargs)
+        with self._as_reference() as model:
+            return model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
-        with self.adapted.disable_adapter():
-            return self.adapted.generate(*args, **kwargs)
+        with self._as_reference() as model:
+            return model.generate(*args, **kwargs)
 
 
 def merged(model: PreTrainedModel) -> PreTrainedModel:
-    """A LoRA-adapted model with its adapters merged into the weights (in place), as a plain ``transformers`` model
-    for export; any other model as it is."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    """A LoRA-adapted model as a plain ``transformers`` model with the adapters merged into a copy of the weights
+    (the adapted model stays as it is, to train or validate on); any other model as it is."""
+    return copy.deepcopy(model).merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
 def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:

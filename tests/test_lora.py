@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from helpers import latest_run, run_cli, write_jsonl
 from lit_rlhf.data.datamodules import ComparisonDataModule, PromptDataModule
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.models import AdaptersOff, load_causal_lm, load_tokenizer, with_lora
+from lit_rlhf.models import AdaptersOff, load_causal_lm, load_tokenizer, trainable, with_lora
 from lit_rlhf.phases.dpo import DPOModule
 from lit_rlhf.phases.ppo import PPOModule
 from lit_rlhf.phases.shared import shard_networks
@@ -53,10 +53,12 @@ def test_dpo_with_lora_trains_the_adapters_against_the_loaded_weights_and_export
     L.seed_everything(0)
     module = DPOModule(world_sft_path, learning_rate=1e-2, lora=LORA, export_dir=str(tmp_path / "export"))
     inspect = InspectLastStep()
-    trainer = L.Trainer(max_steps=6, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        callbacks=[inspect])
-    trainer.fit(module, ComparisonDataModule(path=pairs, tokenizer_name_or_path=world_sft_path, batch_size=8))
+    trainer = L.Trainer(max_steps=6, val_check_interval=6, limit_val_batches=1, num_sanity_val_steps=0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[inspect])
+    data = ComparisonDataModule(path=pairs, tokenizer_name_or_path=world_sft_path, batch_size=8, num_eval_prompts=4)
+    trainer.fit(module, data)
+    assert trainer.callback_metrics["objective/kl"] > 0  # validation measured KL to the adapters-off reference
 
     assert isinstance(module.reference, AdaptersOff)
     assert inspect.parameters == inspect.policy_parameters  # no second copy for the reference
@@ -66,6 +68,10 @@ def test_dpo_with_lora_trains_the_adapters_against_the_loaded_weights_and_export
     assert not torch.allclose(inspect.policy_logits, logits(sft), atol=1e-3)  # while the policy moved
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
     torch.testing.assert_close(logits(exported), inspect.policy_logits, atol=1e-5, rtol=1e-5)
+    # The export merged a copy: the module still trains adapters against its reference.
+    torch.testing.assert_close(logits(module.reference), logits(sft))
+    torch.testing.assert_close(logits(module.model), inspect.policy_logits)
+    assert {id(p) for p in trainable(module.model)} == inspect.adapter_ids
 
 
 def test_ppo_with_lora_keeps_one_copy_of_the_sft_weights(world_sft_path, tmp_path):
@@ -81,6 +87,7 @@ def test_ppo_with_lora_keeps_one_copy_of_the_sft_weights(world_sft_path, tmp_pat
     assert inspect.parameters == inspect.policy_parameters and inspect.optimised == inspect.adapter_ids
     sft = load_causal_lm(world_sft_path, load_tokenizer(world_sft_path))
     torch.testing.assert_close(inspect.reference_logits, logits(sft))
+    assert not torch.allclose(inspect.policy_logits, logits(sft), atol=1e-3)
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "export")),
                                inspect.policy_logits, atol=1e-5, rtol=1e-5)
 
@@ -99,6 +106,13 @@ def test_lora_mistakes_are_config_errors(world_sft_path):
     model = load_causal_lm(world_sft_path, load_tokenizer(world_sft_path))
     with pytest.raises(ConfigError, match="lora: .*rank"):
         with_lora(model, {"rank": 4})
+    with pytest.raises(ConfigError, match="lora: .*target"):
+        with_lora(model, {"r": 4, "target_modules": ["no_such_layer"]})
+    for option in ({"bias": "all"}, {"init_lora_weights": "pissa"}):
+        with pytest.raises(ConfigError, match="weights under the adapters"):
+            with_lora(model, {"r": 4, **option})
+    with pytest.raises(ConfigError, match="precompute_ref_logps is not needed"):
+        DPOModule(world_sft_path, lora=LORA, precompute_ref_logps=True)
     mesh = {"tensor_parallel": SimpleNamespace(size=lambda: 1), "data_parallel": None}
     with pytest.raises(ConfigError, match="LoRA is not supported with FSDP"):
         shard_networks(SimpleNamespace(device_mesh=mesh), with_lora(model, LORA))

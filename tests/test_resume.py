@@ -1,6 +1,6 @@
-"""A reward-model or DPO run cut mid-epoch and resumed from its checkpoint repeats the uninterrupted run exactly:
-the same loss at every later step and the same final weights (SFT's own test is in test_sft.py, PPO's in
-test_ppo.py, the DDP case in test_distributed.py)."""
+"""A reward-model or DPO run (also with LoRA) cut mid-epoch and resumed from its checkpoint repeats the uninterrupted
+run exactly: the same loss at every later step and the same final weights (SFT's own test is in test_sft.py, PPO's
+in test_ppo.py, the DDP case in test_distributed.py)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def fit(phase: str, sft: str, pairs: str, root, recorder: RecordLosses, ckpt_pat
     if phase == "rm":
         module = RewardModelModule(sft, learning_rate=1e-3, export_dir=export_dir, normalization_samples=4)
     else:
-        module = DPOModule(sft, learning_rate=1e-3, export_dir=export_dir, max_new_tokens=4)
+        lora = {"r": 4, "lora_alpha": 8} if phase == "dpo-lora" else None
+        module = DPOModule(sft, learning_rate=1e-3, export_dir=export_dir, max_new_tokens=4, lora=lora)
     data = ComparisonDataModule(path=pairs, tokenizer_name_or_path=sft, batch_size=16, val_fraction=0.25)
     trainer = L.Trainer(max_steps=STEPS, limit_val_batches=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
@@ -45,7 +46,7 @@ def fit(phase: str, sft: str, pairs: str, root, recorder: RecordLosses, ckpt_pat
     return module.model
 
 
-@pytest.mark.parametrize("phase", ["rm", "dpo"])
+@pytest.mark.parametrize("phase", ["rm", "dpo", "dpo-lora"])
 def test_a_run_resumed_mid_epoch_repeats_the_uninterrupted_one(phase, world_cache, world_sft_path, tmp_path):
     from lit_rlhf.world import ensure_world
 

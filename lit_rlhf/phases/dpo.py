@@ -33,7 +33,6 @@ from lit_rlhf.models import (
     is_world,
     load_causal_lm,
     load_tokenizer,
-    merged,
     response_logprobs,
     trainable,
     with_lora,
@@ -173,6 +172,9 @@ class DPOModule(LightningModule):
                 "kto supports neither rpo_alpha (it has no chosen responses) nor precompute_ref_logps (its KL pairs "
                 "are formed per batch, so their reference log-probs cannot be computed ahead)"
             )
+        if lora and precompute_ref_logps:
+            raise ConfigError("precompute_ref_logps is not needed with lora: the reference is the policy with its "
+                              "adapters disabled, already in memory")
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
         self.model: PreTrainedModel | None = None
@@ -365,7 +367,7 @@ class DPOModule(LightningModule):
         restore_frozen(self, checkpoint, ("reference.",))
 
     def on_fit_end(self) -> None:
-        export_trained(self, merged(self.model))
+        export_trained(self, self.model)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -9,7 +9,8 @@ model, by default the reward-model export as in InstructGPT. So four with a rewa
 trained ones carry AdamW's two moment buffers each), three for GRPO/RLOO, two for GRPO/RLOO on a gold or function
 reward. The frozen ones are kept out of checkpoints and reload from their paths. With ``lora`` (``peft.LoraConfig``
 arguments) only LoRA adapters on the policy train, and the reference is the policy with its adapters disabled: one
-copy of the SFT weights fewer. The export has the adapters merged.
+copy of the SFT weights fewer (checkpoints hold them once, as the policy's frozen base). The export has the
+adapters merged.
 
 One iteration (one ``training_step``): sample responses with :func:`generate` (``group_size`` per prompt for
 ``grpo``/``rloo``); score the decoded texts (normalised with the reward model's stored statistics), subtract the
@@ -62,7 +63,6 @@ from lit_rlhf.models import (
     load_causal_lm,
     load_scalar_head_model,
     load_tokenizer,
-    merged,
     response_logprobs,
     trainable,
     with_lora,
@@ -382,4 +382,4 @@ class PPOModule(LightningModule):
         self.iteration = checkpoint["ppo"]["iteration"]
 
     def on_fit_end(self) -> None:
-        export_trained(self, merged(self.policy))
+        export_trained(self, self.policy)

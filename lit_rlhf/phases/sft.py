@@ -9,7 +9,7 @@ from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
 from lit_rlhf import losses
-from lit_rlhf.models import forward, load_causal_lm, load_tokenizer, merged, trainable, with_lora
+from lit_rlhf.models import forward, load_causal_lm, load_tokenizer, trainable, with_lora
 from lit_rlhf.phases.shared import adamw_with_warmup, export_trained, shard_networks
 from lit_rlhf.rollout import SamplingConfig, evaluate_policy
 
@@ -91,7 +91,7 @@ class SFTModule(LightningModule):
         self.log_dict(metrics, sync_dist=True)
 
     def on_fit_end(self) -> None:
-        export_trained(self, merged(self.model))
+        export_trained(self, self.model)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -10,7 +10,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.models import export, full_state_dict, is_sharded, shard
+from lit_rlhf.models import export, full_state_dict, is_sharded, merged, shard
 
 
 def adamw_with_warmup(
@@ -75,13 +75,14 @@ def restore_frozen(module: LightningModule, checkpoint: dict, prefixes: tuple[st
 
 
 def export_trained(module: LightningModule, model: PreTrainedModel) -> str:
-    """Export ``model`` with the module's tokenizer to ``export_dir`` (default ``<log_dir>/hf``) from rank 0; every
-    rank returns the folder once it is written. Every rank must call it: ``trainer.log_dir`` is a collective under
-    DDP (rank 0 broadcasts it), and a sharded model's weights are gathered from all ranks."""
+    """Export ``model`` (LoRA adapters merged into a copy, see :func:`merged`) with the module's tokenizer to
+    ``export_dir`` (default ``<log_dir>/hf``) from rank 0; every rank returns the folder once it is written. Every
+    rank must call it: ``trainer.log_dir`` is a collective under DDP (rank 0 broadcasts it), and a sharded model's
+    weights are gathered from all ranks."""
     trainer = module.trainer
     out_dir = module.hparams.export_dir or f"{trainer.log_dir}/hf"
     state_dict = full_state_dict(model) if is_sharded(model) else None
     if trainer.is_global_zero:
-        export(model, module.tokenizer, out_dir, state_dict)
+        export(merged(model), module.tokenizer, out_dir, state_dict)
     trainer.strategy.barrier("export")
     return out_dir
