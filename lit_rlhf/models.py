@@ -254,10 +254,11 @@ class ValueModel(torch.nn.Module):
         return self.head(hidden.last_hidden_state).squeeze(-1).float()
 
 
-def with_lora(model: PreTrainedModel, lora: dict | None) -> PreTrainedModel:
+def with_lora(model: PreTrainedModel, lora: dict | None, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
     """LoRA adapters (Hu et al. 2021) on ``model`` through ``peft`` when ``lora`` is given: its keys are
     ``peft.LoraConfig`` arguments (``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``; by default every
-    linear layer but the output one). Only the adapters train; the weights under them stay those loaded, which is
+    linear layer but the output one). With ``task_type="SEQ_CLS"`` (a scalar-head model) the new head trains in
+    full. Only the adapters train otherwise; the weights under them stay those loaded, which is
     what makes the model with its adapters disabled the reference (:class:`AdaptersOff`), so options that train
     the biases or rewrite the weights at initialisation (PiSSA, LoftQ, …) are refused."""
     if not lora:
@@ -270,7 +271,7 @@ def with_lora(model: PreTrainedModel, lora: dict | None) -> PreTrainedModel:
         raise ConfigError("lora: bias must be 'none' and init_lora_weights true, false or 'gaussian', so that the "
                           "weights under the adapters stay the loaded ones")
     try:
-        return get_peft_model(model, LoraConfig(**{"target_modules": "all-linear", **lora}))
+        return get_peft_model(model, LoraConfig(**{"target_modules": "all-linear", "task_type": task_type, **lora}))
     except (TypeError, ValueError) as error:
         raise ConfigError(f"lora: {error}") from None
 

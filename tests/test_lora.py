@@ -1,5 +1,6 @@
-"""LoRA adapters (``lora``: ``peft.LoraConfig`` arguments) on the policy of SFT, DPO and PPO: only the adapters
-train, the reference is the policy with its adapters disabled (no second copy), and the export has them merged."""
+"""LoRA adapters (``lora``: ``peft.LoraConfig`` arguments) in SFT, the reward model, DPO and PPO: only the adapters
+(and a new scalar head) train, the reference is the policy with its adapters disabled (no second copy), and the
+export has them merged."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from lit_rlhf.errors import ConfigError
 from lit_rlhf.models import AdaptersOff, load_causal_lm, load_tokenizer, trainable, with_lora
 from lit_rlhf.phases.dpo import DPOModule
 from lit_rlhf.phases.ppo import PPOModule
+from lit_rlhf.phases.reward import RewardModelModule
 from lit_rlhf.phases.shared import shard_networks
 
 pytest.importorskip("peft")
@@ -90,6 +92,28 @@ def test_ppo_with_lora_keeps_one_copy_of_the_sft_weights(world_sft_path, tmp_pat
     assert not torch.allclose(inspect.policy_logits, logits(sft), atol=1e-3)
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "export")),
                                inspect.policy_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_reward_model_with_lora_trains_adapters_and_head_and_exports_them_merged(world_sft_path, world_cache, tmp_path):
+    from lit_rlhf.scoring import RewardModelScorer
+    from lit_rlhf.world import ensure_world
+
+    rows = ensure_world(world_cache / "world")["comparisons"].read_text().splitlines()[:64]
+    pairs = str(write_jsonl(tmp_path / "pairs.jsonl", [json.loads(row) for row in rows]))
+    L.seed_everything(0)
+    module = RewardModelModule(world_sft_path, learning_rate=1e-2, lora=LORA, export_dir=str(tmp_path / "export"),
+                               normalization_samples=4)
+    trainer = L.Trainer(max_steps=6, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, ComparisonDataModule(path=pairs, tokenizer_name_or_path=world_sft_path, batch_size=8))
+
+    optimised = {name for name, p in module.model.named_parameters() if p.requires_grad}
+    assert optimised and all("lora_" in name or ".score." in name for name in optimised)
+    assert any(".score." in name for name in optimised)  # the new scalar head trains in full
+    texts = (["name two fruits ."] * 2, ["apple , pear .", "pear pear"])
+    exported = RewardModelScorer.from_pretrained(tmp_path / "export").score(*texts)
+    trained = RewardModelScorer(module.model, module.tokenizer).score(*texts)
+    torch.testing.assert_close(exported, trained, atol=1e-5, rtol=1e-5)
 
 
 def test_sft_takes_lora_from_the_command_line(tmp_path, monkeypatch):

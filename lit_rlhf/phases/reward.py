@@ -13,7 +13,7 @@ from torchmetrics import CatMetric, MeanMetric
 
 from lit_rlhf import losses
 from lit_rlhf.collect import sample_responses
-from lit_rlhf.models import is_sharded, load_scalar_head_model, load_tokenizer, scalar_scores
+from lit_rlhf.models import is_sharded, load_scalar_head_model, load_tokenizer, scalar_scores, trainable, with_lora
 from lit_rlhf.phases.shared import adamw_with_warmup, export_trained, shard_networks
 from lit_rlhf.rollout import SamplingConfig
 from lit_rlhf.scoring import SCORE_MEAN_KEY, SCORE_STD_KEY, RewardModelScorer
@@ -50,7 +50,8 @@ def length_correlation(scores: torch.Tensor, lengths: torch.Tensor) -> torch.Ten
 class RewardModelModule(LightningModule):
     """Bradley–Terry reward model. Logs, with ``train/`` and ``val/`` prefixes: ``loss``, ``accuracy``,
     ``margin``, ``reward/mean``, ``reward/std``, ``reward/length_corr`` (Pearson correlation of scores with
-    response length: the inherited length bias in one number) and, on the world, ``gold/accuracy``."""
+    response length: the inherited length bias in one number) and, on the world, ``gold/accuracy``. With ``lora``
+    (``peft.LoraConfig`` arguments) LoRA adapters and the scalar head train, and the export has them merged."""
 
     def __init__(
         self,
@@ -65,6 +66,7 @@ class RewardModelModule(LightningModule):
         max_prompt_length: int = 32,
         trust_remote_code: bool = False,
         dtype: str | None = None,
+        lora: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -79,7 +81,8 @@ class RewardModelModule(LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             hp = self.hparams
-            self.model = load_scalar_head_model(hp.model_name_or_path, self.tokenizer, hp.trust_remote_code, hp.dtype)
+            model = load_scalar_head_model(hp.model_name_or_path, self.tokenizer, hp.trust_remote_code, hp.dtype)
+            self.model = with_lora(model, hp.lora, task_type="SEQ_CLS")
             shard_networks(self, self.model)
 
     def _scores(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,5 +163,5 @@ class RewardModelModule(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        parameters = self.model.parameters()
+        parameters = trainable(self.model)
         return adamw_with_warmup(self.trainer, parameters, hp.learning_rate, hp.weight_decay, hp.warmup_steps)
