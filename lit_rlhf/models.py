@@ -257,10 +257,10 @@ class ValueModel(torch.nn.Module):
 def with_lora(model: PreTrainedModel, lora: dict | None, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
     """LoRA adapters (Hu et al. 2021) on ``model`` through ``peft`` when ``lora`` is given: its keys are
     ``peft.LoraConfig`` arguments (``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``; by default every
-    linear layer but the output one). With ``task_type="SEQ_CLS"`` (a scalar-head model) the new head trains in
-    full. Only the adapters train otherwise; the weights under them stay those loaded, which is
-    what makes the model with its adapters disabled the reference (:class:`AdaptersOff`), so options that train
-    the biases or rewrite the weights at initialisation (PiSSA, LoftQ, …) are refused."""
+    linear layer but the output one). Only the adapters train, and with ``task_type="SEQ_CLS"`` (a scalar-head
+    model) the new head too. The weights under the adapters stay those loaded, which makes the model with its
+    adapters disabled the reference (:class:`AdaptersOff`); options that train the biases or rewrite the weights at
+    initialisation (PiSSA, LoftQ, …) are therefore refused."""
     if not lora:
         return model
     try:

@@ -6,6 +6,10 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
+import torch
+from lightning.pytorch import Callback
+
 from lit_rlhf.cli import main
 
 QUICK_TRAINER = ["--trainer.enable_progress_bar", "false"]
@@ -32,3 +36,28 @@ def metric_series(run_dir: Path, name: str) -> list[float]:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+class StopAfter(Callback):
+    """Records each step's loss; with ``stop_at``, saves a checkpoint to ``path`` there and stops (a run cut short)."""
+
+    def __init__(self, stop_at: int | None = None, path: Path | None = None) -> None:
+        self.stop_at, self.path, self.losses = stop_at, path, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses[trainer.global_step] = float(outputs["loss"])
+        if trainer.global_step == self.stop_at:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+def assert_resumed_like_uninterrupted(
+    uninterrupted: StopAfter, resumed: StopAfter, stop_at: int, steps: int,
+    full: torch.nn.Module, again: torch.nn.Module,
+) -> None:
+    """The resumed run logged every step after the cut with the uninterrupted run's loss and ended with its weights."""
+    assert sorted(resumed.losses) == list(range(stop_at + 1, steps + 1))
+    for step, loss in resumed.losses.items():
+        assert loss == pytest.approx(uninterrupted.losses[step], rel=1e-5), step
+    for name, weight in full.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[name], weight, msg=name)

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from helpers import latest_run, run_cli, write_jsonl
 from lit_rlhf.data.datamodules import ComparisonDataModule, PromptDataModule
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.models import AdaptersOff, load_causal_lm, load_tokenizer, trainable, with_lora
+from lit_rlhf.models import AdaptersOff, count_parameters, load_causal_lm, load_tokenizer, trainable, with_lora
 from lit_rlhf.phases.dpo import DPOModule
 from lit_rlhf.phases.ppo import PPOModule
 from lit_rlhf.phases.reward import RewardModelModule
@@ -38,8 +38,7 @@ class InspectLastStep(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         policy = pl_module.model if hasattr(pl_module, "model") else pl_module.policy
-        self.parameters = sum(p.numel() for p in pl_module.parameters())
-        self.policy_parameters = sum(p.numel() for p in policy.parameters())
+        self.parameters, self.policy_parameters = count_parameters(pl_module), count_parameters(policy)
         self.optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
         self.adapter_ids = {id(p) for name, p in policy.named_parameters() if "lora_" in name}
         self.policy_logits, self.reference_logits = logits(policy), logits(pl_module.reference)

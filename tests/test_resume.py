@@ -8,10 +8,8 @@ import json
 
 import lightning as L
 import pytest
-import torch
-from lightning.pytorch import Callback
 
-from helpers import write_jsonl
+from helpers import StopAfter, assert_resumed_like_uninterrupted, write_jsonl
 from lit_rlhf.data.datamodules import ComparisonDataModule
 from lit_rlhf.phases.dpo import DPOModule
 from lit_rlhf.phases.reward import RewardModelModule
@@ -19,18 +17,7 @@ from lit_rlhf.phases.reward import RewardModelModule
 STEPS = 10  # 72 training pairs in batches of 16: 5 batches an epoch, so the cut at step 3 is inside the first
 
 
-class RecordLosses(Callback):
-    def __init__(self, stop_at: int | None = None, path=None) -> None:
-        self.stop_at, self.path, self.losses = stop_at, path, {}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses[trainer.global_step] = float(outputs["loss"])
-        if trainer.global_step == self.stop_at:
-            trainer.save_checkpoint(self.path)
-            trainer.should_stop = True
-
-
-def fit(phase: str, sft: str, pairs: str, root, recorder: RecordLosses, ckpt_path=None):
+def fit(phase: str, sft: str, pairs: str, root, recorder: StopAfter, ckpt_path=None):
     L.seed_everything(0)
     export_dir = str(root / f"{phase}-export")
     if phase == "rm":
@@ -52,15 +39,11 @@ def test_a_run_resumed_mid_epoch_repeats_the_uninterrupted_one(phase, world_cach
 
     rows = ensure_world(world_cache / "world")["comparisons"].read_text().splitlines()[:96]
     pairs = str(write_jsonl(tmp_path / "pairs.jsonl", [json.loads(row) for row in rows]))
-    uninterrupted = RecordLosses()
+    uninterrupted = StopAfter()
     full = fit(phase, world_sft_path, pairs, tmp_path, uninterrupted)
     checkpoint = tmp_path / "cut.ckpt"
-    fit(phase, world_sft_path, pairs, tmp_path, RecordLosses(stop_at=3, path=checkpoint))
-    resumed = RecordLosses()
+    fit(phase, world_sft_path, pairs, tmp_path, StopAfter(stop_at=3, path=checkpoint))
+    resumed = StopAfter()
     again = fit(phase, world_sft_path, pairs, tmp_path, resumed, ckpt_path=str(checkpoint))
 
-    assert sorted(resumed.losses) == list(range(4, STEPS + 1))
-    for step, loss in resumed.losses.items():
-        assert loss == pytest.approx(uninterrupted.losses[step], rel=1e-5), step
-    for name, weight in full.state_dict().items():
-        torch.testing.assert_close(again.state_dict()[name], weight, msg=name)
+    assert_resumed_like_uninterrupted(uninterrupted, resumed, 3, STEPS, full, again)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Trainer, seed_everything
 from transformers import AutoModelForCausalLM
 
-from helpers import latest_run, metric_series, run_cli, write_jsonl
+from helpers import StopAfter, assert_resumed_like_uninterrupted, latest_run, metric_series, run_cli, write_jsonl
 from lit_rlhf.data.datamodules import DemonstrationDataModule
 from lit_rlhf.phases.sft import SFTModule
 
@@ -115,19 +115,6 @@ def test_bad_row_exits_2_with_one_line(in_tmp):
     assert "Traceback" not in result.stderr
 
 
-class StopAfter(Callback):
-    """Records each step's loss; with ``stop_at``, saves a checkpoint there and stops (a run cut short)."""
-
-    def __init__(self, stop_at: int | None = None, path: Path | None = None) -> None:
-        self.stop_at, self.path, self.losses = stop_at, path, {}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses[trainer.global_step] = float(outputs["loss"])
-        if trainer.global_step == self.stop_at:
-            trainer.save_checkpoint(self.path)
-            trainer.should_stop = True
-
-
 def fit_sft(root: Path, demonstrations: str, recorder: StopAfter, ckpt_path: str | None = None) -> SFTModule:
     seed_everything(0)
     module = SFTModule(model_name_or_path="world", warmup_steps=2)
@@ -151,8 +138,4 @@ def test_a_run_resumed_mid_epoch_sees_the_same_batches_as_an_uninterrupted_one(t
     resumed = StopAfter()
     again = fit_sft(tmp_path, demonstrations, resumed, ckpt_path=str(checkpoint))
 
-    assert sorted(resumed.losses) == list(range(stop_at + 1, 21))
-    for step, loss in resumed.losses.items():
-        assert loss == pytest.approx(uninterrupted.losses[step], rel=1e-5), step
-    for name, weight in full.model.state_dict().items():
-        torch.testing.assert_close(again.model.state_dict()[name], weight, msg=name)
+    assert_resumed_like_uninterrupted(uninterrupted, resumed, stop_at, 20, full.model, again.model)

@@ -52,12 +52,11 @@ LOSS_TYPES = (*losses.PREFERENCE_LOSS_TYPES, "simpo", "kto")
 SMOOTHED_LOSS_TYPES = ("sigmoid", "robust")
 SEQUENCE_FIELDS = ("input_ids", "attention_mask", "response_mask")
 Metrics = dict[str, tuple[torch.Tensor, int]]
-"""Metric name → (value, the rows it is a mean over)."""
+"""Metric name → (value, number of rows it averages), so epoch means weigh batches correctly."""
 PAIRED_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                   "logps/rejected", "lengths/chosen_minus_rejected")
 KTO_METRICS = ("kl", *(name for name in PAIRED_METRICS if name != "rewards/accuracies"))
 """KTO's chosen and rejected are its desirable and undesirable rows; a batch reports those it has."""
-"""Metric name → (value, number of rows it averages), so epoch means weigh batches correctly."""
 
 
 def concatenated(batch: dict, *prefixes: str) -> dict:

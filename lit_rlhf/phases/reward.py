@@ -91,10 +91,8 @@ class RewardModelModule(LightningModule):
         input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
         attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
         distinct, row_of = torch.unique(torch.cat([input_ids, attention_mask], 1), dim=0, return_inverse=True)
-        first_row = torch.full((len(distinct),), len(input_ids), device=input_ids.device)
-        first_row = first_row.scatter_reduce(0, row_of, torch.arange(len(input_ids), device=input_ids.device), "amin")
-        scores = scalar_scores(self.model, input_ids[first_row], attention_mask[first_row])
-        return scores[row_of].chunk(2)
+        distinct_ids, distinct_mask = distinct.split(input_ids.shape[1], dim=1)
+        return scalar_scores(self.model, distinct_ids, distinct_mask)[row_of].chunk(2)
 
     def _step(self, batch: dict) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
         chosen, rejected = self._scores(batch)
