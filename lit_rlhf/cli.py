@@ -10,15 +10,27 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 
+import torch
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_rlhf.data.datamodules import DataReport
 from lit_rlhf.errors import LitRLHFError
 
 RUNS_DIR = "runs"
+DESCRIPTION = """\
+The RLHF recipe on PyTorch Lightning. Phases: lit-rlhf fit --config configs/{sft,rm,ppo,dpo}.yaml
+(ipo, kto, simpo too). More commands, each with --help:
+  lit-rlhf pipeline   SFT -> collect -> reward model -> PPO, DPO and best-of-n, resumable stage by stage
+  lit-rlhf collect    k samples per prompt ranked by a judge, written as C(k,2) comparisons
+  lit-rlhf world      write the embedded world's datasets"""
 
 
 def default_loggers(runs_dir: str = RUNS_DIR) -> list[dict]:
@@ -36,10 +48,21 @@ def default_loggers(runs_dir: str = RUNS_DIR) -> list[dict]:
     return loggers
 
 
-def _phase_name(model_class_path: str) -> str:
-    """``lit_rlhf.phases.reward.RewardModelModule`` → ``reward``: the run folder under ``runs/``."""
-    module_path = model_class_path.rsplit(".", 1)[0]
-    return module_path.rsplit(".", 1)[-1] if "." in model_class_path else "run"
+class _KeepLineBreaks(DefaultHelpFormatter):
+    """Prints the description's lines as they are written (the command list)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+def _phase_name(model_config) -> str:
+    """The run folder under ``runs/``: ``lit_rlhf.phases.reward.RewardModelModule`` → ``reward``; a DPO-family run
+    by its ``loss_type`` (``ipo``, ``kto``, ``simpo``…; ``dpo`` for sigmoid), where its config exports too."""
+    class_path = model_config.class_path
+    loss_type = (model_config.get("init_args") or {}).get("loss_type")
+    if loss_type not in (None, "sigmoid"):
+        return loss_type
+    return class_path.rsplit(".", 1)[0].rsplit(".", 1)[-1] if "." in class_path else "run"
 
 
 class RLHFCLI(LightningCLI):
@@ -63,7 +86,7 @@ class RLHFCLI(LightningCLI):
                 "callbacks": [DataReport()],
             },
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": "lit-rlhf"},
+            parser_kwargs={"prog": "lit-rlhf", "description": DESCRIPTION, "formatter_class": _KeepLineBreaks},
             args=args,
             run=run,
         )
@@ -78,16 +101,44 @@ class RLHFCLI(LightningCLI):
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             init_args = getattr(logger, "init_args", None)
             if init_args is not None and "name" in init_args and init_args.name in (None, "lightning_logs"):
-                init_args.name = _phase_name(config.model.class_path)
+                init_args.name = _phase_name(config.model)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's LightningCLI replaces the model's arguments with those saved in ``--ckpt_path``, silently
+        dropping what the command line says (a new ``export_dir`` or learning rate). Here the command line wins, as
+        for every other setting, and each argument that differs from the checkpoint's is named."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        given = self.config[subcommand].model.get("init_args") or {}
+        changed = [
+            f"{name}={given[name]!r} (checkpoint: {value!r})" for name, value in saved.items()
+            if not name.startswith("_") and name in given and given[name] != value
+        ]
+        if changed:
+            rank_zero_warn(f"resuming {ckpt_path} with changed model arguments: {', '.join(changed)}")
 
     def before_fit(self) -> None:
         if self.config.fit.get("ckpt_path") is None:
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
 
+    def after_fit(self) -> None:
+        # A W&B run outlives its WandbLogger: finish it, or the next fit in this process (the pipeline's next
+        # stage) logs into it.
+        if any(isinstance(logger, WandbLogger) for logger in self.trainer.loggers):
+            import wandb
+
+            wandb.finish()
+
 
 def fit_phase(args: list[str], runs_dir: str) -> RLHFCLI:
     """``lit-rlhf fit ARGS`` with logs under ``runs_dir``: how the pipeline runs its ``fit`` stages."""
-    return RLHFCLI(args=["fit", *args, "--trainer.enable_progress_bar", "false"], runs_dir=runs_dir)
+    with warnings.catch_warnings():
+        # LightningCLI warns when it gets args while sys.argv holds others: here they are the pipeline's, on purpose.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return RLHFCLI(args=["fit", *args, "--trainer.enable_progress_bar", "false"], runs_dir=runs_dir)
 
 
 def _world_command(argv: list[str]) -> None:
@@ -144,8 +195,9 @@ def _pipeline_command(argv: list[str]) -> None:
     parser.add_argument("--config", default="configs/pipeline.yaml", help="pipeline file (default: %(default)s)")
     parser.add_argument("--out", help="output folder (default: the file's 'out', else runs/pipeline)")
     parser.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo this stage (repeatable)")
+    parser.add_argument("--seed", type=int, help="seed of every stage (default: the file's 'seed', else 0)")
     args = parser.parse_args(argv)
-    run_pipeline(args.config, fit_phase, args.out, tuple(args.force))
+    run_pipeline(args.config, fit_phase, args.out, tuple(args.force), args.seed)
 
 
 EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {
@@ -155,15 +207,27 @@ EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {
 }
 
 
+def _user_error(error: BaseException) -> LitRLHFError | None:
+    """The package's own error behind ``error``: jsonargparse re-raises what a class raised while being built as a
+    ``ValueError`` caused by it."""
+    while error is not None and not isinstance(error, LitRLHFError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
 def main(argv: list[str] | None = None) -> None:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] in EXTRA_COMMANDS:
             EXTRA_COMMANDS[argv[0]](argv[1:])
         else:
-            RLHFCLI(args=argv)
-    except LitRLHFError as error:
-        print(f"lit-rlhf: error: {error}", file=sys.stderr)
+            RLHFCLI(args=None if from_command_line else argv)
+    except Exception as error:
+        user_error = _user_error(error)
+        if user_error is None:
+            raise
+        print(f"lit-rlhf: error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

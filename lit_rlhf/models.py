@@ -40,14 +40,26 @@ WORLD_PRESET = {"n_embd": 128, "n_layer": 2, "n_head": 4, "n_positions": 128}
 """Size of the world's GPT-2 (~0.4M parameters): it learns the world in well under a minute on two CPU cores."""
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+"""A local folder holds a tokenizer when it has one of these (fast, configured, BPE or SentencePiece)."""
+
+
 def is_world(name_or_path: str) -> bool:
     return name_or_path == WORLD
 
 
 def _check_exists(name_or_path: str) -> None:
-    """Fail with one line when a path-looking name does not exist (instead of a hub lookup traceback)."""
-    looks_like_path = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).suffix != ""
-    if looks_like_path and not Path(name_or_path).expanduser().exists():
+    """Fail with one line when a path-looking name does not exist (instead of a hub lookup traceback).
+
+    A name looks like a path when it starts with ``.``, ``/`` or ``~``, has a file suffix, has more parts than a hub
+    id's ``owner/name``, or starts with a folder that exists here (``runs/sft/hf`` before SFT has run).
+    """
+    path = Path(name_or_path).expanduser()
+    looks_like_path = (
+        name_or_path.startswith((".", "/", "~")) or path.suffix != "" or len(path.parts) > 2
+        or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
+    )
+    if looks_like_path and not path.exists():
         raise ConfigError(f"model not found: {name_or_path} (no such folder)")
 
 
@@ -59,9 +71,12 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
         tokenizer = build_tokenizer()
     else:
         _check_exists(name_or_path)
+        folder = Path(name_or_path).expanduser()
+        if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
+            raise ConfigError(f"no tokenizer in {name_or_path} (none of {', '.join(TOKENIZER_FILES)})")
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        except OSError as error:
+        except (OSError, ValueError) as error:
             raise ConfigError(f"cannot load a tokenizer from {name_or_path}: {error}") from error
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:

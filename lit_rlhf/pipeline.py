@@ -44,7 +44,7 @@ FitPhase = Callable[[list[str], str], Any]
 DONE_FILE = "done.json"
 POLICY, REWARD_MODEL, DATA, BASELINE = "policy", "reward_model", "data", "baseline"
 SUMMARY_KEYS = ("stage", "gold_reward", "proxy_reward", "kl", "length_mean", "seconds")
-BOOKKEEPING_KEYS = ("kind", "role", "model", "data", "seconds", "spec")
+BOOKKEEPING_KEYS = ("kind", "role", "model", "data", "seconds", "spec", "seed")
 """Keys of ``done.json`` that say where a stage's output is, not what it measured."""
 REQUIRED_KEYS = {
     "fit": ("config",),
@@ -148,6 +148,11 @@ class PipelineRun:
     fit_phase: FitPhase
 
     @property
+    def seed(self) -> int:
+        """The file's ``seed``: every ``fit`` stage's ``--seed_everything`` and every sampling stage's seed."""
+        return int(self.spec.get("seed", 0))
+
+    @property
     def stage_names(self) -> set[str]:
         return {stage["name"] for stage in self.spec["stages"]}
 
@@ -166,14 +171,19 @@ class PipelineRun:
 
 
 def run_pipeline(
-    config: str | Path, fit_phase: FitPhase, out: str | Path | None = None, force: tuple[str, ...] = ()
+    config: str | Path, fit_phase: FitPhase, out: str | Path | None = None, force: tuple[str, ...] = (),
+    seed: int | None = None,
 ) -> list[dict]:
     """Run every stage not yet complete, then evaluate and write ``summary.json``; returns its rows.
+
+    ``seed`` replaces the file's ``seed``; a stage completed under another seed runs again.
 
     ``fit_phase(args, runs_dir)`` runs ``lit-rlhf fit ARGS`` with its logs under ``runs_dir`` and returns the
     finished LightningCLI (the command line passes :func:`lit_rlhf.cli.fit_phase`).
     """
     spec = load_pipeline(config)
+    if seed is not None:
+        spec["seed"] = seed
     run = PipelineRun(spec, Path(out or spec.get("out", "runs/pipeline")), fit_phase)
     names = [stage["name"] for stage in spec["stages"]]
     unknown = [name for name in force if name not in names]
@@ -181,7 +191,7 @@ def run_pipeline(
         raise ConfigError(f"--force {unknown[0]}: no such stage (stages: {', '.join(names)})")
     for stage in spec["stages"]:
         stage_dir = run.out_dir / stage["name"]
-        if _is_complete(stage, stage_dir) and stage["name"] not in force:
+        if _is_complete(stage, stage_dir, run.seed) and stage["name"] not in force:
             print(f"[pipeline] {stage['name']}: complete, skipped")
             continue
         if stage_dir.exists():
@@ -191,25 +201,43 @@ def run_pipeline(
         started = time.perf_counter()
         record = STAGE_RUNNERS[stage["kind"]](stage, stage_dir, run)
         record["seconds"] = round(time.perf_counter() - started, 1)
-        record["spec"] = stage
+        record["spec"], record["seed"] = stage, run.seed
         (stage_dir / DONE_FILE).write_text(json.dumps(record, indent=2) + "\n")
     rows = summarize(run)
-    (run.out_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(format_table(rows))
+    rows = _merged_with_earlier_summary(rows, run.out_dir)
+    (run.out_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(f"[pipeline] summary: {run.out_dir / 'summary.json'}")
     return rows
 
 
-def _is_complete(stage: dict[str, Any], stage_dir: Path) -> bool:
-    """Whether the stage finished before with the same settings (a changed stage runs again)."""
+def _merged_with_earlier_summary(rows: list[dict[str, Any]], out_dir: Path) -> list[dict[str, Any]]:
+    """This run's rows, with the rows another pipeline file wrote into the same folder kept (its stages that are
+    still there) and in their places: a variant run with ``--out`` on the main job's folder adds its rows."""
+    path = out_dir / "summary.json"
+    earlier = json.loads(path.read_text()) if path.is_file() else []
+    new = {row["stage"]: row for row in rows}
+    kept = [
+        new.pop(row["stage"], row) for row in earlier
+        if row["stage"] in new or row["stage"] == "init" or (out_dir / row["stage"] / DONE_FILE).exists()
+    ]
+    return kept + list(new.values())
+
+
+def _is_complete(stage: dict[str, Any], stage_dir: Path, seed: int) -> bool:
+    """Whether the stage finished before with the same settings and seed (otherwise it runs again)."""
     done = stage_dir / DONE_FILE
-    return done.exists() and json.loads(done.read_text()).get("spec") == stage
+    if not done.exists():
+        return False
+    record = json.loads(done.read_text())
+    return record.get("spec") == stage and record.get("seed", 0) == seed
 
 
 def _run_fit(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
     from lit_rlhf.phases.reward import RewardModelModule
 
-    args = ["--config", stage["config"], "--model.init_args.export_dir", str(stage_dir / "hf")]
+    args = ["--config", stage["config"], "--seed_everything", str(run.seed),
+            "--model.init_args.export_dir", str(stage_dir / "hf")]
     for option, key, output in (("model", "model.init_args.model_name_or_path", "model"),
                                 ("reward_model", "model.init_args.reward_model", "model"),
                                 ("data", "data.init_args.path", "data")):
@@ -235,7 +263,7 @@ def _run_collect(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, An
         run.resolve(stage["policy"], "model"), stage_dir, k=int(stage.get("k", 4)),
         judge=stage.get("judge", "raters"), judge_model=run.resolve(stage.get("judge_model"), "model"),
         prompts_path=_prompts_path(stage, run.spec), num_prompts=int(stage.get("num_prompts", 2000)),
-        sampling=sampling, max_prompt_length=max_prompt_length, seed=int(run.spec.get("seed", 0)),
+        sampling=sampling, max_prompt_length=max_prompt_length, seed=run.seed,
     )
     return {"kind": "collect", "role": DATA, "data": "comparisons.jsonl", "pairs": summary.pairs,
             "ties_dropped": summary.ties_dropped, "gold_agreement": summary.gold_agreement}
@@ -270,7 +298,7 @@ def _run_rejection_sample(stage: dict, stage_dir: Path, run: PipelineRun) -> dic
 
     policy = run.resolve(stage["policy"], "model")
     prompts = _training_prompts(stage, run.spec)
-    torch.manual_seed(int(run.spec.get("seed", 0)))
+    torch.manual_seed(run.seed)
     groups = sample_responses(policy, prompts, int(stage.get("n", 8)), *_sampling(stage), 256)
     scorer = make_scorer(run.resolve(stage["reward_model"], "model"), device=inference_device())
     picks = pick_best(prompts, groups, scorer, int(stage.get("keep", 1)), stage.get("threshold"))
@@ -287,7 +315,7 @@ def _run_self_play(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, 
     demonstrations = DemonstrationDataModule(path=stage.get("demonstrations"), val_fraction=0.0)
     demonstrations.setup("fit")
     records = demonstrations.train_records[: int(stage.get("num_prompts", 1000))]
-    torch.manual_seed(int(run.spec.get("seed", 0)))
+    torch.manual_seed(run.seed)
     prompts = [record.prompt for record in records]
     generations = [group[0] for group in sample_responses(policy, prompts, 1, *_sampling(stage), 256)]
     pairs = self_play_pairs(prompts, [record.completion for record in records], generations)
@@ -367,7 +395,7 @@ def summarize(run: PipelineRun) -> list[dict[str, Any]]:
 
     def evaluate(name_or_path: str) -> dict[str, Any]:
         tokenizer = load_tokenizer(name_or_path)
-        torch.manual_seed(int(spec.get("seed", 0)))  # the untrained world model is built from this seed
+        torch.manual_seed(run.seed)  # the untrained world model is built from this seed
         model = load_causal_lm(name_or_path, tokenizer, device=device).eval()
         metrics = evaluate_policy(model, tokenizer, prompts, sampling, 32, seed, 128, reference, scorer).metrics
         return {"gold_reward": metrics.get("gold/reward"), "proxy_reward": metrics.get("proxy/reward"),

@@ -32,6 +32,13 @@ def world_cache(tmp_path_factory):
     return cache
 
 
+@pytest.fixture(autouse=True)
+def no_global_seed(monkeypatch):
+    """Each test starts without a global seed, so a test that seeds Lightning with another value than 0 cannot
+    change the data order of the tests after it (a DataModule without ``split_seed`` takes the global seed)."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+
+
 def _bpe_tokenizer():
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from helpers import run_cli
+from lit_rlhf.cli import fit_phase, main
 
 
 def test_world_command_writes_the_datasets(tmp_path, capsys):
@@ -33,3 +37,44 @@ def test_a_missing_model_is_one_line_and_exit_2(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == f"lit-rlhf: error: model not found: {tmp_path / 'nope'} (no such folder)"
+
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # the reward model before SFT has written its export: a hub lookup traceback until now
+        (["--config", str(CONFIGS / "rm.yaml")], "model not found: runs/sft/hf (no such folder)"),
+        # raised while jsonargparse builds the DataModule, which re-raises it as a ValueError
+        (["--config", str(CONFIGS / "sft.yaml"), "--data.batch_size", "0"], "batch_size must be at least 1, got 0"),
+        (["--config", str(CONFIGS / "sft.yaml"), "--model.model_name_or_path", "empty"],
+         "no tokenizer in empty (none of tokenizer.json, tokenizer_config.json, vocab.json, tokenizer.model)"),
+    ],
+)
+def test_errors_while_building_a_phase_are_one_line_and_exit_2(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"lit-rlhf: error: {message}"
+
+
+def test_each_fit_in_one_process_gets_its_own_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    quick = ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", "--data.num_eval_prompts", "1"]
+    for stage in ("first", "second"):  # as the pipeline runs its stages
+        fit_phase(["--config", str(CONFIGS / "sft.yaml"), *quick], str(tmp_path / stage))
+    first, second = (list((tmp_path / stage / "wandb").glob("offline-run-*")) for stage in ("first", "second"))
+    assert len(first) == 1 and len(second) == 1  # the second stage did not log into the first one's run
+
+
+def test_help_lists_the_extra_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert all(f"  lit-rlhf {command}" in printed for command in ("pipeline", "collect", "world"))

@@ -118,6 +118,23 @@ def test_hh_rlhf_message_lists_share_their_leading_messages():
     assert only([row], "comparison") == [Comparison("User: hi\nAssistant:", " hello\n", " go away\n")]
 
 
+def test_ultrafeedback_rows_text_prompt_and_whole_dialogues():
+    # HuggingFaceH4/ultrafeedback_binarized: `prompt` is text, `chosen`/`rejected` repeat it as the user turn.
+    row = {"prompt": "hi", "chosen": [user("hi"), assistant("hello")], "rejected": [user("hi"), assistant("go away")],
+           "score_chosen": 8.0, "score_rejected": 2.0}
+    assert only([row], "comparison") == [Comparison("User: hi\nAssistant:", " hello\n", " go away\n")]
+    # A text prompt with replies as messages is one user turn.
+    row = {"prompt": "hi", "chosen": [assistant("hello")], "rejected": [assistant("go away")]}
+    assert only([row], "comparison") == [Comparison("User: hi\nAssistant:", " hello\n", " go away\n")]
+    row = {"prompt": "hi", "completion": [assistant("hello")]}
+    assert only([row], "demonstration") == [Demonstration("User: hi\nAssistant:", " hello\n")]
+    with pytest.raises(DataError, match=r"<rows>:1: field 'prompt': is not a user message of the 'chosen' dialogue"):
+        normalize_rows([{"prompt": "bye", "chosen": [user("hi"), assistant("a")],
+                         "rejected": [user("hi"), assistant("b")]}], "comparison")
+    with pytest.raises(DataError, match=r"field 'rejected': is a list of messages, but the prompt and other"):
+        normalize_rows([{"prompt": "hi", "chosen": "a", "rejected": [assistant("b")]}], "comparison")
+
+
 def test_ranking_to_pairs_drops_and_counts_ties():
     pairs, ties = ranking_to_pairs(["a", "b", "c", "d"], [0, 1, 1, 2])
     assert pairs == [("a", "b"), ("a", "c"), ("a", "d"), ("b", "d"), ("c", "d")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -162,6 +163,16 @@ def make(cls, path: str, tokenizer_path: str, **kwargs):
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
+
+
+def test_without_a_split_seed_the_data_takes_the_runs_seed(tmp_path, tokenizer_path):
+    path = write_jsonl(tmp_path / "demos.jsonl", DEMONSTRATIONS)
+    assert make(DemonstrationDataModule, path, tokenizer_path).seed == 0  # no seed set: 0
+    explicit = make(DemonstrationDataModule, path, tokenizer_path, val_fraction=0.25, split_seed=2)
+    L.seed_everything(2)
+    inherited = make(DemonstrationDataModule, path, tokenizer_path, val_fraction=0.25)
+    assert inherited.seed == 2 and inherited.val_records == explicit.val_records
+    assert make(DemonstrationDataModule, path, tokenizer_path, split_seed=5).seed == 5
 
 
 def test_demonstration_datamodule_splits_deterministically(tmp_path, tokenizer_path):

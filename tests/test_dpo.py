@@ -396,7 +396,8 @@ def test_config_runs_a_step_and_logs_the_ecosystem_metrics(world_sft_path, tmp_p
         "--trainer.max_steps", "1", "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "2",
         "--data.num_eval_prompts", "8",
     )
-    run = latest_run(tmp_path, "dpo")
+    name = config.removesuffix(".yaml")
+    run = latest_run(tmp_path, name)  # logs next to the export, runs/<loss type>/
     logged = metric_rows(run)[0].keys()
     paired = config != "kto.yaml"
     expected = {*GENERATION_METRICS, "train/loss", "val/loss"}
@@ -405,4 +406,4 @@ def test_config_runs_a_step_and_logs_the_ecosystem_metrics(world_sft_path, tmp_p
     # The first validation is the untrained policy: it is its own reference.
     assert metric_series(run, "objective/kl")[0] == pytest.approx(0.0, abs=1e-5)
     assert metric_series(run, "response/length_drift")[0] == 0.0
-    assert (tmp_path / "runs" / config.removesuffix(".yaml") / "hf" / "config.json").exists()
+    assert (tmp_path / "runs" / name / "hf" / "config.json").exists()

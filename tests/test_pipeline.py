@@ -77,6 +77,30 @@ def test_the_pipeline_resumes_after_a_crash_without_redoing_completed_stages(tmp
     assert runs == ["rm"]  # --force redoes that stage only
 
 
+def test_the_seed_reaches_every_stage_and_a_new_seed_redoes_them(tmp_path):
+    spec = yaml.safe_load(tiny(CONFIGS / "pipeline.yaml", tmp_path).read_text())
+    spec["stages"] = spec["stages"][:2]  # sft, collect
+    spec["evaluation"] |= {"reference": None, "reward_model": None}
+    path, out = tmp_path / "short.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(spec))
+    fits = []
+
+    def recording_fit(args, runs_dir):
+        fits.append(fit_phase(args, runs_dir))
+        return fits[-1]
+
+    pipeline.run_pipeline(path, recording_fit, out)
+    first_pairs = (out / "collect" / "comparisons.jsonl").read_text()
+    pipeline.run_pipeline(path, recording_fit, out, seed=1)
+    assert len(fits) == 2  # the seed-0 SFT was not taken as done under seed 1
+    assert [fit.trainer.datamodule.seed for fit in fits] == [0, 1]
+    assert [fit.config.fit.seed_everything for fit in fits] == [0, 1]
+    assert json.loads((out / "collect" / "done.json").read_text())["seed"] == 1
+    assert (out / "collect" / "comparisons.jsonl").read_text() != first_pairs
+    pipeline.run_pipeline(path, recording_fit, out, seed=1)
+    assert len(fits) == 2  # the same seed again: everything is complete
+
+
 @pytest.mark.parametrize("variant", ["rejection_sampling", "spin", "iterative"])
 def test_each_variant_runs_end_to_end(variant, tmp_path):
     rows = pipeline.run_pipeline(tiny(CONFIGS / f"pipeline_{variant}.yaml", tmp_path), fit_phase, tmp_path / "out")
@@ -149,3 +173,16 @@ def test_best_of_n_kl_and_self_play_pairs():
 def test_every_pipeline_file_loads(path):
     spec = pipeline.load_pipeline(path)
     assert all(stage["kind"] in pipeline.STAGE_KINDS for stage in spec["stages"])
+
+
+def test_a_second_pipeline_file_in_the_same_folder_adds_its_rows(tmp_path):
+    earlier = [{"stage": name, "gold_reward": 0.1} for name in ("init", "sft", "ppo", "removed")]
+    (tmp_path / "summary.json").write_text(json.dumps(earlier))
+    for name in ("sft", "ppo", "rs"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / pipeline.DONE_FILE).write_text("{}")
+    rows = [{"stage": name, "gold_reward": 0.2} for name in ("init", "sft", "rs")]
+    merged = pipeline._merged_with_earlier_summary(rows, tmp_path)
+    assert [(row["stage"], row["gold_reward"]) for row in merged] == [
+        ("init", 0.2), ("sft", 0.2), ("ppo", 0.1), ("rs", 0.2)  # "removed" has no stage folder any more
+    ]

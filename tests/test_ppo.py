@@ -209,6 +209,13 @@ def test_invalid_settings_fail_with_one_clear_error(world_sft_path):
         module.configure_model()
 
 
+def test_the_iteration_seed_defaults_to_the_runs_seed(world_sft_path):
+    assert PPOModule(model_name_or_path=world_sft_path).seed == 0
+    seed_everything(7)
+    assert PPOModule(model_name_or_path=world_sft_path).seed == 7
+    assert PPOModule(model_name_or_path=world_sft_path, seed=3).seed == 3
+
+
 def test_entropy_bonus_enters_the_loss(tmp_path, world_sft_path):
     """Same rollouts, same first update: the bonus lowers the logged total only through −c·H, and H is a real
     entropy of a 146-word vocabulary's next-token distributions (between 0 and ln 146)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,10 @@ from transformers import AutoModelForSequenceClassification
 from helpers import latest_run, metric_series, run_cli
 from lit_rlhf.collect import collect_comparisons
 from lit_rlhf.data.datamodules import ComparisonDataModule
+from lit_rlhf.errors import ConfigError
 from lit_rlhf.judges import ranks_from_scores
 from lit_rlhf.models import export, load_scalar_head_model, load_tokenizer
+from lit_rlhf.phases.reward import RewardModelModule
 from lit_rlhf.rollout import SamplingConfig
 from lit_rlhf.scoring import SCORE_MEAN_KEY, SCORE_STD_KEY, RewardModelScorer
 
@@ -125,10 +128,25 @@ def test_reward_model_fit_logs_metrics_and_exports_statistics(world_sft_path, tm
     assert scorer.statistics == (config[SCORE_MEAN_KEY], config[SCORE_STD_KEY])
 
 
+def test_score_statistics_are_finite_with_a_single_distinct_prompt(world_sft_path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rows = [{"prompt": "name two fruits .", "chosen": "apple , pear .", "rejected": rejected}
+            for rejected in ["apple .", "dog .", "pear , pear .", "cat , dog .", "apple , pear , fig ."] * 2]
+    (tmp_path / "one_prompt.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run_cli(
+        "fit", "--config", str(CONFIGS / "rm.yaml"), "--model.model_name_or_path", world_sft_path,
+        "--model.export_dir", str(tmp_path / "rm"), "--model.normalization_samples", "8",
+        "--data.path", str(tmp_path / "one_prompt.jsonl"), "--trainer.max_steps", "2",
+    )
+    config = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert math.isfinite(config[SCORE_MEAN_KEY]) and math.isfinite(config[SCORE_STD_KEY]) and config[SCORE_STD_KEY] > 0
+    with pytest.raises(ConfigError, match="normalization_samples must be at least 2"):
+        RewardModelModule(model_name_or_path=world_sft_path, normalization_samples=1)
+
+
 def test_scoring_each_distinct_sequence_once_gives_the_same_scores(world_sft_path):
     from lit_rlhf.data.collate import collate_comparisons
     from lit_rlhf.models import scalar_scores
-    from lit_rlhf.phases.reward import RewardModelModule
 
     module = RewardModelModule(model_name_or_path=world_sft_path)
     module.configure_model()

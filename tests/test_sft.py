@@ -71,7 +71,12 @@ def test_sft_resumes_from_checkpoint(in_tmp):
     run_cli("fit", *common, "--trainer.max_steps", "10")
     checkpoint = next((latest_run(in_tmp, "sft") / "checkpoints").glob("*.ckpt"))
     assert torch.load(checkpoint, weights_only=False)["global_step"] == 10
-    run_cli("fit", *common, "--trainer.max_steps", "20", "--ckpt_path", str(checkpoint))
+    # What the resuming command line says holds (Lightning alone would take the checkpoint's export_dir), and a
+    # changed argument is named.
+    with pytest.warns(UserWarning, match=r"changed model arguments: export_dir='resumed_hf' \(checkpoint: 'runs/sft/hf'\)"):
+        run_cli("fit", *common, "--trainer.max_steps", "20", "--ckpt_path", str(checkpoint),
+                "--model.export_dir", "resumed_hf")
+    assert (in_tmp / "resumed_hf" / "config.json").is_file()
     resumed = next((latest_run(in_tmp, "sft") / "checkpoints").glob("*.ckpt"))
     assert torch.load(resumed, weights_only=False)["global_step"] == 20
     # A resumed run does not re-validate the untrained model first: one validation, at step 20.

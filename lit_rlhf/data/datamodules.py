@@ -50,6 +50,11 @@ def default_world_dir() -> Path:
     return Path(os.environ.get("LIT_RLHF_CACHE") or Path.home() / ".cache" / "lit-rlhf") / "world"
 
 
+def global_seed() -> int:
+    """The run's seed: what Lightning's ``seed_everything`` (LightningCLI's ``--seed_everything``) set, else 0."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
 def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Indices of a deterministic random split, each list in increasing order.
 
@@ -111,7 +116,8 @@ class RLHFDataModule(LightningDataModule):
         max_prompt_length: Most prompt tokens; prompts are cut from the left.
         batch_size: Rows per batch.
         val_fraction: Share of the rows held out for validation, in [0, 1).
-        split_seed: Seeds the train/val split and the training shuffle.
+        split_seed: Seeds the train/val split and the training shuffle; ``None`` takes the run's seed
+            (:func:`global_seed`), so ``--seed_everything`` reseeds the data with everything else.
         on_bad_row: ``"error"`` stops at the first bad row; ``"skip"`` leaves bad rows out and counts them.
         num_workers: DataLoader worker processes.
         split: The split of a ``datasets`` name, a saved DatasetDict, or a folder whose files are named by split.
@@ -136,7 +142,7 @@ class RLHFDataModule(LightningDataModule):
         max_prompt_length: int = 32,
         batch_size: int = 32,
         val_fraction: float = 0.05,
-        split_seed: int = 0,
+        split_seed: int | None = None,
         on_bad_row: Literal["error", "skip"] = "error",
         num_workers: int = 0,
         split: str = "train",
@@ -154,6 +160,8 @@ class RLHFDataModule(LightningDataModule):
         if num_workers < 0 or num_eval_prompts < 0:
             raise ConfigError("num_workers and num_eval_prompts must not be negative")
         self.save_hyperparameters()
+        self.seed = global_seed() if split_seed is None else split_seed
+        """The seed of the split and the shuffle: ``split_seed``, else the run's seed when this was built."""
         self.train_records: list[Record] = []
         self.val_records: list[Record] = []
         self.eval_prompts: list[str] = []
@@ -210,12 +218,12 @@ class RLHFDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
-        self._train_order = EpochShuffle(len(self._train.examples), self.hparams.split_seed, *self._replica())
+        self._train_order = EpochShuffle(len(self._train.examples), self.seed, *self._replica())
         if self._resume_position is not None:
             self._train_order.resume_at(*self._resume_position)
             self._resume_position = None
         # The loader's own generator seeds worker processes; given one, it leaves the global RNG alone.
-        generator = torch.Generator().manual_seed(self.hparams.split_seed)
+        generator = torch.Generator().manual_seed(self.seed)
         return self._loader(self._train.examples, sampler=self._train_order, generator=generator)
 
     def state_dict(self) -> dict[str, int]:
@@ -284,7 +292,7 @@ class RLHFDataModule(LightningDataModule):
         for record in records:
             by_prompt.setdefault(record.prompt, []).append(record)
         groups = list(by_prompt.values())
-        train_indices, val_indices = train_val_split(len(groups), self.hparams.val_fraction, self.hparams.split_seed)
+        train_indices, val_indices = train_val_split(len(groups), self.hparams.val_fraction, self.seed)
         return [r for i in train_indices for r in groups[i]], [r for i in val_indices for r in groups[i]]
 
     def _eval_prompts(self) -> list[str]:

@@ -325,12 +325,12 @@ class _RowParser:
         if format_name == "chat":
             return [self._chat_demonstration(row)], 0
         if format_name == "prompt_completion":
-            prompt = self._prompt(row)
+            prompt = self._prompt(row, chat=isinstance(row.get("completion"), list))
             return [Demonstration(prompt.text, self._response(row, "completion", prompt))], 0
         if format_name == "text":
             return [Demonstration("", _string(row, "text"))], 0
         if format_name == "unpaired":
-            prompt = self._prompt(row)
+            prompt = self._prompt(row, chat=isinstance(row.get("completion"), list))
             return [Unpaired(prompt.text, self._response(row, "completion", prompt), _label(row))], 0
         if format_name == "ranking":
             return self._ranking(row)
@@ -365,8 +365,11 @@ class _RowParser:
 
     # --- fields ---
 
-    def _prompt(self, row: Mapping[str, Any]) -> _Prompt:
+    def _prompt(self, row: Mapping[str, Any], chat: bool = False) -> _Prompt:
+        """The row's prompt; with ``chat`` (its responses are messages) a text prompt is one user message."""
         value = _require(row, "prompt")
+        if isinstance(value, str) and chat:
+            value = [{"role": "user", "content": value}]
         if isinstance(value, str):
             return _Prompt(_non_empty(value, "prompt"), None)
         if isinstance(value, list):
@@ -386,7 +389,7 @@ class _RowParser:
                 name, "wrong type", f"must be a string or a list of messages, got {_type_name(value)}"
             )
         if prompt.messages is None:
-            raise RowProblem(name, "wrong type", "a list of messages needs 'prompt' as a list of messages too")
+            raise RowProblem(name, "wrong type", "is a list of messages, but the prompt and other responses are text")
         messages = _messages(value, name)
         if len(messages) != 1 or messages[0]["role"] != "assistant":
             roles = [message["role"] for message in messages]
@@ -417,8 +420,14 @@ class _RowParser:
     def _preference(self, row: Mapping[str, Any]) -> Comparison:
         if "prompt" not in row:
             prompt, chosen, rejected = self._shared_prompt_dialogues(row)
+        elif isinstance(row["prompt"], str) and _is_dialogue(row.get("chosen")) and _is_dialogue(row.get("rejected")):
+            # UltraFeedback (binarized) style: the prompt as text, and whole dialogues that repeat it as a user turn.
+            users = [message.get("content") for message in row["chosen"] if message.get("role") == "user"]
+            if row["prompt"] not in users:
+                raise RowProblem("prompt", "not in the dialogue", "is not a user message of the 'chosen' dialogue")
+            prompt, chosen, rejected = self._shared_prompt_dialogues(row)
         else:
-            prompt_value = self._prompt(row)
+            prompt_value = self._prompt(row, chat=isinstance(row.get("chosen"), list))
             prompt = prompt_value.text
             chosen = self._response(row, "chosen", prompt_value)
             rejected = self._response(row, "rejected", prompt_value)
@@ -460,8 +469,9 @@ class _RowParser:
         )
 
     def _ranking(self, row: Mapping[str, Any]) -> tuple[list[Record], int]:
-        prompt = self._prompt(row)
         responses_value = _require(row, "responses")
+        chat = isinstance(responses_value, list) and any(isinstance(value, list) for value in responses_value)
+        prompt = self._prompt(row, chat=chat)
         if not isinstance(responses_value, list):
             raise RowProblem("responses", "wrong type", f"must be a list, got {_type_name(responses_value)}")
         if len(responses_value) < 2:
@@ -530,6 +540,14 @@ _ACCEPTED: dict[str, tuple[str, ...]] = {
     "unpaired": ("unpaired", "preference"),
     "prompt": tuple(name for name in _DESCRIPTIONS if name != "text"),
 }
+
+
+def _is_dialogue(value: Any) -> bool:
+    """A list of messages that starts before the assistant's answer (a whole conversation, not just a reply)."""
+    return (
+        isinstance(value, list) and bool(value) and all(isinstance(message, Mapping) for message in value)
+        and value[0].get("role") != "assistant"
+    )
 
 
 def _detect_format(row: Mapping[str, Any]) -> str | None:

@@ -43,7 +43,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from torchmetrics.functional import explained_variance
 
 from lit_rlhf.advantages import gae, group_advantages, shape_rewards, whiten
-from lit_rlhf.data.datamodules import DemonstrationDataModule
+from lit_rlhf.data.datamodules import DemonstrationDataModule, global_seed
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.kl_control import AdaptiveKLController, FixedKLController
 from lit_rlhf.losses import (
@@ -82,6 +82,7 @@ class PPOModule(LightningModule):
 
     ``reward_model``: a reward-model export, ``"gold"`` (the world's gold reward) or ``"package.module:function"``.
     ``value_model``: where the critic starts (``gae`` only); default the reward-model export, else the SFT export.
+    ``seed`` seeds each iteration's sampling together with the iteration count; ``None`` takes the run's seed.
 
     Logged every iteration: ``objective/{scores,kl,rlhf_reward,non_score_reward,entropy}`` (per-sequence means,
     KL and entropy estimated from the sampled tokens), ``policy/{clipfrac,approxkl,entropy}`` (``policy/entropy``:
@@ -132,7 +133,7 @@ class PPOModule(LightningModule):
         log_samples_every_n_iterations: int = 10,
         num_logged_samples: int = 8,
         eval_seed: int = 1234,
-        seed: int = 0,
+        seed: int | None = None,
         export_dir: str | None = None,
         max_prompt_length: int = 32,
         trust_remote_code: bool = False,
@@ -149,6 +150,7 @@ class PPOModule(LightningModule):
         if temperature <= 0:
             raise ConfigError(f"PPO samples its rollouts: temperature must be positive, got {temperature}")
         self.save_hyperparameters()
+        self.seed = global_seed() if seed is None else seed
         self.automatic_optimization = False
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
         self.sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p)
@@ -176,8 +178,8 @@ class PPOModule(LightningModule):
         if isinstance(self.scorer, RewardModelScorer):
             self.reward_network = frozen(self.scorer.model)  # a registered module: the strategy places it
         if hp.advantage_estimator == "gae":
-            seed = hp.value_model or (hp.model_name_or_path if self.reward_network is None else hp.reward_model)
-            self.critic = without_dropout(ValueModel(load_scalar_head_model(seed, *load)))
+            start = hp.value_model or (hp.model_name_or_path if self.reward_network is None else hp.reward_model)
+            self.critic = without_dropout(ValueModel(load_scalar_head_model(start, *load)))
         shard_networks(self, self.policy, self.reference, self.reward_network, self.critic)
 
     def configure_optimizers(self):
@@ -198,7 +200,7 @@ class PPOModule(LightningModule):
         resumed mid-epoch (the datamodule resumes its prompt order exactly) repeats the uninterrupted one."""
         hp = self.hparams
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(hash((hp.seed, self.iteration, self.global_rank)) % 2**63)  # int hashes are stable
+            torch.manual_seed(hash((self.seed, self.iteration, self.global_rank)) % 2**63)  # int hashes are stable
             rollout, metrics, samples = self._rollout(batch)
             buffer = RolloutBuffer(rollout, hp.num_minibatches, hp.gradient_accumulation_steps)
             metrics |= self._optimise(buffer)

@@ -7,12 +7,15 @@ training prompts and stores the mean and std of those scores in the export's con
 
 from __future__ import annotations
 
+import math
+
 import torch
 from lightning.pytorch import LightningModule
 from torchmetrics import CatMetric, MeanMetric
 
 from lit_rlhf import losses
 from lit_rlhf.collect import sample_responses
+from lit_rlhf.errors import ConfigError
 from lit_rlhf.models import is_sharded, load_scalar_head_model, load_tokenizer, scalar_scores, trainable, with_lora
 from lit_rlhf.phases.shared import adamw_with_warmup, export_trained, shard_networks
 from lit_rlhf.rollout import SamplingConfig
@@ -69,6 +72,8 @@ class RewardModelModule(LightningModule):
         lora: dict | None = None,
     ) -> None:
         super().__init__()
+        if normalization_samples < 2:
+            raise ConfigError(f"normalization_samples must be at least 2 (to estimate a std), got {normalization_samples}")
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
         self.model = None
@@ -150,12 +155,14 @@ class RewardModelModule(LightningModule):
         datamodule = self.trainer.datamodule
         self.model.eval()
         prompts = list(dict.fromkeys(record.prompt for record in datamodule.train_records))[: hp.normalization_samples]
+        per_prompt = math.ceil(hp.normalization_samples / len(prompts))  # few distinct prompts: more samples each
         responses = sample_responses(
-            hp.model_name_or_path, prompts, 1, SamplingConfig(hp.max_new_tokens), hp.max_prompt_length, 256,
+            hp.model_name_or_path, prompts, per_prompt, SamplingConfig(hp.max_new_tokens), hp.max_prompt_length, 256,
             self.device, hp.dtype,
         )
         scorer = RewardModelScorer(self.model, self.tokenizer, datamodule.hparams.max_length, hp.max_prompt_length)
-        scores = scorer.score(prompts, [group[0] for group in responses])
+        repeated = [prompt for prompt in prompts for _ in range(per_prompt)]
+        scores = scorer.score(repeated, [response for group in responses for response in group])
         setattr(self.model.config, SCORE_MEAN_KEY, scores.mean().item())
         setattr(self.model.config, SCORE_STD_KEY, max(scores.std().item(), 1e-6))
 
