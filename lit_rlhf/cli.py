@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 from jsonargparse import DefaultHelpFormatter
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_rlhf.data.datamodules import DataReport
-from lit_rlhf.errors import LitRLHFError
+from lit_rlhf.errors import ConfigError, LitRLHFError
 
 RUNS_DIR = "runs"
 DESCRIPTION = """\
@@ -48,6 +48,18 @@ def default_loggers(runs_dir: str = RUNS_DIR) -> list[dict]:
     return loggers
 
 
+class LastValidatedStep(Callback):
+    """Remembers the step of the last validation, so that :class:`RLHFCLI` can validate once more after fit when
+    ``max_steps`` is not a multiple of ``val_check_interval``: the last logged validation metrics, and the
+    pipeline's summary, then always describe the trained model."""
+
+    def __init__(self) -> None:
+        self.step = -1
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.step = trainer.global_step
+
+
 class _KeepLineBreaks(DefaultHelpFormatter):
     """Prints the description's lines as they are written (the command list)."""
 
@@ -55,13 +67,13 @@ class _KeepLineBreaks(DefaultHelpFormatter):
         return "".join(indent + line for line in text.splitlines(keepends=True))
 
 
-def _phase_name(model_config) -> str:
-    """The run folder under ``runs/``: ``lit_rlhf.phases.reward.RewardModelModule`` → ``reward``; a DPO-family run
-    by its ``loss_type`` (``ipo``, ``kto``, ``simpo``…; ``dpo`` for sigmoid), where its config exports too."""
+def _phase_name(model_config, runs_dir: str) -> str:
+    """The run folder under ``runs_dir``: beside an export there (``export_dir: runs/ipo/hf`` → ``ipo``), else the
+    phase's module (``lit_rlhf.phases.reward.RewardModelModule`` → ``reward``)."""
+    export_dir = (model_config.get("init_args") or {}).get("export_dir")
+    if export_dir and Path(export_dir).resolve().parent.parent == Path(runs_dir).resolve():
+        return Path(export_dir).parent.name
     class_path = model_config.class_path
-    loss_type = (model_config.get("init_args") or {}).get("loss_type")
-    if loss_type not in (None, "sigmoid"):
-        return loss_type
     return class_path.rsplit(".", 1)[0].rsplit(".", 1)[-1] if "." in class_path else "run"
 
 
@@ -70,6 +82,7 @@ class RLHFCLI(LightningCLI):
     before training so the first logged row is the untrained model."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True, runs_dir: str = RUNS_DIR) -> None:
+        self.runs_dir = runs_dir
         super().__init__(
             LightningModule,
             LightningDataModule,
@@ -83,7 +96,7 @@ class RLHFCLI(LightningCLI):
                 "inference_mode": False,
                 "log_every_n_steps": 10,
                 "enable_model_summary": False,
-                "callbacks": [DataReport()],
+                "callbacks": [DataReport(), LastValidatedStep()],
             },
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "lit-rlhf", "description": DESCRIPTION, "formatter_class": _KeepLineBreaks},
@@ -101,7 +114,7 @@ class RLHFCLI(LightningCLI):
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             init_args = getattr(logger, "init_args", None)
             if init_args is not None and "name" in init_args and init_args.name in (None, "lightning_logs"):
-                init_args.name = _phase_name(config.model)
+                init_args.name = _phase_name(config.model, self.runs_dir)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's LightningCLI replaces the model's arguments with those saved in ``--ckpt_path``, silently
@@ -111,8 +124,11 @@ class RLHFCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
-        given = self.config[subcommand].model.get("init_args") or {}
+        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters", {})
+        model = self.config[subcommand].model
+        if saved.get("_class_path") not in (None, model.class_path):
+            raise ConfigError(f"{ckpt_path} holds a {saved['_class_path']}, not the configured {model.class_path}")
+        given = model.get("init_args") or {}
         changed = [
             f"{name}={given[name]!r} (checkpoint: {value!r})" for name, value in saved.items()
             if not name.startswith("_") and name in given and given[name] != value
@@ -125,12 +141,14 @@ class RLHFCLI(LightningCLI):
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
 
     def after_fit(self) -> None:
+        last_validated = next((c for c in self.trainer.callbacks if isinstance(c, LastValidatedStep)), None)
+        if last_validated is not None and last_validated.step != self.trainer.global_step:
+            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         # A W&B run outlives its WandbLogger: finish it, or the next fit in this process (the pipeline's next
         # stage) logs into it.
-        if any(isinstance(logger, WandbLogger) for logger in self.trainer.loggers):
-            import wandb
-
-            wandb.finish()
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.finish()  # a no-op stand-in on ranks other than 0
 
 
 def fit_phase(args: list[str], runs_dir: str) -> RLHFCLI:
@@ -211,7 +229,7 @@ def _user_error(error: BaseException) -> LitRLHFError | None:
     """The package's own error behind ``error``: jsonargparse re-raises what a class raised while being built as a
     ``ValueError`` caused by it."""
     while error is not None and not isinstance(error, LitRLHFError):
-        error = error.__cause__ or error.__context__
+        error = error.__cause__
     return error
 
 

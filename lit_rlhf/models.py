@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 try:
     from torch.distributed.tensor import DTensor
@@ -49,17 +50,18 @@ def is_world(name_or_path: str) -> bool:
 
 
 def _check_exists(name_or_path: str) -> None:
-    """Fail with one line when a path-looking name does not exist (instead of a hub lookup traceback).
+    """Fail with one line when a name that can only be a local path does not exist (instead of a hub traceback).
 
-    A name looks like a path when it starts with ``.``, ``/`` or ``~``, has a file suffix, has more parts than a hub
-    id's ``owner/name``, or starts with a folder that exists here (``runs/sft/hf`` before SFT has run).
+    Anything that is not a valid hub id (``org/name``) is a path, and so is a name whose first part is a folder
+    here (``runs/sft/hf`` before SFT has run, or ``runs/hf``).
     """
     path = Path(name_or_path).expanduser()
-    looks_like_path = (
-        name_or_path.startswith((".", "/", "~")) or path.suffix != "" or len(path.parts) > 2
-        or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
-    )
-    if looks_like_path and not path.exists():
+    try:
+        validate_repo_id(name_or_path)
+        is_hub_id = not (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
+    except HFValidationError:
+        is_hub_id = False
+    if not is_hub_id and not path.exists():
         raise ConfigError(f"model not found: {name_or_path} (no such folder)")
 
 
@@ -114,7 +116,7 @@ def _from_pretrained(auto_class, name_or_path: str, trust_remote_code: bool, dty
         kwargs["dtype"] = getattr(torch, dtype)
     try:
         return auto_class.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         raise ConfigError(f"cannot load a model from {name_or_path}: {error}") from error
 
 

@@ -205,32 +205,42 @@ def run_pipeline(
         (stage_dir / DONE_FILE).write_text(json.dumps(record, indent=2) + "\n")
     rows = summarize(run)
     print(format_table(rows))
-    rows = _merged_with_earlier_summary(rows, run.out_dir)
+    rows = _merged_with_earlier_summary(rows, run.out_dir, run.seed)
     (run.out_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(f"[pipeline] summary: {run.out_dir / 'summary.json'}")
     return rows
 
 
-def _merged_with_earlier_summary(rows: list[dict[str, Any]], out_dir: Path) -> list[dict[str, Any]]:
-    """This run's rows, with the rows another pipeline file wrote into the same folder kept (its stages that are
-    still there) and in their places: a variant run with ``--out`` on the main job's folder adds its rows."""
+def _merged_with_earlier_summary(rows: list[dict[str, Any]], out_dir: Path, seed: int) -> list[dict[str, Any]]:
+    """This run's rows, with the rows another pipeline file wrote into the same folder kept in their places when
+    their stage is still there under the same seed: a variant run with ``--out`` on the main job's folder adds its
+    rows to the main job's."""
     path = out_dir / "summary.json"
-    earlier = json.loads(path.read_text()) if path.is_file() else []
+    try:
+        earlier = json.loads(path.read_text()) if path.is_file() else []
+    except json.JSONDecodeError:
+        print(f"[pipeline] {path} is not valid JSON: replaced")
+        earlier = []
     new = {row["stage"]: row for row in rows}
-    kept = [
-        new.pop(row["stage"], row) for row in earlier
-        if row["stage"] in new or row["stage"] == "init" or (out_dir / row["stage"] / DONE_FILE).exists()
-    ]
+    kept = []
+    for row in earlier if isinstance(earlier, list) else []:
+        stage = row.get("stage") if isinstance(row, dict) else None
+        if stage in new:
+            kept.append(new.pop(stage))
+        elif stage is not None and _is_complete_under(out_dir / stage, seed):
+            kept.append(row)
     return kept + list(new.values())
 
 
-def _is_complete(stage: dict[str, Any], stage_dir: Path, seed: int) -> bool:
-    """Whether the stage finished before with the same settings and seed (otherwise it runs again)."""
+def _is_complete_under(stage_dir: Path, seed: int) -> bool:
     done = stage_dir / DONE_FILE
-    if not done.exists():
-        return False
-    record = json.loads(done.read_text())
-    return record.get("spec") == stage and record.get("seed", 0) == seed
+    return done.is_file() and json.loads(done.read_text()).get("seed", 0) == seed
+
+
+def _is_complete(stage: dict[str, Any], stage_dir: Path, seed: int) -> bool:
+    """Whether the stage finished before with the same settings and seed (otherwise it runs again); a
+    ``done.json`` from before seeds were recorded counts as seed 0, the only seed fit stages had then."""
+    return _is_complete_under(stage_dir, seed) and json.loads((stage_dir / DONE_FILE).read_text())["spec"] == stage
 
 
 def _run_fit(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:

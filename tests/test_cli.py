@@ -78,3 +78,40 @@ def test_help_lists_the_extra_commands(capsys):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert all(f"  lit-rlhf {command}" in printed for command in ("pipeline", "collect", "world"))
+
+
+@pytest.mark.parametrize(
+    ("name", "is_missing_path"),
+    [("gpt2", False), ("Qwen/Qwen2.5-0.5B", False), ("org/name", False),  # hub ids, dots included
+     ("runs/sft/hf", True), ("runs/hf", True),  # "runs" is a folder here: a path
+     ("./nope", True), ("a/b/c", True), ("~/nope-lit-rlhf", True)],
+)
+def test_names_that_can_only_be_paths_must_exist(name, is_missing_path, tmp_path, monkeypatch):
+    from lit_rlhf.errors import ConfigError
+    from lit_rlhf.models import _check_exists
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    if is_missing_path:
+        with pytest.raises(ConfigError, match=f"model not found: {name} \\(no such folder\\)"):
+            _check_exists(name)
+    else:
+        _check_exists(name)
+
+
+def test_only_a_package_error_that_caused_the_failure_becomes_the_one_line_message():
+    from lit_rlhf.cli import _user_error
+    from lit_rlhf.errors import ConfigError
+
+    cause = ConfigError("batch_size must be at least 1")
+    try:
+        raise ValueError("Does not validate against any of the Union subtypes") from cause  # as jsonargparse does
+    except ValueError as wrapped:
+        assert _user_error(wrapped) is cause
+    try:
+        try:
+            raise cause
+        except ConfigError:
+            raise RuntimeError("a failure while handling it")  # noqa: B904  a bug of its own: keeps its traceback
+    except RuntimeError as unrelated:
+        assert _user_error(unrelated) is None

@@ -131,8 +131,13 @@ def test_ultrafeedback_rows_text_prompt_and_whole_dialogues():
     with pytest.raises(DataError, match=r"<rows>:1: field 'prompt': is not a user message of the 'chosen' dialogue"):
         normalize_rows([{"prompt": "bye", "chosen": [user("hi"), assistant("a")],
                          "rejected": [user("hi"), assistant("b")]}], "comparison")
-    with pytest.raises(DataError, match=r"field 'rejected': is a list of messages, but the prompt and other"):
+    # One row's responses are all text or all messages: a template would render only some of them.
+    with pytest.raises(DataError, match=r"field 'rejected': is messages, but the row's other responses are text"):
         normalize_rows([{"prompt": "hi", "chosen": "a", "rejected": [assistant("b")]}], "comparison")
+    with pytest.raises(DataError, match=r"field 'rejected': is text, but the row's other responses are messages"):
+        normalize_rows([{"prompt": "hi", "chosen": [assistant("a")], "rejected": "b"}], "comparison")
+    with pytest.raises(DataError, match=r"field 'responses': is text, but the row's other responses are messages"):
+        normalize_rows([{"prompt": "hi", "responses": [[assistant("a")], "b"], "ranks": [0, 1]}], "comparison")
 
 
 def test_ranking_to_pairs_drops_and_counts_ties():

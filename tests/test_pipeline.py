@@ -176,13 +176,23 @@ def test_every_pipeline_file_loads(path):
 
 
 def test_a_second_pipeline_file_in_the_same_folder_adds_its_rows(tmp_path):
-    earlier = [{"stage": name, "gold_reward": 0.1} for name in ("init", "sft", "ppo", "removed")]
+    earlier = [{"stage": name, "gold_reward": 0.1} for name in ("init", "sft", "ppo", "dpo", "removed")]
     (tmp_path / "summary.json").write_text(json.dumps(earlier))
-    for name in ("sft", "ppo", "rs"):
+    for name, seed in (("sft", 1), ("ppo", 1), ("dpo", 0), ("rs", 1)):
         (tmp_path / name).mkdir()
-        (tmp_path / name / pipeline.DONE_FILE).write_text("{}")
+        (tmp_path / name / pipeline.DONE_FILE).write_text(json.dumps({"seed": seed}))
     rows = [{"stage": name, "gold_reward": 0.2} for name in ("init", "sft", "rs")]
-    merged = pipeline._merged_with_earlier_summary(rows, tmp_path)
+    merged = pipeline._merged_with_earlier_summary(rows, tmp_path, seed=1)
     assert [(row["stage"], row["gold_reward"]) for row in merged] == [
-        ("init", 0.2), ("sft", 0.2), ("ppo", 0.1), ("rs", 0.2)  # "removed" has no stage folder any more
+        ("init", 0.2), ("sft", 0.2), ("ppo", 0.1), ("rs", 0.2)  # "removed" is gone, "dpo" ran under seed 0
     ]
+    (tmp_path / "summary.json").write_text("{not json")
+    assert pipeline._merged_with_earlier_summary(rows, tmp_path, seed=1) == rows
+
+
+def test_a_done_file_without_a_seed_counts_as_seed_0(tmp_path):
+    stage = {"name": "sft", "kind": "fit", "config": "sft.yaml"}
+    (tmp_path / pipeline.DONE_FILE).write_text(json.dumps({"kind": "fit", "spec": stage}))
+    assert pipeline._is_complete(stage, tmp_path, 0)
+    assert not pipeline._is_complete(stage, tmp_path, 1)
+    assert not pipeline._is_complete({**stage, "config": "other.yaml"}, tmp_path, 0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from helpers import latest_run, metric_series, run_cli
+from helpers import latest_run, metric_rows, metric_series, run_cli
 from lit_rlhf.collect import collect_comparisons
 from lit_rlhf.data.datamodules import ComparisonDataModule
 from lit_rlhf.errors import ConfigError
@@ -112,13 +112,16 @@ def test_reward_model_fit_logs_metrics_and_exports_statistics(world_sft_path, tm
         "--model.export_dir", str(tmp_path / "rm"),
         "--model.normalization_samples", "32",
         "--data.path", str(tmp_path / "collect" / "comparisons.jsonl"),
-        "--trainer.max_steps", "40", "--trainer.val_check_interval", "20",
+        "--trainer.max_steps", "45", "--trainer.val_check_interval", "20",
     )
     run = latest_run(tmp_path, "reward")
+    # Validated before training, after steps 20 and 40 (Lightning logs those at the step before), and once more at
+    # the end, as 45 is not a multiple of 20.
+    validated = [int(row["step"]) for row in metric_rows(run) if row.get("val/loss")]
+    assert validated == [0, 19, 39, 45], validated
     for name in ["val/accuracy", "val/margin", "val/reward/mean", "val/reward/std", "val/reward/length_corr",
                  "val/gold/accuracy", "train/accuracy", "train/gold/accuracy", "train/reward/length_corr"]:
         assert metric_series(run, name), name
-    assert len(metric_series(run, "val/loss")) == 3
     train_loss = metric_series(run, "train/loss")
     assert len(train_loss) == 4 and train_loss[-1] < train_loss[0]
     config = json.loads((tmp_path / "rm" / "config.json").read_text())

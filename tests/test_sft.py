@@ -73,7 +73,8 @@ def test_sft_resumes_from_checkpoint(in_tmp):
     assert torch.load(checkpoint, weights_only=False)["global_step"] == 10
     # What the resuming command line says holds (Lightning alone would take the checkpoint's export_dir), and a
     # changed argument is named.
-    with pytest.warns(UserWarning, match=r"changed model arguments: export_dir='resumed_hf' \(checkpoint: 'runs/sft/hf'\)"):
+    changed = r"changed model arguments: export_dir='resumed_hf' \(checkpoint: 'runs/sft/hf'\)$"
+    with pytest.warns(UserWarning, match=changed):
         run_cli("fit", *common, "--trainer.max_steps", "20", "--ckpt_path", str(checkpoint),
                 "--model.export_dir", "resumed_hf")
     assert (in_tmp / "resumed_hf" / "config.json").is_file()
@@ -81,6 +82,10 @@ def test_sft_resumes_from_checkpoint(in_tmp):
     assert torch.load(resumed, weights_only=False)["global_step"] == 20
     # A resumed run does not re-validate the untrained model first: one validation, at step 20.
     assert len(metric_series(latest_run(in_tmp, "sft"), "val/loss")) == 1
+    # Another seed would split and order the data differently: refused in one line.
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", *common, "--trainer.max_steps", "20", "--ckpt_path", str(checkpoint), "--seed_everything", "1")
+    assert exit_info.value.code == 2
 
 
 def test_print_config_round_trips(in_tmp):

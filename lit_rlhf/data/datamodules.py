@@ -234,6 +234,7 @@ class RLHFDataModule(LightningDataModule):
             "epoch": max(self._train_order.epoch, 0),
             "batches": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
             "world_size": self._replica()[0],
+            "seed": self.seed,
         }
 
     def _replica(self) -> tuple[int, int]:
@@ -245,6 +246,12 @@ class RLHFDataModule(LightningDataModule):
         """Resume the saved epoch's order where it stopped (a saved epoch end starts the next one)."""
         if not state_dict:
             return
+        saved_seed = state_dict.get("seed", self.seed)  # checkpoints before the seed was saved: not checked
+        if saved_seed != self.seed:
+            raise ConfigError(
+                f"the checkpoint's data was split and shuffled with seed {saved_seed}, this run's with {self.seed}: "
+                f"resume with --seed_everything {saved_seed} (or the run's config.yaml)"
+            )
         world_size = state_dict["world_size"]
         if world_size != self._replica()[0]:
             rank_zero_warn(

@@ -388,8 +388,6 @@ class _RowParser:
             raise RowProblem(
                 name, "wrong type", f"must be a string or a list of messages, got {_type_name(value)}"
             )
-        if prompt.messages is None:
-            raise RowProblem(name, "wrong type", "is a list of messages, but the prompt and other responses are text")
         messages = _messages(value, name)
         if len(messages) != 1 or messages[0]["role"] != "assistant":
             roles = [message["role"] for message in messages]
@@ -427,6 +425,7 @@ class _RowParser:
                 raise RowProblem("prompt", "not in the dialogue", "is not a user message of the 'chosen' dialogue")
             prompt, chosen, rejected = self._shared_prompt_dialogues(row)
         else:
+            _same_kind(row.get("chosen"), "rejected", row.get("rejected"))
             prompt_value = self._prompt(row, chat=isinstance(row.get("chosen"), list))
             prompt = prompt_value.text
             chosen = self._response(row, "chosen", prompt_value)
@@ -470,7 +469,9 @@ class _RowParser:
 
     def _ranking(self, row: Mapping[str, Any]) -> tuple[list[Record], int]:
         responses_value = _require(row, "responses")
-        chat = isinstance(responses_value, list) and any(isinstance(value, list) for value in responses_value)
+        chat = isinstance(responses_value, list) and bool(responses_value) and isinstance(responses_value[0], list)
+        for value in responses_value if isinstance(responses_value, list) else []:
+            _same_kind(responses_value[0], "responses", value)
         prompt = self._prompt(row, chat=chat)
         if not isinstance(responses_value, list):
             raise RowProblem("responses", "wrong type", f"must be a list, got {_type_name(responses_value)}")
@@ -540,6 +541,13 @@ _ACCEPTED: dict[str, tuple[str, ...]] = {
     "unpaired": ("unpaired", "preference"),
     "prompt": tuple(name for name in _DESCRIPTIONS if name != "text"),
 }
+
+
+def _same_kind(first: Any, name: str, value: Any) -> None:
+    """One row's responses are all text or all messages: a chat template renders only the message ones."""
+    if isinstance(first, list) != isinstance(value, list) and isinstance(value, (str, list)):
+        kinds = ("messages", "text") if isinstance(value, list) else ("text", "messages")
+        raise RowProblem(name, "wrong type", f"is {kinds[0]}, but the row's other responses are {kinds[1]}")
 
 
 def _is_dialogue(value: Any) -> bool:

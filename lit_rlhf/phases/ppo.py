@@ -373,15 +373,19 @@ class PPOModule(LightningModule):
     # --- checkpoint and export ---
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Beyond weights and optimiser state, the loop's state is β and the iteration count, which fixes every
-        random draw of the next iteration (so no RNG state needs saving); the datamodule keeps the prompt order."""
+        """Beyond weights and optimiser state, the loop's state is β, the seed and the iteration count, which fix
+        every random draw of the next iteration (so no RNG state needs saving); the datamodule keeps the prompt
+        order."""
         leave_out_frozen(self, checkpoint, FROZEN_PREFIXES)
-        checkpoint["ppo"] = {"kl_controller": self.kl_controller.state_dict(), "iteration": self.iteration}
+        checkpoint["ppo"] = {
+            "kl_controller": self.kl_controller.state_dict(), "iteration": self.iteration, "seed": self.seed
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         restore_frozen(self, checkpoint, FROZEN_PREFIXES)
         self.kl_controller.load_state_dict(checkpoint["ppo"]["kl_controller"])
         self.iteration = checkpoint["ppo"]["iteration"]
+        self.seed = checkpoint["ppo"].get("seed", self.seed)
 
     def on_fit_end(self) -> None:
         export_trained(self, self.policy)

@@ -73,7 +73,7 @@ class RewardModelModule(LightningModule):
     ) -> None:
         super().__init__()
         if normalization_samples < 2:
-            raise ConfigError(f"normalization_samples must be at least 2 (to estimate a std), got {normalization_samples}")
+            raise ConfigError(f"normalization_samples must be at least 2 (for a std), got {normalization_samples}")
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
         self.model = None
@@ -161,8 +161,8 @@ class RewardModelModule(LightningModule):
             self.device, hp.dtype,
         )
         scorer = RewardModelScorer(self.model, self.tokenizer, datamodule.hparams.max_length, hp.max_prompt_length)
-        repeated = [prompt for prompt in prompts for _ in range(per_prompt)]
-        scores = scorer.score(repeated, [response for group in responses for response in group])
+        repeated = [prompt for prompt in prompts for _ in range(per_prompt)][: hp.normalization_samples]
+        scores = scorer.score(repeated, [response for group in responses for response in group][: len(repeated)])
         setattr(self.model.config, SCORE_MEAN_KEY, scores.mean().item())
         setattr(self.model.config, SCORE_STD_KEY, max(scores.std().item(), 1e-6))
 
