@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 from transformers import AutoModelForCausalLM
 
 from helpers import StopAfter, assert_resumed_like_uninterrupted, latest_run, metric_series, run_cli, write_jsonl
-from lit_rlhf.data.datamodules import DemonstrationDataModule
+from lit_rlhf.data.datamodules import ComparisonDataModule, DemonstrationDataModule
 from lit_rlhf.phases.sft import SFTModule
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "sft.yaml")
@@ -149,3 +149,31 @@ def test_a_run_resumed_mid_epoch_sees_the_same_batches_as_an_uninterrupted_one(t
     again = fit_sft(tmp_path, demonstrations, resumed, ckpt_path=str(checkpoint))
 
     assert_resumed_like_uninterrupted(uninterrupted, resumed, stop_at, 20, full.model, again.model)
+
+
+@pytest.mark.parametrize("phase", ["sft", "rm"])
+def test_sft_and_reward_model_train_in_train_mode(phase, tiny_gpt2_path, tmp_path):
+    """``from_pretrained`` returns a model in eval mode and Lightning keeps each module's mode, so without care a
+    Hugging Face model's dropout would be off during SFT and reward-model training."""
+    from lit_rlhf.phases.reward import RewardModelModule
+
+    modes = []
+
+    class RecordMode(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            modes.append(pl_module.model.training)
+
+    if phase == "sft":
+        module = SFTModule(model_name_or_path=tiny_gpt2_path)
+        rows = [{"prompt": "name three fruits .", "completion": " apple , pear , plum ."}] * 8
+        data_class = DemonstrationDataModule
+    else:
+        module = RewardModelModule(model_name_or_path=tiny_gpt2_path)
+        rows = [{"prompt": "list two colors .", "chosen": " red , blue .", "rejected": " red ."}] * 8
+        data_class = ComparisonDataModule
+    data = data_class(path=str(write_jsonl(tmp_path / "rows.jsonl", rows)), tokenizer_name_or_path=tiny_gpt2_path,
+                      batch_size=4, val_fraction=0.0)
+    trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, callbacks=[RecordMode()])
+    trainer.fit(module, datamodule=data)
+    assert modes == [True, True]

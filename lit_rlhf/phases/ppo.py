@@ -167,7 +167,8 @@ class PPOModule(LightningModule):
             return
         hp = self.hparams
         load = (self.tokenizer, hp.trust_remote_code, hp.dtype)
-        self.policy = without_dropout(with_lora(load_causal_lm(hp.model_name_or_path, *load), hp.lora))
+        # Trained networks in train mode (from_pretrained returns eval mode), with dropout off all the same.
+        self.policy = without_dropout(with_lora(load_causal_lm(hp.model_name_or_path, *load), hp.lora)).train()
         # With LoRA the reference is the policy with its adapters disabled: the loaded weights, no second copy.
         reference = AdaptersOff(self.policy) if hp.lora else load_causal_lm(hp.model_name_or_path, *load)
         self.reference = frozen(reference)
@@ -179,7 +180,7 @@ class PPOModule(LightningModule):
             self.reward_network = frozen(self.scorer.model)  # a registered module: the strategy places it
         if hp.advantage_estimator == "gae":
             start = hp.value_model or (hp.model_name_or_path if self.reward_network is None else hp.reward_model)
-            self.critic = without_dropout(ValueModel(load_scalar_head_model(start, *load)))
+            self.critic = without_dropout(ValueModel(load_scalar_head_model(start, *load))).train()
         shard_networks(self, self.policy, self.reference, self.reward_network, self.critic)
 
     def configure_optimizers(self):

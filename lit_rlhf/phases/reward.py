@@ -87,7 +87,7 @@ class RewardModelModule(LightningModule):
         if self.model is None:
             hp = self.hparams
             model = load_scalar_head_model(hp.model_name_or_path, self.tokenizer, hp.trust_remote_code, hp.dtype)
-            self.model = with_lora(model, hp.lora, task_type="SEQ_CLS")
+            self.model = with_lora(model, hp.lora, task_type="SEQ_CLS").train()  # from_pretrained: eval mode
             shard_networks(self, self.model)
 
     def _scores(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,7 +50,7 @@ class SFTModule(LightningModule):
         if self.model is None:
             hp = self.hparams
             model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.trust_remote_code, hp.dtype)
-            self.model = with_lora(model, hp.lora)
+            self.model = with_lora(model, hp.lora).train()  # from_pretrained returns eval mode: dropout off
             shard_networks(self, self.model)
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
