@@ -329,6 +329,15 @@ def test_a_folder_of_split_files_reads_only_the_requested_split(tmp_path):
         list(read_rows(str(tmp_path), split="validation"))
 
 
+def test_a_folder_of_different_datasets_asks_for_one_file(tmp_path):
+    for name in ("demonstrations", "prompts", "eval_prompts"):  # as `lit-rlhf world --out` writes
+        (tmp_path / f"{name}.jsonl").write_text('{"prompt": "p", "completion": "c"}\n')
+    message = (r"no files for split 'train' \(its files are named for the splits \['eval'\]\); the others "
+               r"\(demonstrations.jsonl, prompts.jsonl\) name no split: point data.path at one file$")
+    with pytest.raises(DataError, match=message):
+        list(read_rows(str(tmp_path)))
+
+
 def test_save_to_disk_folders_load(tmp_path):
     datasets.Dataset.from_list(DEMOS[:1]).save_to_disk(str(tmp_path / "single"))
     assert demonstrations(tmp_path / "single") == [Demonstration("p1", " c1")]

@@ -160,7 +160,9 @@ def _data_files(folder: Path, split: str) -> list[Path]:
     chosen = [file for file in files if splits[file] == split.lower()]
     if not chosen:
         found = sorted({name for name in splits.values() if name})
-        raise DataError(f"{folder}: no files for split '{split}' (its files are named for the splits {found})")
+        unnamed = [str(file.relative_to(folder)) for file in files if splits[file] is None]
+        hint = f"; the others ({', '.join(unnamed[:5])}) name no split: point data.path at one file" if unnamed else ""
+        raise DataError(f"{folder}: no files for split '{split}' (its files are named for the splits {found}){hint}")
     return chosen
 
 
