@@ -10,14 +10,12 @@
 
 Chosen and rejected go through the policy in one concatenated forward. With ``precompute_ref_logps`` the
 reference scores every training and validation sequence once before training and is then freed
-(:class:`ReferenceLogpsCache` says how the values are kept and invalidated).
+(:mod:`lit_rlhf.phases.reference_logps` says how the values are kept and invalidated).
 """
 
 from __future__ import annotations
 
 import gc
-import hashlib
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -33,10 +31,15 @@ from lit_rlhf.models import (
     is_world,
     load_causal_lm,
     load_tokenizer,
-    response_logprobs,
     trainable,
     with_lora,
     without_dropout,
+)
+from lit_rlhf.phases.reference_logps import (
+    ReferenceLogpsCache,
+    concatenated,
+    reference_fingerprint,
+    sequence_logps,
 )
 from lit_rlhf.phases.shared import (
     adamw_with_warmup,
@@ -50,67 +53,12 @@ from lit_rlhf.rollout import SamplingConfig, evaluate_policy
 LossType = Literal["sigmoid", "robust", "hinge", "ipo", "simpo", "kto"]
 LOSS_TYPES = (*losses.PREFERENCE_LOSS_TYPES, "simpo", "kto")
 SMOOTHED_LOSS_TYPES = ("sigmoid", "robust")
-SEQUENCE_FIELDS = ("input_ids", "attention_mask", "response_mask")
 Metrics = dict[str, tuple[torch.Tensor, int]]
 """Metric name → (value, number of rows it averages), so epoch means weigh batches correctly."""
 PAIRED_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                   "logps/rejected", "lengths/chosen_minus_rejected")
 KTO_METRICS = ("kl", *(name for name in PAIRED_METRICS if name != "rewards/accuracies"))
 """KTO's chosen and rejected are its desirable and undesirable rows; a batch reports those it has."""
-
-
-def concatenated(batch: dict, *prefixes: str) -> dict:
-    """The sequence fields of ``batch`` under each prefix, stacked along the batch for a single forward."""
-    return {field: torch.cat([batch[f"{prefix}{field}"] for prefix in prefixes]) for field in SEQUENCE_FIELDS}
-
-
-def sequence_logps(model: PreTrainedModel, sequences: dict, average: bool) -> tuple[torch.Tensor, ...]:
-    """``(logps [B], token_logps [B, T-1], mask [B, T-1])`` of the response tokens of ``sequences``."""
-    token_logps, mask = response_logprobs(model, *(sequences[field] for field in SEQUENCE_FIELDS))
-    return losses.sequence_logprobs(token_logps, mask, average=average), token_logps, mask
-
-
-class ReferenceLogpsCache:
-    """Reference log-probs of sequences, addressed by content, optionally kept in a file between runs.
-
-    A sequence's key hashes its tokens and which of them are response tokens: all its log-prob depends on
-    besides the reference. So shuffling is harmless, and changed rows, tokenizer or length limits simply miss the
-    cache and get computed. The file is tagged with ``fingerprint``, the reference's identity; a file with
-    another fingerprint is ignored and overwritten.
-    """
-
-    def __init__(self, fingerprint: str, path: str | None = None) -> None:
-        self.fingerprint, self.path = fingerprint, Path(path) if path else None
-        self.values: dict[bytes, float] = {}
-        if self.path is not None and self.path.exists():
-            stored = torch.load(self.path, weights_only=True)
-            if stored["fingerprint"] == fingerprint:
-                self.values = dict(zip(map(bytes, stored["keys"].numpy()), stored["logps"].tolist()))
-
-    KEY_BYTES = 16
-
-    @classmethod
-    def keys(cls, sequences: dict) -> list[bytes]:
-        keys = []
-        for ids, attention, response in zip(*(sequences[field].cpu() for field in SEQUENCE_FIELDS)):
-            real = attention == 1
-            content = ids[real].numpy().tobytes() + response[real].numpy().tobytes()
-            keys.append(hashlib.blake2b(content, digest_size=cls.KEY_BYTES).digest())
-        return keys
-
-    def lookup(self, sequences: dict) -> torch.Tensor:
-        try:
-            return torch.tensor([self.values[key] for key in self.keys(sequences)])
-        except KeyError:
-            raise RuntimeError("a sequence has no precomputed reference log-prob; did the data change?") from None
-
-    def save(self, keep: set[bytes]) -> None:
-        """Write the entries in ``keep`` (the current data's keys) to the file."""
-        kept = [key for key in self.values if key in keep]
-        keys = torch.tensor([list(key) for key in kept], dtype=torch.uint8).reshape(len(kept), self.KEY_BYTES)
-        logps = torch.tensor([self.values[key] for key in kept], dtype=torch.float32)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"fingerprint": self.fingerprint, "keys": keys, "logps": logps}, self.path)
 
 
 class DPOModule(LightningModule):
@@ -215,40 +163,17 @@ class DPOModule(LightningModule):
         if self.hparams.precompute_ref_logps and self._uses_reference:
             self._precompute_reference_logps()
 
-    def _reference_fingerprint(self) -> str:
-        """The reference's identity: its name or folder, its files' sizes and mtimes, dtype and averaging."""
-        hp = self.hparams
-        folder = Path(hp.model_name_or_path)
-        parts = [str(folder.resolve()) if folder.is_dir() else hp.model_name_or_path, str(hp.dtype)]
-        parts.append(str(self._average_logps))
-        if folder.is_dir():
-            files = sorted(f for f in folder.iterdir() if f.is_file())
-            parts += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
-        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
     def _precompute_reference_logps(self) -> None:
         """One pass of the reference over the training and validation sequences that the cache lacks."""
-        fingerprint = self._reference_fingerprint()
+        hp = self.hparams
+        fingerprint = reference_fingerprint(hp.model_name_or_path, hp.dtype, self._average_logps)
         if self.reference_cache is None or self.reference_cache.fingerprint != fingerprint:
-            self.reference_cache = ReferenceLogpsCache(fingerprint, self.hparams.ref_logps_cache)
-        cache, datamodule = self.reference_cache, self.trainer.datamodule
-        reference, current_keys = None, set()
-        for batch in datamodule.every_batch():
-            sequences = concatenated(batch, "chosen_", "rejected_")
-            keys = cache.keys(sequences)
-            current_keys.update(keys)
-            if all(key in cache.values for key in keys):
-                continue
-            if reference is None:
-                reference = self._load_reference()
-            with torch.no_grad():
-                on_device = {field: value.to(self.device) for field, value in sequences.items()}
-                cache.values.update(zip(keys, sequence_logps(reference, on_device, self._average_logps)[0].tolist()))
-        if reference is not None:
-            del reference  # out of memory before training starts
-            gc.collect()
-            if cache.path is not None and self.trainer.is_global_zero:
-                cache.save(current_keys)
+            self.reference_cache = ReferenceLogpsCache(fingerprint, hp.ref_logps_cache)
+        cache = self.reference_cache
+        keys, computed = cache.fill(self.trainer.datamodule.every_batch(), self._load_reference, self.device,
+                                    self._average_logps)
+        if computed and cache.path is not None and self.trainer.is_global_zero:
+            cache.save(keys)
 
     def _reference_logps(self, sequences: dict) -> torch.Tensor:
         if self.reference_cache is not None:
