@@ -14,7 +14,8 @@ completed stage (``--force NAME`` redoes one; a stage whose settings changed run
   ``reward_model``.
 
 Sampling stages read the training prompts of their own ``prompts``, else the file's top-level ``prompts``, else the
-embedded world's. Three shorthands expand into such stages: ``rejection_sampling`` (``rounds`` of sample →
+embedded world's. The file's ``seed`` seeds every stage (``fit`` stages as ``--seed_everything``); a stage completed
+under another seed runs again. Three shorthands expand into such stages: ``rejection_sampling`` (``rounds`` of sample →
 SFT), ``spin`` (``rounds`` of self-play → DPO, each round's reference the previous round's model) and
 ``iterative`` (``rounds`` of collect from the current policy → reward model → PPO or DPO).
 
