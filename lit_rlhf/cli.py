@@ -188,13 +188,15 @@ def _collect_command(argv: list[str]) -> None:
     parser.add_argument("--prompts", help="prompt dataset (default: the embedded world's training prompts)")
     parser.add_argument("--num-prompts", type=int, default=2000)
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--max-prompt-length", type=int, default=32, help="prompts are cut from the left to this")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     summary = collect_comparisons(
         args.policy, args.out, k=args.k, judge=args.judge, judge_model=args.judge_model or args.reward_model,
         prompts_path=args.prompts, num_prompts=args.num_prompts,
-        sampling=SamplingConfig(args.max_new_tokens, args.temperature), seed=args.seed,
+        sampling=SamplingConfig(args.max_new_tokens, args.temperature), max_prompt_length=args.max_prompt_length,
+        seed=args.seed,
     )
     print(
         f"{summary.prompts} prompts x {summary.k} responses, judged by {summary.judge}: {summary.pairs} pairs "

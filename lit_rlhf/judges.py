@@ -26,8 +26,16 @@ from lit_rlhf.scoring import GoldScorer, RewardModelScorer, Scorer
 from lit_rlhf.world import Rater
 
 
-def ranks_from_scores(scores: Sequence[float]) -> list[int]:
-    """Rank i = how many responses score strictly higher (so equal scores tie): ``[0.2, 0.9, 0.2]`` → ``[1, 0, 1]``."""
+def ranks_from_scores(scores: Sequence[float], responses: Sequence[str]) -> list[int]:
+    """Rank i = how many responses score strictly higher (so equal scores tie): ``[0.2, 0.9, 0.2]`` → ``[1, 0, 1]``.
+
+    Identical responses take the first one's score, so they tie even when a model scored them a rounding error
+    apart (their rows in a batch differ): otherwise a pair of one text with itself would be written out.
+    """
+    first_score = {}
+    for response, score in zip(responses, scores):
+        first_score.setdefault(response, score)
+    scores = [first_score[response] for response in responses]
     return [sum(other > score for other in scores) for score in scores]
 
 
@@ -53,7 +61,7 @@ class Judge:
         for (g, i, j), verdict in zip(pairs, verdicts):
             wins[g][i] += verdict
             wins[g][j] += 1.0 - verdict
-        return [ranks_from_scores(group_wins) for group_wins in wins]
+        return [ranks_from_scores(group_wins, group) for group_wins, group in zip(wins, responses)]
 
 
 class RaterJudge(Judge):
@@ -90,7 +98,7 @@ class ScoreJudge(Judge):
         scores = self.scorer.score(flat_prompts, flat_responses)
         ranks, start = [], 0
         for group in responses:
-            ranks.append(ranks_from_scores(scores[start : start + len(group)].tolist()))
+            ranks.append(ranks_from_scores(scores[start : start + len(group)].tolist(), group))
             start += len(group)
         return ranks
 
@@ -163,6 +171,12 @@ class LLMJudge(Judge):
             texts = list(judge_prompts[start : start + self.batch_size])
             batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             mask = batch["attention_mask"]
+            positions = getattr(self.model.config, "max_position_embeddings", None)
+            if positions is not None and mask.shape[1] > positions:
+                raise ConfigError(
+                    f"a judge prompt of {mask.shape[1]} tokens does not fit the judge model's {positions} positions: "
+                    "use a judge with a longer context, or shorter principles"
+                )
             logits = forward(self.model, batch["input_ids"], mask).logits.float()
             last = (mask * torch.arange(mask.shape[1], device=device)).argmax(dim=1)  # either padding side
             logps = logits[torch.arange(len(texts), device=device), last].log_softmax(-1)

@@ -7,6 +7,8 @@ reward behind the same interface (oracle runs, evaluation); :class:`FunctionScor
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 from importlib import import_module
 from pathlib import Path
@@ -24,6 +26,8 @@ from lit_rlhf.world import gold_reward
 SCORE_MEAN_KEY = "lit_rlhf_score_mean"
 SCORE_STD_KEY = "lit_rlhf_score_std"
 """Config attributes where the reward phase stores the score statistics of its reference sample."""
+LENGTH_KEYS = {"max_length": "lit_rlhf_max_length", "max_prompt_length": "lit_rlhf_max_prompt_length"}
+"""Config attributes where the reward phase stores the length limits it was trained with: a scorer's defaults."""
 
 
 class Scorer(Protocol):
@@ -60,10 +64,11 @@ class RewardModelScorer:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: torch.device | None = None, **kwargs) -> RewardModelScorer:
         """Load an export, onto ``device`` if given (tools outside a Trainer pass :func:`inference_device`; in a
-        phase the strategy places the model)."""
+        phase the strategy places the model). Length limits default to those the reward model was trained with."""
         tokenizer = load_tokenizer(str(path))
         model = load_scalar_head_model(str(path), tokenizer, device=device).eval()
-        return cls(model, tokenizer, **kwargs)
+        trained = {name: getattr(model.config, key) for name, key in LENGTH_KEYS.items() if hasattr(model.config, key)}
+        return cls(model, tokenizer, **{**trained, **kwargs})
 
     @property
     def statistics(self) -> tuple[float, float]:
@@ -99,10 +104,12 @@ class FunctionScorer:
 
     def __init__(self, spec: str) -> None:
         module_name, _, function_name = spec.partition(":")
+        if os.getcwd() not in sys.path:  # as `python -m` would: a module beside the command is importable
+            sys.path.insert(0, os.getcwd())
         try:
             self.function = getattr(import_module(module_name), function_name)
         except (ImportError, AttributeError) as error:
-            raise ConfigError(f"reward {spec!r}: cannot import {function_name} from {module_name}") from error
+            raise ConfigError(f"reward {spec!r}: cannot import {function_name} from {module_name} ({error})") from error
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         return torch.as_tensor(self.function(list(prompts), list(responses)), dtype=torch.float32)

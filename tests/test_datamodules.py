@@ -90,6 +90,12 @@ def test_prompts_are_cut_from_the_left_and_responses_keep_their_start(tokenizer)
     assert encoded.truncated_rows == 1
 
 
+def test_a_completion_that_ends_with_eos_gets_no_second_one(tokenizer):
+    # Chat templates such as Qwen's or Zephyr's write the EOS token into the rendered answer themselves.
+    (example,) = encode_demonstrations([Demonstration("a", " b <eos>")], tokenizer, 8, 4).examples
+    assert example["response_ids"] == ids("b") + [EOS]
+
+
 def test_demonstration_masks(tokenizer):
     examples = encode_demonstrations(
         [Demonstration("a b", " c"), Demonstration("a", " b c d")], tokenizer, 8, 4

@@ -122,3 +122,9 @@ def test_collect_writes_ai_labelled_comparisons(world_sft_path, tiny_gpt2_path, 
     distinct_pairs = {(row["prompt"], row["responses"][i], row["responses"][j])
                       for row in rankings for i in range(3) for j in range(i + 1, 3)}
     assert len(json.loads((out / "judge_cache.json").read_text())) == len(distinct_pairs)  # one verdict each
+
+
+def test_a_judge_prompt_longer_than_the_judge_model_is_one_clear_error(gpt2):
+    judge = LLMJudge(*gpt2, principles="be fair " * 100)  # the tiny model has 128 positions
+    with pytest.raises(ConfigError, match=r"a judge prompt of \d+ tokens does not fit the judge model's 128 positions"):
+        judge.prefer(["name a fruit ."], ["apple ."], ["dog ."])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -205,8 +206,17 @@ def test_invalid_settings_fail_with_one_clear_error(world_sft_path):
     with pytest.raises(ConfigError, match="group_size"):
         PPOModule(model_name_or_path=world_sft_path, advantage_estimator="rloo", group_size=1)
     module = PPOModule(model_name_or_path=world_sft_path, reward_model="no_such_module:reward")
-    with pytest.raises(ConfigError, match="cannot import reward"):
+    with pytest.raises(ConfigError, match=r"cannot import reward from no_such_module \(No module named 'no_such_"):
         module.configure_model()
+
+
+def test_a_reward_function_beside_the_command_is_importable(tmp_path, monkeypatch):
+    from lit_rlhf.scoring import make_scorer
+
+    (tmp_path / "my_reward.py").write_text("def reward(prompts, responses):\n    return [len(r) for r in responses]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if entry not in ("", str(tmp_path))])
+    assert make_scorer("my_reward:reward").score(["p", "p"], ["ab", "abcd"]).tolist() == [2.0, 4.0]
 
 
 def test_the_iteration_seed_defaults_to_the_runs_seed(world_sft_path):

@@ -76,7 +76,9 @@ def test_export_scores_the_same_through_transformers(scorer, tmp_path):
 
 
 def test_ranks_from_scores_tie_equal_scores():
-    assert ranks_from_scores([0.2, 0.9, 0.2, -1.0]) == [1, 0, 1, 3]
+    assert ranks_from_scores([0.2, 0.9, 0.2, -1.0], ["a", "b", "c", "d"]) == [1, 0, 1, 3]
+    # The same text scored a rounding error apart (another row of the batch) still ties with itself.
+    assert ranks_from_scores([-0.76168370, -0.76168364, 0.5], ["", "", "x"]) == [1, 1, 0]
 
 
 def test_collect_writes_all_k_choose_2_pairs_and_the_rankings(world_sft_path, tmp_path):
@@ -113,6 +115,7 @@ def test_reward_model_fit_logs_metrics_and_exports_statistics(world_sft_path, tm
         "--model.normalization_samples", "32",
         "--data.path", str(tmp_path / "collect" / "comparisons.jsonl"),
         "--trainer.max_steps", "45", "--trainer.val_check_interval", "20",
+        "--data.max_length", "48", "--data.max_prompt_length", "24",
     )
     run = latest_run(tmp_path, "reward")
     # Validated before training, after steps 20 and 40 (Lightning logs those at the step before), and once more at
@@ -129,6 +132,9 @@ def test_reward_model_fit_logs_metrics_and_exports_statistics(world_sft_path, tm
     # Normalised scores of the policy's own kind of responses centre on 0 with unit spread.
     scorer = RewardModelScorer.from_pretrained(tmp_path / "rm", normalize=True)
     assert scorer.statistics == (config[SCORE_MEAN_KEY], config[SCORE_STD_KEY])
+    # A scorer loading the export cuts texts as training did, unless told otherwise.
+    assert (scorer.max_length, scorer.max_prompt_length) == (48, 24)
+    assert RewardModelScorer.from_pretrained(tmp_path / "rm", max_length=128).max_length == 128
 
 
 def test_score_statistics_are_finite_with_a_single_distinct_prompt(world_sft_path, tmp_path, monkeypatch):
@@ -183,3 +189,15 @@ def test_models_outside_a_trainer_load_onto_the_inference_device(world_sft_path,
     assert next(models.load_scalar_head_model(world_rm_path, tokenizer, device="meta").parameters()).is_meta
     device = models.inference_device()
     assert RewardModelScorer.from_pretrained(world_rm_path, device).model.device == device
+
+
+def test_validation_means_leave_out_metrics_no_batch_updated_without_warning(recwarn):
+    from torchmetrics import MeanMetric
+
+    from lit_rlhf.phases.shared import validation_means
+
+    updated, never = MeanMetric(), MeanMetric()  # never: gold/accuracy off the world
+    updated.update(torch.tensor([1.0, 3.0]), weight=torch.tensor([1.0, 3.0]))
+    assert validation_means({"accuracy": updated, "gold/accuracy": never}) == {"val/accuracy": torch.tensor(2.5)}
+    assert not [w for w in recwarn if "before the ``update``" in str(w.message)]
+    assert updated.update_count == 0  # reset for the next validation

@@ -177,3 +177,18 @@ def test_sft_and_reward_model_train_in_train_mode(phase, tiny_gpt2_path, tmp_pat
                       enable_model_summary=False, limit_val_batches=0, callbacks=[RecordMode()])
     trainer.fit(module, datamodule=data)
     assert modes == [True, True]
+
+
+def test_sequences_longer_than_the_models_positions_are_refused_in_one_line(tiny_gpt2_path, tmp_path, capsys,
+                                                                             monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rows = [{"prompt": "name three fruits .", "completion": " apple , pear , plum ."}] * 8
+    path = str(write_jsonl(tmp_path / "rows.jsonl", rows))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", "--config", CONFIG, "--model.model_name_or_path", tiny_gpt2_path, "--data.path", path,
+                "--data.max_length", "200")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"sequences of up to 200 tokens do not fit {tiny_gpt2_path}, which has 128 positions: lower data.max_length "
+        "(PPO: max_prompt_length + max_new_tokens)"
+    )

@@ -98,10 +98,12 @@ def _prompt_ids(
 def _response_ids(
     tokenizer: PreTrainedTokenizerBase, prompt_ids: list[list[int]], completions: Sequence[str], max_length: int
 ) -> tuple[list[list[int]], list[bool]]:
-    """``completion + [eos]`` cut at the end to fit after each prompt within ``max_length``, and which were cut."""
-    if tokenizer.eos_token_id is None:
+    """``completion + [eos]`` cut at the end to fit after each prompt within ``max_length``, and which were cut.
+    A completion that already ends with EOS (a chat template that writes it) gets no second one."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
         raise ConfigError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to end responses with")
-    full = [seq + [tokenizer.eos_token_id] for seq in _tokenize(tokenizer, completions)]
+    full = [seq if seq[-1:] == [eos] else seq + [eos] for seq in _tokenize(tokenizer, completions)]
     budgets = [max_length - len(prompt) for prompt in prompt_ids]
     cut = [len(seq) > budget for seq, budget in zip(full, budgets)]
     return [seq[:budget] for seq, budget in zip(full, budgets)], cut

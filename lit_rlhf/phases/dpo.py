@@ -43,10 +43,12 @@ from lit_rlhf.phases.reference_logps import (
 )
 from lit_rlhf.phases.shared import (
     adamw_with_warmup,
+    check_context,
     export_trained,
     leave_out_frozen,
     restore_frozen,
     shard_networks,
+    validation_means,
 )
 from lit_rlhf.rollout import SamplingConfig, evaluate_policy
 
@@ -150,6 +152,7 @@ class DPOModule(LightningModule):
             return
         policy = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.trust_remote_code, hp.dtype)
         self.model = without_dropout(with_lora(policy, hp.lora)).train()  # from_pretrained returns eval mode
+        check_context(self, policy)
         if hp.lora:
             self.reference = AdaptersOff(self.model)  # the loaded weights themselves: no second copy
         elif self._uses_reference and not hp.precompute_ref_logps:
@@ -251,18 +254,10 @@ class DPOModule(LightningModule):
         for name, (value, rows) in {"loss": (loss, len(batch["prompt"])), **metrics}.items():
             self.val_metrics[name].update(value, weight=rows)
 
-    def _log_validation_means(self) -> None:
-        """Row-weighted means over every rank's validation rows. Every rank computes every metric (a collective
-        each), also one its own batches never reported (KTO's batches may lack a kind), so that ranks stay in step."""
-        means = {f"val/{name}": metric.compute() for name, metric in self.val_metrics.items()}
-        for metric in self.val_metrics.values():
-            metric.reset()
-        self.log_dict({name: value for name, value in means.items() if not value.isnan()}, sync_dist=True)  # global
-
     # --- generation-side metrics, on PPO's axes ---
 
     def on_validation_epoch_end(self) -> None:
-        self._log_validation_means()
+        self.log_dict(validation_means(self.val_metrics), sync_dist=True)  # row-weighted, already global
         hp = self.hparams
         reference = self.reference if self.reference is not None else self._load_reference()
         evaluation = dict(

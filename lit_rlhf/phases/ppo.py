@@ -68,7 +68,7 @@ from lit_rlhf.models import (
     with_lora,
     without_dropout,
 )
-from lit_rlhf.phases.shared import export_trained, leave_out_frozen, restore_frozen, shard_networks
+from lit_rlhf.phases.shared import check_context, export_trained, leave_out_frozen, restore_frozen, shard_networks
 from lit_rlhf.rollout import Rollout, RolloutBuffer, SamplingConfig, evaluate_policy, generate
 from lit_rlhf.scoring import GoldScorer, RewardModelScorer, make_scorer
 from lit_rlhf.world import has_gold
@@ -169,6 +169,7 @@ class PPOModule(LightningModule):
         load = (self.tokenizer, hp.trust_remote_code, hp.dtype)
         # Trained networks in train mode (from_pretrained returns eval mode), with dropout off all the same.
         self.policy = without_dropout(with_lora(load_causal_lm(hp.model_name_or_path, *load), hp.lora)).train()
+        check_context(self, self.policy, hp.max_prompt_length + hp.max_new_tokens + 1)
         # With LoRA the reference is the policy with its adapters disabled: the loaded weights, no second copy.
         reference = AdaptersOff(self.policy) if hp.lora else load_causal_lm(hp.model_name_or_path, *load)
         self.reference = frozen(reference)

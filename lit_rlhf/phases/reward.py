@@ -17,9 +17,15 @@ from lit_rlhf import losses
 from lit_rlhf.collect import sample_responses
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.models import is_sharded, load_scalar_head_model, load_tokenizer, scalar_scores, trainable, with_lora
-from lit_rlhf.phases.shared import adamw_with_warmup, export_trained, shard_networks
+from lit_rlhf.phases.shared import (
+    adamw_with_warmup,
+    check_context,
+    export_trained,
+    shard_networks,
+    validation_means,
+)
 from lit_rlhf.rollout import SamplingConfig
-from lit_rlhf.scoring import SCORE_MEAN_KEY, SCORE_STD_KEY, RewardModelScorer
+from lit_rlhf.scoring import LENGTH_KEYS, SCORE_MEAN_KEY, SCORE_STD_KEY, RewardModelScorer
 from lit_rlhf.world import gold_reward, has_gold
 
 
@@ -88,6 +94,7 @@ class RewardModelModule(LightningModule):
             hp = self.hparams
             model = load_scalar_head_model(hp.model_name_or_path, self.tokenizer, hp.trust_remote_code, hp.dtype)
             self.model = with_lora(model, hp.lora, task_type="SEQ_CLS").train()  # from_pretrained: eval mode
+            check_context(self, model)
             shard_networks(self, self.model)
 
     def _scores(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,17 +139,14 @@ class RewardModelModule(LightningModule):
         self.val_lengths.update(lengths)
 
     def on_validation_epoch_end(self) -> None:
-        # Every rank computes every metric (a collective each) so that ranks stay in step; gold/accuracy is NaN
-        # off the world and then not logged.
-        logged = {f"val/{name}": metric.compute() for name, metric in self.val_metrics.items()}
-        logged = {name: value for name, value in logged.items() if not value.isnan()}
+        logged = validation_means(self.val_metrics)
         scores, lengths = self.val_scores.compute(), self.val_lengths.compute()
         logged["val/reward/mean"] = scores.mean()
         logged["val/reward/std"] = scores.std()
         logged["val/reward/length_corr"] = length_correlation(scores, lengths)
         self.log_dict(logged, sync_dist=True)  # already global: torchmetrics gathers every rank's updates
-        for metric in [*self.val_metrics.values(), self.val_scores, self.val_lengths]:
-            metric.reset()
+        self.val_scores.reset()
+        self.val_lengths.reset()
 
     def on_fit_end(self) -> None:
         if is_sharded(self.model) or self.trainer.is_global_zero:  # a sharded model scores only on every rank
@@ -150,7 +154,8 @@ class RewardModelModule(LightningModule):
         export_trained(self, self.model)
 
     def _store_score_statistics(self) -> None:
-        """Score the SFT policy's responses to training prompts; keep their mean and std in the config."""
+        """Score the SFT policy's responses to training prompts; keep their mean and std in the config, and the
+        length limits of training, which scorers loading the export take as their defaults."""
         hp = self.hparams
         datamodule = self.trainer.datamodule
         self.model.eval()
@@ -163,6 +168,8 @@ class RewardModelModule(LightningModule):
         scorer = RewardModelScorer(self.model, self.tokenizer, datamodule.hparams.max_length, hp.max_prompt_length)
         repeated = [prompt for prompt in prompts for _ in range(per_prompt)][: hp.normalization_samples]
         scores = scorer.score(repeated, [response for group in responses for response in group][: len(repeated)])
+        setattr(self.model.config, LENGTH_KEYS["max_length"], datamodule.hparams.max_length)
+        setattr(self.model.config, LENGTH_KEYS["max_prompt_length"], hp.max_prompt_length)
         setattr(self.model.config, SCORE_MEAN_KEY, scores.mean().item())
         setattr(self.model.config, SCORE_STD_KEY, max(scores.std().item(), 1e-6))
 

@@ -10,7 +10,7 @@ from torchmetrics import MeanMetric
 
 from lit_rlhf import losses
 from lit_rlhf.models import forward, load_causal_lm, load_tokenizer, trainable, with_lora
-from lit_rlhf.phases.shared import adamw_with_warmup, export_trained, shard_networks
+from lit_rlhf.phases.shared import adamw_with_warmup, check_context, export_trained, shard_networks
 from lit_rlhf.rollout import SamplingConfig, evaluate_policy
 
 
@@ -51,6 +51,7 @@ class SFTModule(LightningModule):
             hp = self.hparams
             model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.trust_remote_code, hp.dtype)
             self.model = with_lora(model, hp.lora).train()  # from_pretrained returns eval mode: dropout off
+            check_context(self, model)
             shard_networks(self, self.model)
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

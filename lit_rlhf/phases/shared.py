@@ -1,12 +1,15 @@
-"""What every phase shares: AdamW with linear warmup and cosine decay, FSDP2 sharding, and the export at the end."""
+"""What every phase shares: AdamW with linear warmup and cosine decay, FSDP2 sharding, the context check, the
+validation means over every rank, and the export at the end."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Mapping
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torchmetrics import Metric
 from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
 from lit_rlhf.errors import ConfigError
@@ -42,6 +45,33 @@ class FullyShardedStrategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+
+def validation_means(metrics: Mapping[str, Metric]) -> dict[str, torch.Tensor]:
+    """``val/<name>`` → each metric's value over every rank's updates, then reset; a metric no rank updated (the
+    world's gold accuracy on other data, a KTO kind no batch had) is NaN and left out. Every rank computes every
+    metric, a collective each, so that ranks stay in step."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*was called before the ``update`` method")  # that NaN case
+        means = {f"val/{name}": metric.compute() for name, metric in metrics.items()}
+    for metric in metrics.values():
+        metric.reset()
+    return {name: value for name, value in means.items() if not value.isnan()}
+
+
+def check_context(module: LightningModule, model: PreTrainedModel, length: int | None = None) -> None:
+    """Stop with one line when sequences of ``length`` tokens (default: the datamodule's ``max_length``) do not
+    fit the model's positions, instead of an IndexError at the first long batch (a device assert on a GPU)."""
+    trainer = getattr(module, "_trainer", None)
+    if length is None:
+        datamodule = getattr(trainer, "datamodule", None)
+        length = getattr(getattr(datamodule, "hparams", None), "max_length", None)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if length is not None and positions is not None and length > positions:
+        raise ConfigError(
+            f"sequences of up to {length} tokens do not fit {model.config.name_or_path or 'the model'}, which has "
+            f"{positions} positions: lower data.max_length (PPO: max_prompt_length + max_new_tokens)"
+        )
 
 
 def shard_networks(module: LightningModule, *networks: torch.nn.Module | None) -> None:
