@@ -174,7 +174,8 @@ def test_sft_and_reward_model_train_in_train_mode(phase, tiny_gpt2_path, tmp_pat
     data = data_class(path=str(write_jsonl(tmp_path / "rows.jsonl", rows)), tokenizer_name_or_path=tiny_gpt2_path,
                       batch_size=4, val_fraction=0.0)
     trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, limit_val_batches=0, callbacks=[RecordMode()])
+                      enable_model_summary=False, limit_val_batches=0, callbacks=[RecordMode()],
+                      default_root_dir=tmp_path)  # where the export goes
     trainer.fit(module, datamodule=data)
     assert modes == [True, True]
 
