@@ -20,6 +20,7 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lit_rlhf.data.datamodules import DataReport
 from lit_rlhf.errors import ConfigError, LitRLHFError
@@ -227,10 +228,11 @@ EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {
 }
 
 
-def _user_error(error: BaseException) -> LitRLHFError | None:
-    """The package's own error behind ``error``: jsonargparse re-raises what a class raised while being built as a
-    ``ValueError`` caused by it."""
-    while error is not None and not isinstance(error, LitRLHFError):
+def _user_error(error: BaseException) -> Exception | None:
+    """The user's mistake behind ``error``, if it is one: the package's own error, or Lightning's configuration error
+    (``configs/trainer/ddp.yaml`` on a machine without GPUs). jsonargparse re-raises what a class raised while being
+    built as a ``ValueError`` caused by it."""
+    while error is not None and not isinstance(error, (LitRLHFError, MisconfigurationException)):
         error = error.__cause__
     return error
 

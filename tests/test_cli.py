@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import run_cli
 from lit_rlhf.cli import fit_phase, main
@@ -51,6 +52,10 @@ CONFIGS = Path(__file__).parents[1] / "configs"
         (["--config", str(CONFIGS / "sft.yaml"), "--data.batch_size", "0"], "batch_size must be at least 1, got 0"),
         (["--config", str(CONFIGS / "sft.yaml"), "--model.model_name_or_path", "empty"],
          "no tokenizer in empty (none of tokenizer.json, tokenizer_config.json, vocab.json, tokenizer.model)"),
+        # Lightning's own configuration errors too: the GPU trainer config on this CPU-only machine
+        pytest.param(["--config", str(CONFIGS / "sft.yaml"), "--config", str(CONFIGS / "trainer" / "ddp.yaml")],
+                     "No supported gpu backend found!",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPUs")),
     ],
 )
 def test_errors_while_building_a_phase_are_one_line_and_exit_2(args, message, tmp_path, monkeypatch, capsys):

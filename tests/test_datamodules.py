@@ -328,3 +328,12 @@ def test_epoch_shuffle_pads_a_set_smaller_than_the_replicas_by_repeating_it():
     whole = list(EpochShuffle(3, seed=3))
     replicas = [list(EpochShuffle(3, seed=3, num_replicas=4, rank=rank)) for rank in range(4)]
     assert replicas == [[row] for row in whole + whole[:1]]
+
+
+def test_the_world_data_with_a_model_that_does_not_speak_it_warns(world_sft_path, tiny_gpt2_path, recwarn):
+    warning = "data.path is unset, so the data is the embedded world's"
+    for tokenizer in ("world", world_sft_path):
+        DemonstrationDataModule(tokenizer_name_or_path=tokenizer).setup("fit")
+    assert not [w for w in recwarn if warning in str(w.message)]
+    with pytest.warns(UserWarning, match=warning):
+        PromptDataModule(tokenizer_name_or_path=tiny_gpt2_path).setup("fit")

@@ -42,7 +42,7 @@ from lit_rlhf.data.formats import Kind, NormalizedRows, PromptRecord, Record, ma
 from lit_rlhf.data.sources import read_rows
 from lit_rlhf.errors import ConfigError, DataError
 from lit_rlhf.models import load_tokenizer
-from lit_rlhf.world import ensure_world
+from lit_rlhf.world import build_tokenizer, ensure_world
 
 
 def default_world_dir() -> Path:
@@ -199,6 +199,11 @@ class RLHFDataModule(LightningDataModule):
         if self._train is not None:
             return
         source = str(ensure_world(self.world_dir)[self.world_file]) if self.is_world else self.hparams.path
+        if self.is_world and self.tokenizer.get_vocab() != build_tokenizer().get_vocab():
+            rank_zero_warn(
+                f"data.path is unset, so the data is the embedded world's, but {self.hparams.tokenizer_name_or_path} "
+                "does not speak the world's language: set data.path to your own data"
+            )
         normalized = self._normalize(source, self.kind)
         self.skipped_rows, self.skipped_reasons = normalized.skipped_rows, normalized.skipped
         self.ties_dropped = normalized.ties
