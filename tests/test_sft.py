@@ -137,7 +137,7 @@ def fit_sft(root: Path, demonstrations: str, recorder: StopAfter, ckpt_path: str
 
 
 @pytest.mark.parametrize("stop_at", [5, 8, 11], ids=["first-epoch", "epoch-end", "second-epoch"])
-def test_a_run_resumed_mid_epoch_sees_the_same_batches_as_an_uninterrupted_one(tmp_path, stop_at, recwarn):
+def test_a_run_resumed_mid_epoch_sees_the_same_batches_as_an_uninterrupted_one(tmp_path, stop_at):
     rows = [{"prompt": f"name {n} fruits .", "completion": " ".join(["apple ,"] * (i % 5) + ["pear ."])}
             for i, n in enumerate(["one", "two", "three", "four", "five"] * 6)]
     demonstrations = str(write_jsonl(tmp_path / "demos.jsonl", rows))  # 30 rows: 8 batches an epoch
@@ -149,8 +149,6 @@ def test_a_run_resumed_mid_epoch_sees_the_same_batches_as_an_uninterrupted_one(t
     again = fit_sft(tmp_path, demonstrations, resumed, ckpt_path=str(checkpoint))
 
     assert_resumed_like_uninterrupted(uninterrupted, resumed, stop_at, 20, full.model, again.model)
-    # So Lightning's warning that a mid-epoch resume of this loader is unreliable would be wrong: it is not shown.
-    assert not [w for w in recwarn if "ended before the epoch ended" in str(w.message)]
 
 
 @pytest.mark.parametrize("phase", ["sft", "rm"])

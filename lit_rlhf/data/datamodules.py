@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -264,9 +263,6 @@ class RLHFDataModule(LightningDataModule):
                 f"resuming data saved with {world_size} data-parallel replicas on {self._replica()[0]}: the rows "
                 "done are skipped, but the batches after them differ from the uninterrupted run's"
             )
-        # Lightning warns that a mid-epoch resume of a DataLoader without state is unreliable: this one resumes
-        # exactly, through its sampler.
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         epoch, batches = state_dict["epoch"], state_dict["batches"]
         rows_per_rank = math.ceil(len(self._train.examples) / world_size) if self._train is not None else math.inf
         if batches >= math.ceil(rows_per_rank / self.hparams.batch_size):
