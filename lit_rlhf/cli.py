@@ -117,6 +117,14 @@ class RLHFCLI(LightningCLI):
             if init_args is not None and "name" in init_args and init_args.name in (None, "lightning_logs"):
                 init_args.name = _phase_name(config.model, self.runs_dir)
 
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """Lightning's refusals of a trainer setting (``configs/trainer/ddp.yaml`` on a machine without GPUs) are
+        the user's to fix: one line. Its errors later in the run may be bugs, and keep their traceback."""
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as error:
+            raise ConfigError(f"trainer: {error}") from error
+
     def _parse_ckpt_path(self) -> None:
         """Lightning's LightningCLI replaces the model's arguments with those saved in ``--ckpt_path``, silently
         dropping what the command line says (a new ``export_dir`` or learning rate). Here the command line wins, as
@@ -228,11 +236,10 @@ EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {
 }
 
 
-def _user_error(error: BaseException) -> Exception | None:
-    """The user's mistake behind ``error``, if it is one: the package's own error, or Lightning's configuration error
-    (``configs/trainer/ddp.yaml`` on a machine without GPUs). jsonargparse re-raises what a class raised while being
-    built as a ``ValueError`` caused by it."""
-    while error is not None and not isinstance(error, (LitRLHFError, MisconfigurationException)):
+def _user_error(error: BaseException) -> LitRLHFError | None:
+    """The package's own error behind ``error``: jsonargparse re-raises what a class raised while being built as a
+    ``ValueError`` caused by it."""
+    while error is not None and not isinstance(error, LitRLHFError):
         error = error.__cause__
     return error
 
@@ -240,6 +247,8 @@ def _user_error(error: BaseException) -> Exception | None:
 def main(argv: list[str] | None = None) -> None:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if os.getcwd() not in sys.path:  # as under `python -m lit_rlhf`: a reward function beside the command imports
+        sys.path.insert(0, os.getcwd())
     try:
         if argv and argv[0] in EXTRA_COMMANDS:
             EXTRA_COMMANDS[argv[0]](argv[1:])

@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.models import forward, inference_device, load_causal_lm, load_tokenizer
+from lit_rlhf.models import check_positions, forward, inference_device, load_causal_lm, load_tokenizer
 from lit_rlhf.scoring import GoldScorer, RewardModelScorer, Scorer
 from lit_rlhf.world import Rater
 
@@ -171,12 +171,7 @@ class LLMJudge(Judge):
             texts = list(judge_prompts[start : start + self.batch_size])
             batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             mask = batch["attention_mask"]
-            positions = getattr(self.model.config, "max_position_embeddings", None)
-            if positions is not None and mask.shape[1] > positions:
-                raise ConfigError(
-                    f"a judge prompt of {mask.shape[1]} tokens does not fit the judge model's {positions} positions: "
-                    "use a judge with a longer context, or shorter principles"
-                )
+            check_positions(self.model, mask.shape[1], "judge prompts (the principles, the request, both answers)")
             logits = forward(self.model, batch["input_ids"], mask).logits.float()
             last = (mask * torch.arange(mask.shape[1], device=device)).argmax(dim=1)  # either padding side
             logps = logits[torch.arange(len(texts), device=device), last].log_softmax(-1)

@@ -120,6 +120,20 @@ def _from_pretrained(auto_class, name_or_path: str, trust_remote_code: bool, dty
         raise ConfigError(f"cannot load a model from {name_or_path}: {error}") from error
 
 
+def check_positions(model: torch.nn.Module, length: int, what: str) -> None:
+    """Stop with one line when ``length`` tokens exceed a model's learned absolute positions (GPT-2, OPT), which
+    would fail with an IndexError at the first long batch (a device assert on a GPU). Rotary models extrapolate,
+    or are being stretched on purpose (``rope_scaling``), so they are left alone."""
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None)
+    rotary = any(getattr(config, name, None) is not None for name in ("rope_theta", "rope_scaling", "rotary_dim"))
+    if positions is not None and not rotary and length > positions:
+        raise ConfigError(
+            f"{what} of up to {length} tokens do not fit {config.name_or_path or 'the model'}, which has {positions} "
+            "positions"
+        )
+
+
 def inference_device() -> torch.device:
     """Where models run outside a Trainer (collection, judges, best-of-n, the pipeline's evaluation): the GPU when
     there is one, else the CPU."""

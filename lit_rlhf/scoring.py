@@ -7,8 +7,6 @@ reward behind the same interface (oracle runs, evaluation); :class:`FunctionScor
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Sequence
 from importlib import import_module
 from pathlib import Path
@@ -104,8 +102,6 @@ class FunctionScorer:
 
     def __init__(self, spec: str) -> None:
         module_name, _, function_name = spec.partition(":")
-        if os.getcwd() not in sys.path:  # as `python -m` would: a module beside the command is importable
-            sys.path.insert(0, os.getcwd())
         try:
             self.function = getattr(import_module(module_name), function_name)
         except (ImportError, AttributeError) as error:

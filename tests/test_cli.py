@@ -54,7 +54,7 @@ CONFIGS = Path(__file__).parents[1] / "configs"
          "no tokenizer in empty (none of tokenizer.json, tokenizer_config.json, vocab.json, tokenizer.model)"),
         # Lightning's own configuration errors too: the GPU trainer config on this CPU-only machine
         pytest.param(["--config", str(CONFIGS / "sft.yaml"), "--config", str(CONFIGS / "trainer" / "ddp.yaml")],
-                     "No supported gpu backend found!",
+                     "trainer: No supported gpu backend found!",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPUs")),
     ],
 )

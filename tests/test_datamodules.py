@@ -337,3 +337,12 @@ def test_the_world_data_with_a_model_that_does_not_speak_it_warns(world_sft_path
     assert not [w for w in recwarn if warning in str(w.message)]
     with pytest.warns(UserWarning, match=warning):
         PromptDataModule(tokenizer_name_or_path=tiny_gpt2_path).setup("fit")
+
+
+def test_a_template_answer_with_a_newline_after_its_eos_ends_at_the_eos(tiny_gpt2_path):
+    from lit_rlhf.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_gpt2_path)
+    (example,) = encode_demonstrations([Demonstration("hi", " hello<|endoftext|>\n")], tokenizer, 32, 16).examples
+    hello = tokenizer(" hello", add_special_tokens=False)["input_ids"]
+    assert example["response_ids"] == hello + [tokenizer.eos_token_id]

@@ -126,5 +126,5 @@ def test_collect_writes_ai_labelled_comparisons(world_sft_path, tiny_gpt2_path, 
 
 def test_a_judge_prompt_longer_than_the_judge_model_is_one_clear_error(gpt2):
     judge = LLMJudge(*gpt2, principles="be fair " * 100)  # the tiny model has 128 positions
-    with pytest.raises(ConfigError, match=r"a judge prompt of \d+ tokens does not fit the judge model's 128 positions"):
+    with pytest.raises(ConfigError, match=r"judge prompts \(.*\) of up to \d+ tokens do not fit .*, which has 128 "):
         judge.prefer(["name a fruit ."], ["apple ."], ["dog ."])

@@ -211,11 +211,13 @@ def test_invalid_settings_fail_with_one_clear_error(world_sft_path):
 
 
 def test_a_reward_function_beside_the_command_is_importable(tmp_path, monkeypatch):
+    from lit_rlhf.cli import main
     from lit_rlhf.scoring import make_scorer
 
     (tmp_path / "my_reward.py").write_text("def reward(prompts, responses):\n    return [len(r) for r in responses]\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [entry for entry in sys.path if entry not in ("", str(tmp_path))])
+    main(["world", "--out", str(tmp_path / "world")])  # the `lit-rlhf` script, as `python -m` would, adds the cwd
     assert make_scorer("my_reward:reward").score(["p", "p"], ["ab", "abcd"]).tolist() == [2.0, 4.0]
 
 

@@ -190,6 +190,17 @@ def test_sequences_longer_than_the_models_positions_are_refused_in_one_line(tiny
                 "--data.max_length", "200")
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().endswith(
-        f"sequences of up to 200 tokens do not fit {tiny_gpt2_path}, which has 128 positions: lower data.max_length "
-        "(PPO: max_prompt_length + max_new_tokens)"
+        f"sequences (data.max_length; PPO: max_prompt_length + max_new_tokens) of up to 200 tokens do not fit "
+        f"{tiny_gpt2_path}, which has 128 positions"
     )
+
+
+def test_rotary_models_are_not_held_to_their_max_position_embeddings(tiny_llama_path, tiny_gpt2_path):
+    from lit_rlhf.errors import ConfigError
+    from lit_rlhf.models import check_positions, load_causal_lm, load_tokenizer
+
+    llama = load_causal_lm(tiny_llama_path, load_tokenizer(tiny_llama_path))
+    check_positions(llama, 10 * llama.config.max_position_embeddings, "sequences")  # RoPE extrapolates
+    gpt2 = load_causal_lm(tiny_gpt2_path, load_tokenizer(tiny_gpt2_path))
+    with pytest.raises(ConfigError, match="sequences of up to 129 tokens do not fit"):
+        check_positions(gpt2, 129, "sequences")  # learned positions end at 128

@@ -99,11 +99,14 @@ def _response_ids(
     tokenizer: PreTrainedTokenizerBase, prompt_ids: list[list[int]], completions: Sequence[str], max_length: int
 ) -> tuple[list[list[int]], list[bool]]:
     """``completion + [eos]`` cut at the end to fit after each prompt within ``max_length``, and which were cut.
-    A completion that already ends with EOS (a chat template that writes it) gets no second one."""
+    A completion that already ends with EOS (a chat template that writes it, perhaps with a newline after: Qwen,
+    Zephyr) ends there, without a second one."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to end responses with")
-    full = [seq if seq[-1:] == [eos] else seq + [eos] for seq in _tokenize(tokenizer, completions)]
+    ends_with_eos = [completion.rstrip().endswith(tokenizer.eos_token) for completion in completions]
+    texts = [c.rstrip() if ended else c for c, ended in zip(completions, ends_with_eos)]
+    full = [seq if seq[-1:] == [eos] else seq + [eos] for seq in _tokenize(tokenizer, texts)]
     budgets = [max_length - len(prompt) for prompt in prompt_ids]
     cut = [len(seq) > budget for seq, budget in zip(full, budgets)]
     return [seq[:budget] for seq, budget in zip(full, budgets)], cut

@@ -151,7 +151,7 @@ class DPOModule(LightningModule):
         if self.model is not None:
             return
         policy = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.trust_remote_code, hp.dtype)
-        self.model = without_dropout(with_lora(policy, hp.lora)).train()  # from_pretrained returns eval mode
+        self.model = without_dropout(with_lora(policy, hp.lora))
         check_context(self, policy)
         if hp.lora:
             self.reference = AdaptersOff(self.model)  # the loaded weights themselves: no second copy

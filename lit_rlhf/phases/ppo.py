@@ -167,9 +167,8 @@ class PPOModule(LightningModule):
             return
         hp = self.hparams
         load = (self.tokenizer, hp.trust_remote_code, hp.dtype)
-        # Trained networks in train mode (from_pretrained returns eval mode), with dropout off all the same.
-        self.policy = without_dropout(with_lora(load_causal_lm(hp.model_name_or_path, *load), hp.lora)).train()
-        check_context(self, self.policy, hp.max_prompt_length + hp.max_new_tokens + 1)
+        self.policy = without_dropout(with_lora(load_causal_lm(hp.model_name_or_path, *load), hp.lora))
+        check_context(self, self.policy, hp.max_prompt_length + hp.max_new_tokens)
         # With LoRA the reference is the policy with its adapters disabled: the loaded weights, no second copy.
         reference = AdaptersOff(self.policy) if hp.lora else load_causal_lm(hp.model_name_or_path, *load)
         self.reference = frozen(reference)
@@ -179,9 +178,10 @@ class PPOModule(LightningModule):
         )
         if isinstance(self.scorer, RewardModelScorer):
             self.reward_network = frozen(self.scorer.model)  # a registered module: the strategy places it
+            check_context(self, self.reward_network, hp.max_prompt_length + hp.max_new_tokens + 1)  # + its EOS
         if hp.advantage_estimator == "gae":
             start = hp.value_model or (hp.model_name_or_path if self.reward_network is None else hp.reward_model)
-            self.critic = without_dropout(ValueModel(load_scalar_head_model(start, *load))).train()
+            self.critic = without_dropout(ValueModel(load_scalar_head_model(start, *load)))
         shard_networks(self, self.policy, self.reference, self.reward_network, self.critic)
 
     def configure_optimizers(self):

@@ -169,7 +169,7 @@ class RewardModelModule(LightningModule):
         repeated = [prompt for prompt in prompts for _ in range(per_prompt)][: hp.normalization_samples]
         scores = scorer.score(repeated, [response for group in responses for response in group][: len(repeated)])
         setattr(self.model.config, LENGTH_KEYS["max_length"], datamodule.hparams.max_length)
-        setattr(self.model.config, LENGTH_KEYS["max_prompt_length"], hp.max_prompt_length)
+        setattr(self.model.config, LENGTH_KEYS["max_prompt_length"], datamodule.hparams.max_prompt_length)
         setattr(self.model.config, SCORE_MEAN_KEY, scores.mean().item())
         setattr(self.model.config, SCORE_STD_KEY, max(scores.std().item(), 1e-6))
 

@@ -13,7 +13,7 @@ from torchmetrics import Metric
 from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.models import export, full_state_dict, is_sharded, merged, shard
+from lit_rlhf.models import check_positions, export, full_state_dict, is_sharded, merged, shard
 
 
 def adamw_with_warmup(
@@ -60,18 +60,13 @@ def validation_means(metrics: Mapping[str, Metric]) -> dict[str, torch.Tensor]:
 
 
 def check_context(module: LightningModule, model: PreTrainedModel, length: int | None = None) -> None:
-    """Stop with one line when sequences of ``length`` tokens (default: the datamodule's ``max_length``) do not
-    fit the model's positions, instead of an IndexError at the first long batch (a device assert on a GPU)."""
-    trainer = getattr(module, "_trainer", None)
+    """:func:`check_positions` for sequences of ``length`` tokens, by default the datamodule's ``max_length`` (no
+    check without a datamodule: a module used outside a Trainer)."""
     if length is None:
-        datamodule = getattr(trainer, "datamodule", None)
+        datamodule = module.trainer.datamodule if module._trainer is not None else None
         length = getattr(getattr(datamodule, "hparams", None), "max_length", None)
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if length is not None and positions is not None and length > positions:
-        raise ConfigError(
-            f"sequences of up to {length} tokens do not fit {model.config.name_or_path or 'the model'}, which has "
-            f"{positions} positions: lower data.max_length (PPO: max_prompt_length + max_new_tokens)"
-        )
+    if length is not None:
+        check_positions(model, length, "sequences (data.max_length; PPO: max_prompt_length + max_new_tokens)")
 
 
 def shard_networks(module: LightningModule, *networks: torch.nn.Module | None) -> None:
