@@ -52,11 +52,13 @@ class Judge:
     def rank(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> list[list[int]]:
         """Rank each prompt's responses; element [i][j] is the rank of response j to prompt i."""
         pairs = [(g, i, j) for g, group in enumerate(responses) for i, j in combinations(range(len(group)), 2)]
-        verdicts = self.prefer(
-            [prompts[g] for g, _, _ in pairs],
-            [responses[g][i] for g, i, _ in pairs],
-            [responses[g][j] for g, _, j in pairs],
-        )
+        asked = [(g, i, j) for g, i, j in pairs if responses[g][i] != responses[g][j]]  # a text ties with itself
+        answers = iter(self.prefer(
+            [prompts[g] for g, _, _ in asked],
+            [responses[g][i] for g, i, _ in asked],
+            [responses[g][j] for g, _, j in asked],
+        ))
+        verdicts = [next(answers) if responses[g][i] != responses[g][j] else 0.5 for g, i, j in pairs]
         wins = [[0.0] * len(group) for group in responses]
         for (g, i, j), verdict in zip(pairs, verdicts):
             wins[g][i] += verdict

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.judges import JUDGE_TEMPLATE, LLMJudge, RaterJudge, ScoreJudge, make_judge
+from lit_rlhf.judges import JUDGE_TEMPLATE, Judge, LLMJudge, RaterJudge, ScoreJudge, make_judge
 from lit_rlhf.models import load_causal_lm, load_tokenizer
 from lit_rlhf.scoring import GoldScorer
 
@@ -120,7 +120,8 @@ def test_collect_writes_ai_labelled_comparisons(world_sft_path, tiny_gpt2_path, 
     assert 0.0 <= summary["gold_agreement"] <= 1.0
     rankings = [json.loads(line) for line in (out / "rankings.jsonl").read_text().splitlines()]
     distinct_pairs = {(row["prompt"], row["responses"][i], row["responses"][j])
-                      for row in rankings for i in range(3) for j in range(i + 1, 3)}
+                      for row in rankings for i in range(3) for j in range(i + 1, 3)
+                      if row["responses"][i] != row["responses"][j]}  # a text is not judged against itself
     assert len(json.loads((out / "judge_cache.json").read_text())) == len(distinct_pairs)  # one verdict each
 
 
@@ -128,3 +129,14 @@ def test_a_judge_prompt_longer_than_the_judge_model_is_one_clear_error(gpt2):
     judge = LLMJudge(*gpt2, principles="be fair " * 100)  # the tiny model has 128 positions
     with pytest.raises(ConfigError, match=r"judge prompts \(.*\) of up to \d+ tokens do not fit .*, which has 128 "):
         judge.prefer(["name a fruit ."], ["apple ."], ["dog ."])
+
+
+def test_the_borda_ranking_ties_identical_responses_without_asking_about_them():
+    class Recording(ScoreJudge):
+        def prefer(self, prompts, firsts, seconds):
+            self.asked = list(zip(firsts, seconds))
+            return super().prefer(prompts, firsts, seconds)
+
+    judge = Recording(GoldScorer(), "gold")
+    assert Judge.rank(judge, [PROMPT], [[BAD, GOOD, GOOD]]) == [[2, 0, 0]]  # the pairwise (Borda) path
+    assert (GOOD, GOOD) not in judge.asked and len(judge.asked) == 2
