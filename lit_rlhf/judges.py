@@ -53,14 +53,14 @@ class Judge:
         """Rank each prompt's responses; element [i][j] is the rank of response j to prompt i."""
         pairs = [(g, i, j) for g, group in enumerate(responses) for i, j in combinations(range(len(group)), 2)]
         asked = [(g, i, j) for g, i, j in pairs if responses[g][i] != responses[g][j]]  # a text ties with itself
-        answers = iter(self.prefer(
+        verdicts = dict(zip(asked, self.prefer(
             [prompts[g] for g, _, _ in asked],
             [responses[g][i] for g, i, _ in asked],
             [responses[g][j] for g, _, j in asked],
-        ))
-        verdicts = [next(answers) if responses[g][i] != responses[g][j] else 0.5 for g, i, j in pairs]
+        )))
         wins = [[0.0] * len(group) for group in responses]
-        for (g, i, j), verdict in zip(pairs, verdicts):
+        for g, i, j in pairs:
+            verdict = verdicts.get((g, i, j), 0.5)
             wins[g][i] += verdict
             wins[g][j] += 1.0 - verdict
         return [ranks_from_scores(group_wins, group) for group_wins, group in zip(wins, responses)]

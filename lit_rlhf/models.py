@@ -280,9 +280,8 @@ class ValueModel(torch.nn.Module):
         self.backbone, self.head = scalar_head_model.base_model, scalar_head_model.score
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        position_ids = position_ids_from_mask(attention_mask)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        return self.head(hidden.last_hidden_state).squeeze(-1).float()
+        hidden = forward(self.backbone, input_ids, attention_mask).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()
 
 
 def with_lora(model: PreTrainedModel, lora: dict | None, task_type: str = "CAUSAL_LM") -> PreTrainedModel:

@@ -228,20 +228,23 @@ def _merged_with_earlier_summary(rows: list[dict[str, Any]], out_dir: Path, seed
         stage = row.get("stage") if isinstance(row, dict) else None
         if stage in new:
             kept.append(new.pop(stage))
-        elif stage is not None and _is_complete_under(out_dir / stage, seed):
+        elif stage is not None and _done_under(out_dir / stage, seed) is not None:
             kept.append(row)
     return kept + list(new.values())
 
 
-def _is_complete_under(stage_dir: Path, seed: int) -> bool:
+def _done_under(stage_dir: Path, seed: int) -> dict[str, Any] | None:
+    """The stage's ``done.json`` if it finished under ``seed``; one from before seeds were recorded counts as seed
+    0, the only seed fit stages had then."""
     done = stage_dir / DONE_FILE
-    return done.is_file() and json.loads(done.read_text()).get("seed", 0) == seed
+    record = json.loads(done.read_text()) if done.is_file() else None
+    return record if record is not None and record.get("seed", 0) == seed else None
 
 
 def _is_complete(stage: dict[str, Any], stage_dir: Path, seed: int) -> bool:
-    """Whether the stage finished before with the same settings and seed (otherwise it runs again); a
-    ``done.json`` from before seeds were recorded counts as seed 0, the only seed fit stages had then."""
-    return _is_complete_under(stage_dir, seed) and json.loads((stage_dir / DONE_FILE).read_text())["spec"] == stage
+    """Whether the stage finished before with the same settings and seed (otherwise it runs again)."""
+    record = _done_under(stage_dir, seed)
+    return record is not None and record.get("spec") == stage
 
 
 def _run_fit(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:

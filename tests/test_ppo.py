@@ -241,3 +241,14 @@ def test_entropy_bonus_enters_the_loss(tmp_path, world_sft_path):
     assert 0.0 < entropy < math.log(146)
     assert entropy == pytest.approx(without[0]["policy/entropy"], rel=1e-5)
     assert with_bonus[0]["loss/policy"] == pytest.approx(without[0]["loss/policy"], rel=1e-5)
+
+
+def test_the_policy_fits_prompt_and_new_tokens_and_the_reward_model_one_more(world_sft_path, world_rm_path):
+    # The world's models have 128 positions; the reward model also reads the EOS after the response.
+    fits = PPOModule(model_name_or_path=world_sft_path, reward_model="gold", advantage_estimator="rloo",
+                     max_prompt_length=100, max_new_tokens=28)
+    fits.configure_model()
+    too_long = PPOModule(model_name_or_path=world_sft_path, reward_model=world_rm_path, max_prompt_length=100,
+                         max_new_tokens=28)
+    with pytest.raises(ConfigError, match="of up to 129 tokens do not fit"):
+        too_long.configure_model()

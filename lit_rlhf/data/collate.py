@@ -104,8 +104,7 @@ def _response_ids(
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to end responses with")
-    ends_with_eos = [completion.rstrip().endswith(tokenizer.eos_token) for completion in completions]
-    texts = [c.rstrip() if ended else c for c, ended in zip(completions, ends_with_eos)]
+    texts = [c.rstrip() if c.rstrip().endswith(tokenizer.eos_token) else c for c in completions]
     full = [seq if seq[-1:] == [eos] else seq + [eos] for seq in _tokenize(tokenizer, texts)]
     budgets = [max_length - len(prompt) for prompt in prompt_ids]
     cut = [len(seq) > budget for seq, budget in zip(full, budgets)]

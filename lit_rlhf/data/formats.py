@@ -469,16 +469,15 @@ class _RowParser:
 
     def _ranking(self, row: Mapping[str, Any]) -> tuple[list[Record], int]:
         responses_value = _require(row, "responses")
-        chat = isinstance(responses_value, list) and bool(responses_value) and isinstance(responses_value[0], list)
-        for value in responses_value if isinstance(responses_value, list) else []:
-            _same_kind(responses_value[0], "responses", value)
-        prompt = self._prompt(row, chat=chat)
         if not isinstance(responses_value, list):
             raise RowProblem("responses", "wrong type", f"must be a list, got {_type_name(responses_value)}")
         if len(responses_value) < 2:
             raise RowProblem(
                 "responses", "too few", f"needs at least 2 responses to rank, got {len(responses_value)}"
             )
+        for value in responses_value:
+            _same_kind(responses_value[0], "responses", value)
+        prompt = self._prompt(row, chat=isinstance(responses_value[0], list))
         responses = []
         for index, value in enumerate(responses_value, start=1):
             try:

@@ -161,15 +161,17 @@ class RewardModelModule(LightningModule):
         self.model.eval()
         prompts = list(dict.fromkeys(record.prompt for record in datamodule.train_records))[: hp.normalization_samples]
         per_prompt = math.ceil(hp.normalization_samples / len(prompts))  # few distinct prompts: more samples each
-        responses = sample_responses(
-            hp.model_name_or_path, prompts, per_prompt, SamplingConfig(hp.max_new_tokens), hp.max_prompt_length, 256,
-            self.device, hp.dtype,
+        scorer = RewardModelScorer(
+            self.model, self.tokenizer, datamodule.hparams.max_length, datamodule.hparams.max_prompt_length
         )
-        scorer = RewardModelScorer(self.model, self.tokenizer, datamodule.hparams.max_length, hp.max_prompt_length)
-        repeated = [prompt for prompt in prompts for _ in range(per_prompt)][: hp.normalization_samples]
-        scores = scorer.score(repeated, [response for group in responses for response in group][: len(repeated)])
-        setattr(self.model.config, LENGTH_KEYS["max_length"], datamodule.hparams.max_length)
-        setattr(self.model.config, LENGTH_KEYS["max_prompt_length"], datamodule.hparams.max_prompt_length)
+        groups = sample_responses(
+            hp.model_name_or_path, prompts, per_prompt, SamplingConfig(hp.max_new_tokens), scorer.max_prompt_length,
+            256, self.device, hp.dtype,
+        )
+        samples = [(prompt, response) for prompt, group in zip(prompts, groups) for response in group]
+        scores = scorer.score(*zip(*samples[: hp.normalization_samples]))
+        for name, key in LENGTH_KEYS.items():
+            setattr(self.model.config, key, getattr(scorer, name))
         setattr(self.model.config, SCORE_MEAN_KEY, scores.mean().item())
         setattr(self.model.config, SCORE_STD_KEY, max(scores.std().item(), 1e-6))
 
