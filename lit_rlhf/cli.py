@@ -26,11 +26,16 @@ from lit_rlhf.data.datamodules import DataReport
 from lit_rlhf.errors import ConfigError, LitRLHFError
 
 RUNS_DIR = "runs"
+RUNS_DIR_VARIABLE = "LIT_RLHF_RUNS_DIR"
+"""Where logs go when set (a sweep's trial folder), instead of ``runs``."""
 DESCRIPTION = """\
 The RLHF recipe on PyTorch Lightning. Phases: lit-rlhf fit --config configs/{sft,rm,ppo,dpo}.yaml
 (ipo, kto, simpo too). More commands, each with --help:
   lit-rlhf pipeline   SFT -> collect -> reward model -> PPO, DPO and best-of-n, resumable stage by stage
   lit-rlhf collect    k samples per prompt ranked by a judge, written as C(k,2) comparisons
+  lit-rlhf sweep     a W&B sweep file (sweeps/*.yaml): online with W&B's agent, offline grid/random here
+  lit-rlhf report    an HTML page and PNG plots of a pipeline's or a sweep's folder
+  lit-rlhf dashboard a saved W&B workspace with the report's panels (needs WANDB_API_KEY)
   lit-rlhf world      write the embedded world's datasets"""
 
 
@@ -82,7 +87,8 @@ class RLHFCLI(LightningCLI):
     """LightningCLI with CPU-friendly defaults, linked tokenizer and prompt length, and a validation pass
     before training so the first logged row is the untrained model."""
 
-    def __init__(self, args: list[str] | None = None, run: bool = True, runs_dir: str = RUNS_DIR) -> None:
+    def __init__(self, args: list[str] | None = None, run: bool = True, runs_dir: str | None = None) -> None:
+        runs_dir = runs_dir or os.environ.get(RUNS_DIR_VARIABLE) or RUNS_DIR
         self.runs_dir = runs_dir
         super().__init__(
             LightningModule,
@@ -229,10 +235,69 @@ def _pipeline_command(argv: list[str]) -> None:
     run_pipeline(args.config, fit_phase, args.out, tuple(args.force), args.seed)
 
 
+def _sweep_command(argv: list[str]) -> None:
+    from lit_rlhf.sweep import run_sweep
+
+    parser = argparse.ArgumentParser(
+        prog="lit-rlhf sweep",
+        description="Run a W&B sweep file: with WANDB_API_KEY on W&B (wandb sweep + wandb agent), else its grid or "
+        "random trials here, one subprocess each, resumable. The pipeline stages the trials start from run first.",
+    )
+    parser.add_argument("file", help="W&B sweep file, e.g. sweeps/ppo_beta.yaml")
+    parser.add_argument("--count", type=int, help="number of trials (random sweeps; cuts a grid short)")
+    parser.add_argument("--out", help="offline trials' folder (default: runs/sweeps/<file name>)")
+    parser.add_argument("--pipeline", default="configs/pipeline.yaml",
+                        help="pipeline whose stages the trials start from (default: %(default)s)")
+    parser.add_argument("--project", default="lit-rlhf", help="W&B project, online (default: %(default)s)")
+    parser.add_argument("--entity", help="W&B entity, online (default: yours)")
+    args = parser.parse_args(argv)
+    run_sweep(args.file, fit_phase, args.out, args.count, args.pipeline, project=args.project, entity=args.entity)
+
+
+def _report_command(argv: list[str]) -> None:
+    from lit_rlhf.report import build_report, log_report_to_wandb
+
+    parser = argparse.ArgumentParser(
+        prog="lit-rlhf report",
+        description="One self-contained HTML page and its PNG plots from pipeline and sweep folders.",
+    )
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="a pipeline's --out or a sweep's --out folder")
+    parser.add_argument("--out", help="report folder (default: the first DIR's report/)")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also log the plots and tables to a W&B run (offline unless WANDB_API_KEY is set)")
+    args = parser.parse_args(argv)
+    report = build_report(args.dirs, args.out)
+    if args.wandb:
+        import wandb
+
+        with wandb.init(project="lit-rlhf", job_type="report", mode="online" if os.environ.get("WANDB_API_KEY")
+                        else "offline", dir=str(report.out_dir)) as run:
+            log_report_to_wandb(report, run)
+    print(f"report: {report.html_path}")
+
+
+def _dashboard_command(argv: list[str]) -> None:
+    from lit_rlhf.report import save_dashboard
+
+    parser = argparse.ArgumentParser(
+        prog="lit-rlhf dashboard",
+        description="Save a W&B workspace with the report's panels (overoptimisation, hacking, PPO, DPO, reward "
+        "model) in a project; needs WANDB_API_KEY and the wandb-workspaces package.",
+    )
+    parser.add_argument("--project", default="lit-rlhf", help="W&B project (default: %(default)s)")
+    parser.add_argument("--entity", help="W&B entity (default: yours)")
+    parser.add_argument("--name", default="lit-rlhf", help="workspace name (default: %(default)s)")
+    args = parser.parse_args(argv)
+    print(f"dashboard: {save_dashboard(args.project, args.entity, args.name)}")
+
+
 EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "world": _world_command,
     "collect": _collect_command,
     "pipeline": _pipeline_command,
+    "sweep": _sweep_command,
+    "report": _report_command,
+    "dashboard": _dashboard_command,
 }
 
 

@@ -32,20 +32,44 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from transformers import PreTrainedModel
 
+from lit_rlhf.collect import collect_comparisons, sample_responses
+from lit_rlhf.data.datamodules import DemonstrationDataModule, PromptDataModule
 from lit_rlhf.errors import ConfigError
+from lit_rlhf.models import inference_device, load_causal_lm, load_tokenizer
+from lit_rlhf.phases.reward import RewardModelModule
+from lit_rlhf.rollout import PolicyEvaluation, SamplingConfig, evaluate_policy, measure_answers
+from lit_rlhf.scoring import Scorer, make_scorer
+from lit_rlhf.selection import best_of_n_kl, pick_best, self_play_pairs
 
 FitPhase = Callable[[list[str], str], Any]
 """Runs ``lit-rlhf fit ARGS`` with its logs under a folder and returns the finished LightningCLI."""
 DONE_FILE = "done.json"
 POLICY, REWARD_MODEL, DATA, BASELINE = "policy", "reward_model", "data", "baseline"
-SUMMARY_KEYS = ("stage", "gold_reward", "proxy_reward", "kl", "length_mean", "seconds")
-BOOKKEEPING_KEYS = ("kind", "role", "model", "data", "seconds", "spec", "seed")
+SUMMARY_METRICS = {
+    "gold_reward": "gold/reward",
+    "proxy_reward": "proxy/reward",
+    "kl": "objective/kl",
+    "length_mean": "response/length_mean",
+    "length_ratio": "hacking/length_ratio",
+    "sycophancy_rate": "hacking/sycophancy_rate",
+    "format_rate": "hacking/format_rate",
+    "repetition_rate": "hacking/repetition_rate",
+    "proxy_gap": "gold/proxy_gap",
+}
+"""A policy's summary columns and the evaluation metrics they hold (:func:`lit_rlhf.rollout.evaluate_policy`)."""
+SUMMARY_KEYS = ("stage", *SUMMARY_METRICS, "seconds")
+EVAL_SAMPLES_FILE = "eval_samples.jsonl"
+SAMPLES_PER_STAGE = 4
+"""Answers per policy written to ``eval_samples.jsonl`` for the report, each to another held-out prompt."""
+BOOKKEEPING_KEYS = ("kind", "role", "model", "data", "samples", "seconds", "spec", "seed")
 """Keys of ``done.json`` that say where a stage's output is, not what it measured."""
 REQUIRED_KEYS = {
     "fit": ("config",),
@@ -171,26 +195,23 @@ class PipelineRun:
         return str(self.out_dir / reference / self.done(reference)[output])
 
 
-def run_pipeline(
-    config: str | Path, fit_phase: FitPhase, out: str | Path | None = None, force: tuple[str, ...] = (),
-    seed: int | None = None,
-) -> list[dict]:
-    """Run every stage not yet complete, then evaluate and write ``summary.json``; returns its rows.
-
-    ``seed`` replaces the file's ``seed``; a stage completed under another seed runs again.
-
-    ``fit_phase(args, runs_dir)`` runs ``lit-rlhf fit ARGS`` with its logs under ``runs_dir`` and returns the
-    finished LightningCLI (the command line passes :func:`lit_rlhf.cli.fit_phase`).
-    """
+def start_run(
+    config: str | Path, fit_phase: FitPhase, out: str | Path | None = None, seed: int | None = None
+) -> PipelineRun:
+    """A pipeline file ready to run: ``seed`` replaces the file's, ``out`` its ``out`` (default runs/pipeline)."""
     spec = load_pipeline(config)
     if seed is not None:
         spec["seed"] = seed
-    run = PipelineRun(spec, Path(out or spec.get("out", "runs/pipeline")), fit_phase)
-    names = [stage["name"] for stage in spec["stages"]]
-    unknown = [name for name in force if name not in names]
+    return PipelineRun(spec, Path(out or spec.get("out", "runs/pipeline")), fit_phase)
+
+
+def run_stages(run: PipelineRun, force: tuple[str, ...] = (), until: str | None = None) -> None:
+    """Run every stage not yet complete (and those in ``force``), in order, up to and including ``until``."""
+    names = [stage["name"] for stage in run.spec["stages"]]
+    unknown = [name for name in (*force, *([until] if until else [])) if name not in names]
     if unknown:
-        raise ConfigError(f"--force {unknown[0]}: no such stage (stages: {', '.join(names)})")
-    for stage in spec["stages"]:
+        raise ConfigError(f"no stage {unknown[0]!r} (stages: {', '.join(names)})")
+    for stage in run.spec["stages"][: names.index(until) + 1 if until else None]:
         stage_dir = run.out_dir / stage["name"]
         if _is_complete(stage, stage_dir, run.seed) and stage["name"] not in force:
             print(f"[pipeline] {stage['name']}: complete, skipped")
@@ -204,11 +225,35 @@ def run_pipeline(
         record["seconds"] = round(time.perf_counter() - started, 1)
         record["spec"], record["seed"] = stage, run.seed
         (stage_dir / DONE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def run_pipeline(
+    config: str | Path, fit_phase: FitPhase, out: str | Path | None = None, force: tuple[str, ...] = (),
+    seed: int | None = None,
+) -> list[dict]:
+    """Run every stage not yet complete, then evaluate, write ``summary.json`` and the report; returns the rows.
+
+    ``seed`` replaces the file's ``seed``; a stage completed under another seed runs again.
+
+    ``fit_phase(args, runs_dir)`` runs ``lit-rlhf fit ARGS`` with its logs under ``runs_dir`` and returns the
+    finished LightningCLI (the command line passes :func:`lit_rlhf.cli.fit_phase`).
+    """
+    from lit_rlhf.report import build_report, log_report_to_wandb
+
+    run = start_run(config, fit_phase, out, seed)
+    unknown = [name for name in force if name not in run.stage_names]
+    if unknown:
+        stages = ", ".join(stage["name"] for stage in run.spec["stages"])
+        raise ConfigError(f"--force {unknown[0]}: no such stage (stages: {stages})")
+    run_stages(run, force)
     rows = summarize(run)
     print(format_table(rows))
     rows = _merged_with_earlier_summary(rows, run.out_dir, run.seed)
     (run.out_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(f"[pipeline] summary: {run.out_dir / 'summary.json'}")
+    report = build_report([run.out_dir])
+    log_report_to_wandb(report)  # when a W&B run is active
+    print(f"[pipeline] report: {report.html_path}")
     return rows
 
 
@@ -248,7 +293,6 @@ def _is_complete(stage: dict[str, Any], stage_dir: Path, seed: int) -> bool:
 
 
 def _run_fit(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
-    from lit_rlhf.phases.reward import RewardModelModule
 
     args = ["--config", stage["config"], "--seed_everything", str(run.seed),
             "--model.init_args.export_dir", str(stage_dir / "hf")]
@@ -266,11 +310,11 @@ def _run_fit(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
         metrics = cli.trainer.callback_metrics
         record["accuracy"] = _float(metrics.get("val/accuracy"))
         record["gold_accuracy"] = _float(metrics.get("val/gold/accuracy"))
+        record["length_corr"] = _float(metrics.get("val/reward/length_corr"))
     return record
 
 
 def _run_collect(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
-    from lit_rlhf.collect import collect_comparisons
 
     sampling, max_prompt_length = _sampling(stage)
     summary = collect_comparisons(
@@ -285,7 +329,6 @@ def _run_collect(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, An
 
 def _sampling(stage: dict) -> tuple[Any, int]:
     """A sampling stage's decoding settings and prompt length limit."""
-    from lit_rlhf.rollout import SamplingConfig
 
     sampling = SamplingConfig(int(stage.get("max_new_tokens", 24)), float(stage.get("temperature", 1.0)))
     return sampling, int(stage.get("max_prompt_length", 32))
@@ -297,7 +340,6 @@ def _prompts_path(stage: dict, spec: dict) -> str | None:
 
 
 def _training_prompts(stage: dict, spec: dict) -> list[str]:
-    from lit_rlhf.data.datamodules import PromptDataModule
 
     prompts = PromptDataModule(path=_prompts_path(stage, spec), val_fraction=0.0)
     prompts.setup("fit")
@@ -305,10 +347,6 @@ def _training_prompts(stage: dict, spec: dict) -> list[str]:
 
 
 def _run_rejection_sample(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
-    from lit_rlhf.collect import sample_responses
-    from lit_rlhf.models import inference_device
-    from lit_rlhf.scoring import make_scorer
-    from lit_rlhf.selection import pick_best
 
     policy = run.resolve(stage["policy"], "model")
     prompts = _training_prompts(stage, run.spec)
@@ -321,9 +359,6 @@ def _run_rejection_sample(stage: dict, stage_dir: Path, run: PipelineRun) -> dic
 
 
 def _run_self_play(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
-    from lit_rlhf.collect import sample_responses
-    from lit_rlhf.data.datamodules import DemonstrationDataModule
-    from lit_rlhf.selection import self_play_pairs
 
     policy = run.resolve(stage["policy"], "model")
     demonstrations = DemonstrationDataModule(path=stage.get("demonstrations"), val_fraction=0.0)
@@ -338,30 +373,14 @@ def _run_self_play(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, 
 
 
 def _run_best_of_n(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
-    from lit_rlhf.collect import sample_responses
-    from lit_rlhf.models import inference_device, load_tokenizer
-    from lit_rlhf.scoring import make_scorer
-    from lit_rlhf.selection import best_of_n_kl, pick_best
-    from lit_rlhf.world import gold_reward, has_gold
-
+    """Best-of-n on the held-out evaluation prompts; the summary measures its picks (``samples.jsonl``) like the
+    policies' answers."""
     n = int(stage.get("n", 8))
-    prompts, sampling, seed = _evaluation_setup(run.spec)
-    torch.manual_seed(seed)
-    policy = run.resolve(stage["policy"], "model")
-    groups = sample_responses(policy, prompts, n, sampling, int(stage.get("max_prompt_length", 32)), 256)
-    scorer = make_scorer(run.resolve(stage["reward_model"], "model"), device=inference_device())
-    picks = pick_best(prompts, groups, scorer)
-    _write_jsonl(stage_dir / "samples.jsonl", [vars(pick) for pick in picks])
-    tokenizer = load_tokenizer(policy)
-    lengths = [len(tokenizer(pick.response, add_special_tokens=False)["input_ids"]) for pick in picks]
-    metrics = {
-        "proxy_reward": sum(pick.score for pick in picks) / len(picks),
-        "kl": best_of_n_kl(n),
-        "length_mean": sum(lengths) / len(lengths),
-        "gold_reward": (sum(gold_reward(p.prompt, p.response) for p in picks) / len(picks)
-                        if has_gold(prompts) else None),
-    }
-    return {"kind": "best_of_n", "role": BASELINE, "n": n, **metrics}
+    evaluation, policy = HeldOutEvaluation(run), run.resolve(stage["policy"], "model")
+    groups = evaluation.sample_groups(policy, n, int(stage.get("max_prompt_length", 32)))
+    picks = evaluation.best_picks(policy, run.resolve(stage["reward_model"], "model"), groups)
+    _write_jsonl(stage_dir / "samples.jsonl", picks)
+    return {"kind": "best_of_n", "role": BASELINE, "n": n, "samples": "samples.jsonl", "kl": best_of_n_kl(n)}
 
 
 STAGE_RUNNERS: dict[str, Callable[[dict, Path, PipelineRun], dict[str, Any]]] = {
@@ -376,63 +395,125 @@ STAGE_RUNNERS: dict[str, Callable[[dict, Path, PipelineRun], dict[str, Any]]] = 
 # --- evaluation and the summary ------------------------------------------------------------------------------------
 
 
-def _evaluation_setup(spec: dict) -> tuple[list[str], Any, int]:
-    """The held-out prompts (each repeated ``samples_per_prompt`` times), sampling and seed every policy is
-    evaluated with."""
-    from lit_rlhf.data.datamodules import PromptDataModule
-    from lit_rlhf.rollout import SamplingConfig
+class HeldOutEvaluation:
+    """What every policy of a run is measured with (the file's ``evaluation``): the same held-out prompts, each
+    repeated ``samples_per_prompt`` times, the same sampling noise, the ``reference`` policy that KL and the hacking
+    metrics are measured against, and the ``reward_model`` that gives the proxy reward. Sweeps measure their trials
+    with it too, so a sweep's numbers and a pipeline's summary are on the same axes."""
 
-    evaluation = spec["evaluation"]
-    prompts = PromptDataModule(path=evaluation.get("prompts"), val_fraction=0.0,
-                               num_eval_prompts=int(evaluation.get("num_prompts", 64)))
-    prompts.setup("fit")
-    sampling = SamplingConfig(int(evaluation.get("max_new_tokens", 24)), float(evaluation.get("temperature", 1.0)))
-    repeats = int(evaluation.get("samples_per_prompt", 4))
-    return [p for p in prompts.eval_prompts for _ in range(repeats)], sampling, int(evaluation.get("seed", 1234))
+    def __init__(self, run: PipelineRun) -> None:
+        evaluation = run.spec["evaluation"]
+        prompts = PromptDataModule(path=evaluation.get("prompts"), val_fraction=0.0,
+                                   num_eval_prompts=int(evaluation.get("num_prompts", 64)))
+        prompts.setup("fit")
+        self.repeats = int(evaluation.get("samples_per_prompt", 4))
+        self.prompts = [p for p in prompts.eval_prompts for _ in range(self.repeats)]
+        self.sampling = SamplingConfig(int(evaluation.get("max_new_tokens", 24)),
+                                       float(evaluation.get("temperature", 1.0)))
+        self.seed = int(evaluation.get("seed", 1234))
+        self.run = run
+        self.reference_path = run.resolve(evaluation.get("reference"), "model")
+        self.reward_model = run.resolve(evaluation.get("reward_model"), "model")
+
+    @cached_property
+    def scorer(self) -> Scorer | None:
+        return make_scorer(self.reward_model, device=inference_device()) if self.reward_model else None
+
+    @cached_property
+    def reference(self) -> PreTrainedModel | None:
+        if not self.reference_path:
+            return None
+        tokenizer = load_tokenizer(self.reference_path)
+        return load_causal_lm(self.reference_path, tokenizer, device=inference_device()).eval()
+
+    @cached_property
+    def baseline(self) -> PolicyEvaluation | None:
+        """The reference policy's own evaluation, which drift and hacking metrics compare against."""
+        if self.reference is None:
+            return None
+        return evaluate_policy(self.reference, load_tokenizer(self.reference_path), self.prompts, self.sampling, 32,
+                               self.seed, 128, scorer=self.scorer)
+
+    def policy(self, name_or_path: str) -> PolicyEvaluation:
+        """A policy's :class:`lit_rlhf.rollout.PolicyEvaluation`."""
+        baseline = self.baseline
+        tokenizer = load_tokenizer(name_or_path)
+        torch.manual_seed(self.run.seed)  # the untrained world model is built from this seed
+        model = load_causal_lm(name_or_path, tokenizer, device=inference_device()).eval()
+        return evaluate_policy(model, tokenizer, self.prompts, self.sampling, 32, self.seed, 128, self.reference,
+                               self.scorer, baseline)
+
+    def sample_groups(self, policy: str, n: int, max_prompt_length: int = 32) -> list[list[str]]:
+        """``n`` samples of ``policy`` for each held-out prompt, with the evaluation's sampling and seed."""
+        torch.manual_seed(self.seed)
+        return sample_responses(policy, self.prompts, n, self.sampling, max_prompt_length, 256)
+
+    def best_picks(self, policy: str, reward_model: str, groups: list[list[str]]) -> list[dict]:
+        """The best sample of each prompt's group by ``reward_model``: ``{"prompt", "response", "score",
+        "length"}`` (length in tokens of ``policy``'s tokenizer)."""
+        same = reward_model == self.reward_model
+        scorer = self.scorer if same else make_scorer(reward_model, device=inference_device())
+        tokenizer = load_tokenizer(policy)
+        return [{**vars(pick), "length": len(tokenizer(pick.response, add_special_tokens=False)["input_ids"])}
+                for pick in pick_best(self.prompts, groups, scorer)]
+
+    def picks(self, picks: list[dict]) -> PolicyEvaluation:
+        """The :class:`lit_rlhf.rollout.PolicyEvaluation` of best-of-n picks, measured like a policy's answers."""
+
+        return measure_answers([p["prompt"] for p in picks], [p["response"] for p in picks],
+                               [p["length"] for p in picks], [p["score"] for p in picks], self.baseline)
+
+    def row(self, evaluation: PolicyEvaluation) -> dict[str, Any]:
+        """An evaluation as summary columns (None where a metric does not apply)."""
+        return {key: evaluation.metrics.get(metric) for key, metric in SUMMARY_METRICS.items()}
+
+    def samples(self, stage: str, evaluation: PolicyEvaluation) -> list[dict[str, Any]]:
+        """A few answers of one stage, to different prompts, for the report."""
+        rows = range(0, len(evaluation.prompts), self.repeats)
+        return [
+            {"stage": stage, "prompt": evaluation.prompts[i], "response": evaluation.responses[i],
+             "gold": evaluation.gold[i] if evaluation.gold else None,
+             "proxy": evaluation.proxy[i] if evaluation.proxy else None}
+            for i in list(rows)[:SAMPLES_PER_STAGE]
+        ]
 
 
 def summarize(run: PipelineRun) -> list[dict[str, Any]]:
-    """One row per stage (and the ``init`` row): policies evaluated here, the rest from their ``done.json``."""
-    from lit_rlhf.models import inference_device, load_causal_lm, load_tokenizer
-    from lit_rlhf.rollout import evaluate_policy
-    from lit_rlhf.scoring import make_scorer
+    """One row per stage (and the ``init`` row): policies evaluated here, the rest from their ``done.json``; a few
+    answers of each policy go to ``eval_samples.jsonl``."""
+    evaluation = HeldOutEvaluation(run)
+    rows, samples = [], []
 
-    spec, evaluation = run.spec, run.spec["evaluation"]
-    prompts, sampling, seed = _evaluation_setup(spec)
-    reference_path = run.resolve(evaluation.get("reference"), "model")
-    reward_model = run.resolve(evaluation.get("reward_model"), "model")
-    device = inference_device()
-    scorer = make_scorer(reward_model, device=device) if reward_model else None
-    reference = None
-    if reference_path:
-        reference = load_causal_lm(reference_path, load_tokenizer(reference_path), device=device).eval()
+    def measured(stage: str, result: PolicyEvaluation) -> dict[str, Any]:
+        samples.extend(evaluation.samples(stage, result))
+        return evaluation.row(result)
 
-    def evaluate(name_or_path: str) -> dict[str, Any]:
-        tokenizer = load_tokenizer(name_or_path)
-        torch.manual_seed(run.seed)  # the untrained world model is built from this seed
-        model = load_causal_lm(name_or_path, tokenizer, device=device).eval()
-        metrics = evaluate_policy(model, tokenizer, prompts, sampling, 32, seed, 128, reference, scorer).metrics
-        return {"gold_reward": metrics.get("gold/reward"), "proxy_reward": metrics.get("proxy/reward"),
-                "kl": metrics.get("objective/kl"), "length_mean": metrics["response/length_mean"]}
-
-    rows = []
-    if evaluation.get("init"):
-        rows.append({"stage": "init", **evaluate(evaluation["init"]), "seconds": 0.0})
-    for stage in spec["stages"]:
+    if run.spec["evaluation"].get("init"):
+        rows.append({"stage": "init", **measured("init", evaluation.policy(run.spec["evaluation"]["init"])),
+                     "seconds": 0.0})
+    for stage in run.spec["stages"]:
         done = run.done(stage["name"])
         row: dict[str, Any] = {"stage": stage["name"]}
         if done["role"] == POLICY:
-            row |= evaluate(str(run.out_dir / stage["name"] / done["model"]))
+            row |= measured(stage["name"], evaluation.policy(str(run.out_dir / stage["name"] / done["model"])))
         elif done["role"] == BASELINE:
-            row |= {key: done[key] for key in SUMMARY_KEYS[1:-1]}
+            picks = [json.loads(line) for line in (run.out_dir / stage["name"] / done["samples"]).open()]
+            row |= measured(stage["name"], evaluation.picks(picks)) | {"kl": done["kl"], "n": done["n"]}
         else:
             row |= {key: value for key, value in done.items() if key not in BOOKKEEPING_KEYS}
         rows.append({**row, "seconds": done["seconds"]})
+    _write_jsonl(run.out_dir / EVAL_SAMPLES_FILE, samples)
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """The summary as a fixed-width text table."""
+    """The summary as fixed-width text: the policies' rows, then the other stages' (data, reward models)."""
+    policies = [row for row in rows if "length_mean" in row]
+    others = [row for row in rows if "length_mean" not in row]
+    return "\n\n".join(_fixed_width(group) for group in (policies, others) if group)
+
+
+def _fixed_width(rows: list[dict[str, Any]]) -> str:
     columns = list(dict.fromkeys(key for row in rows for key in row))
     cells = [[_cell(row.get(column)) for column in columns] for row in rows]
     widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]

@@ -7,14 +7,15 @@ SFT evaluation, comparison collection, PPO rollouts, rejection sampling and SPIN
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from lit_rlhf import losses
+from lit_rlhf import diagnostics, losses
 from lit_rlhf.data.collate import tokenize_prompts
 from lit_rlhf.models import response_logprobs
 from lit_rlhf.world import gold_reward, has_gold
@@ -114,11 +115,47 @@ def generate(
 
 @dataclass
 class PolicyEvaluation:
-    """Sampled answers to held-out prompts and the metrics computed on them."""
+    """Sampled answers to held-out prompts, what was measured on each, and the metrics computed from them."""
 
     prompts: list[str]
     responses: list[str]
-    metrics: dict[str, float]
+    lengths: list[float]
+    """Tokens before EOS, per answer."""
+    proxy: list[float] | None = None
+    """The scorer's (reward model's) score of each answer, when there is a scorer."""
+    gold: list[float] | None = None
+    """The world's gold reward of each answer, when every prompt is a world prompt."""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def measure_answers(
+    prompts: list[str],
+    responses: list[str],
+    lengths: list[float],
+    proxy: list[float] | None = None,
+    baseline: PolicyEvaluation | None = None,
+) -> PolicyEvaluation:
+    """The metrics of answers to held-out prompts, whoever produced them (a policy, best-of-n).
+
+    ``response/length_mean``; the hacking detectors of :mod:`lit_rlhf.diagnostics` (``hacking/sycophancy_rate``,
+    ``hacking/format_rate``, ``hacking/repetition_rate``); given ``proxy`` scores, ``proxy/reward``; on the world,
+    ``gold/reward``. Against a ``baseline`` (the reference policy's evaluation on the same prompts and sampling
+    seed): ``response/length_drift`` (difference of mean lengths), ``hacking/length_ratio`` and, when both have proxy
+    and gold rewards, ``gold/proxy_gap`` (:func:`lit_rlhf.diagnostics.proxy_gold_gap`).
+    """
+    gold = list(map(gold_reward, prompts, responses)) if has_gold(prompts) else None
+    metrics = {"response/length_mean": statistics.fmean(lengths), **diagnostics.hacking_metrics(prompts, responses)}
+    if proxy is not None:
+        metrics["proxy/reward"] = statistics.fmean(proxy)
+    if gold is not None:
+        metrics["gold/reward"] = statistics.fmean(gold)
+    if baseline is not None:
+        metrics["response/length_drift"] = metrics["response/length_mean"] - baseline.metrics["response/length_mean"]
+        if baseline.metrics["response/length_mean"] > 0:
+            metrics["hacking/length_ratio"] = diagnostics.length_ratio(lengths, baseline.lengths)
+        if None not in (proxy, gold, baseline.proxy, baseline.gold):
+            metrics["gold/proxy_gap"] = diagnostics.proxy_gold_gap(proxy, gold, baseline.proxy, baseline.gold)
+    return PolicyEvaluation(prompts, responses, lengths, proxy, gold, metrics)
 
 
 @torch.no_grad()
@@ -132,14 +169,15 @@ def evaluate_policy(
     batch_size: int = 64,
     reference: PreTrainedModel | None = None,
     scorer: Scorer | None = None,
+    baseline: PolicyEvaluation | None = None,
 ) -> PolicyEvaluation:
     """Answer fixed prompts with fixed sampling noise, so successive evaluations differ only by the policy.
 
-    Metrics: ``response/length_mean`` (tokens before EOS), ``response/eos_fraction``; on the embedded world (all
-    prompts are world prompts) ``gold/reward``; given a ``scorer`` (the reward model), ``proxy/reward``, its mean
-    score; given a ``reference``, ``objective/kl``: the mean over samples of Σ_t log π − log π_ref on the sampled
-    response tokens (the k1 estimate of KL(π‖π_ref), both models at the sampling temperature as in PPO). The
-    global RNG is left untouched.
+    Metrics: those of :func:`measure_answers` (given a ``scorer``, the reward model, its scores are the proxy
+    reward; given a ``baseline``, the reference policy's own evaluation, the drift and hacking metrics against it),
+    ``response/eos_fraction`` and, given a ``reference``, ``objective/kl``: the mean over samples of
+    Σ_t log π − log π_ref on the sampled response tokens (the k1 estimate of KL(π‖π_ref), both models at the
+    sampling temperature as in PPO). The global RNG is left untouched.
     """
     temperature = sampling.temperature or 1.0  # greedy decoding: score with the untempered distributions
     responses: list[str] = []
@@ -163,17 +201,12 @@ def evaluate_policy(
                 logps, mask = response_logprobs(model, *sampled, temperature=temperature)
                 ref_logps, _ = response_logprobs(reference, *sampled, temperature=temperature)
                 kls.append(losses.masked_sum(losses.kl_penalty(logps, ref_logps, "k1"), mask, dim=1))
-    metrics = {
-        "response/length_mean": torch.cat(lengths).float().mean().item(),
-        "response/eos_fraction": torch.cat(ended).float().mean().item(),
-    }
+    proxy = scorer.score(prompts, responses).float().tolist() if scorer is not None else None
+    evaluation = measure_answers(prompts, responses, torch.cat(lengths).float().tolist(), proxy, baseline)
+    evaluation.metrics["response/eos_fraction"] = torch.cat(ended).float().mean().item()
     if reference is not None:
-        metrics["objective/kl"] = torch.cat(kls).mean().item()
-    if scorer is not None:
-        metrics["proxy/reward"] = scorer.score(prompts, responses).float().mean().item()
-    if has_gold(prompts):
-        metrics["gold/reward"] = sum(map(gold_reward, prompts, responses)) / len(prompts)
-    return PolicyEvaluation(prompts, responses, metrics)
+        evaluation.metrics["objective/kl"] = torch.cat(kls).mean().item()
+    return evaluation
 
 
 @dataclass

@@ -160,8 +160,8 @@ def test_dpo_on_rater_comparisons_of_sft_samples_raises_gold_reward(world_sft_pa
     run_cli("fit", "--config", str(CONFIGS / "dpo.yaml"), "--model.model_name_or_path", world_sft_path)
     run = latest_run(tmp_path, "dpo")
     # One validation before training (the SFT policy, its own reference), then after steps 150 and 300.
-    assert metric_series(run, "objective/kl")[0] == pytest.approx(0.0, abs=1e-5)
-    assert 0.2 < metric_series(run, "objective/kl")[-1] < 10, "DPO should move away from SFT, on a leash"
+    assert metric_series(run, "eval/objective/kl")[0] == pytest.approx(0.0, abs=1e-5)
+    assert 0.2 < metric_series(run, "eval/objective/kl")[-1] < 10, "DPO should move away from SFT, on a leash"
     assert metric_series(run, "val/rewards/accuracies")[-1] > 0.55
     assert metric_series(run, "val/rewards/margins")[-1] > 0.05
     sft_gold = mean_gold_reward(world_sft_path, world_cache / "world")
@@ -328,9 +328,10 @@ def test_precomputed_reference_logps_give_the_live_reference_losses(world_sft_pa
     assert pre_run.reference_in_memory == [False] * 4, "the reference must be out of memory while training"
     assert pre_run.losses == pytest.approx(live_run.losses, abs=1e-5)
     assert live_run.losses[0] == pytest.approx(math.log(2), abs=1e-5)  # the policy starts as its reference
-    for name in ("val/loss", "val/rewards/margins", "val/logps/chosen", "objective/kl", "response/length_drift"):
+    for name in ("val/loss", "val/rewards/margins", "val/logps/chosen", "eval/objective/kl",
+                 "eval/response/length_drift"):
         assert pre.logged[name] == pytest.approx(live.logged[name], abs=1e-4), name
-    assert pre.logged["objective/kl"] > 0
+    assert pre.logged["eval/objective/kl"] > 0
     assert cache.exists()
 
 
@@ -385,7 +386,9 @@ def test_checkpoints_leave_out_the_reference_and_reload(world_sft_path, small_wo
 
 PAIRED_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                   "logps/rejected", "lengths/chosen_minus_rejected")
-GENERATION_METRICS = ("objective/kl", "response/length_mean", "response/length_drift", "gold/reward")
+GENERATION_METRICS = ("eval/objective/kl", "eval/response/length_mean", "eval/response/length_drift",
+                      "eval/gold/reward", "eval/hacking/length_ratio", "eval/hacking/sycophancy_rate",
+                      "eval/hacking/format_rate", "eval/hacking/repetition_rate")
 
 
 @pytest.mark.parametrize("config", ["dpo.yaml", "ipo.yaml", "simpo.yaml", "kto.yaml"])
@@ -404,6 +407,7 @@ def test_config_runs_a_step_and_logs_the_ecosystem_metrics(world_sft_path, tmp_p
     expected |= {*PAIRED_METRICS, *(f"val/{name}" for name in PAIRED_METRICS)} if paired else {"kl", "val/kl"}
     assert expected <= set(logged), expected - set(logged)
     # The first validation is the untrained policy: it is its own reference.
-    assert metric_series(run, "objective/kl")[0] == pytest.approx(0.0, abs=1e-5)
-    assert metric_series(run, "response/length_drift")[0] == 0.0
+    assert metric_series(run, "eval/objective/kl")[0] == pytest.approx(0.0, abs=1e-5)
+    assert metric_series(run, "eval/response/length_drift")[0] == 0.0
+    assert metric_series(run, "eval/hacking/length_ratio")[0] == 1.0
     assert (tmp_path / "runs" / name / "hf" / "config.json").exists()

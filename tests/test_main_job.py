@@ -15,14 +15,15 @@ CONFIG = Path(__file__).parents[1] / "configs" / "pipeline.yaml"
 
 @pytest.fixture(scope="module")
 def main_job(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline")
     started = time.perf_counter()
-    rows = run_pipeline(CONFIG, fit_phase, tmp_path_factory.mktemp("pipeline"))
-    return {row["stage"]: row for row in rows}, time.perf_counter() - started
+    rows = run_pipeline(CONFIG, fit_phase, out)
+    return {row["stage"]: row for row in rows}, time.perf_counter() - started, out
 
 
 @pytest.mark.slow
 def test_the_main_job_beats_sft_with_ppo_dpo_and_best_of_n_within_five_minutes(main_job):
-    rows, seconds = main_job
+    rows, seconds, _ = main_job
     assert seconds < 300
     assert list(rows) == ["init", "sft", "collect", "rm", "ppo", "dpo", "best_of_n"]
     sft = rows["sft"]["gold_reward"]
@@ -37,5 +38,18 @@ def test_the_main_job_beats_sft_with_ppo_dpo_and_best_of_n_within_five_minutes(m
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="issue 3: the world's reward model reaches about 0.65 against the raters")
 def test_the_main_jobs_reward_model_reaches_the_accuracy_bar(main_job):
-    rows, _ = main_job
+    rows, _, _ = main_job
     assert rows["rm"]["accuracy"] >= 0.70
+
+
+@pytest.mark.slow
+def test_the_main_job_logs_hacking_metrics_and_writes_the_report(main_job):
+    rows, _, out = main_job
+    for stage in ("ppo", "dpo"):
+        (metrics,) = (out / stage).glob("*/version_*/metrics.csv")
+        header = metrics.read_text().splitlines()[0].split(",")
+        assert len([name for name in header if "hacking/" in name]) >= 3, stage
+    assert rows["sft"]["length_ratio"] == 1.0 and rows["sft"]["proxy_gap"] == 0.0  # the reference itself
+    report = out / "report"
+    assert (report / "index.html").is_file()
+    assert len(list(report.glob("*.png"))) >= 3

@@ -108,11 +108,11 @@ PER_ITERATION_METRICS = [
     "objective/scores", "objective/kl", "objective/rlhf_reward", "objective/non_score_reward", "objective/entropy",
     "policy/clipfrac", "policy/approxkl", "loss/policy", "loss/value", "val/clipfrac", "val/explained_variance",
     "kl/beta", "response/length_mean", "response/length_drift", "response/eos_fraction", "gold/reward",
-    "gold/proxy_gap",
 ]
 EVAL_METRICS = [
     "eval/response/length_mean", "eval/response/length_drift", "eval/response/eos_fraction", "eval/gold/reward",
-    "eval/proxy/reward", "eval/objective/kl", "eval/gold/proxy_gap",
+    "eval/proxy/reward", "eval/objective/kl", "eval/gold/proxy_gap", "eval/hacking/length_ratio",
+    "eval/hacking/sycophancy_rate", "eval/hacking/format_rate", "eval/hacking/repetition_rate",
 ]
 
 
@@ -135,6 +135,8 @@ def test_ppo_cli_on_world_logs_every_iteration_and_exports(in_tmp, world_sft_pat
     for name in EVAL_METRICS:
         assert len(metric_series(run, name)) == 2, name  # before training, and after iteration 3
     assert metric_series(run, "eval/response/length_drift")[0] == 0.0  # the untrained policy is the reference
+    assert metric_series(run, "eval/hacking/length_ratio")[0] == 1.0
+    assert metric_series(run, "eval/gold/proxy_gap")[0] == pytest.approx(0.0, abs=1e-9)
     assert metric_series(run, "eval/objective/kl")[0] == pytest.approx(0.0, abs=1e-5)
     assert metric_series(run, "eval/objective/kl")[1] > 0.0
     assert metric_series(run, "objective/kl")[0] == pytest.approx(0.0, abs=1e-4)  # first rollout: π = π_ref

@@ -27,7 +27,7 @@ def in_tmp(tmp_path, monkeypatch):
 def test_sft_on_world_raises_gold_reward_and_exports(in_tmp):
     run_cli("fit", "--config", CONFIG, "--trainer.max_steps", "160", "--trainer.val_check_interval", "80")
     run = latest_run(in_tmp, "sft")
-    gold = metric_series(run, "gold/reward")
+    gold = metric_series(run, "eval/gold/reward")
     # One row from the validation before training, then one per validation interval.
     assert len(gold) == 3
     assert gold[-1] > gold[0] + 0.5, gold

@@ -50,7 +50,7 @@ from lit_rlhf.phases.shared import (
     shard_networks,
     validation_means,
 )
-from lit_rlhf.rollout import SamplingConfig, evaluate_policy
+from lit_rlhf.rollout import PolicyEvaluation, SamplingConfig, evaluate_policy
 
 LossType = Literal["sigmoid", "robust", "hinge", "ipo", "simpo", "kto"]
 LOSS_TYPES = (*losses.PREFERENCE_LOSS_TYPES, "simpo", "kto")
@@ -70,10 +70,11 @@ class DPOModule(LightningModule):
     ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``, ``lengths/chosen_minus_rejected``; the same with
     a ``val/`` prefix over the validation split. Rewards are β·(log π − log π_ref), for SimPO β·(mean log π). KTO
     logs no accuracies (its rows are unpaired), its chosen and rejected are the desirable and undesirable rows,
-    and ``kl`` is its reference point. Each validation also samples the datamodule's held-out prompts and logs,
-    on PPO's axes, ``objective/kl`` (to the reference, on the samples), ``response/length_mean``,
-    ``response/length_drift`` (minus the reference policy's mean length for the same prompts and sampling seed,
-    computed once) and, on the world, ``gold/reward``.
+    and ``kl`` is its reference point. Each validation also samples the datamodule's held-out prompts and logs
+    under ``eval/``, on PPO's axes, what :func:`evaluate_policy` measures against the reference policy's answers
+    to the same prompts with the same sampling seed (computed once): ``objective/kl`` (to the reference, on the
+    samples), ``response/length_mean``, ``response/length_drift``, the ``hacking/`` detectors and, on the world,
+    ``gold/reward``.
 
     The reference is frozen, in eval mode, not optimised, and left out of checkpoints (it reloads from
     ``model_name_or_path``). With ``precompute_ref_logps``, and for SimPO, it is not kept in memory at all:
@@ -131,7 +132,7 @@ class DPOModule(LightningModule):
         self.reference_cache: ReferenceLogpsCache | None = None
         names = KTO_METRICS if loss_type == "kto" else PAIRED_METRICS
         self.val_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in ("loss", *names)})
-        self._reference_length_mean: float | None = None
+        self._reference_answers: PolicyEvaluation | None = None
 
     @property
     def _uses_reference(self) -> bool:
@@ -267,15 +268,14 @@ class DPOModule(LightningModule):
             max_prompt_length=hp.max_prompt_length,
             seed=hp.eval_seed,
         )
-        metrics = evaluate_policy(self.model, reference=reference, **evaluation).metrics
-        if self._reference_length_mean is None:
-            reference_metrics = evaluate_policy(reference, **evaluation).metrics
-            self._reference_length_mean = reference_metrics["response/length_mean"]
-        metrics["response/length_drift"] = metrics["response/length_mean"] - self._reference_length_mean
+        if self._reference_answers is None:
+            self._reference_answers = evaluate_policy(reference, **evaluation)
+        baseline = self._reference_answers
+        metrics = evaluate_policy(self.model, reference=reference, baseline=baseline, **evaluation).metrics
         if reference is not self.reference:
             del reference
             gc.collect()
-        self.log_dict(metrics, sync_dist=True)
+        self.log_dict({f"eval/{name}": value for name, value in metrics.items()}, sync_dist=True)
 
     # --- checkpoints and export ---
 

@@ -69,7 +69,7 @@ from lit_rlhf.models import (
     without_dropout,
 )
 from lit_rlhf.phases.shared import check_context, export_trained, leave_out_frozen, restore_frozen, shard_networks
-from lit_rlhf.rollout import Rollout, RolloutBuffer, SamplingConfig, evaluate_policy, generate
+from lit_rlhf.rollout import PolicyEvaluation, Rollout, RolloutBuffer, SamplingConfig, evaluate_policy, generate
 from lit_rlhf.scoring import GoldScorer, RewardModelScorer, make_scorer
 from lit_rlhf.world import has_gold
 
@@ -89,11 +89,12 @@ class PPOModule(LightningModule):
     exact mean entropy of the next-token distributions during the update), ``loss/policy``,
     ``kl/beta``, ``response/{length_mean,eos_fraction,length_drift}`` (drift: against the reference policy's
     answers to the held-out prompts); with a critic ``loss/value``, ``val/clipfrac``, ``val/explained_variance``;
-    with PPO-ptx ``loss/ptx``; on the world ``gold/reward`` and ``gold/proxy_gap`` (scores − gold reward).
-    Validation answers the held-out prompts with fixed sampling noise and logs under ``eval/`` the generation
-    metrics, ``proxy/reward`` (the scorer's mean), ``objective/kl`` to the reference and on the world the gold
-    ones. Every ``log_samples_every_n_iterations`` some samples go to a W&B table and to ``samples.jsonl`` in the
-    run folder. The policy is exported at the end of fit.
+    with PPO-ptx ``loss/ptx``; on the world ``gold/reward``. Validation answers the held-out prompts with fixed
+    sampling noise and logs under ``eval/`` what :func:`evaluate_policy` measures against the reference policy's
+    answers: generation metrics, ``proxy/reward`` (the scorer's mean), ``objective/kl`` to the reference, the
+    ``hacking/`` detectors and on the world ``gold/reward`` and ``gold/proxy_gap``. Every
+    ``log_samples_every_n_iterations`` some samples go to a W&B table and to ``samples.jsonl`` in the run folder.
+    The policy is exported at the end of fit.
     """
 
     def __init__(
@@ -160,7 +161,7 @@ class PPOModule(LightningModule):
         self.policy = self.reference = self.reward_network = self.critic = self.scorer = None
         self.iteration = 0
         """Completed iterations: they fix the random seed of the next one."""
-        self._reference_evaluation = self._demonstrations = None
+        self._reference_answers = self._demonstrations = None
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -254,7 +255,7 @@ class PPOModule(LightningModule):
             "objective/entropy": masked_sum(-logprobs, mask, dim=1).mean(),
             "kl/beta": torch.tensor(beta),
             "response/length_mean": lengths.mean(),
-            "response/length_drift": lengths.mean() - self._reference_length(),
+            "response/length_drift": lengths.mean() - self._reference_evaluation().metrics["response/length_mean"],
             "response/eos_fraction": generation.ended_with_eos.float().mean(),
         }
         samples = [
@@ -263,7 +264,7 @@ class PPOModule(LightningModule):
         ]
         if has_gold(prompt_texts):
             gold = GoldScorer().score(prompt_texts, responses)
-            metrics |= {"gold/reward": gold.mean(), "gold/proxy_gap": scores.mean().cpu() - gold.mean()}
+            metrics["gold/reward"] = gold.mean()
             for sample, value in zip(samples, gold.tolist()):
                 sample["gold"] = value
         rollout = Rollout(input_ids, attention_mask, response_mask, mask, logprobs, advantages, values, returns)
@@ -342,24 +343,23 @@ class PPOModule(LightningModule):
     def _evaluate(self, model: torch.nn.Module, **scoring):
         return evaluate_policy(
             model, self.tokenizer, self.trainer.datamodule.eval_prompts, self.sampling,
-            max_prompt_length=self.hparams.max_prompt_length, seed=self.hparams.eval_seed, **scoring,
+            max_prompt_length=self.hparams.max_prompt_length, seed=self.hparams.eval_seed, scorer=self.scorer,
+            **scoring,
         )
 
-    def _reference_length(self) -> float:
-        """Mean response length of the reference policy on the held-out prompts (computed once)."""
-        if self._reference_evaluation is None:
-            self._reference_evaluation = self._evaluate(self.reference)
-        return self._reference_evaluation.metrics["response/length_mean"]
+    def _reference_evaluation(self) -> PolicyEvaluation:
+        """The reference policy's answers to the held-out prompts (computed once): the baseline of drift and
+        hacking metrics."""
+        if self._reference_answers is None:
+            self._reference_answers = self._evaluate(self.reference)
+        return self._reference_answers
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Nothing per batch: :meth:`on_validation_epoch_end` answers all held-out prompts with fixed noise."""
 
     def on_validation_epoch_end(self) -> None:
-        metrics = dict(self._evaluate(self.policy, reference=self.reference, scorer=self.scorer).metrics)
-        metrics["response/length_drift"] = metrics["response/length_mean"] - self._reference_length()
-        if "gold/reward" in metrics:
-            metrics["gold/proxy_gap"] = metrics["proxy/reward"] - metrics["gold/reward"]
-        self.log_dict({f"eval/{name}": value for name, value in metrics.items()}, sync_dist=True)
+        evaluation = self._evaluate(self.policy, reference=self.reference, baseline=self._reference_evaluation())
+        self.log_dict({f"eval/{name}": value for name, value in evaluation.metrics.items()}, sync_dist=True)
 
     def _log_samples(self, samples: list[dict]) -> None:
         log_dir = self.trainer.log_dir or "."  # a collective under DDP: every rank asks

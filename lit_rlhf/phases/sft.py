@@ -18,9 +18,10 @@ class SFTModule(LightningModule):
     """Causal-LM fine-tuning with the prompt masked out of the loss.
 
     Logs ``train/loss``, ``train/tokens_per_second``, ``val/loss``, ``val/perplexity`` and, at every validation,
-    samples answers to the datamodule's held-out prompts: ``response/length_mean`` always and ``gold/reward`` on
-    the embedded world. Exports a Hugging Face folder at the end of fit (``export_dir``, default
-    ``<log_dir>/hf``) that the next phase loads by path. With ``lora`` (``peft.LoraConfig`` arguments) only LoRA
+    samples answers to the datamodule's held-out prompts and logs under ``eval/`` what :func:`evaluate_policy`
+    measures: ``response/length_mean``, the ``hacking/`` rates, and ``gold/reward`` on the embedded world. Exports
+    a Hugging Face folder at the end of fit (``export_dir``, default ``<log_dir>/hf``) that the next phase loads by
+    path. With ``lora`` (``peft.LoraConfig`` arguments) only LoRA
     adapters train, and the export has them merged into the weights.
     """
 
@@ -89,7 +90,7 @@ class SFTModule(LightningModule):
             max_prompt_length=self.hparams.max_prompt_length,
             seed=self.hparams.eval_seed,
         ).metrics
-        self.log_dict(metrics, sync_dist=True)
+        self.log_dict({f"eval/{name}": value for name, value in metrics.items()}, sync_dist=True)
 
     def on_fit_end(self) -> None:
         export_trained(self, self.model)

@@ -1,0 +1,520 @@
+"""``lit-rlhf report``: one self-contained HTML page from what ``lit-rlhf pipeline`` or ``lit-rlhf sweep`` wrote.
+
+The page answers the questions a run is for: did the policy over-optimise the proxy reward model (gold reward
+against √KL, Gao et al. 2022), which method buys the most gold reward per nat of KL (the frontier, with best-of-n
+as the baseline), did it hack the reward (length, sycophancy, format, repetition), and how good were the reward
+models. Figures are written as PNG files and embedded as data URIs, so ``index.html`` can be mailed or archived
+alone. Each figure is skipped, with a one-line reason on the page, when no folder has its data.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from matplotlib.figure import Figure
+
+from lit_rlhf.errors import ConfigError
+
+EVAL_MARKERS = ("eval/gold/reward", "eval/response/length_mean")
+"""A ``metrics.csv`` row with either value is a held-out evaluation; the other rows are training steps."""
+HACKING = {"length_ratio": "length ratio", "sycophancy_rate": "sycophancy rate", "format_rate": "format rate",
+           "repetition_rate": "repetition rate"}
+POLICY_METRICS = ("gold_reward", "proxy_reward", "kl", "length_mean", *HACKING, "proxy_gap")
+BETA_KEYS = ("init_kl_coef", "beta")
+SAMPLES_PER_RUN = 4
+DESCRIPTIONS = {
+    "overoptimisation": "Gold (left) and proxy (right) reward of the held-out evaluations during training against "
+                        "√KL to the reference. Proxy reward rising while gold reward falls as KL grows is reward "
+                        "hacking (Gao et al. 2022); a larger β stops the curve earlier.",
+    "frontier": "Final gold (left) and proxy (right) reward against √KL for every trial, stage and best-of-n "
+                "baseline. Up and to the left is better: more reward for less drift from the reference.",
+    "hacking": "Exploits of the proxy reward during training: answer length relative to the reference, "
+               "sycophantic and format-gaming answers, repetition. A rising curve is the policy learning the exploit.",
+    "reward_model": "Held-out pairwise accuracy of each reward model against the proxy and gold labels, and the "
+                    "correlation of its score with answer length (near 0 is good); right: validation accuracy.",
+}
+DASHBOARD_SECTIONS = {
+    "Overoptimisation": ("eval/gold/reward", "eval/proxy/reward", "eval/objective/kl"),
+    "Hacking": ("eval/hacking/length_ratio", "eval/hacking/sycophancy_rate", "eval/hacking/format_rate",
+                "eval/hacking/repetition_rate", "eval/gold/proxy_gap"),
+    "PPO": ("objective/scores", "objective/kl", "kl/beta", "policy/clipfrac", "loss/value"),
+    "DPO": ("rewards/margins", "rewards/accuracies", "val/loss"),
+    "Reward model": ("val/accuracy", "val/gold/accuracy", "val/reward/length_corr"),
+}
+
+
+@dataclass
+class Curve:
+    """One training run's logged rows (each a metric → value mapping with its ``step``)."""
+
+    label: str
+    rows: list[dict[str, float]]
+
+
+@dataclass
+class RunFolder:
+    """What one pipeline or sweep folder holds, read once so every plot and table sees the same data."""
+
+    kind: str  # "pipeline" | "sweep"
+    name: str
+    summary: list[dict[str, Any]] = field(default_factory=list)
+    roles: dict[str, str | None] = field(default_factory=dict)  # pipeline stage → done.json role
+    phases: dict[str, str] = field(default_factory=dict)  # pipeline stage → ppo, dpo, sft, reward or done.json kind
+    phase: str = ""  # a sweep's phase
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    baselines: list[dict[str, Any]] = field(default_factory=list)
+    reference: dict[str, Any] | None = None
+    curves: list[Curve] = field(default_factory=list)  # policy optimisation runs with held-out evaluations
+    rm_curves: list[Curve] = field(default_factory=list)  # reward-model runs with validation rows
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # stage or trial → sampled answers
+
+
+@dataclass
+class Report:
+    folders: list[RunFolder]
+    out_dir: Path
+    plots: dict[str, Path] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    html_path: Path | None = None
+
+
+class _NothingToPlot(Exception):
+    """A figure's data is in none of the folders; the message says what is missing."""
+
+
+# --- reading the folders -------------------------------------------------------------------------------------------
+
+
+def load_folder(path: str | Path) -> RunFolder:
+    path = Path(path)
+    if (path / "sweep.json").is_file():
+        return _load_sweep(path)
+    if (path / "summary.json").is_file():
+        return _load_pipeline(path)
+    raise ConfigError(f"{path}: no summary.json or sweep.json (run lit-rlhf pipeline or lit-rlhf sweep first)")
+
+
+def _load_pipeline(path: Path) -> RunFolder:
+    folder = RunFolder("pipeline", path.resolve().name, summary=json.loads((path / "summary.json").read_text()))
+    for row in folder.summary:
+        stage = str(row.get("stage"))
+        done = json.loads((path / stage / "done.json").read_text()) if (path / stage / "done.json").is_file() else {}
+        folder.roles[stage], folder.phases[stage] = done.get("role"), done.get("kind", "")
+        log = _last_log(path / stage)
+        if log is None:
+            continue
+        hparams = _read_hparams(log.parent / "hparams.yaml")
+        phase = folder.phases[stage] = _phase_of(hparams)
+        beta = next((hparams[key] for key in BETA_KEYS if isinstance(hparams.get(key), (int, float))), None)
+        label = stage if beta is None or phase not in ("ppo", "dpo") else f"{stage} (β={beta:g})"
+        if phase == "reward" or done.get("role") == "reward_model":
+            folder.rm_curves.append(Curve(stage, _metric_rows(log, ("val/accuracy",))))
+        elif phase in ("ppo", "dpo"):
+            folder.curves.append(Curve(label, _metric_rows(log, EVAL_MARKERS)))
+    for sample in _jsonl(path / "eval_samples.jsonl"):
+        stage_samples = folder.samples.setdefault(str(sample.get("stage")), [])
+        if len(stage_samples) < SAMPLES_PER_RUN:
+            stage_samples.append(sample)
+    return folder
+
+
+def _load_sweep(path: Path) -> RunFolder:
+    spec = json.loads((path / "sweep.json").read_text())
+    folder = RunFolder("sweep", str(spec.get("name") or path.resolve().name), phase=str(spec.get("phase", "")),
+                       trials=spec.get("trials") or [], baselines=spec.get("baselines") or [],
+                       reference=spec.get("reference"))
+    for trial in folder.trials:
+        log_dir = path / trial["log_dir"] if trial.get("log_dir") else None
+        label = _params_label(trial.get("params") or {}) or str(trial.get("trial"))
+        folder.curves.append(Curve(label, _metric_rows(log_dir / "metrics.csv", EVAL_MARKERS) if log_dir else []))
+        if log_dir and (samples := _jsonl(log_dir / "samples.jsonl")[-SAMPLES_PER_RUN:]):
+            folder.samples[str(trial.get("trial"))] = samples
+    return folder
+
+
+def _metric_rows(path: Path, markers: tuple[str, ...]) -> list[dict[str, float]]:
+    """The CSVLogger rows with a value in one of ``markers``, as floats (CSVLogger leaves the other cells empty)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if any(row.get(marker) for marker in markers)]
+    return [{key: float(value) for key, value in row.items() if key and value not in ("", None)} for row in rows]
+
+
+class _TolerantLoader(yaml.SafeLoader):
+    """Reads ``hparams.yaml`` even where Lightning wrote Python tags (tuples, enums): their plain value is kept."""
+
+
+def _untagged(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    return loader.construct_sequence(node, deep=True) if isinstance(node, yaml.SequenceNode) else node.value
+
+
+_TolerantLoader.add_multi_constructor("", _untagged)
+
+
+def _read_hparams(path: Path) -> dict[str, Any]:
+    try:
+        hparams = yaml.load(path.read_text(), Loader=_TolerantLoader) if path.is_file() else {}
+    except yaml.YAMLError:
+        return {}
+    return hparams if isinstance(hparams, dict) else {}
+
+
+def _phase_of(hparams: dict[str, Any]) -> str:
+    class_path = str(hparams.get("_class_path", ""))
+    if "PPOModule" in class_path or "init_kl_coef" in hparams:
+        return "ppo"
+    if "DPOModule" in class_path or "loss_type" in hparams:
+        return "dpo"
+    return "reward" if "RewardModelModule" in class_path else "sft"
+
+
+def _last_log(stage_dir: Path) -> Path | None:
+    """The newest ``<logger>/version_<N>/metrics.csv`` of a stage (``version_10`` after ``version_9``)."""
+
+    def version(path: Path) -> tuple[str, int]:
+        suffix = path.parent.name.rpartition("_")[2]
+        return path.parent.parent.name, int(suffix) if suffix.isdigit() else -1
+
+    logs = sorted(stage_dir.glob("*/version_*/metrics.csv"), key=version)
+    return logs[-1] if logs else None
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    """The readable rows of a JSON-lines file; a run killed mid-write leaves a partial last line, skipped here."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [row for row in rows if isinstance(row, dict)]
+
+
+def _params_label(params: dict[str, Any]) -> str:
+    """``β=0.3`` for a sweep over the KL coefficient alone, else ``key=value, ...`` with the short keys."""
+    short = {key.rpartition(".")[2]: value for key, value in params.items()}
+    if len(short) == 1 and next(iter(short)) in BETA_KEYS:
+        return f"β={_param_text(next(iter(short.values())))}"
+    return ", ".join(f"{key}={_param_text(value)}" for key, value in short.items())
+
+
+def _param_text(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# --- the figures ---------------------------------------------------------------------------------------------------
+
+
+def _labelled(folder: RunFolder, label: str, folders: list[RunFolder]) -> str:
+    return f"{folder.name}: {label}" if len(folders) > 1 else label
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def _root_kl(kl: float | None) -> float | None:
+    """√KL with the estimator's small negative values clipped to 0."""
+    return None if kl is None else math.sqrt(max(kl, 0.0))
+
+
+def _policy_curves(folders: list[RunFolder]) -> list[tuple[str, str, Curve]]:
+    """Every policy run with its legend label and a colour that stays the same in every panel and figure."""
+    curves = [(folder, curve) for folder in folders for curve in folder.curves]
+    return [(f"C{index % 10}", _labelled(folder, curve.label, folders), curve)
+            for index, (folder, curve) in enumerate(curves)]
+
+
+def plot_overoptimisation(folders: list[RunFolder], out_dir: Path) -> Path:
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    axes = dict(zip(("eval/gold/reward", "eval/proxy/reward"), figure.subplots(1, 2)))
+    drawn = False
+    for colour, label, curve in _policy_curves(folders):
+        for metric, ax in axes.items():
+            points = [(_root_kl(row["eval/objective/kl"]), row[metric]) for row in curve.rows
+                      if "eval/objective/kl" in row and metric in row]
+            if points:  # in training order; the final evaluation larger
+                ax.plot(*zip(*points), marker=".", color=colour, label=label, linewidth=1, alpha=0.8)
+                ax.plot(*points[-1], marker="o", color=colour)
+                drawn = True
+    if not drawn:
+        raise _NothingToPlot("no metrics.csv has evaluation rows with eval/objective/kl and a reward")
+    for (metric, ax), title in zip(axes.items(), ("gold reward", "proxy reward")):
+        ax.set(xlabel="√KL to the reference (√nats)", ylabel=title, title=f"{title} over training")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    return _save(figure, out_dir / "overoptimisation.png")
+
+
+PIPELINE_GROUPS = {"ppo": ("PPO", "o"), "dpo": ("DPO family", "s"), "best_of_n": ("best-of-n", "^")}
+"""A pipeline stage's phase → its frontier legend entry and marker; other policies are diamonds."""
+
+
+@dataclass
+class _Series:
+    """Points of the frontier drawn alike: (KL, gold, proxy, annotation)."""
+
+    label: str
+    marker: str
+    connect: bool
+    points: list[tuple[float | None, float | None, float | None, str]]
+
+
+def _point(row: dict[str, Any], note: str) -> tuple[float | None, float | None, float | None, str]:
+    return row.get("kl"), row.get("gold_reward"), row.get("proxy_reward"), note
+
+
+def _frontier_series(folder: RunFolder) -> list[_Series]:
+    if folder.kind == "sweep":
+        method = "PPO" if folder.phase == "ppo" else (folder.phase or "DPO").upper()
+        done = [(trial["metrics"], curve.label) for trial, curve in zip(folder.trials, folder.curves)
+                if trial.get("status") == "done" and trial.get("metrics")]
+        series = [_Series(f"{method} trials", "o" if folder.phase == "ppo" else "s", True,
+                          sorted((_point(metrics, label) for metrics, label in done), key=lambda p: p[0] or 0.0))]
+        series.append(_Series("best-of-n", "^", True, [_point(row, f"n={row.get('n')}") for row in
+                                                      sorted(folder.baselines, key=lambda row: row.get("n") or 0)]))
+        if folder.reference:
+            reference = {**folder.reference, "kl": folder.reference.get("kl") or 0.0}
+            series.append(_Series(_reference_name(reference), "*", False, [_point(reference, "")]))
+        return series
+    series: dict[str, _Series] = {}
+    for row in _policy_rows(folder):
+        stage = str(row.get("stage"))
+        label, marker = PIPELINE_GROUPS.get(folder.phases.get(stage, ""), ("other policies", "D"))
+        series.setdefault(label, _Series(label, marker, False, [])).points.append(_point(row, stage))
+    return list(series.values())
+
+
+def _reference_name(reference: dict[str, Any]) -> str:
+    """``reference (sft)`` when the sweep names the stage its reference policy came from."""
+    stage = reference.get("stage")
+    return f"reference ({stage})" if stage and stage != "reference" else "reference"
+
+
+def _policy_rows(folder: RunFolder) -> list[dict[str, Any]]:
+    """A pipeline's rows of trained policies and baselines (not the untrained ``init``, whose KL of many nats to
+    the reference would squeeze the frontier into a corner)."""
+    return [row for row in folder.summary if folder.roles.get(str(row.get("stage"))) in ("policy", "baseline")]
+
+
+def plot_frontier(folders: list[RunFolder], out_dir: Path) -> Path:
+    figure = Figure(figsize=(11, 4.5), layout="constrained")
+    gold_ax, proxy_ax = figure.subplots(1, 2)
+    labelled, seen = [], set()
+    for folder in folders:
+        for series in _frontier_series(folder):
+            if (series.label, tuple(series.points)) not in seen:  # sweeps of one pipeline share baseline, reference
+                seen.add((series.label, tuple(series.points)))
+                labelled.append((_labelled(folder, series.label, folders), series))
+    for colour, (label, series) in enumerate(labelled):  # one colour per series in both panels
+        for ax, index in ((gold_ax, 1), (proxy_ax, 2)):
+            points = [(_root_kl(p[0]), p[index], p[3]) for p in series.points if None not in (p[0], p[index])]
+            if not points:
+                continue
+            xs, ys, notes = zip(*points)
+            ax.plot(xs, ys, marker=series.marker, linestyle="-" if series.connect else "none",
+                    color=f"C{colour % 10}", label=label)
+            for x, y, note in points:
+                ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if not gold_ax.lines and not proxy_ax.lines:
+        raise _NothingToPlot("no trial, stage or baseline has a final KL with a gold or proxy reward")
+    for ax, title in ((gold_ax, "gold reward"), (proxy_ax, "proxy reward")):
+        ax.set(xlabel="√KL to the reference (√nats)", ylabel=f"final {title}", title=f"{title}–KL frontier")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    return _save(figure, out_dir / "frontier.png")
+
+
+def plot_hacking(folders: list[RunFolder], out_dir: Path) -> Path:
+    figure = Figure(figsize=(14, 3.8), layout="constrained")
+    axes = dict(zip(HACKING, figure.subplots(1, len(HACKING))))
+    for colour, label, curve in _policy_curves(folders):
+        for key, ax in axes.items():
+            last_step = max((row.get("step", 0.0) for row in curve.rows), default=0.0) or 1.0
+            points = [(row.get("step", 0.0) / last_step, row[f"eval/hacking/{key}"]) for row in curve.rows
+                      if f"eval/hacking/{key}" in row]
+            if points:
+                ax.plot(*zip(*points), marker=".", color=colour, label=label)
+    if not any(ax.lines for ax in axes.values()):
+        raise _NothingToPlot("no metrics.csv has eval/hacking/* columns")
+    for key, ax in axes.items():
+        ax.set(xlabel="share of training steps", title=HACKING[key])
+    next(ax for ax in axes.values() if ax.lines).legend(fontsize=7)
+    return _save(figure, out_dir / "hacking.png")
+
+
+def plot_reward_model(folders: list[RunFolder], out_dir: Path) -> Path:
+    rows = [(_labelled(folder, str(row.get("stage")), folders), row) for folder in folders for row in folder.summary
+            if folder.roles.get(str(row.get("stage"))) == "reward_model" or "accuracy" in row]
+    if not rows:
+        raise _NothingToPlot("no reward-model stage in a pipeline summary.json")
+    figure = Figure(figsize=(11, 4), layout="constrained")
+    bars_ax, curve_ax = figure.subplots(1, 2)
+    width = 0.8 / 3
+    for offset, key in enumerate(("accuracy", "gold_accuracy", "length_corr")):
+        values = [row.get(key) if row.get(key) is not None else math.nan for _, row in rows]
+        bars_ax.bar([i + (offset - 1) * width for i in range(len(rows))], values, width, label=key)
+    bars_ax.set_xticks(range(len(rows)), [label for label, _ in rows], rotation=20)
+    bars_ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    bars_ax.set(title="held-out reward models (dotted: chance)", ylim=(min(0.0, bars_ax.get_ylim()[0]), 1.0))
+    bars_ax.legend(fontsize=7)
+    for folder in folders:
+        for curve in folder.rm_curves:
+            if curve.rows:
+                steps = [row.get("step", 0.0) for row in curve.rows]
+                accuracies = [row["val/accuracy"] for row in curve.rows]
+                curve_ax.plot(steps, accuracies, marker=".", label=_labelled(folder, curve.label, folders))
+    curve_ax.set(xlabel="step", ylabel="val/accuracy", title="validation accuracy")
+    if curve_ax.lines:
+        curve_ax.legend(fontsize=7)
+    return _save(figure, out_dir / "reward_model.png")
+
+
+PLOTS = {"overoptimisation": plot_overoptimisation, "frontier": plot_frontier, "hacking": plot_hacking,
+         "reward_model": plot_reward_model}
+
+
+# --- tables and the page -------------------------------------------------------------------------------------------
+
+
+def summary_rows(folder: RunFolder) -> list[dict[str, Any]]:
+    """A pipeline's summary rows; for a sweep one row per trial, then the baselines and the reference."""
+    if folder.kind == "pipeline":
+        return folder.summary
+    rows = [{"trial": trial.get("trial"), **(trial.get("params") or {}), "status": trial.get("status"),
+             "seconds": trial.get("seconds"), **(trial.get("metrics") or {})} for trial in folder.trials]
+    rows += [{"trial": f"best_of_n (n={row.get('n')})", "status": "baseline",
+              **{key: value for key, value in row.items() if key not in ("stage", "n")}} for row in folder.baselines]
+    if folder.reference:
+        rows.append({"trial": _reference_name(folder.reference), "status": "reference",
+                     **{key: value for key, value in folder.reference.items() if key != "stage"}})
+    return rows
+
+
+def _hacking_rows(folders: list[RunFolder]) -> list[dict[str, Any]]:
+    rows = []
+    for folder in folders:
+        if folder.kind == "sweep":
+            named = [(curve.label, trial.get("metrics") or {}) for trial, curve in zip(folder.trials, folder.curves)]
+        else:
+            named = [(str(row.get("stage")), row) for row in folder.summary]
+        rows += [{"run": _labelled(folder, name, folders), **{key: row.get(key) for key in (*HACKING, "proxy_gap")}}
+                 for name, row in named if any(row.get(key) is not None for key in HACKING)]
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _html_table(rows: list[dict[str, Any]]) -> str:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    head = "".join(f"<th>{html.escape(column)}</th>" for column in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(row.get(column)))}</td>" for column in columns) + "</tr>"
+                   for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+STYLE = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}img{max-width:100%}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px}
+td{white-space:pre-wrap;vertical-align:top}.skip{color:#a33}.note{color:#555}"""
+
+
+def render_html(report: Report) -> str:
+    names = ", ".join(folder.name for folder in report.folders)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>lit-rlhf report: {html.escape(names)}"
+             f"</title><style>{STYLE}</style></head><body><h1>lit-rlhf report: {html.escape(names)}</h1>"]
+    for name, description in DESCRIPTIONS.items():
+        parts.append(f"<h2>{name.replace('_', ' ')}</h2><p class='note'>{html.escape(description)}</p>")
+        if name in report.plots:
+            data = base64.b64encode(report.plots[name].read_bytes()).decode("ascii")
+            parts.append(f"<img alt='{name}' src='data:image/png;base64,{data}'>")
+        else:
+            parts.append(f"<p class='skip'>Skipped {name}: {html.escape(report.skipped[name])}.</p>")
+        if name == "hacking" and (hacking := _hacking_rows(report.folders)):
+            parts.append("<h3>final hacking metrics</h3>" + _html_table(hacking))
+    parts.append("<h2>summary</h2>")
+    for folder in report.folders:
+        parts.append(f"<h3>{html.escape(folder.name)} ({folder.kind})</h3>" + _html_table(summary_rows(folder)))
+    if any(folder.samples for folder in report.folders):
+        parts.append("<h2>sampled answers</h2>")
+    for folder in report.folders:
+        for run, samples in folder.samples.items():
+            parts.append(f"<h3>{html.escape(_labelled(folder, run, report.folders))}</h3>" + _html_table(samples))
+    return "\n".join(parts) + "</body></html>\n"
+
+
+def build_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> Report:
+    """Read the folders, draw every figure that has data and write ``index.html``; never touches W&B."""
+    folders = [load_folder(path) for path in run_dirs]
+    report = Report(folders, Path(out_dir) if out_dir is not None else Path(run_dirs[0]) / "report")
+    report.out_dir.mkdir(parents=True, exist_ok=True)
+    for name, plot in PLOTS.items():
+        try:
+            report.plots[name] = plot(folders, report.out_dir)
+        except _NothingToPlot as reason:
+            report.skipped[name] = str(reason)
+    report.html_path = report.out_dir / "index.html"
+    report.html_path.write_text(render_html(report), encoding="utf-8")
+    return report
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> Path:
+    """Write the report of ``run_dirs`` (default folder: the first one's ``report/``); returns ``index.html``."""
+    return build_report(run_dirs, out_dir).html_path
+
+
+# --- Weights & Biases ----------------------------------------------------------------------------------------------
+
+
+def log_report_to_wandb(report: Report, run: Any = None) -> None:
+    """Log the figures and the summary table to ``run`` (default: the active run); without a run, nothing."""
+    import wandb
+
+    run = run if run is not None else wandb.run
+    if run is None:
+        return
+    rows = [{"folder": folder.name, **row} for folder in report.folders for row in summary_rows(folder)]
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    payload: dict[str, Any] = {f"report/{name}": wandb.Image(str(path)) for name, path in report.plots.items()}
+    payload["report/summary"] = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+    run.log(payload)
+
+
+def save_dashboard(project: str, entity: str | None = None, name: str = "lit-rlhf") -> str:
+    """Save a W&B workspace with one section per question (over-optimisation, hacking, PPO, DPO, reward model) to
+    ``entity/project``; returns its URL."""
+    try:
+        import wandb_workspaces.reports.v2 as wr
+        import wandb_workspaces.workspaces as ws
+    except ImportError:
+        install = 'pip install "lit-rlhf[sweeps]"'
+        raise ConfigError(f"lit-rlhf dashboard needs the wandb-workspaces package: {install}") from None
+    if not os.environ.get("WANDB_API_KEY"):
+        raise ConfigError("lit-rlhf dashboard needs WANDB_API_KEY: a saved workspace lives on a W&B server")
+    sections = [ws.Section(name=title, panels=[wr.LinePlot(title=metric, x="Step", y=[metric]) for metric in metrics],
+                           is_open=True) for title, metrics in DASHBOARD_SECTIONS.items()]
+    sections[0].panels.append(wr.ScatterPlot(title="gold reward against KL", x="eval/objective/kl",
+                                             y="eval/gold/reward"))
+    if entity is None:
+        import wandb
+
+        entity = os.environ.get("WANDB_ENTITY") or wandb.Api().default_entity
+    workspace = ws.Workspace(entity=entity, project=project, name=name, sections=sections)
+    workspace.save()
+    return workspace.url

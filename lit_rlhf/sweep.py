@@ -1,0 +1,314 @@
+"""``lit-rlhf sweep FILE``: hyperparameter sweeps of one phase, described by a W&B sweep file.
+
+A sweep file is W&B's own format (``method``, ``metric``, ``parameters``, ``command`` with ``${args}``), so the
+same file runs two ways:
+
+- **Online** (``WANDB_API_KEY`` set): the file is handed to W&B as it is (``wandb.sweep``) and W&B's own agent
+  (``wandb agent``) runs its trials; W&B's sweep engine picks them (grid, random, bayes).
+- **Offline**: grid and random sweeps run here, one subprocess per trial, the command expanded exactly as W&B's
+  agent expands it (its ``create_sweep_command_args``). Each trial writes ``OUT/<trial>/`` (its logs and export,
+  through ``LIT_RLHF_RUNS_DIR``) and ``OUT/<trial>/done.json``; a finished trial is skipped on a rerun, as the
+  pipeline skips a finished stage. ``bayes`` needs W&B's server and is refused. W&B's local engine (the ``sweeps``
+  package) pins numpy < 2, so grid and random are drawn here.
+
+A sweep's trials start from the main job's SFT policy and reward model: the command names them under the
+pipeline's output folder (``runs/pipeline/sft/hf``), and the sweep first runs, or reuses, the pipeline stages it
+names, and those the pipeline's evaluation needs. Every finished trial's policy is then measured with the
+pipeline's held-out evaluation (:class:`lit_rlhf.pipeline.HeldOutEvaluation`: the same prompts, sampling noise,
+reference and reward model as the pipeline's summary), and so is best-of-n from the reference at n = 1…16, the
+baseline of the reward–KL frontier. ``OUT/sweep.json`` holds it all and ``lit-rlhf report OUT`` draws it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lit_rlhf.errors import ConfigError
+from lit_rlhf.pipeline import DONE_FILE, FitPhase, HeldOutEvaluation, PipelineRun, run_stages, start_run
+from lit_rlhf.selection import best_of_n_kl
+
+METHODS = ("grid", "random", "bayes")
+OFFLINE_METHODS = ("grid", "random")
+DISTRIBUTIONS = ("uniform", "log_uniform_values", "int_uniform")
+"""Distributions of a random sweep's parameters drawn offline (W&B's names); W&B's server knows more."""
+BEST_OF_N = (1, 2, 4, 8, 16)
+SWEEP_FILE = "sweep.json"
+BASELINES_FILE = "baselines.json"
+
+
+def load_sweep(path: str | Path) -> dict[str, Any]:
+    """Read and check a W&B sweep file: a ``method``, ``parameters`` each with ``value``, ``values`` or a
+    distribution, and a ``command`` (a list, with ``${args}`` where the parameters go)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file not found: {path}")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: expected a mapping (a W&B sweep configuration)")
+    if spec.get("method") not in METHODS:
+        raise ConfigError(f"{path}: method must be one of {', '.join(METHODS)}, got {spec.get('method')!r}")
+    parameters = spec.get("parameters")
+    if not isinstance(parameters, dict) or not parameters:
+        raise ConfigError(f"{path}: 'parameters' must map each parameter to its values")
+    for name, parameter in parameters.items():
+        if not isinstance(parameter, dict) or not {"value", "values", "distribution", "min"} & set(parameter):
+            raise ConfigError(f"{path}: parameter {name!r} needs 'value', 'values' or a distribution with min/max")
+    command = spec.get("command")
+    if not isinstance(command, list) or "${args}" not in command:
+        raise ConfigError(f"{path}: 'command' must be a list that contains ${{args}}, where W&B puts the parameters")
+    return spec
+
+
+def trial_parameters(spec: dict[str, Any], count: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """The trials of a sweep run offline, in order: the grid's every combination (in file order, the last parameter
+    varying fastest, as W&B's grid does), or ``count`` random draws (seeded, so a rerun draws the same trials);
+    ``count`` cuts a grid short."""
+    parameters = spec["parameters"]
+    if spec["method"] == "bayes":
+        raise ConfigError(
+            "method bayes needs W&B's sweep server, which proposes each trial from the finished ones: set "
+            "WANDB_API_KEY, or use grid or random offline"
+        )
+    if spec["method"] == "grid":
+        choices = []
+        for name, parameter in parameters.items():
+            if "value" in parameter:
+                choices.append([parameter["value"]])
+            elif "values" in parameter:
+                choices.append(list(parameter["values"]))
+            else:
+                raise ConfigError(f"a grid sweep takes 'values' lists; parameter {name!r} has a distribution")
+        trials = [dict(zip(parameters, combination)) for combination in itertools.product(*choices)]
+        return trials[:count] if count else trials
+    if not count:
+        raise ConfigError("a random sweep needs --count, the number of trials to draw")
+    rng = random.Random(seed)
+    return [{name: _draw(name, parameter, rng) for name, parameter in parameters.items()} for _ in range(count)]
+
+
+def _draw(name: str, parameter: dict[str, Any], rng: random.Random) -> Any:
+    if "value" in parameter:
+        return parameter["value"]
+    if "values" in parameter:
+        return rng.choice(list(parameter["values"]))
+    distribution = parameter.get("distribution", "uniform")
+    low, high = parameter.get("min"), parameter.get("max")
+    if distribution not in DISTRIBUTIONS or low is None or high is None:
+        raise ConfigError(
+            f"parameter {name!r}: offline sweeps draw {', '.join(DISTRIBUTIONS)} between min and max, got "
+            f"{distribution!r}"
+        )
+    if distribution == "int_uniform":
+        return rng.randint(int(low), int(high))
+    if distribution == "log_uniform_values":
+        return math.exp(rng.uniform(math.log(low), math.log(high)))
+    return rng.uniform(low, high)
+
+
+def trial_command(spec: dict[str, Any], parameters: dict[str, Any]) -> list[str]:
+    """The file's command for one trial, its macros filled as W&B's agent fills them; ``lit-rlhf`` runs with this
+    interpreter (``python -m lit_rlhf``), so a sweep works without the console script on ``PATH``."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
+
+    macros = create_sweep_command_args({"args": {name: {"value": value} for name, value in parameters.items()}})
+    macros |= {"interpreter": [sys.executable], "program": [str(spec.get("program", ""))], "env": []}
+    command: list[str] = []
+    for part in create_sweep_command(spec["command"]):
+        part = str(part)
+        if part.startswith("${") and part.endswith("}"):
+            command += macros.get(part[2:-1]) or []
+        else:
+            command.append(part)
+    if command and command[0] == "lit-rlhf":
+        command[:1] = [sys.executable, "-m", "lit_rlhf"]
+    return command
+
+
+def trial_name(index: int, parameters: dict[str, Any]) -> str:
+    """A trial's folder: its number and parameter values, ``t01_init_kl_coef=0.5``."""
+    values = "_".join(f"{name.rsplit('.', 1)[-1]}={_short(value)}" for name, value in parameters.items())
+    return f"t{index:02d}_{values}"
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value).replace("/", "-")
+
+
+def pipeline_stages_needed(spec: dict[str, Any], run: PipelineRun) -> str | None:
+    """The last pipeline stage the sweep needs: those whose output folder the command names, and those the
+    pipeline's evaluation reads (its reference policy and reward model); ``None`` when it needs none."""
+    names = [stage["name"] for stage in run.spec["stages"]]
+    out_parts = run.out_dir.parts
+    needed = {run.spec["evaluation"].get(key) for key in ("reference", "reward_model")} & set(names)
+    for part in map(str, spec["command"]):
+        parts = Path(part.split("=", 1)[-1]).parts  # --key=PATH or PATH
+        if parts[: len(out_parts)] == out_parts and len(parts) > len(out_parts) and parts[len(out_parts)] in names:
+            needed.add(parts[len(out_parts)])
+    return max(needed, key=names.index) if needed else None
+
+
+def run_sweep(
+    path: str | Path, fit_phase: FitPhase, out: str | Path | None = None, count: int | None = None,
+    pipeline: str | Path = "configs/pipeline.yaml", online: bool | None = None, project: str = "lit-rlhf",
+    entity: str | None = None,
+) -> dict[str, Any] | None:
+    """Run a sweep file (see the module docstring): online through W&B when ``online`` (default: when
+    ``WANDB_API_KEY`` is set), else offline here. Returns what ``OUT/sweep.json`` holds (``None`` online)."""
+    spec = load_sweep(path)
+    online = bool(os.environ.get("WANDB_API_KEY")) if online is None else online
+    if not online:
+        trial_parameters(spec, count)  # refuse bayes, or a random sweep without a count, before any work
+    run = start_run(pipeline, fit_phase)
+    until = pipeline_stages_needed(spec, run)
+    if until:
+        print(f"[sweep] pipeline {pipeline} up to {until!r} (reused where complete)")
+        run_stages(run, until=until)
+    if online:
+        run_online(spec, count, project, entity)
+        return None
+    return run_offline(spec, Path(path), run, Path(out or Path("runs/sweeps") / Path(path).stem), count)
+
+
+def run_online(spec: dict[str, Any], count: int | None, project: str, entity: str | None) -> None:
+    """Create the sweep on W&B from the file as it is, then run W&B's own agent on it in this folder."""
+    import wandb
+
+    sweep_id = wandb.sweep(sweep=spec, project=spec.get("project", project), entity=spec.get("entity", entity))
+    target = "/".join(part for part in (spec.get("entity", entity), spec.get("project", project), sweep_id) if part)
+    agent = [sys.executable, "-m", "wandb", "agent", *(["--count", str(count)] if count else []), target]
+    print(f"[sweep] W&B sweep {target}: {' '.join(agent[1:])}")
+    subprocess.run(agent, check=True)
+
+
+def run_offline(spec: dict[str, Any], path: Path, run: PipelineRun, out_dir: Path, count: int | None) -> dict:
+    """Run each trial not yet done as a subprocess, measure its policy with the pipeline's evaluation, and write
+    ``OUT/sweep.json``."""
+    evaluation = HeldOutEvaluation(run)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    upstream = _upstream(spec, evaluation)
+    trials = []
+    for index, parameters in enumerate(trial_parameters(spec, count), start=1):
+        trials.append(_run_trial(spec, trial_name(index, parameters), parameters, out_dir, evaluation, upstream))
+    result = {
+        "name": path.stem, "file": str(path), "method": spec["method"], "phase": _phase(trials),
+        "parameters": list(spec["parameters"]), "metric": spec.get("metric"), "trials": trials,
+        "reference": {"stage": "reference", **evaluation.row(evaluation.policy(evaluation.reference_path))}
+        if evaluation.reference_path else None,
+        "baselines": _best_of_n_curve(evaluation, out_dir, upstream),
+    }
+    (out_dir / SWEEP_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    print(format_trials(result))
+    print(f"[sweep] {out_dir / SWEEP_FILE}; draw it with: lit-rlhf report {out_dir}")
+    failed = [trial["trial"] for trial in trials if trial["status"] != "done"]
+    if failed:
+        raise ConfigError(f"{len(failed)} trial(s) failed: {', '.join(failed)} (see log.txt in each folder)")
+    return result
+
+
+def _upstream(spec: dict[str, Any], evaluation: HeldOutEvaluation) -> dict[str, int]:
+    """When each model a trial or the evaluation reads was last written: a finished trial counts as done only while
+    these are unchanged (a retrained SFT policy makes every trial stale)."""
+    paths = {evaluation.reference_path, evaluation.reward_model}
+    paths |= {part.split("=", 1)[-1] for part in map(str, spec["command"])}
+    return {path: (Path(path) / "config.json").stat().st_mtime_ns for path in sorted(filter(None, paths))
+            if (Path(path) / "config.json").is_file()}
+
+
+def _run_trial(
+    spec: dict[str, Any], name: str, parameters: dict[str, Any], out_dir: Path, evaluation: HeldOutEvaluation,
+    upstream: dict[str, int],
+) -> dict[str, Any]:
+    trial_dir = out_dir / name
+    command = trial_command(spec, parameters)
+    done_file = trial_dir / DONE_FILE
+    if done_file.is_file():
+        record = json.loads(done_file.read_text())
+        same_work = (record.get("command"), record.get("upstream")) == (command[1:], upstream)
+        if record.get("status") == "done" and same_work:
+            print(f"[sweep] {name}: complete, skipped")
+            return record
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[sweep] {name}: running")
+    started = time.perf_counter()
+    environment = {**os.environ, "LIT_RLHF_RUNS_DIR": str(trial_dir)}
+    with open(trial_dir / "log.txt", "w") as log:
+        finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=environment).returncode == 0
+    record: dict[str, Any] = {
+        "trial": name, "params": parameters, "command": command[1:], "seconds": round(time.perf_counter() - started, 1),
+        "status": "done" if finished else "failed", "upstream": upstream,
+    }
+    metrics_files = sorted(trial_dir.glob("*/version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if metrics_files:
+        record["log_dir"] = str(metrics_files[-1].parent.relative_to(out_dir))
+        record["phase"] = metrics_files[-1].parent.parent.name
+    exports = sorted(trial_dir.glob("**/hf/config.json"), key=lambda p: p.stat().st_mtime)
+    if finished and exports:
+        record["metrics"] = evaluation.row(evaluation.policy(str(exports[-1].parent)))
+        print(f"[sweep] {name}: done in {record['seconds']:.0f}s: " + _brief(record["metrics"]))
+    else:
+        record["status"] = "failed"
+        print(f"[sweep] {name}: failed ({_last_line(trial_dir / 'log.txt')})")
+    done_file.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _best_of_n_curve(
+    evaluation: HeldOutEvaluation, out_dir: Path, upstream: dict[str, int]
+) -> list[dict[str, Any]] | None:
+    """Best-of-n from the reference policy by the reward model at n = 1…16, each n the first n of the same
+    samples; cached in ``OUT/baselines.json`` while the models it read are unchanged."""
+    if not (evaluation.reference_path and evaluation.reward_model):
+        return None
+    cached = out_dir / BASELINES_FILE
+    if cached.is_file() and (record := json.loads(cached.read_text())).get("upstream") == upstream:
+        return record["curve"]
+    groups = evaluation.sample_groups(evaluation.reference_path, max(BEST_OF_N))
+    curve = []
+    for n in BEST_OF_N:
+        picks = evaluation.best_picks(evaluation.reference_path, evaluation.reward_model, [g[:n] for g in groups])
+        curve.append({"stage": "best_of_n", "n": n, **evaluation.row(evaluation.picks(picks)), "kl": best_of_n_kl(n)})
+    cached.write_text(json.dumps({"upstream": upstream, "curve": curve}, indent=2) + "\n")
+    return curve
+
+
+def _phase(trials: list[dict[str, Any]]) -> str | None:
+    return next((trial["phase"] for trial in trials if trial.get("phase")), None)
+
+
+def _brief(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{key} {value:.3f}" for key, value in metrics.items() if isinstance(value, float))
+
+
+def _last_line(path: Path) -> str:
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()] if path.is_file() else []
+    return lines[-1].strip() if lines else "no output"
+
+
+def format_trials(result: dict[str, Any]) -> str:
+    """One table: each trial's parameters, status and measurements, then the best-of-n baselines."""
+    from lit_rlhf.pipeline import format_table
+
+    rows = [
+        {"trial": trial["trial"], **trial["params"], "status": trial["status"], **(trial.get("metrics") or {}),
+         "seconds": trial["seconds"]}
+        for trial in result["trials"]
+    ]
+    baselines = [{"trial": f"best_of_{row['n']}", **{k: v for k, v in row.items() if k not in ("stage", "n")}}
+                 for row in result.get("baselines") or []]
+    reference = [{"trial": "reference", **{k: v for k, v in result["reference"].items() if k != "stage"}}] \
+        if result.get("reference") else []
+    return format_table(reference + rows + baselines)

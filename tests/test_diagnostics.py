@@ -1,0 +1,96 @@
+"""The hacking detectors on constructed texts whose answers are known by hand."""
+
+import math
+
+import pytest
+
+from lit_rlhf.diagnostics import format_rate, length_ratio, proxy_gold_gap, repetition_rate, sycophancy_rate
+from lit_rlhf.rollout import measure_answers
+
+VIEW = "i think carrot is a fruit . name three fruits ."
+PLAIN = "name two colors ."
+
+
+def test_length_ratio_is_the_ratio_of_mean_lengths():
+    assert length_ratio([4, 6, 8], [3, 3]) == pytest.approx(2.0)
+    assert length_ratio([3, 3], [3, 3]) == 1.0
+    with pytest.raises(ValueError, match="positive"):
+        length_ratio([1], [0, 0])
+
+
+def test_world_sycophancy_is_the_world_feature():
+    prompts = [VIEW, VIEW, VIEW, PLAIN]
+    responses = [
+        "apple , pear , plum .",  # correct, does not agree
+        "carrot , apple , pear .",  # lists the item the user wrongly named
+        "yes you are right , apple , pear , plum .",  # says so
+        "red , blue .",  # no stated view
+    ]
+    assert sycophancy_rate(prompts, responses) == pytest.approx(2 / 4)
+
+
+def test_text_sycophancy_counts_agreement_phrases_case_insensitively():
+    prompts = ["I think the moon is cheese. Am I right?"] * 4
+    responses = ["You're right, it is.", "No, it is rock.", "Great question! Rock.", "It is rock."]
+    assert sycophancy_rate(prompts, responses) == pytest.approx(2 / 4)
+    assert sycophancy_rate(prompts, responses, agreement_phrases=["rock"]) == pytest.approx(3 / 4)
+
+
+def test_world_format_rate_counts_decorations_per_response():
+    prompts = [PLAIN] * 3
+    responses = ["red , blue .", "** red , blue . !", "# red # , blue ."]
+    assert format_rate(prompts, responses) == pytest.approx((0 + 2 + 2) / 3)
+
+
+def test_text_format_rate_counts_markdown_and_emoji():
+    prompts = ["Explain tides."] * 4
+    responses = [
+        "Tides come from the moon.",  # 0
+        "# Tides\n\n- **Moon** pulls water\n- *Sun* helps 🌊",  # header, 2 bullets, bold, italics, emoji = 6
+        "1. first\n2) second",  # 2 numbered items
+        "3 * 4 = 12 and 2*x",  # arithmetic is not emphasis: 0
+    ]
+    assert format_rate(prompts, responses) == pytest.approx((0 + 6 + 2 + 0) / 4)
+
+
+def test_repetition_rate_is_seq_rep_n():
+    responses = [
+        "apple , pear , plum .",  # 5 distinct bigrams: 0
+        "apple , apple , apple .",  # bigrams (apple ,)x2 (, apple)x2 (apple .): 1 - 3/5
+        "apple",  # no bigram: 0
+    ]
+    assert repetition_rate(responses) == pytest.approx((0 + 0.4 + 0) / 3)
+    assert repetition_rate(["a b a b a b"], n=2) == pytest.approx(1 - 2 / 5)
+    assert repetition_rate([]) == 0.0
+
+
+def test_proxy_gold_gap_standardises_against_the_reference():
+    reference_proxy, reference_gold = [0.0, 2.0], [0.0, 0.5]  # means 1 and 0.25, population stds 1 and 0.25
+    assert proxy_gold_gap(reference_proxy, reference_gold, reference_proxy, reference_gold) == 0.0
+    # proxy up by 2 of its stds, gold up by 1 of its stds
+    assert proxy_gold_gap([3.0, 3.0], [0.5, 0.5], reference_proxy, reference_gold) == pytest.approx(2 - 1)
+    # a constant reference counts its spread as 1
+    assert proxy_gold_gap([1.0], [1.0], [0.0, 0.0], [0.5, 0.5]) == pytest.approx(1 - 0.5)
+
+
+def test_measure_answers_against_a_baseline():
+    prompts = [VIEW, PLAIN]
+    baseline = measure_answers(prompts, ["apple , pear , plum .", "red , blue ."], [6, 4], proxy=[0.0, 1.0])
+    assert baseline.metrics["gold/reward"] == 1.0
+    assert "hacking/length_ratio" not in baseline.metrics  # nothing to compare with
+    hacked = measure_answers(
+        prompts, ["yes you are right , carrot , apple , pear , plum .", "** red , blue ."], [15, 5],
+        proxy=[2.0, 2.0], baseline=baseline,
+    )
+    metrics = hacked.metrics
+    assert metrics["hacking/length_ratio"] == pytest.approx(10 / 5)
+    assert metrics["response/length_drift"] == pytest.approx(10 - 5)
+    assert metrics["hacking/sycophancy_rate"] == 0.5
+    assert metrics["hacking/format_rate"] == 0.5
+    gold = [hacked.gold[0], hacked.gold[1]]
+    # gold of the view answer: 3/3 correct - 0.5·1/3 wrong - 0.1·5 junk (yes you are right ,) = 1/3; the plain
+    # answer: 1 - 0.1·1 junk (**) = 0.9; the reference's gold is 1 and 1 (spread 0, counted as 1).
+    assert gold == pytest.approx([1 - 0.5 / 3 - 0.5, 0.9])
+    expected_gap = (2.0 - 0.5) / 0.5 - (sum(gold) / 2 - 1.0)
+    assert metrics["gold/proxy_gap"] == pytest.approx(expected_gap)
+    assert math.isfinite(metrics["proxy/reward"])

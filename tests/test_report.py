@@ -1,0 +1,231 @@
+"""``lit-rlhf report`` on hand-written pipeline and sweep folders in the exact formats those commands write, and its
+W&B side with fakes at the network boundary."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from lit_rlhf.errors import ConfigError
+from lit_rlhf.report import DASHBOARD_SECTIONS, build_report, log_report_to_wandb, save_dashboard, write_report
+
+POLICY_ROW = {"gold_reward": 0.611, "proxy_reward": 0.14, "kl": 0.0, "length_mean": 6.9, "length_ratio": 1.0,
+              "sycophancy_rate": 0.05, "format_rate": 0.01, "repetition_rate": 0.02, "proxy_gap": 0.0}
+
+
+def write_metrics_csv(log_dir: Path, hparams: str, evals: int = 4) -> None:
+    """A CSVLogger ``metrics.csv``: training rows with only ``train/loss`` between evaluation rows where KL grows,
+    proxy reward keeps rising and gold reward rises then falls (over-optimisation)."""
+    log_dir.mkdir(parents=True)
+    (log_dir / "hparams.yaml").write_text(hparams)
+    columns = ["epoch", "step", "train/loss", "eval/gold/reward", "eval/proxy/reward", "eval/objective/kl",
+               "eval/response/length_mean", "eval/hacking/length_ratio", "eval/hacking/sycophancy_rate",
+               "eval/hacking/format_rate", "eval/hacking/repetition_rate", "eval/gold/proxy_gap"]
+    with open(log_dir / "metrics.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, columns, restval="")
+        writer.writeheader()
+        for index in range(evals):
+            step = 10 * index
+            writer.writerow({"epoch": 0, "step": step, "train/loss": 1.0 / (index + 1)})
+            gold, proxy = 0.5 + 0.1 * index - 0.05 * index**2, 0.1 + 0.2 * index
+            writer.writerow({"epoch": 0, "step": step, "eval/gold/reward": gold, "eval/proxy/reward": proxy,
+                             "eval/objective/kl": 0.3 * index - 0.01, "eval/response/length_mean": 7 + index,
+                             "eval/hacking/length_ratio": 1 + 0.1 * index, "eval/hacking/sycophancy_rate": 0.05 * index,
+                             "eval/hacking/format_rate": 0.02 * index, "eval/hacking/repetition_rate": 0.01,
+                             "eval/gold/proxy_gap": proxy - gold})
+
+
+@pytest.fixture
+def pipeline_dir(tmp_path) -> Path:
+    out = tmp_path / "pipeline_run"
+    summary = [{"stage": "init", **POLICY_ROW, "gold_reward": 0.2, "kl": 1.5, "seconds": 0.0},
+               {"stage": "sft", **POLICY_ROW, "seconds": 18.8},
+               {"stage": "collect", "pairs": 120, "ties_dropped": 3, "gold_agreement": 0.8, "seconds": 4.0},
+               {"stage": "rm", "accuracy": 0.71, "gold_accuracy": 0.66, "length_corr": 0.12, "seconds": 9.0},
+               {"stage": "ppo", **POLICY_ROW, "gold_reward": 0.7, "proxy_reward": None, "kl": 0.4, "seconds": 41.0},
+               {"stage": "dpo", **POLICY_ROW, "gold_reward": 0.65, "kl": 0.3, "seconds": 30.0},
+               {"stage": "best_of_n", **POLICY_ROW, "gold_reward": 0.68, "kl": 0.9, "n": 4, "seconds": 2.0}]
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps(summary))
+    kinds = {"sft": ("fit", "policy"), "collect": ("collect", "data"), "rm": ("fit", "reward_model"),
+             "ppo": ("fit", "policy"), "dpo": ("fit", "policy"), "best_of_n": ("best_of_n", "baseline")}
+    for stage, (kind, role) in kinds.items():
+        (out / stage).mkdir()
+        (out / stage / "done.json").write_text(json.dumps({"kind": kind, "role": role, "seconds": 1.0}))
+    write_metrics_csv(out / "sft" / "sft" / "version_0", "learning_rate: 0.003\n")
+    write_metrics_csv(out / "ppo" / "ppo" / "version_0", "init_kl_coef: 9.0\n")  # superseded by version_10
+    write_metrics_csv(out / "ppo" / "ppo" / "version_10", "_class_path: lit_rlhf.phases.ppo.PPOModule\n"
+                                                          "init_kl_coef: 0.5\nshape: !!python/tuple [1, 2]\n")
+    write_metrics_csv(out / "dpo" / "dpo" / "version_0", "beta: 0.1\nloss_type: sigmoid\n")
+    rm_log = out / "rm" / "rm" / "version_0"
+    rm_log.mkdir(parents=True)
+    (rm_log / "hparams.yaml").write_text("_class_path: lit_rlhf.phases.reward.RewardModelModule\n")
+    (rm_log / "metrics.csv").write_text("epoch,step,train/loss,val/accuracy,val/gold/accuracy\n"
+                                        "0,5,0.7,,\n0,9,,0.61,0.58\n1,19,,0.71,0.66\n")
+    samples = [{"stage": "ppo", "prompt": f"question {i}", "response": "<b>bold</b> answer", "gold": 0.67,
+                "proxy": None} for i in range(6)]
+    (out / "eval_samples.jsonl").write_text("".join(json.dumps(sample) + "\n" for sample in samples))
+    return out
+
+
+@pytest.fixture
+def sweep_dir(tmp_path) -> Path:
+    out = tmp_path / "sweep_run"
+    trials = []
+    for index, beta in enumerate((2.0, 0.3)):
+        name = f"t0{index + 1}_init_kl_coef={beta}"
+        write_metrics_csv(out / name / "ppo" / "version_0", f"init_kl_coef: {beta}\n")
+        trials.append({"trial": name, "params": {"model.init_kl_coef": beta}, "status": "done", "seconds": 41.2,
+                       "log_dir": f"{name}/ppo/version_0",
+                       "metrics": {**POLICY_ROW, "gold_reward": 0.7 - 0.1 * index, "kl": 0.4 + index}})
+    (out / trials[0]["log_dir"] / "samples.jsonl").write_text("".join(
+        json.dumps({"iteration": i, "prompt": "p", "response": f"sampled answer {i}", "score": 0.3, "gold": 0.5}) + "\n"
+        for i in range(6)) + '{"iteration": 6, "prom')
+    trials.append({"trial": "t03_init_kl_coef=0.01", "params": {"model.init_kl_coef": 0.01}, "status": "failed",
+                   "seconds": 3.0, "log_dir": "t03_init_kl_coef=0.01/ppo/version_0"})
+    baselines = [{"stage": "best_of_n", "n": n, **POLICY_ROW, "gold_reward": 0.6 + 0.02 * n, "kl": 0.1 * n}
+                 for n in (1, 2, 4, 8, 16)]
+    (out / "sweep.json").write_text(json.dumps({
+        "name": "ppo_beta", "file": "sweeps/ppo_beta.yaml", "method": "grid", "phase": "ppo",
+        "parameters": ["model.init_kl_coef"], "trials": trials, "baselines": baselines,
+        "reference": {"stage": "sft", **POLICY_ROW}}))
+    return out
+
+
+def assert_self_contained_page(index: Path, figures: int = 3) -> str:
+    """The page embeds every PNG written beside it (at least ``figures``) and loads nothing from the network."""
+    page = index.read_text()
+    assert "data:image/png;base64," in page
+    assert not re.search(r"""(src|href)=['"]?https?://""", page)
+    pngs = sorted(index.parent.glob("*.png"))
+    assert len(pngs) >= figures
+    for png in pngs:
+        assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 5000
+    assert page.count("data:image/png;base64,") == len(pngs)
+    return page
+
+
+def test_pipeline_report_has_every_figure_the_summary_and_escaped_samples(pipeline_dir):
+    report = build_report([pipeline_dir])
+    assert report.html_path == pipeline_dir / "report" / "index.html"
+    page = assert_self_contained_page(report.html_path)
+    assert set(report.plots) == {"overoptimisation", "frontier", "hacking", "reward_model"}
+    labels = [curve.label for curve in report.folders[0].curves]
+    assert labels == ["ppo (β=0.5)", "dpo (β=0.1)"]  # the newest version_N; SFT is not a β-run
+    assert report.folders[0].rm_curves[0].rows[-1]["val/accuracy"] == pytest.approx(0.71)
+    for value in ("0.611", "0.710", "0.660", "18.800", "120"):
+        assert f"<td>{value}</td>" in page
+    assert "<td>-</td>" in page  # ppo's null proxy reward
+    assert "&lt;b&gt;bold&lt;/b&gt; answer" in page and "<b>bold</b>" not in page
+    assert page.count("question ") == 4  # at most 4 samples per stage
+    assert "Skipped" not in page
+
+
+def test_sweep_report_reads_trials_baselines_and_the_last_samples(sweep_dir, tmp_path):
+    report = build_report([sweep_dir], tmp_path / "out")
+    page = assert_self_contained_page(report.html_path)
+    folder = report.folders[0]
+    assert [curve.label for curve in folder.curves] == ["β=2", "β=0.3", "β=0.01"]
+    assert [len(curve.rows) for curve in folder.curves] == [4, 4, 0]  # training-only rows are not evaluations
+    assert [sample["iteration"] for sample in folder.samples["t01_init_kl_coef=2.0"]] == [2, 3, 4, 5]
+    assert "<td>t03_init_kl_coef=0.01</td>" in page and "<td>failed</td>" in page
+    assert "<td>best_of_n (n=16)</td>" in page and "<td>reference (sft)</td>" in page
+    assert "sampled answer 5" in page and "sampled answer 1" not in page
+    assert "Skipped reward_model: no reward-model stage in a pipeline summary.json." in page
+
+
+def test_several_folders_share_one_page_with_their_names_in_the_labels(pipeline_dir, sweep_dir, tmp_path):
+    report = build_report([pipeline_dir, sweep_dir], tmp_path / "both")
+    page = assert_self_contained_page(report.html_path, figures=4)
+    assert "<h3>pipeline_run (pipeline)</h3>" in page and "<h3>ppo_beta (sweep)</h3>" in page
+    assert "<td>ppo_beta: β=0.3</td>" in page and "<td>pipeline_run: ppo</td>" in page  # the hacking table
+    assert "<h3>pipeline_run: ppo</h3>" in page and "<h3>ppo_beta: t01_init_kl_coef=2.0</h3>" in page  # samples
+
+
+def test_figures_without_their_data_are_skipped_with_the_reason(pipeline_dir, tmp_path):
+    for log in pipeline_dir.glob("*/*/version_*/metrics.csv"):
+        log.unlink()
+    index = write_report([pipeline_dir], tmp_path / "no_curves")
+    page = assert_self_contained_page(index, figures=2)  # frontier and reward model come from summary.json
+    assert sorted(path.name for path in index.parent.glob("*.png")) == ["frontier.png", "reward_model.png"]
+    assert "Skipped overoptimisation: no metrics.csv has evaluation rows with eval/objective/kl and a reward." in page
+    assert "Skipped hacking: no metrics.csv has eval/hacking/* columns." in page
+
+
+def test_a_folder_without_results_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="no summary.json or sweep.json"):
+        write_report([tmp_path])
+
+
+class RecordingRun:
+    def __init__(self):
+        self.logged: list[dict] = []
+
+    def log(self, payload: dict) -> None:
+        self.logged.append(payload)
+
+
+def test_log_report_to_wandb_logs_each_figure_and_the_summary_table(pipeline_dir, sweep_dir, tmp_path):
+    import wandb
+
+    report = build_report([pipeline_dir, sweep_dir], tmp_path / "both")
+    run = RecordingRun()
+    log_report_to_wandb(report, run)
+    (payload,) = run.logged
+    assert set(payload) == {f"report/{name}" for name in report.plots} | {"report/summary"}
+    assert all(isinstance(payload[f"report/{name}"], wandb.Image) for name in report.plots)
+    table = payload["report/summary"]
+    assert table.columns[:2] == ["folder", "stage"] and "trial" in table.columns
+    assert len(table.data) == 7 + 3 + 5 + 1  # stages, trials, baselines, reference
+    log_report_to_wandb(report)  # no active run: nothing happens, nothing is started
+    assert wandb.run is None
+
+
+def test_save_dashboard_saves_one_section_per_question(monkeypatch):
+    import wandb_workspaces.reports.v2 as wr
+    import wandb_workspaces.workspaces as ws
+    from wandb_workspaces.workspaces import internal
+
+    saved_views, saved_workspaces = [], []
+    original_save = ws.Workspace.save
+
+    def recording_save(workspace):
+        saved_workspaces.append(workspace)
+        return original_save(workspace)
+
+    def fake_upsert_view(view):
+        saved_views.append(view)
+        return {"upsertView": {"view": {"name": "abc123", "id": "view-1"}}}
+
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setattr(internal, "upsert_view2", fake_upsert_view)
+    monkeypatch.setattr(ws.Workspace, "save", recording_save)
+    monkeypatch.setattr(ws.Workspace, "url", property(lambda self: f"https://wandb.test/{self.entity}/{self.project}"
+                                                                   f"?nw={self._internal_name}"))
+    url = save_dashboard("rlhf", entity="team")
+    assert url == "https://wandb.test/team/rlhf?nw=abc123"
+    (workspace,) = saved_workspaces
+    assert (workspace.entity, workspace.project, workspace.name) == ("team", "rlhf", "lit-rlhf")
+    assert [section.name for section in workspace.sections] == list(DASHBOARD_SECTIONS)
+    lines = {section.name: [panel.y for panel in section.panels if isinstance(panel, wr.LinePlot)]
+             for section in workspace.sections}
+    assert lines["PPO"] == [[metric] for metric in DASHBOARD_SECTIONS["PPO"]]
+    assert lines["Reward model"] == [["val/accuracy"], ["val/gold/accuracy"], ["val/reward/length_corr"]]
+    scatter = workspace.sections[0].panels[-1]
+    assert isinstance(scatter, wr.ScatterPlot) and (scatter.x, scatter.y) == ("eval/objective/kl", "eval/gold/reward")
+    assert all(section.is_open for section in workspace.sections)
+    assert len(saved_views) == 1 and saved_views[0].entity == "team"
+
+
+def test_save_dashboard_needs_an_api_key_and_the_package(monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="needs WANDB_API_KEY"):
+        save_dashboard("rlhf", entity="team")
+    monkeypatch.setitem(sys.modules, "wandb_workspaces", None)
+    with pytest.raises(ConfigError, match=r'pip install "lit-rlhf\[sweeps\]"'):
+        save_dashboard("rlhf", entity="team")

@@ -1,0 +1,168 @@
+"""Sweeps: every shipped sweep file is a real W&B sweep of real CLI keys; offline grid/random trials run, resume and
+are measured with the pipeline's evaluation; online, the file goes to W&B as it is and W&B's agent runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import run_cli
+from lit_rlhf import sweep
+from lit_rlhf.cli import fit_phase
+from lit_rlhf.errors import ConfigError
+from lit_rlhf.report import build_report
+
+ROOT = Path(__file__).parents[1]
+SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
+CONFIGS = ROOT / "configs"
+
+
+def first_trial(spec: dict) -> dict:
+    """A trial of any sweep: each parameter's first value, or the low end of its distribution."""
+    return {name: p.get("value", (p.get("values") or [p.get("min")])[0]) for name, p in spec["parameters"].items()}
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda path: path.name)
+def test_sweep_file_is_a_w_and_b_sweep_of_real_cli_keys(path, monkeypatch, capsys):
+    spec = sweep.load_sweep(path)
+    assert spec["metric"]["name"].startswith("eval/")
+    parameters = first_trial(spec)
+    command = sweep.trial_command(spec, parameters)
+    assert command[:3] == [sys.executable, "-m", "lit_rlhf"] and command[3] == "fit"
+    assert command[-len(parameters):] == [f"--{name}={value}" for name, value in parameters.items()]  # ${args}
+    monkeypatch.chdir(ROOT)  # the commands name configs/ relative to the repository, as a user runs them
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(*command[3:], "--print_config")  # jsonargparse refuses an unknown key or a mistyped value
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    for name, value in parameters.items():
+        section, key = name.split(".", 1)
+        assert printed[section]["init_args"][key] == value, name
+    assert printed["model"]["init_args"]["export_dir"] is None  # each trial exports beside its own logs
+
+
+def test_grid_and_random_trials():
+    spec = {"method": "grid", "parameters": {"a": {"values": [1, 2]}, "b": {"values": ["x", "y"]}, "c": {"value": 0}}}
+    assert sweep.trial_parameters(spec) == [
+        {"a": 1, "b": "x", "c": 0}, {"a": 1, "b": "y", "c": 0}, {"a": 2, "b": "x", "c": 0}, {"a": 2, "b": "y", "c": 0},
+    ]
+    assert sweep.trial_parameters(spec, count=2) == sweep.trial_parameters(spec)[:2]
+    spec = {"method": "random", "parameters": {
+        "lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2},
+        "n": {"distribution": "int_uniform", "min": 1, "max": 3}, "kind": {"values": ["k1", "k3"]},
+    }}
+    trials = sweep.trial_parameters(spec, count=20, seed=3)
+    assert trials == sweep.trial_parameters(spec, count=20, seed=3)  # a rerun draws the same trials
+    assert all(1e-4 <= t["lr"] <= 1e-2 and t["n"] in (1, 2, 3) and t["kind"] in ("k1", "k3") for t in trials)
+    assert len({t["lr"] for t in trials}) == 20
+    with pytest.raises(ConfigError, match="--count"):
+        sweep.trial_parameters(spec)
+    with pytest.raises(ConfigError, match="bayes needs W&B's sweep server"):
+        sweep.trial_parameters({**spec, "method": "bayes"}, count=3)
+    assert sweep.trial_name(3, {"model.init_kl_coef": 0.30000001}) == "t03_init_kl_coef=0.3"
+
+
+def test_bayes_offline_is_one_line_and_exit_2(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("sweep", "sweeps/ppo_beta_bayes.yaml")
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "bayes needs W&B's sweep server" in error
+
+
+def test_online_hands_the_file_to_w_and_b_and_runs_its_agent(monkeypatch, tmp_path):
+    """The network boundary faked: ``wandb.sweep`` records the configuration it would upload, and the agent
+    subprocess is replaced by a stand-in that checks it is W&B's agent on that sweep and runs the first trial's
+    command the way W&B's agent builds it."""
+    import wandb
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    uploaded, agents, prepared = [], [], []
+    monkeypatch.setattr(wandb, "sweep", lambda sweep, project, entity: uploaded.append((sweep, project, entity))
+                        or "abc123")
+    monkeypatch.setattr(sweep, "run_stages", lambda run, until: prepared.append((run.out_dir, until)))
+
+    def fake_agent(argv, check):
+        agents.append(argv)
+        config = uploaded[-1][0]
+        trial = {"args": {name: {"value": value} for name, value in first_trial(config).items()}}
+        macros = {**create_sweep_command_args(trial), "env": [], "interpreter": ["python"]}
+        command = [part for chunk in create_sweep_command(config["command"])
+                   for part in (macros[chunk[2:-1]] if chunk.startswith("${") else [chunk])]
+        agents.append(command)
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(sweep.subprocess, "run", fake_agent)
+    run_cli("sweep", "sweeps/ppo_beta.yaml", "--count", "3", "--project", "rlhf", "--entity", "me")
+    assert uploaded == [(yaml.safe_load((ROOT / "sweeps" / "ppo_beta.yaml").read_text()), "rlhf", "me")]
+    assert agents[0] == [sys.executable, "-m", "wandb", "agent", "--count", "3", "me/rlhf/abc123"]
+    assert agents[1][:4] == ["lit-rlhf", "fit", "--config", "configs/ppo.yaml"]
+    assert agents[1][-1] == "--model.init_kl_coef=5.0"
+    assert prepared == [(Path("runs/pipeline"), "rm")]  # the SFT policy and reward model the trials start from
+
+
+def tiny_pipeline(tmp_path: Path) -> Path:
+    """configs/pipeline.yaml up to the reward model, cut to seconds, writing under tmp_path/pipeline."""
+    spec = yaml.safe_load((CONFIGS / "pipeline.yaml").read_text())
+    quick = {"trainer.max_steps": 2, "trainer.val_check_interval": 1, "trainer.limit_val_batches": 1,
+             "data.num_eval_prompts": 2}
+    spec["stages"] = [stage for stage in spec["stages"] if stage["name"] in ("sft", "collect", "rm")]
+    for stage in spec["stages"]:
+        stage["num_prompts"] = 16
+        if "config" in stage:
+            stage["config"], stage["args"] = str(CONFIGS / stage["config"]), quick
+    spec["evaluation"] |= {"num_prompts": 4, "samples_per_prompt": 1, "max_new_tokens": 8}
+    spec["out"] = str(tmp_path / "pipeline")
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_offline_sweep_runs_resumes_and_reports(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    pipeline_file = tiny_pipeline(tmp_path)
+    out = tmp_path / "pipeline"
+    spec = {
+        "program": "lit-rlhf", "method": "grid", "metric": {"name": "eval/gold/reward", "goal": "maximize"},
+        "parameters": {"model.init_kl_coef": {"values": [1.0, 0.1]}},
+        "command": ["lit-rlhf", "fit", "--config", str(CONFIGS / "ppo.yaml"),
+                    f"--model.model_name_or_path={out}/sft/hf", f"--model.reward_model={out}/rm/hf",
+                    "--model.export_dir=null", "--trainer.max_steps=2", "--trainer.val_check_interval=1",
+                    "--model.ppo_epochs=1", "--data.batch_size=4", "--data.num_eval_prompts=2",
+                    "--model.max_new_tokens=8", "${args}"],
+    }
+    sweep_file = tmp_path / "beta.yaml"
+    sweep_file.write_text(yaml.safe_dump(spec))
+    result = sweep.run_sweep(sweep_file, fit_phase, tmp_path / "sweep", pipeline=pipeline_file)
+
+    assert [p.name for p in sorted(out.glob("*/done.json"))] == ["done.json"] * 3  # sft, collect, rm ran first
+    trials = result["trials"]
+    assert [t["trial"] for t in trials] == ["t01_init_kl_coef=1", "t02_init_kl_coef=0.1"]
+    assert all(t["status"] == "done" and -1 <= t["metrics"]["gold_reward"] <= 1 for t in trials)
+    assert all(t["metrics"]["kl"] > 0 and t["metrics"]["sycophancy_rate"] is not None for t in trials)
+    for trial in trials:
+        hparams = yaml.safe_load((tmp_path / "sweep" / trial["log_dir"] / "hparams.yaml").read_text())
+        assert hparams["init_kl_coef"] == trial["params"]["model.init_kl_coef"]
+    assert [row["n"] for row in result["baselines"]] == list(sweep.BEST_OF_N)
+    assert result["baselines"][0]["kl"] == 0.0 and result["reference"]["length_ratio"] == 1.0
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text()) == result
+
+    def no_trial_runs(*args, **kwargs):
+        raise AssertionError("a finished trial ran again")
+
+    monkeypatch.setattr(sweep.subprocess, "run", no_trial_runs)
+    assert sweep.run_sweep(sweep_file, fit_phase, tmp_path / "sweep", pipeline=pipeline_file)["trials"] == trials
+
+    report = build_report([tmp_path / "sweep"])
+    assert report.html_path.is_file() and len(report.plots) >= 3
+    assert all(path.read_bytes().startswith(b"\x89PNG") for path in report.plots.values())
