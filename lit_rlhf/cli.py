@@ -22,12 +22,11 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lit_rlhf import RUNS_DIR_VARIABLE
 from lit_rlhf.data.datamodules import DataReport
 from lit_rlhf.errors import ConfigError, LitRLHFError
 
 RUNS_DIR = "runs"
-RUNS_DIR_VARIABLE = "LIT_RLHF_RUNS_DIR"
-"""Where logs go when set (a sweep's trial folder), instead of ``runs``."""
 DESCRIPTION = """\
 The RLHF recipe on PyTorch Lightning. Phases: lit-rlhf fit --config configs/{sft,rm,ppo,dpo}.yaml
 (ipo, kto, simpo too). More commands, each with --help:
@@ -250,12 +249,14 @@ def _sweep_command(argv: list[str]) -> None:
                         help="pipeline whose stages the trials start from (default: %(default)s)")
     parser.add_argument("--project", default="lit-rlhf", help="W&B project, online (default: %(default)s)")
     parser.add_argument("--entity", help="W&B entity, online (default: yours)")
+    parser.add_argument("--offline", action="store_true", help="run the trials here even with WANDB_API_KEY set")
     args = parser.parse_args(argv)
-    run_sweep(args.file, fit_phase, args.out, args.count, args.pipeline, project=args.project, entity=args.entity)
+    run_sweep(args.file, fit_phase, args.out, args.count, args.pipeline, online=False if args.offline else None,
+              project=args.project, entity=args.entity)
 
 
 def _report_command(argv: list[str]) -> None:
-    from lit_rlhf.report import build_report, log_report_to_wandb
+    from lit_rlhf.report import build_report, publish_to_wandb
 
     parser = argparse.ArgumentParser(
         prog="lit-rlhf report",
@@ -264,15 +265,11 @@ def _report_command(argv: list[str]) -> None:
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="a pipeline's --out or a sweep's --out folder")
     parser.add_argument("--out", help="report folder (default: the first DIR's report/)")
     parser.add_argument("--wandb", action="store_true",
-                        help="also log the plots and tables to a W&B run (offline unless WANDB_API_KEY is set)")
+                        help="also log the plots and tables to W&B (offline unless WANDB_API_KEY is set)")
     args = parser.parse_args(argv)
     report = build_report(args.dirs, args.out)
     if args.wandb:
-        import wandb
-
-        with wandb.init(project="lit-rlhf", job_type="report", mode="online" if os.environ.get("WANDB_API_KEY")
-                        else "offline", dir=str(report.out_dir)) as run:
-            log_report_to_wandb(report, run)
+        publish_to_wandb(report)
     print(f"report: {report.html_path}")
 
 

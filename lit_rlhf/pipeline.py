@@ -167,7 +167,6 @@ def _expand(stage: dict[str, Any]) -> list[dict[str, Any]]:
 @dataclass
 class PipelineRun:
     """One run of a pipeline file: its stages, where they write, and how a ``fit`` stage runs a phase."""
-
     spec: dict[str, Any]
     out_dir: Path
     fit_phase: FitPhase
@@ -210,7 +209,7 @@ def run_stages(run: PipelineRun, force: tuple[str, ...] = (), until: str | None 
     names = [stage["name"] for stage in run.spec["stages"]]
     unknown = [name for name in (*force, *([until] if until else [])) if name not in names]
     if unknown:
-        raise ConfigError(f"no stage {unknown[0]!r} (stages: {', '.join(names)})")
+        raise ConfigError(f"--force {unknown[0]}: no such stage (stages: {', '.join(names)})")
     for stage in run.spec["stages"][: names.index(until) + 1 if until else None]:
         stage_dir = run.out_dir / stage["name"]
         if _is_complete(stage, stage_dir, run.seed) and stage["name"] not in force:
@@ -238,13 +237,9 @@ def run_pipeline(
     ``fit_phase(args, runs_dir)`` runs ``lit-rlhf fit ARGS`` with its logs under ``runs_dir`` and returns the
     finished LightningCLI (the command line passes :func:`lit_rlhf.cli.fit_phase`).
     """
-    from lit_rlhf.report import build_report, log_report_to_wandb
+    from lit_rlhf.report import build_report, publish_to_wandb
 
     run = start_run(config, fit_phase, out, seed)
-    unknown = [name for name in force if name not in run.stage_names]
-    if unknown:
-        stages = ", ".join(stage["name"] for stage in run.spec["stages"])
-        raise ConfigError(f"--force {unknown[0]}: no such stage (stages: {stages})")
     run_stages(run, force)
     rows = summarize(run)
     print(format_table(rows))
@@ -252,7 +247,7 @@ def run_pipeline(
     (run.out_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(f"[pipeline] summary: {run.out_dir / 'summary.json'}")
     report = build_report([run.out_dir])
-    log_report_to_wandb(report)  # when a W&B run is active
+    publish_to_wandb(report)
     print(f"[pipeline] report: {report.html_path}")
     return rows
 
@@ -287,13 +282,14 @@ def _done_under(stage_dir: Path, seed: int) -> dict[str, Any] | None:
 
 
 def _is_complete(stage: dict[str, Any], stage_dir: Path, seed: int) -> bool:
-    """Whether the stage finished before with the same settings and seed (otherwise it runs again)."""
+    """Whether the stage finished before with the same settings and seed (otherwise it runs again). A best-of-n
+    stage from before its picks were kept (no ``samples``) runs again, since the summary measures them."""
     record = _done_under(stage_dir, seed)
-    return record is not None and record.get("spec") == stage
+    outdated = record is not None and record.get("kind") == "best_of_n" and "samples" not in record
+    return record is not None and record.get("spec") == stage and not outdated
 
 
 def _run_fit(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
-
     args = ["--config", stage["config"], "--seed_everything", str(run.seed),
             "--model.init_args.export_dir", str(stage_dir / "hf")]
     for option, key, output in (("model", "model.init_args.model_name_or_path", "model"),
@@ -315,7 +311,6 @@ def _run_fit(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
 
 
 def _run_collect(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
-
     sampling, max_prompt_length = _sampling(stage)
     summary = collect_comparisons(
         run.resolve(stage["policy"], "model"), stage_dir, k=int(stage.get("k", 4)),
@@ -329,7 +324,6 @@ def _run_collect(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, An
 
 def _sampling(stage: dict) -> tuple[Any, int]:
     """A sampling stage's decoding settings and prompt length limit."""
-
     sampling = SamplingConfig(int(stage.get("max_new_tokens", 24)), float(stage.get("temperature", 1.0)))
     return sampling, int(stage.get("max_prompt_length", 32))
 
@@ -340,14 +334,12 @@ def _prompts_path(stage: dict, spec: dict) -> str | None:
 
 
 def _training_prompts(stage: dict, spec: dict) -> list[str]:
-
     prompts = PromptDataModule(path=_prompts_path(stage, spec), val_fraction=0.0)
     prompts.setup("fit")
     return [record.prompt for record in prompts.train_records][: int(stage.get("num_prompts", 1000))]
 
 
 def _run_rejection_sample(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
-
     policy = run.resolve(stage["policy"], "model")
     prompts = _training_prompts(stage, run.spec)
     torch.manual_seed(run.seed)
@@ -359,7 +351,6 @@ def _run_rejection_sample(stage: dict, stage_dir: Path, run: PipelineRun) -> dic
 
 
 def _run_self_play(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
-
     policy = run.resolve(stage["policy"], "model")
     demonstrations = DemonstrationDataModule(path=stage.get("demonstrations"), val_fraction=0.0)
     demonstrations.setup("fit")
@@ -377,7 +368,7 @@ def _run_best_of_n(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, 
     policies' answers."""
     n = int(stage.get("n", 8))
     evaluation, policy = HeldOutEvaluation(run), run.resolve(stage["policy"], "model")
-    groups = evaluation.sample_groups(policy, n, int(stage.get("max_prompt_length", 32)))
+    groups = evaluation.sample_groups(policy, n, int(stage.get("max_prompt_length", evaluation.max_prompt_length)))
     picks = evaluation.best_picks(policy, run.resolve(stage["reward_model"], "model"), groups)
     _write_jsonl(stage_dir / "samples.jsonl", picks)
     return {"kind": "best_of_n", "role": BASELINE, "n": n, "samples": "samples.jsonl", "kl": best_of_n_kl(n)}
@@ -398,8 +389,9 @@ STAGE_RUNNERS: dict[str, Callable[[dict, Path, PipelineRun], dict[str, Any]]] = 
 class HeldOutEvaluation:
     """What every policy of a run is measured with (the file's ``evaluation``): the same held-out prompts, each
     repeated ``samples_per_prompt`` times, the same sampling noise, the ``reference`` policy that KL and the hacking
-    metrics are measured against, and the ``reward_model`` that gives the proxy reward. Sweeps measure their trials
-    with it too, so a sweep's numbers and a pipeline's summary are on the same axes."""
+    metrics are measured against, and the ``reward_model`` that gives the proxy reward; prompts are cut from the left
+    to ``max_prompt_length`` tokens (default 32, the world's; set it to the phases' own on other data). Sweeps
+    measure their trials with it too, so a sweep's numbers and a pipeline's summary are on the same axes."""
 
     def __init__(self, run: PipelineRun) -> None:
         evaluation = run.spec["evaluation"]
@@ -411,9 +403,18 @@ class HeldOutEvaluation:
         self.sampling = SamplingConfig(int(evaluation.get("max_new_tokens", 24)),
                                        float(evaluation.get("temperature", 1.0)))
         self.seed = int(evaluation.get("seed", 1234))
+        self.max_prompt_length = int(evaluation.get("max_prompt_length", 32))
+        """Prompts longer than this (in tokens) are cut from the left, as the phases cut them."""
         self.run = run
-        self.reference_path = run.resolve(evaluation.get("reference"), "model")
-        self.reward_model = run.resolve(evaluation.get("reward_model"), "model")
+
+    @cached_property
+    def reference_path(self) -> str | None:
+        """Resolved when first needed: a best-of-n stage may run before the stages the evaluation names."""
+        return self.run.resolve(self.run.spec["evaluation"].get("reference"), "model")
+
+    @cached_property
+    def reward_model(self) -> str | None:
+        return self.run.resolve(self.run.spec["evaluation"].get("reward_model"), "model")
 
     @cached_property
     def scorer(self) -> Scorer | None:
@@ -431,8 +432,8 @@ class HeldOutEvaluation:
         """The reference policy's own evaluation, which drift and hacking metrics compare against."""
         if self.reference is None:
             return None
-        return evaluate_policy(self.reference, load_tokenizer(self.reference_path), self.prompts, self.sampling, 32,
-                               self.seed, 128, scorer=self.scorer)
+        return evaluate_policy(self.reference, load_tokenizer(self.reference_path), self.prompts, self.sampling,
+                               self.max_prompt_length, self.seed, 128, scorer=self.scorer)
 
     def policy(self, name_or_path: str) -> PolicyEvaluation:
         """A policy's :class:`lit_rlhf.rollout.PolicyEvaluation`."""
@@ -440,13 +441,15 @@ class HeldOutEvaluation:
         tokenizer = load_tokenizer(name_or_path)
         torch.manual_seed(self.run.seed)  # the untrained world model is built from this seed
         model = load_causal_lm(name_or_path, tokenizer, device=inference_device()).eval()
-        return evaluate_policy(model, tokenizer, self.prompts, self.sampling, 32, self.seed, 128, self.reference,
+        return evaluate_policy(model, tokenizer, self.prompts, self.sampling, self.max_prompt_length, self.seed, 128,
+                               self.reference,
                                self.scorer, baseline)
 
-    def sample_groups(self, policy: str, n: int, max_prompt_length: int = 32) -> list[list[str]]:
+    def sample_groups(self, policy: str, n: int, max_prompt_length: int | None = None) -> list[list[str]]:
         """``n`` samples of ``policy`` for each held-out prompt, with the evaluation's sampling and seed."""
         torch.manual_seed(self.seed)
-        return sample_responses(policy, self.prompts, n, self.sampling, max_prompt_length, 256)
+        return sample_responses(policy, self.prompts, n, self.sampling, max_prompt_length or self.max_prompt_length,
+                                256)
 
     def best_picks(self, policy: str, reward_model: str, groups: list[list[str]]) -> list[dict]:
         """The best sample of each prompt's group by ``reward_model``: ``{"prompt", "response", "score",
@@ -458,10 +461,11 @@ class HeldOutEvaluation:
                 for pick in pick_best(self.prompts, groups, scorer)]
 
     def picks(self, picks: list[dict]) -> PolicyEvaluation:
-        """The :class:`lit_rlhf.rollout.PolicyEvaluation` of best-of-n picks, measured like a policy's answers."""
-
-        return measure_answers([p["prompt"] for p in picks], [p["response"] for p in picks],
-                               [p["length"] for p in picks], [p["score"] for p in picks], self.baseline)
+        """The :class:`lit_rlhf.rollout.PolicyEvaluation` of best-of-n picks, measured like a policy's answers: the
+        proxy reward is the evaluation's reward model's score, whichever reward model picked them."""
+        prompts, responses = [p["prompt"] for p in picks], [p["response"] for p in picks]
+        proxy = self.scorer.score(prompts, responses).float().tolist() if self.scorer is not None else None
+        return measure_answers(prompts, responses, [p["length"] for p in picks], proxy, self.baseline)
 
     def row(self, evaluation: PolicyEvaluation) -> dict[str, Any]:
         """An evaluation as summary columns (None where a metric does not apply)."""
@@ -515,14 +519,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def _fixed_width(rows: list[dict[str, Any]]) -> str:
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    cells = [[_cell(row.get(column)) for column in columns] for row in rows]
+    cells = [[format_cell(row.get(column)) for column in columns] for row in rows]
     widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
     lines = ["  ".join(column.ljust(width) for column, width in zip(columns, widths))]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in cells]
     return "\n".join(lines)
 
 
-def _cell(value: Any) -> str:
+def format_cell(value: Any) -> str:
+    """A table cell: floats to three decimals, ``-`` for a missing value."""
     if value is None:
         return "-"
     return f"{value:.3f}" if isinstance(value, float) else str(value)

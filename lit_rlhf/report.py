@@ -23,6 +23,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from lit_rlhf.errors import ConfigError
+from lit_rlhf.pipeline import format_cell
 
 EVAL_MARKERS = ("eval/gold/reward", "eval/response/length_mean")
 """A ``metrics.csv`` row with either value is a held-out evaluation; the other rows are training steps."""
@@ -416,17 +417,13 @@ def _hacking_rows(folders: list[RunFolder]) -> list[dict[str, Any]]:
     return rows
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
 def _html_table(rows: list[dict[str, Any]]) -> str:
     columns = list(dict.fromkeys(key for row in rows for key in row))
     head = "".join(f"<th>{html.escape(column)}</th>" for column in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(row.get(column)))}</td>" for column in columns) + "</tr>"
-                   for row in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(format_cell(row.get(column)))}</td>" for column in columns) + "</tr>"
+        for row in rows
+    )
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -474,11 +471,6 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     return report
 
 
-def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> Path:
-    """Write the report of ``run_dirs`` (default folder: the first one's ``report/``); returns ``index.html``."""
-    return build_report(run_dirs, out_dir).html_path
-
-
 # --- Weights & Biases ----------------------------------------------------------------------------------------------
 
 
@@ -494,6 +486,21 @@ def log_report_to_wandb(report: Report, run: Any = None) -> None:
     payload: dict[str, Any] = {f"report/{name}": wandb.Image(str(path)) for name, path in report.plots.items()}
     payload["report/summary"] = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
     run.log(payload)
+
+
+def publish_to_wandb(report: Report, project: str = "lit-rlhf") -> None:
+    """Log the report to the active W&B run, else to a new ``report`` run (offline unless ``WANDB_API_KEY`` is
+    set, as the phases log); nothing when ``WANDB_MODE=disabled``."""
+    import wandb
+
+    if os.environ.get("WANDB_MODE") == "disabled":
+        return
+    if wandb.run is not None:
+        log_report_to_wandb(report, wandb.run)
+        return
+    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    with wandb.init(project=project, job_type="report", mode=mode, dir=str(report.out_dir)) as run:
+        log_report_to_wandb(report, run)
 
 
 def save_dashboard(project: str, entity: str | None = None, name: str = "lit-rlhf") -> str:

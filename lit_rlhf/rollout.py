@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
@@ -71,9 +72,11 @@ class Generation:
         return self.response_mask.sum(dim=1)
 
     def decode(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-        """Response texts without special tokens or padding."""
+        """Response texts without special tokens or padding, and otherwise exactly as decoded: a byte-level BPE or
+        SentencePiece response keeps its leading space, so that tokenising it again gives back the sampled tokens
+        (stripped, collected comparisons and SPIN's pairs would hold texts the policy never produced)."""
         ids = self.response_ids.masked_fill(self.response_mask == 0, tokenizer.pad_token_id)
-        return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        return tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -81,6 +84,23 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> tor
     is_eos = (response_ids == eos_token_id).long()
     eos_seen_before = (is_eos.cumsum(dim=1) - is_eos) > 0
     return (~eos_seen_before).long()
+
+
+@contextmanager
+def _without_saved_generation_settings(model: torch.nn.Module) -> Iterator[None]:
+    """``generate`` fills every setting the given config leaves unset from the model's saved ``generation_config``
+    (an instruct model's ``repetition_penalty``, ``min_p``, ``no_repeat_ngram_size``…), which would sample from
+    another distribution than the one PPO's log-probs (logits / T) describe. Every wrapped model's saved settings
+    are set aside while sampling, so only :class:`SamplingConfig` shapes the distribution."""
+    saved = [(module, module.generation_config) for module in model.modules()
+             if isinstance(getattr(module, "generation_config", None), GenerationConfig)]
+    for module, _ in saved:
+        module.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        for module, config in saved:
+            module.generation_config = config
 
 
 @torch.no_grad()
@@ -99,11 +119,12 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        output = model.generate(
-            input_ids=prompt_input_ids,
-            attention_mask=prompt_attention_mask,
-            generation_config=sampling.to_generation_config(tokenizer),
-        )
+        with _without_saved_generation_settings(model):
+            output = model.generate(
+                input_ids=prompt_input_ids,
+                attention_mask=prompt_attention_mask,
+                generation_config=sampling.to_generation_config(tokenizer),
+            )
     finally:
         model.train(was_training)
     response_ids = output[:, prompt_input_ids.shape[1] :]
@@ -143,6 +164,8 @@ def measure_answers(
     seed): ``response/length_drift`` (difference of mean lengths), ``hacking/length_ratio`` and, when both have proxy
     and gold rewards, ``gold/proxy_gap`` (:func:`lit_rlhf.diagnostics.proxy_gold_gap`).
     """
+    if baseline is not None and baseline.prompts != prompts:
+        raise ValueError("a baseline must answer the same prompts, in the same order")
     gold = list(map(gold_reward, prompts, responses)) if has_gold(prompts) else None
     metrics = {"response/length_mean": statistics.fmean(lengths), **diagnostics.hacking_metrics(prompts, responses)}
     if proxy is not None:

@@ -5,15 +5,16 @@ same file runs two ways:
 
 - **Online** (``WANDB_API_KEY`` set): the file is handed to W&B as it is (``wandb.sweep``) and W&B's own agent
   (``wandb agent``) runs its trials; W&B's sweep engine picks them (grid, random, bayes).
-- **Offline**: grid and random sweeps run here, one subprocess per trial, the command expanded exactly as W&B's
-  agent expands it (its ``create_sweep_command_args``). Each trial writes ``OUT/<trial>/`` (its logs and export,
-  through ``LIT_RLHF_RUNS_DIR``) and ``OUT/<trial>/done.json``; a finished trial is skipped on a rerun, as the
-  pipeline skips a finished stage. ``bayes`` needs W&B's server and is refused. W&B's local engine (the ``sweeps``
-  package) pins numpy < 2, so grid and random are drawn here.
+- **Offline** (no key, or ``online=False``): grid and random sweeps run here, one subprocess per trial, the
+  command expanded exactly as W&B's agent expands it (its ``create_sweep_command_args``). Each trial writes
+  ``OUT/<trial>/`` (its logs and export, through ``LIT_RLHF_RUNS_DIR``) and ``OUT/<trial>/done.json``; a rerun
+  trains again only the trials whose command or inputs changed, as the pipeline skips a finished stage. ``bayes``
+  needs W&B's server and is refused. W&B's local engine (the ``sweeps`` package) pins numpy < 2, so grid and random
+  are drawn here.
 
 A sweep's trials start from the main job's SFT policy and reward model: the command names them under the
 pipeline's output folder (``runs/pipeline/sft/hf``), and the sweep first runs, or reuses, the pipeline stages it
-names, and those the pipeline's evaluation needs. Every finished trial's policy is then measured with the
+names, and those the pipeline's evaluation needs. Offline, every trained trial's policy is then measured with the
 pipeline's held-out evaluation (:class:`lit_rlhf.pipeline.HeldOutEvaluation`: the same prompts, sampling noise,
 reference and reward model as the pipeline's summary), and so is best-of-n from the reference at n = 1…16, the
 baseline of the reward–KL frontier. ``OUT/sweep.json`` holds it all and ``lit-rlhf report OUT`` draws it.
@@ -26,6 +27,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -34,12 +36,20 @@ from typing import Any
 
 import yaml
 
+from lit_rlhf import RUNS_DIR_VARIABLE
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.pipeline import DONE_FILE, FitPhase, HeldOutEvaluation, PipelineRun, run_stages, start_run
+from lit_rlhf.pipeline import (
+    DONE_FILE,
+    FitPhase,
+    HeldOutEvaluation,
+    PipelineRun,
+    format_table,
+    run_stages,
+    start_run,
+)
 from lit_rlhf.selection import best_of_n_kl
 
 METHODS = ("grid", "random", "bayes")
-OFFLINE_METHODS = ("grid", "random")
 DISTRIBUTIONS = ("uniform", "log_uniform_values", "int_uniform")
 """Distributions of a random sweep's parameters drawn offline (W&B's names); W&B's server knows more."""
 BEST_OF_N = (1, 2, 4, 8, 16)
@@ -65,12 +75,29 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     if not isinstance(parameters, dict) or not parameters:
         raise ConfigError(f"{path}: 'parameters' must map each parameter to its values")
     for name, parameter in parameters.items():
-        if not isinstance(parameter, dict) or not {"value", "values", "distribution", "min"} & set(parameter):
-            raise ConfigError(f"{path}: parameter {name!r} needs 'value', 'values' or a distribution with min/max")
+        _check_parameter(path, name, parameter)
     command = spec.get("command")
     if not isinstance(command, list) or "${args}" not in command:
         raise ConfigError(f"{path}: 'command' must be a list that contains ${{args}}, where W&B puts the parameters")
     return spec
+
+
+def _check_parameter(path: Path, name: str, parameter: Any) -> None:
+    """A parameter has a ``value``, a non-empty ``values`` list, or ``min`` and ``max`` numbers (YAML reads ``1e-4``
+    as text: made a number here), positive for a log-uniform distribution."""
+    if not isinstance(parameter, dict) or not {"value", "values", "min", "max"} & set(parameter):
+        raise ConfigError(f"{path}: parameter {name!r} needs 'value', 'values' or a distribution with min and max")
+    if "values" in parameter and (not isinstance(parameter["values"], list) or not parameter["values"]):
+        raise ConfigError(f"{path}: parameter {name!r}: 'values' must be a non-empty list")
+    if "value" in parameter or "values" in parameter:
+        return
+    try:
+        low, high = float(parameter["min"]), float(parameter["max"])
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"{path}: parameter {name!r}: 'min' and 'max' must both be numbers") from None
+    if low > high or (parameter.get("distribution") == "log_uniform_values" and low <= 0):
+        raise ConfigError(f"{path}: parameter {name!r}: needs min <= max (and min > 0 for log_uniform_values)")
+    parameter["min"], parameter["max"] = low, high
 
 
 def trial_parameters(spec: dict[str, Any], count: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
@@ -106,14 +133,14 @@ def _draw(name: str, parameter: dict[str, Any], rng: random.Random) -> Any:
     if "values" in parameter:
         return rng.choice(list(parameter["values"]))
     distribution = parameter.get("distribution", "uniform")
-    low, high = parameter.get("min"), parameter.get("max")
-    if distribution not in DISTRIBUTIONS or low is None or high is None:
+    low, high = parameter["min"], parameter["max"]
+    if distribution not in DISTRIBUTIONS:
         raise ConfigError(
             f"parameter {name!r}: offline sweeps draw {', '.join(DISTRIBUTIONS)} between min and max, got "
             f"{distribution!r}"
         )
     if distribution == "int_uniform":
-        return rng.randint(int(low), int(high))
+        return rng.randint(math.ceil(low), math.floor(high))
     if distribution == "log_uniform_values":
         return math.exp(rng.uniform(math.log(low), math.log(high)))
     return rng.uniform(low, high)
@@ -167,7 +194,8 @@ def run_sweep(
     entity: str | None = None,
 ) -> dict[str, Any] | None:
     """Run a sweep file (see the module docstring): online through W&B when ``online`` (default: when
-    ``WANDB_API_KEY`` is set), else offline here. Returns what ``OUT/sweep.json`` holds (``None`` online)."""
+    ``WANDB_API_KEY`` is set), else offline here. Returns what ``OUT/sweep.json`` holds (``None`` online: W&B holds
+    the results)."""
     spec = load_sweep(path)
     online = bool(os.environ.get("WANDB_API_KEY")) if online is None else online
     if not online:
@@ -187,28 +215,36 @@ def run_online(spec: dict[str, Any], count: int | None, project: str, entity: st
     """Create the sweep on W&B from the file as it is, then run W&B's own agent on it in this folder."""
     import wandb
 
-    sweep_id = wandb.sweep(sweep=spec, project=spec.get("project", project), entity=spec.get("entity", entity))
-    target = "/".join(part for part in (spec.get("entity", entity), spec.get("project", project), sweep_id) if part)
+    project, entity = spec.get("project", project), spec.get("entity", entity)
+    try:
+        sweep_id = wandb.sweep(sweep=spec, project=project, entity=entity)
+    except Exception as error:  # W&B's client raises many kinds (auth, validation, network)
+        raise ConfigError(f"W&B did not create the sweep: {error}") from error
+    if not sweep_id:
+        raise ConfigError("W&B did not create the sweep (see its message above)")
+    target = "/".join(part for part in (entity, project, sweep_id) if part)
     agent = [sys.executable, "-m", "wandb", "agent", *(["--count", str(count)] if count else []), target]
     print(f"[sweep] W&B sweep {target}: {' '.join(agent[1:])}")
-    subprocess.run(agent, check=True)
+    returncode = subprocess.run(agent, check=False).returncode
+    if returncode != 0:
+        raise ConfigError(f"wandb agent {target} exited with status {returncode}")
 
 
 def run_offline(spec: dict[str, Any], path: Path, run: PipelineRun, out_dir: Path, count: int | None) -> dict:
-    """Run each trial not yet done as a subprocess, measure its policy with the pipeline's evaluation, and write
+    """Train each trial not yet trained as a subprocess, measure every trial's policy with the pipeline's held-out
+    evaluation (a few seconds each, so the numbers always come from the current evaluation), and write
     ``OUT/sweep.json``."""
     evaluation = HeldOutEvaluation(run)
     out_dir.mkdir(parents=True, exist_ok=True)
-    upstream = _upstream(spec, evaluation)
-    trials = []
-    for index, parameters in enumerate(trial_parameters(spec, count), start=1):
-        trials.append(_run_trial(spec, trial_name(index, parameters), parameters, out_dir, evaluation, upstream))
+    trials = [_run_trial(spec, trial_name(index, parameters), parameters, out_dir, evaluation)
+              for index, parameters in enumerate(trial_parameters(spec, count), start=1)]
     result = {
-        "name": path.stem, "file": str(path), "method": spec["method"], "phase": _phase(trials),
+        "name": path.stem, "file": str(path), "method": spec["method"], "phase": _phase(spec),
         "parameters": list(spec["parameters"]), "metric": spec.get("metric"), "trials": trials,
-        "reference": {"stage": "reference", **evaluation.row(evaluation.policy(evaluation.reference_path))}
+        "reference": {"stage": run.spec["evaluation"]["reference"],
+                      **evaluation.row(evaluation.policy(evaluation.reference_path))}
         if evaluation.reference_path else None,
-        "baselines": _best_of_n_curve(evaluation, out_dir, upstream),
+        "baselines": _best_of_n_curve(evaluation, out_dir),
     }
     (out_dir / SWEEP_FILE).write_text(json.dumps(result, indent=2) + "\n")
     print(format_trials(result))
@@ -219,74 +255,91 @@ def run_offline(spec: dict[str, Any], path: Path, run: PipelineRun, out_dir: Pat
     return result
 
 
-def _upstream(spec: dict[str, Any], evaluation: HeldOutEvaluation) -> dict[str, int]:
-    """When each model a trial or the evaluation reads was last written: a finished trial counts as done only while
-    these are unchanged (a retrained SFT policy makes every trial stale)."""
-    paths = {evaluation.reference_path, evaluation.reward_model}
-    paths |= {part.split("=", 1)[-1] for part in map(str, spec["command"])}
-    return {path: (Path(path) / "config.json").stat().st_mtime_ns for path in sorted(filter(None, paths))
-            if (Path(path) / "config.json").is_file()}
+def _inputs(command: list[str]) -> dict[str, int]:
+    """When each file or model folder a command names was last written (a model folder by its ``config.json``):
+    a trained trial is reused only while these are unchanged, so a retrained SFT policy, new comparisons or an
+    edited config make every trial train again."""
+    stamps = {}
+    for part in command:
+        path = Path(part.split("=", 1)[-1])  # --key=PATH or PATH
+        stamp = path / "config.json" if path.is_dir() else path
+        if stamp.is_file():
+            stamps[str(path)] = stamp.stat().st_mtime_ns
+    return stamps
 
 
 def _run_trial(
-    spec: dict[str, Any], name: str, parameters: dict[str, Any], out_dir: Path, evaluation: HeldOutEvaluation,
-    upstream: dict[str, int],
+    spec: dict[str, Any], name: str, parameters: dict[str, Any], out_dir: Path, evaluation: HeldOutEvaluation
 ) -> dict[str, Any]:
     trial_dir = out_dir / name
     command = trial_command(spec, parameters)
     done_file = trial_dir / DONE_FILE
-    if done_file.is_file():
-        record = json.loads(done_file.read_text())
-        same_work = (record.get("command"), record.get("upstream")) == (command[1:], upstream)
-        if record.get("status") == "done" and same_work:
-            print(f"[sweep] {name}: complete, skipped")
-            return record
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    print(f"[sweep] {name}: running")
-    started = time.perf_counter()
-    environment = {**os.environ, "LIT_RLHF_RUNS_DIR": str(trial_dir)}
-    with open(trial_dir / "log.txt", "w") as log:
-        finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=environment).returncode == 0
-    record: dict[str, Any] = {
-        "trial": name, "params": parameters, "command": command[1:], "seconds": round(time.perf_counter() - started, 1),
-        "status": "done" if finished else "failed", "upstream": upstream,
-    }
-    metrics_files = sorted(trial_dir.glob("*/version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
-    if metrics_files:
-        record["log_dir"] = str(metrics_files[-1].parent.relative_to(out_dir))
-        record["phase"] = metrics_files[-1].parent.parent.name
-    exports = sorted(trial_dir.glob("**/hf/config.json"), key=lambda p: p.stat().st_mtime)
-    if finished and exports:
-        record["metrics"] = evaluation.row(evaluation.policy(str(exports[-1].parent)))
-        print(f"[sweep] {name}: done in {record['seconds']:.0f}s: " + _brief(record["metrics"]))
+    trained = {"command": command[1:], "inputs": _inputs(command)}
+    record = json.loads(done_file.read_text()) if done_file.is_file() else {}
+    export = trial_dir / record["export"] if record.get("export") else None
+    if record.get("status") == "done" and record.get("trained") == trained and (export / "config.json").is_file():
+        print(f"[sweep] {name}: trained, reused")
     else:
-        record["status"] = "failed"
-        print(f"[sweep] {name}: failed ({_last_line(trial_dir / 'log.txt')})")
+        record = _train(name, parameters, command, trial_dir, out_dir) | {"trained": trained}
+        export = trial_dir / record["export"] if record.get("export") else None
+    if record["status"] == "done":
+        record["metrics"] = evaluation.row(evaluation.policy(str(export)))
+        print(f"[sweep] {name}: {_brief(record['metrics'])}")
     done_file.write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
-def _best_of_n_curve(
-    evaluation: HeldOutEvaluation, out_dir: Path, upstream: dict[str, int]
-) -> list[dict[str, Any]] | None:
+def _train(name: str, parameters: dict[str, Any], command: list[str], trial_dir: Path, out_dir: Path) -> dict:
+    """Run one trial's command with its logs and export in ``trial_dir``."""
+    if trial_dir.exists():
+        shutil.rmtree(trial_dir)  # a trial cut short leaves partial logs behind
+    trial_dir.mkdir(parents=True)
+    print(f"[sweep] {name}: training")
+    started = time.perf_counter()
+    environment = {**os.environ, RUNS_DIR_VARIABLE: str(trial_dir)}
+    with open(trial_dir / "log.txt", "w") as log:
+        finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=environment).returncode == 0
+    record: dict[str, Any] = {"trial": name, "params": parameters, "seconds": round(time.perf_counter() - started, 1)}
+    logs = sorted(trial_dir.glob("*/version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if logs:
+        record["log_dir"] = str(logs[-1].parent.relative_to(out_dir))
+    exports = sorted(trial_dir.glob("**/hf/config.json"), key=lambda p: p.stat().st_mtime)
+    if finished and exports:
+        record |= {"status": "done", "export": str(exports[-1].parent.relative_to(trial_dir))}
+    else:
+        record["status"] = "failed"
+        print(f"[sweep] {name}: failed ({_last_line(trial_dir / 'log.txt')})")
+    return record
+
+
+def _best_of_n_curve(evaluation: HeldOutEvaluation, out_dir: Path) -> list[dict[str, Any]] | None:
     """Best-of-n from the reference policy by the reward model at n = 1…16, each n the first n of the same
-    samples; cached in ``OUT/baselines.json`` while the models it read are unchanged."""
+    samples; cached in ``OUT/baselines.json`` while the evaluation and the models it reads are unchanged."""
     if not (evaluation.reference_path and evaluation.reward_model):
         return None
+    key = {"evaluation": evaluation.run.spec["evaluation"], "seed": evaluation.run.seed,
+           "models": _inputs([evaluation.reference_path, evaluation.reward_model])}
     cached = out_dir / BASELINES_FILE
-    if cached.is_file() and (record := json.loads(cached.read_text())).get("upstream") == upstream:
+    if cached.is_file() and (record := json.loads(cached.read_text())).get("key") == key:
         return record["curve"]
     groups = evaluation.sample_groups(evaluation.reference_path, max(BEST_OF_N))
     curve = []
     for n in BEST_OF_N:
         picks = evaluation.best_picks(evaluation.reference_path, evaluation.reward_model, [g[:n] for g in groups])
         curve.append({"stage": "best_of_n", "n": n, **evaluation.row(evaluation.picks(picks)), "kl": best_of_n_kl(n)})
-    cached.write_text(json.dumps({"upstream": upstream, "curve": curve}, indent=2) + "\n")
+    cached.write_text(json.dumps({"key": key, "curve": curve}, indent=2) + "\n")
     return curve
 
 
-def _phase(trials: list[dict[str, Any]]) -> str | None:
-    return next((trial["phase"] for trial in trials if trial.get("phase")), None)
+def _phase(spec: dict[str, Any]) -> str | None:
+    """The phase a sweep trains, named by its command's phase config (``configs/ipo.yaml`` → ``ipo``)."""
+    command = [str(part) for part in spec["command"]]
+    for index, part in enumerate(command):
+        if part == "--config" and index + 1 < len(command):
+            return Path(command[index + 1]).stem
+        if part.startswith("--config="):
+            return Path(part.split("=", 1)[1]).stem
+    return None
 
 
 def _brief(metrics: dict[str, Any]) -> str:
@@ -299,9 +352,7 @@ def _last_line(path: Path) -> str:
 
 
 def format_trials(result: dict[str, Any]) -> str:
-    """One table: each trial's parameters, status and measurements, then the best-of-n baselines."""
-    from lit_rlhf.pipeline import format_table
-
+    """One table: the reference, each trial's parameters, status and measurements, then the best-of-n baselines."""
     rows = [
         {"trial": trial["trial"], **trial["params"], "status": trial["status"], **(trial.get("metrics") or {}),
          "seconds": trial["seconds"]}

@@ -196,3 +196,17 @@ def test_a_done_file_without_a_seed_counts_as_seed_0(tmp_path):
     assert pipeline._is_complete(stage, tmp_path, 0)
     assert not pipeline._is_complete(stage, tmp_path, 1)
     assert not pipeline._is_complete({**stage, "config": "other.yaml"}, tmp_path, 0)
+
+
+@pytest.mark.parametrize("setting, expected", [({}, 32), ({"max_prompt_length": 128}, 128)])
+def test_the_evaluation_cuts_prompts_at_the_files_prompt_length(setting, expected, tmp_path, monkeypatch):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({
+        "stages": [{"name": "sft", "kind": "fit", "config": str(CONFIGS / "sft.yaml")}],
+        "evaluation": {"num_prompts": 2, "samples_per_prompt": 1, **setting},
+    }))
+    calls = []
+    monkeypatch.setattr(pipeline, "evaluate_policy", lambda *args, **kwargs: calls.append(args))
+    run = pipeline.start_run(path, fit_phase, tmp_path / "out")
+    pipeline.HeldOutEvaluation(run).policy("world")
+    assert calls[0][4] == expected  # evaluate_policy(model, tokenizer, prompts, sampling, max_prompt_length, ...)

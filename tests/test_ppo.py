@@ -207,6 +207,8 @@ def test_invalid_settings_fail_with_one_clear_error(world_sft_path):
         PPOModule(model_name_or_path=world_sft_path, advantage_estimator="reinforce")
     with pytest.raises(ConfigError, match="group_size"):
         PPOModule(model_name_or_path=world_sft_path, advantage_estimator="rloo", group_size=1)
+    with pytest.raises(TypeError, match="kl_estimator"):  # k2/k3 as the per-token reward: not KL(π‖π_ref)'s gradient
+        PPOModule(model_name_or_path=world_sft_path, kl_estimator="k3")
     module = PPOModule(model_name_or_path=world_sft_path, reward_model="no_such_module:reward")
     with pytest.raises(ConfigError, match=r"cannot import reward from no_such_module \(No module named 'no_such_"):
         module.configure_model()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.report import DASHBOARD_SECTIONS, build_report, log_report_to_wandb, save_dashboard, write_report
+from lit_rlhf.report import DASHBOARD_SECTIONS, build_report, log_report_to_wandb, publish_to_wandb, save_dashboard
 
 POLICY_ROW = {"gold_reward": 0.611, "proxy_reward": 0.14, "kl": 0.0, "length_mean": 6.9, "length_ratio": 1.0,
               "sycophancy_rate": 0.05, "format_rate": 0.01, "repetition_rate": 0.02, "proxy_gap": 0.0}
@@ -150,7 +150,7 @@ def test_several_folders_share_one_page_with_their_names_in_the_labels(pipeline_
 def test_figures_without_their_data_are_skipped_with_the_reason(pipeline_dir, tmp_path):
     for log in pipeline_dir.glob("*/*/version_*/metrics.csv"):
         log.unlink()
-    index = write_report([pipeline_dir], tmp_path / "no_curves")
+    index = build_report([pipeline_dir], tmp_path / "no_curves").html_path
     page = assert_self_contained_page(index, figures=2)  # frontier and reward model come from summary.json
     assert sorted(path.name for path in index.parent.glob("*.png")) == ["frontier.png", "reward_model.png"]
     assert "Skipped overoptimisation: no metrics.csv has evaluation rows with eval/objective/kl and a reward." in page
@@ -159,7 +159,7 @@ def test_figures_without_their_data_are_skipped_with_the_reason(pipeline_dir, tm
 
 def test_a_folder_without_results_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="no summary.json or sweep.json"):
-        write_report([tmp_path])
+        build_report([tmp_path])
 
 
 class RecordingRun:
@@ -184,6 +184,26 @@ def test_log_report_to_wandb_logs_each_figure_and_the_summary_table(pipeline_dir
     assert len(table.data) == 7 + 3 + 5 + 1  # stages, trials, baselines, reference
     log_report_to_wandb(report)  # no active run: nothing happens, nothing is started
     assert wandb.run is None
+
+
+def test_publish_to_wandb_uses_the_active_run_else_an_offline_report_run(pipeline_dir, tmp_path, monkeypatch):
+    import wandb
+
+    report = build_report([pipeline_dir], tmp_path / "report")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    publish_to_wandb(report)
+    assert not (report.out_dir / "wandb").exists()
+    active = RecordingRun()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(wandb, "run", active)
+    publish_to_wandb(report)
+    assert len(active.logged) == 1 and not (report.out_dir / "wandb").exists()
+    monkeypatch.setattr(wandb, "run", None)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    publish_to_wandb(report)
+    (run_dir,) = (report.out_dir / "wandb").glob("offline-run-*")
+    assert (run_dir / "files" / "media" / "images").is_dir()
+    assert wandb.run is None  # finished
 
 
 def test_save_dashboard_saves_one_section_per_question(monkeypatch):

@@ -4,6 +4,7 @@ are measured with the pipeline's evaluation; online, the file goes to W&B as it 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,26 @@ def test_grid_and_random_trials():
     assert sweep.trial_name(3, {"model.init_kl_coef": 0.30000001}) == "t03_init_kl_coef=0.3"
 
 
+def test_sweep_files_are_checked_at_the_edge(tmp_path):
+    def load(parameters: dict) -> dict:
+        path = tmp_path / "sweep.yaml"
+        path.write_text(yaml.safe_dump({"method": "random", "parameters": parameters, "command": ["x", "${args}"]}))
+        return sweep.load_sweep(path)
+
+    spec = load({"lr": {"distribution": "log_uniform_values", "min": "1e-4", "max": "1e-2"}})  # YAML reads text
+    assert spec["parameters"]["lr"] == {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}
+    for parameters, message in [
+        ({"lr": {"values": []}}, "non-empty list"),
+        ({"lr": {"distribution": "uniform", "min": "low", "max": 1}}, "must both be numbers"),
+        ({"lr": {"distribution": "log_uniform_values", "min": 0, "max": 1}}, "min > 0"),
+        ({"lr": {"distribution": "uniform", "min": 2, "max": 1}}, "min <= max"),
+        ({"lr": 0.1}, "needs 'value', 'values'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load(parameters)
+    assert sweep._phase({"command": ["lit-rlhf", "fit", "--config", "configs/ipo.yaml", "${args}"]}) == "ipo"
+
+
 def test_bayes_offline_is_one_line_and_exit_2(monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -108,6 +129,13 @@ def test_online_hands_the_file_to_w_and_b_and_runs_its_agent(monkeypatch, tmp_pa
     assert agents[1][:4] == ["lit-rlhf", "fit", "--config", "configs/ppo.yaml"]
     assert agents[1][-1] == "--model.init_kl_coef=5.0"
     assert prepared == [(Path("runs/pipeline"), "rm")]  # the SFT policy and reward model the trials start from
+
+    def failing_sweep(sweep, project, entity):
+        raise RuntimeError("permission denied")
+
+    monkeypatch.setattr(wandb, "sweep", failing_sweep)
+    with pytest.raises(ConfigError, match="W&B did not create the sweep: permission denied"):
+        sweep.run_sweep("sweeps/ppo_beta.yaml", fit_phase)
 
 
 def tiny_pipeline(tmp_path: Path) -> Path:
@@ -158,10 +186,14 @@ def test_offline_sweep_runs_resumes_and_reports(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text()) == result
 
     def no_trial_runs(*args, **kwargs):
-        raise AssertionError("a finished trial ran again")
+        raise AssertionError("a trained trial trained again")
 
     monkeypatch.setattr(sweep.subprocess, "run", no_trial_runs)
     assert sweep.run_sweep(sweep_file, fit_phase, tmp_path / "sweep", pipeline=pipeline_file)["trials"] == trials
+    sft_config = out / "sft" / "hf" / "config.json"  # the SFT policy is exported again: every trial is stale
+    os.utime(sft_config, ns=(sft_config.stat().st_atime_ns, sft_config.stat().st_mtime_ns + 10**9))
+    with pytest.raises(AssertionError, match="trained again"):
+        sweep.run_sweep(sweep_file, fit_phase, tmp_path / "sweep", pipeline=pipeline_file)
 
     report = build_report([tmp_path / "sweep"])
     assert report.html_path.is_file() and len(report.plots) >= 3

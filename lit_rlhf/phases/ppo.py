@@ -15,7 +15,9 @@ adapters merged.
 One iteration (one ``training_step``): sample responses with :func:`generate` (``group_size`` per prompt for
 ``grpo``/``rloo``); score the decoded texts (normalised with the reward model's stored statistics), subtract the
 optional missing-EOS penalty, clip; compute old and reference log-probs (and values) without gradient;
-:func:`shape_rewards` puts −β·KL on every response token and the score on the last; then ``gae`` takes advantages
+:func:`shape_rewards` puts −β·KL on every response token and the score on the last (the k1 estimate log π/π_ref:
+with k2 or k3 as a fixed per-token reward the expected update is not the gradient of KL(π‖π_ref), Tang & Munos
+2025, so those estimators are for logging only); then ``gae`` takes advantages
 from the critic's values, while ``grpo``/``rloo`` sum each sequence's shaped rewards (score − β·KL) and give every
 token of it the group advantage. So the KL always goes into the reward. GRPO as published puts a k3 term in the
 loss instead; differentiated through the samples that term has the gradient of KL(π_ref‖π), not of KL(π‖π_ref),
@@ -47,7 +49,6 @@ from lit_rlhf.data.datamodules import DemonstrationDataModule, global_seed
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.kl_control import AdaptiveKLController, FixedKLController
 from lit_rlhf.losses import (
-    KL_PENALTY_KINDS,
     kl_penalty,
     masked_mean,
     masked_sum,
@@ -111,7 +112,6 @@ class PPOModule(LightningModule):
         init_kl_coef: float = 0.05,
         kl_target: float | None = None,
         kl_horizon: float = 10000,
-        kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1",
         normalize_scores: bool = True,
         score_clip: float | None = None,
         missing_eos_penalty: float | None = None,
@@ -146,8 +146,6 @@ class PPOModule(LightningModule):
             raise ConfigError(f"advantage_estimator must be gae, grpo or rloo, got {advantage_estimator!r}")
         if advantage_estimator != "gae" and group_size < 2:
             raise ConfigError(f"{advantage_estimator} needs group_size >= 2 to form a baseline, got {group_size}")
-        if kl_estimator not in KL_PENALTY_KINDS:
-            raise ConfigError(f"kl_estimator must be one of {', '.join(KL_PENALTY_KINDS)}, got {kl_estimator!r}")
         if temperature <= 0:
             raise ConfigError(f"PPO samples its rollouts: temperature must be positive, got {temperature}")
         self.save_hyperparameters()
@@ -232,7 +230,7 @@ class PPOModule(LightningModule):
         logprobs, mask = response_logprobs(self.policy, *sequences)
         ref_logprobs, _ = response_logprobs(self.reference, *sequences)
         beta = self.kl_controller.beta
-        rewards = shape_rewards(scores, logprobs, ref_logprobs, mask, beta, hp.kl_estimator)
+        rewards = shape_rewards(scores, logprobs, ref_logprobs, mask, beta)  # k1 only: see the module docstring
 
         metrics, values, returns = {}, None, None
         if self.critic is not None:

@@ -1,0 +1,51 @@
+"""The one generation path on a model that is not the world's: a tiny Llama with a byte-level BPE tokenizer."""
+
+from __future__ import annotations
+
+import shutil
+
+import torch
+from transformers import GenerationConfig
+
+from lit_rlhf.data.collate import tokenize_prompts
+from lit_rlhf.models import load_causal_lm, load_tokenizer
+from lit_rlhf.rollout import Generation, SamplingConfig, generate
+
+PROMPTS = ["name three fruits .", "User: hello there\nAssistant:"]
+
+
+def sample(path: str, seed: int = 0) -> torch.Tensor:
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path, tokenizer)
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, PROMPTS * 4, 32)
+    torch.manual_seed(seed)
+    return generate(model, tokenizer, prompt_ids, prompt_mask, SamplingConfig(max_new_tokens=12)).response_ids
+
+
+def test_a_models_saved_generation_settings_do_not_change_sampling(tiny_llama_path, tmp_path):
+    """An instruct export often saves repetition_penalty or min_p: sampling must still be the distribution the
+    log-probs describe (logits / T), so the export samples exactly as one without those settings."""
+    saved = tmp_path / "instruct"
+    shutil.copytree(tiny_llama_path, saved)
+    instruct = GenerationConfig(do_sample=True, repetition_penalty=1.5, min_p=0.3, no_repeat_ngram_size=1, top_k=3)
+    instruct.save_pretrained(saved)
+    assert torch.equal(sample(str(saved)), sample(tiny_llama_path))
+    tokenizer = load_tokenizer(str(saved))
+    model = load_causal_lm(str(saved), tokenizer)
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, PROMPTS, 32)
+    generate(model, tokenizer, prompt_ids, prompt_mask, SamplingConfig(max_new_tokens=2))
+    assert model.generation_config.repetition_penalty == 1.5  # the model's own settings are back afterwards
+
+
+def test_decoded_responses_keep_their_leading_space(tiny_llama_path):
+    """Byte-level BPE puts the space before a word into the word's token: the decoded response keeps it, so that
+    tokenising prompt and response again gives back the sampled ids."""
+    tokenizer = load_tokenizer(tiny_llama_path)
+    response = " apple , pear , plum ."
+    response_ids = torch.tensor([tokenizer(response, add_special_tokens=False)["input_ids"]])
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, ["name three fruits ."], 32)
+    generation = Generation(prompt_ids, prompt_mask, response_ids, torch.ones_like(response_ids),
+                            torch.tensor([False]))
+    (decoded,) = generation.decode(tokenizer)
+    assert decoded == response
+    assert tokenizer(decoded, add_special_tokens=False)["input_ids"] == response_ids[0].tolist()
