@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lit_rlhf import RUNS_DIR_VARIABLE
 from lit_rlhf.data.datamodules import DataReport
 from lit_rlhf.errors import ConfigError, LitRLHFError
+from lit_rlhf.phases.shared import StopOnNonFinite
 
 RUNS_DIR = "runs"
 DESCRIPTION = """\
@@ -102,7 +103,7 @@ class RLHFCLI(LightningCLI):
                 "inference_mode": False,
                 "log_every_n_steps": 10,
                 "enable_model_summary": False,
-                "callbacks": [DataReport(), LastValidatedStep()],
+                "callbacks": [DataReport(), LastValidatedStep(), StopOnNonFinite()],
             },
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "lit-rlhf", "description": DESCRIPTION, "formatter_class": _KeepLineBreaks},

@@ -14,6 +14,7 @@ and the pipeline's summary all report them as ``hacking/*`` (and ``gold/proxy_ga
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 from collections import Counter
@@ -115,8 +116,9 @@ def proxy_gold_gap(
     """
 
     def standardised(values: Sequence[float], reference: Sequence[float]) -> float:
-        spread = statistics.pstdev(reference) or 1.0
-        return (statistics.fmean(values) - statistics.fmean(reference)) / spread
+        mean = statistics.fmean(reference)
+        spread = math.sqrt(statistics.fmean([(value - mean) ** 2 for value in reference])) or 1.0  # NaN-safe pstdev
+        return (statistics.fmean(values) - mean) / spread
 
     return standardised(proxy, reference_proxy) - standardised(gold, reference_gold)
 

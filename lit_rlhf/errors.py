@@ -11,3 +11,7 @@ class DataError(LitRLHFError):
 
 class ConfigError(LitRLHFError):
     """A configuration value that cannot work."""
+
+
+class TrainingDiverged(LitRLHFError):
+    """A loss or reward score became NaN or infinite: the run stopped before a checkpoint or export could hold it."""

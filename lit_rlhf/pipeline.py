@@ -205,14 +205,17 @@ def start_run(
 
 
 def run_stages(run: PipelineRun, force: tuple[str, ...] = (), until: str | None = None) -> None:
-    """Run every stage not yet complete (and those in ``force``), in order, up to and including ``until``."""
+    """Run every stage not yet complete (and those in ``force``), in order, up to and including ``until``. A stage
+    that runs again makes every later stage that reads it run again too, so no output is built on an old one."""
     names = [stage["name"] for stage in run.spec["stages"]]
     unknown = [name for name in (*force, *([until] if until else [])) if name not in names]
     if unknown:
         raise ConfigError(f"--force {unknown[0]}: no such stage (stages: {', '.join(names)})")
+    rerun: set[str] = set()
     for stage in run.spec["stages"][: names.index(until) + 1 if until else None]:
         stage_dir = run.out_dir / stage["name"]
-        if _is_complete(stage, stage_dir, run.seed) and stage["name"] not in force:
+        reads = {value for key, value in stage.items() if key not in ("name", "kind") and isinstance(value, str)}
+        if _is_complete(stage, stage_dir, run.seed) and stage["name"] not in force and not reads & rerun:
             print(f"[pipeline] {stage['name']}: complete, skipped")
             continue
         if stage_dir.exists():
@@ -223,7 +226,8 @@ def run_stages(run: PipelineRun, force: tuple[str, ...] = (), until: str | None 
         record = STAGE_RUNNERS[stage["kind"]](stage, stage_dir, run)
         record["seconds"] = round(time.perf_counter() - started, 1)
         record["spec"], record["seed"] = stage, run.seed
-        (stage_dir / DONE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        write_atomically(stage_dir / DONE_FILE, json.dumps(record, indent=2) + "\n")
+        rerun.add(stage["name"])
 
 
 def run_pipeline(
@@ -244,7 +248,7 @@ def run_pipeline(
     rows = summarize(run)
     print(format_table(rows))
     rows = _merged_with_earlier_summary(rows, run.out_dir, run.seed)
-    (run.out_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_atomically(run.out_dir / "summary.json", json.dumps(rows, indent=2) + "\n")
     print(f"[pipeline] summary: {run.out_dir / 'summary.json'}")
     report = build_report([run.out_dir])
     publish_to_wandb(report)
@@ -535,6 +539,14 @@ def format_cell(value: Any) -> str:
 
 def _float(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write a file that marks work as done (``done.json``, ``summary.json``) so that a kill never leaves a
+    half-written one: the text goes to a temporary file beside it, which then replaces it in one rename."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

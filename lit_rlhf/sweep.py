@@ -46,6 +46,7 @@ from lit_rlhf.pipeline import (
     format_table,
     run_stages,
     start_run,
+    write_atomically,
 )
 from lit_rlhf.selection import best_of_n_kl
 
@@ -246,7 +247,7 @@ def run_offline(spec: dict[str, Any], path: Path, run: PipelineRun, out_dir: Pat
         if evaluation.reference_path else None,
         "baselines": _best_of_n_curve(evaluation, out_dir),
     }
-    (out_dir / SWEEP_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    write_atomically(out_dir / SWEEP_FILE, json.dumps(result, indent=2) + "\n")
     print(format_trials(result))
     print(f"[sweep] {out_dir / SWEEP_FILE}; draw it with: lit-rlhf report {out_dir}")
     failed = [trial["trial"] for trial in trials if trial["status"] != "done"]
@@ -285,7 +286,7 @@ def _run_trial(
     if record["status"] == "done":
         record["metrics"] = evaluation.row(evaluation.policy(str(export)))
         print(f"[sweep] {name}: {_brief(record['metrics'])}")
-    done_file.write_text(json.dumps(record, indent=2) + "\n")
+    write_atomically(done_file, json.dumps(record, indent=2) + "\n")
     return record
 
 
@@ -327,7 +328,7 @@ def _best_of_n_curve(evaluation: HeldOutEvaluation, out_dir: Path) -> list[dict[
     for n in BEST_OF_N:
         picks = evaluation.best_picks(evaluation.reference_path, evaluation.reward_model, [g[:n] for g in groups])
         curve.append({"stage": "best_of_n", "n": n, **evaluation.row(evaluation.picks(picks)), "kl": best_of_n_kl(n)})
-    cached.write_text(json.dumps({"key": key, "curve": curve}, indent=2) + "\n")
+    write_atomically(cached, json.dumps({"key": key, "curve": curve}, indent=2) + "\n")
     return curve
 
 

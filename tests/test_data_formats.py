@@ -140,6 +140,20 @@ def test_ultrafeedback_rows_text_prompt_and_whole_dialogues():
         normalize_rows([{"prompt": "hi", "responses": [[assistant("a")], "b"], "ranks": [0, 1]}], "comparison")
 
 
+def test_ultrafeedback_rows_as_published_with_all_their_columns():
+    """The published rows also carry ``messages`` (the chosen dialogue), ``prompt_id`` and the scores: a row with
+    prompt/chosen/rejected is a comparison whatever else it carries, and its ``messages`` a demonstration."""
+    row = {"prompt": "hi", "prompt_id": "abc123", "chosen": [user("hi"), assistant("hello")],
+           "rejected": [user("hi"), assistant("go away")], "messages": [user("hi"), assistant("hello")],
+           "score_chosen": 8.0, "score_rejected": 2.0}
+    assert only([row], "comparison") == [Comparison("User: hi\nAssistant:", " hello\n", " go away\n")]
+    assert only([row], "unpaired") == [Unpaired("User: hi\nAssistant:", " hello\n", True),
+                                       Unpaired("User: hi\nAssistant:", " go away\n", False)]
+    assert only([row], "demonstration") == [Demonstration("User: hi\nAssistant:", " hello\n")]
+    with pytest.raises(DataError, match=r"a messages row is not a comparison"):
+        normalize_rows([{"messages": [user("hi"), assistant("hello")]}], "comparison")
+
+
 def test_ranking_to_pairs_drops_and_counts_ties():
     pairs, ties = ranking_to_pairs(["a", "b", "c", "d"], [0, 1, 1, 2])
     assert pairs == [("a", "b"), ("a", "c"), ("a", "d"), ("b", "d"), ("c", "d")]

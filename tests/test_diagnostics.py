@@ -76,6 +76,7 @@ def test_proxy_gold_gap_standardises_against_the_reference():
     assert proxy_gold_gap([3.0, 3.0], [0.5, 0.5], reference_proxy, reference_gold) == pytest.approx(2 - 1)
     # a constant reference counts its spread as 1
     assert proxy_gold_gap([1.0], [1.0], [0.0, 0.0], [0.5, 0.5]) == pytest.approx(1 - 0.5)
+    assert math.isnan(proxy_gold_gap([math.nan], [1.0], [math.nan, 0.0], [0.5, 0.5]))  # a NaN reward stays visible
 
 
 def test_measure_answers_against_a_baseline():

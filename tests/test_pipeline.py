@@ -44,11 +44,13 @@ def tiny(spec_path: Path, tmp_path: Path) -> Path:
 def test_the_pipeline_resumes_after_a_crash_without_redoing_completed_stages(tmp_path, monkeypatch):
     spec, out = tiny(CONFIGS / "pipeline.yaml", tmp_path), tmp_path / "out"
     runs: list[str] = []
+    crashed: list[bool] = []
     fit = pipeline.STAGE_RUNNERS["fit"]
 
     def crash_at_ppo(stage, *args):
         runs.append(stage["name"])
-        if stage["name"] == "ppo" and runs.count("ppo") == 1:
+        if stage["name"] == "ppo" and not crashed:
+            crashed.append(True)
             raise KeyboardInterrupt  # the process is killed half-way through PPO
         return fit(stage, *args)
 
@@ -73,8 +75,11 @@ def test_the_pipeline_resumes_after_a_crash_without_redoing_completed_stages(tmp
     assert all(row["seconds"] >= 0 for row in rows)
 
     runs.clear()
+    best_of_n_done = (out / "best_of_n" / "done.json").stat().st_mtime_ns
     pipeline.run_pipeline(spec, fit_phase, out, force=("rm",))
-    assert runs == ["rm"]  # --force redoes that stage only
+    assert runs == ["rm", "ppo"]  # --force redoes that stage and those that read it: PPO, best-of-n; not SFT or DPO
+    assert (out / "best_of_n" / "done.json").stat().st_mtime_ns > best_of_n_done
+    assert not list(out.glob("*/.done.json.tmp"))  # done.json is written atomically
 
 
 def test_the_seed_reaches_every_stage_and_a_new_seed_redoes_them(tmp_path):

@@ -225,6 +225,35 @@ def test_a_reward_function_beside_the_command_is_importable(tmp_path, monkeypatc
     assert make_scorer("my_reward:reward").score(["p", "p"], ["ab", "abcd"]).tolist() == [2.0, 4.0]
 
 
+def test_a_non_finite_score_stops_the_run_before_anything_is_saved(world_sft_path, in_tmp, monkeypatch, capsys):
+    (in_tmp / "nan_reward.py").write_text("def reward(prompts, responses):\n    return [float('nan')] * len(prompts)\n")
+    monkeypatch.syspath_prepend(str(in_tmp))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(
+            "fit", "--config", CONFIG, "--model.model_name_or_path", world_sft_path,
+            "--model.reward_model", "nan_reward:reward", "--model.ppo_epochs", "1", "--data.batch_size", "4",
+            "--data.num_eval_prompts", "4", "--trainer.max_steps", "4", "--trainer.val_check_interval", "1",
+        )
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == ("lit-rlhf: error: objective/scores is nan at step 2: training stopped before anything saved it "
+                     "(lower the learning rate, or check the data and reward)")
+    assert not (in_tmp / "runs" / "ppo" / "hf").exists()
+    assert not list(in_tmp.glob("runs/ppo/version_*/checkpoints/*.ckpt"))
+
+
+def test_a_non_finite_loss_of_any_phase_names_itself_and_the_step():
+    from types import SimpleNamespace
+
+    from lit_rlhf.errors import TrainingDiverged
+    from lit_rlhf.phases.shared import StopOnNonFinite
+
+    trainer = SimpleNamespace(callback_metrics={"val/loss": torch.tensor(float("nan"))}, global_step=7)
+    StopOnNonFinite().on_train_batch_end(trainer, None, {"loss": torch.tensor(1.0)}, None, 0)  # validation: not watched
+    with pytest.raises(TrainingDiverged, match="^loss is inf at step 7: "):
+        StopOnNonFinite().on_train_batch_end(trainer, None, {"loss": torch.tensor(float("inf"))}, None, 0)
+
+
 def test_the_iteration_seed_defaults_to_the_runs_seed(world_sft_path):
     assert PPOModule(model_name_or_path=world_sft_path).seed == 0
     seed_everything(7)

@@ -317,7 +317,7 @@ class _RowParser:
             raise row
         if not isinstance(row, Mapping):
             raise RowProblem(None, "not an object", f"a row must be an object, got {_type_name(row)}")
-        format_name = _detect_format(row)
+        format_name = _detect_format(row, _ACCEPTED[kind])
         if kind == "prompt":
             return [self._prompt_record(row, format_name)], 0
         if format_name not in _ACCEPTED[kind]:
@@ -557,11 +557,12 @@ def _is_dialogue(value: Any) -> bool:
     )
 
 
-def _detect_format(row: Mapping[str, Any]) -> str | None:
-    for format_name, keys in _FORMAT_KEYS:
-        if any(key in row for key in keys):
-            return format_name
-    return None
+def _detect_format(row: Mapping[str, Any], accepted: tuple[str, ...]) -> str | None:
+    """The row's format: of those its keys name, the first that the wanted kind accepts, else the first (to say
+    what the row is). Real datasets carry more than one: ``ultrafeedback_binarized`` rows have
+    ``prompt``/``chosen``/``rejected`` and also ``messages`` (the chosen dialogue), a comparison and a chat."""
+    present = [name for name, keys in _FORMAT_KEYS if any(key in row for key in keys)]
+    return next((name for name in present if name in accepted), present[0] if present else None)
 
 
 def _wrong_format_message(row: Mapping[str, Any], format_name: str | None, kind: str) -> str:

@@ -7,12 +7,12 @@ import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torchmetrics import Metric
 from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
-from lit_rlhf.errors import ConfigError
+from lit_rlhf.errors import ConfigError, TrainingDiverged
 from lit_rlhf.models import check_positions, export, full_state_dict, is_sharded, merged, shard
 
 
@@ -111,3 +111,23 @@ def export_trained(module: LightningModule, model: PreTrainedModel) -> str:
         export(merged(model), module.tokenizer, out_dir, state_dict)
     trainer.strategy.barrier("export")
     return out_dir
+
+
+class StopOnNonFinite(Callback):
+    """Stops a run at the first training step whose loss (or PPO's policy or value loss, or its reward scores) is
+    NaN or infinite, with one line naming the step. It runs right after the step, before validation, checkpointing
+    or the export at the end of fit, so no saved file holds the diverged weights and the last good checkpoint stays
+    the newest."""
+
+    WATCHED = ("objective/scores", "train/loss", "loss/policy", "loss/value")
+    """Logged training metrics checked after each step, causes first: a NaN score makes every PPO loss NaN."""
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        values = {"loss": outputs["loss"]} if isinstance(outputs, Mapping) and "loss" in outputs else {}
+        values |= {name: trainer.callback_metrics[name] for name in self.WATCHED if name in trainer.callback_metrics}
+        for name, value in values.items():
+            if not torch.isfinite(torch.as_tensor(value)).all():
+                raise TrainingDiverged(
+                    f"{name} is {float(torch.as_tensor(value).float().mean())} at step {trainer.global_step}: training "
+                    "stopped before anything saved it (lower the learning rate, or check the data and reward)"
+                )
