@@ -28,6 +28,8 @@ from lit_rlhf.errors import ConfigError, LitRLHFError
 from lit_rlhf.phases.shared import StopOnNonFinite
 
 RUNS_DIR = "runs"
+LIGHTNING_CHECKPOINT_NAMES = ("last", "best", "hpc", "registry")
+"""``--ckpt_path`` values that Lightning resolves itself rather than paths."""
 DESCRIPTION = """\
 The RLHF recipe on PyTorch Lightning. Phases: lit-rlhf fit --config configs/{sft,rm,ppo,dpo}.yaml
 (ipo, kto, simpo too). More commands, each with --help:
@@ -137,6 +139,8 @@ class RLHFCLI(LightningCLI):
         for every other setting, and each argument that differs from the checkpoint's is named."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in LIGHTNING_CHECKPOINT_NAMES and not Path(ckpt_path).exists():
+            raise ConfigError(f"--ckpt_path {ckpt_path}: no such checkpoint file or folder")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         saved = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters", {})

@@ -117,7 +117,12 @@ def _from_pretrained(auto_class, name_or_path: str, trust_remote_code: bool, dty
     try:
         return auto_class.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"cannot load a model from {name_or_path}: {error}") from error
+        raise ConfigError(f"cannot load a model from {name_or_path}: {_first_line(error)}") from error
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of a library's error, so the CLI's message stays one line (hub errors run to several)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def check_positions(model: torch.nn.Module, length: int, what: str) -> None:
@@ -172,7 +177,11 @@ def load_scalar_head_model(
         config.num_labels = 1
         model = AutoModelForSequenceClassification.from_config(config)
     else:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        _check_exists(name_or_path)
+        try:
+            config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"cannot load a model from {name_or_path}: {_first_line(error)}") from error
         config.num_labels = 1
         config.pad_token_id = tokenizer.pad_token_id
         model = _from_pretrained(

@@ -52,6 +52,11 @@ CONFIGS = Path(__file__).parents[1] / "configs"
         (["--config", str(CONFIGS / "sft.yaml"), "--data.batch_size", "0"], "batch_size must be at least 1, got 0"),
         (["--config", str(CONFIGS / "sft.yaml"), "--model.model_name_or_path", "empty"],
          "no tokenizer in empty (none of tokenizer.json, tokenizer_config.json, vocab.json, tokenizer.model)"),
+        # out-of-range settings used to train silently
+        (["--config", str(CONFIGS / "sft.yaml"), "--model.learning_rate", "-0.001"],
+         "learning_rate must be positive, got -0.001"),
+        (["--config", str(CONFIGS / "sft.yaml"), "--ckpt_path", "nope.ckpt"],
+         "--ckpt_path nope.ckpt: no such checkpoint file or folder"),
         # Lightning's own configuration errors too: the GPU trainer config on this CPU-only machine
         pytest.param(["--config", str(CONFIGS / "sft.yaml"), "--config", str(CONFIGS / "trainer" / "ddp.yaml")],
                      "trainer: No supported gpu backend found!",

@@ -150,6 +150,8 @@ def test_ultrafeedback_rows_as_published_with_all_their_columns():
     assert only([row], "unpaired") == [Unpaired("User: hi\nAssistant:", " hello\n", True),
                                        Unpaired("User: hi\nAssistant:", " go away\n", False)]
     assert only([row], "demonstration") == [Demonstration("User: hi\nAssistant:", " hello\n")]
+    with pytest.raises(DataError, match=r"field 'chosen': message 1 must be an object, got str"):
+        normalize_rows([{"prompt": "hi", "chosen": ["a", "b"], "rejected": "c"}], "comparison")
     with pytest.raises(DataError, match=r"a messages row is not a comparison"):
         normalize_rows([{"messages": [user("hi"), assistant("hello")]}], "comparison")
 

@@ -273,6 +273,11 @@ def test_kto_at_the_start_costs_half_of_each_rows_weight(bandit_policy_path):
         ({"loss_type": "hinge", "label_smoothing": 0.1}, "label_smoothing"),
         ({"loss_type": "kto", "precompute_ref_logps": True}, "precompute_ref_logps"),
         ({"model_name_or_path": "world"}, "SFT export"),
+        ({"beta": -1.0}, "beta must be positive, got -1.0"),
+        ({"beta": 0.0}, "beta must be positive, got 0.0"),
+        ({"learning_rate": 0.0}, "learning_rate must be positive"),
+        ({"loss_type": "robust", "label_smoothing": 0.5}, "label-flip probability below 0.5, got 0.5"),
+        ({"eval_temperature": -1.0}, "eval_temperature must not be negative"),
     ],
 )
 def test_bad_settings_fail_at_construction(bandit_policy_path, hparams, message):

@@ -207,6 +207,14 @@ def test_invalid_settings_fail_with_one_clear_error(world_sft_path):
         PPOModule(model_name_or_path=world_sft_path, advantage_estimator="reinforce")
     with pytest.raises(ConfigError, match="group_size"):
         PPOModule(model_name_or_path=world_sft_path, advantage_estimator="rloo", group_size=1)
+    for setting, message in [({"clip_range": 0.0}, "clip_range must be positive"),
+                             ({"init_kl_coef": -0.1}, "init_kl_coef must not be negative"),
+                             ({"lam": 1.5}, "lam must be between 0 and 1"), ({"ppo_epochs": 0}, "ppo_epochs must be")]:
+        with pytest.raises(ConfigError, match=message):
+            PPOModule(model_name_or_path=world_sft_path, **setting)
+    module = PPOModule(model_name_or_path=world_sft_path, reward_model=world_sft_path, value_model="runs/nope")
+    with pytest.raises(ConfigError, match=r"^model not found: runs/nope \(no such folder\)$|^cannot load a model"):
+        module.configure_model()
     with pytest.raises(TypeError, match="kl_estimator"):  # k2/k3 as the per-token reward: not KL(π‖π_ref)'s gradient
         PPOModule(model_name_or_path=world_sft_path, kl_estimator="k3")
     module = PPOModule(model_name_or_path=world_sft_path, reward_model="no_such_module:reward")

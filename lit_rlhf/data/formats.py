@@ -425,6 +425,8 @@ class _RowParser:
                 raise RowProblem("prompt", "not in the dialogue", "is not a user message of the 'chosen' dialogue")
             prompt, chosen, rejected = self._shared_prompt_dialogues(row)
         else:
+            if isinstance(row.get("chosen"), list):  # checked first, so a bad 'chosen' is not blamed on 'rejected'
+                _messages(row["chosen"], "chosen")
             _same_kind(row.get("chosen"), "rejected", row.get("rejected"))
             prompt_value = self._prompt(row, chat=isinstance(row.get("chosen"), list))
             prompt = prompt_value.text

@@ -44,6 +44,7 @@ from lit_rlhf.phases.reference_logps import (
 from lit_rlhf.phases.shared import (
     adamw_with_warmup,
     check_context,
+    check_settings,
     export_trained,
     leave_out_frozen,
     restore_frozen,
@@ -111,6 +112,14 @@ class DPOModule(LightningModule):
         lora: dict | None = None,
     ) -> None:
         super().__init__()
+        check_settings(
+            positive={"beta": beta, "learning_rate": learning_rate, "max_new_tokens": max_new_tokens},
+            non_negative={"simpo_gamma": simpo_gamma, "rpo_alpha": rpo_alpha, "weight_decay": weight_decay,
+                          "desirable_weight": desirable_weight, "undesirable_weight": undesirable_weight,
+                          "eval_temperature": eval_temperature},
+        )
+        if not 0 <= label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing is a label-flip probability below 0.5, got {label_smoothing}")
         if loss_type not in LOSS_TYPES:
             raise ConfigError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
         if is_world(model_name_or_path):

@@ -69,7 +69,14 @@ from lit_rlhf.models import (
     with_lora,
     without_dropout,
 )
-from lit_rlhf.phases.shared import check_context, export_trained, leave_out_frozen, restore_frozen, shard_networks
+from lit_rlhf.phases.shared import (
+    check_context,
+    check_settings,
+    export_trained,
+    leave_out_frozen,
+    restore_frozen,
+    shard_networks,
+)
 from lit_rlhf.rollout import PolicyEvaluation, Rollout, RolloutBuffer, SamplingConfig, evaluate_policy, generate
 from lit_rlhf.scoring import GoldScorer, RewardModelScorer, make_scorer
 from lit_rlhf.world import has_gold
@@ -148,6 +155,15 @@ class PPOModule(LightningModule):
             raise ConfigError(f"{advantage_estimator} needs group_size >= 2 to form a baseline, got {group_size}")
         if temperature <= 0:
             raise ConfigError(f"PPO samples its rollouts: temperature must be positive, got {temperature}")
+        check_settings(
+            positive={"learning_rate": learning_rate, "value_learning_rate": value_learning_rate,
+                      "clip_range": clip_range, "clip_range_value": clip_range_value, "ppo_epochs": ppo_epochs,
+                      "num_minibatches": num_minibatches, "gradient_accumulation_steps": gradient_accumulation_steps,
+                      "max_new_tokens": max_new_tokens, "kl_target": kl_target, "kl_horizon": kl_horizon},
+            non_negative={"init_kl_coef": init_kl_coef, "vf_coef": vf_coef, "entropy_coef": entropy_coef,
+                          "ptx_coef": ptx_coef},
+            unit={"gamma": gamma, "lam": lam},
+        )
         self.save_hyperparameters()
         self.seed = global_seed() if seed is None else seed
         self.automatic_optimization = False

@@ -20,6 +20,7 @@ from lit_rlhf.models import is_sharded, load_scalar_head_model, load_tokenizer, 
 from lit_rlhf.phases.shared import (
     adamw_with_warmup,
     check_context,
+    check_settings,
     export_trained,
     shard_networks,
     validation_means,
@@ -78,6 +79,9 @@ class RewardModelModule(LightningModule):
         lora: dict | None = None,
     ) -> None:
         super().__init__()
+        check_settings(positive={"learning_rate": learning_rate},
+                       non_negative={"weight_decay": weight_decay,
+                                     "center_rewards_coefficient": center_rewards_coefficient})
         if normalization_samples < 2:
             raise ConfigError(f"normalization_samples must be at least 2 (for a std), got {normalization_samples}")
         self.save_hyperparameters()

@@ -10,7 +10,13 @@ from torchmetrics import MeanMetric
 
 from lit_rlhf import losses
 from lit_rlhf.models import forward, load_causal_lm, load_tokenizer, trainable, with_lora
-from lit_rlhf.phases.shared import adamw_with_warmup, check_context, export_trained, shard_networks
+from lit_rlhf.phases.shared import (
+    adamw_with_warmup,
+    check_context,
+    check_settings,
+    export_trained,
+    shard_networks,
+)
 from lit_rlhf.rollout import SamplingConfig, evaluate_policy
 
 
@@ -41,6 +47,8 @@ class SFTModule(LightningModule):
         lora: dict | None = None,
     ) -> None:
         super().__init__()
+        check_settings(positive={"learning_rate": learning_rate, "max_new_tokens": max_new_tokens},
+                       non_negative={"weight_decay": weight_decay, "eval_temperature": eval_temperature})
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
         self.model = None

@@ -30,6 +30,25 @@ def adamw_with_warmup(
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+def check_settings(
+    positive: Mapping[str, float | None] | None = None,
+    non_negative: Mapping[str, float] | None = None,
+    unit: Mapping[str, float] | None = None,
+) -> None:
+    """One line for a setting out of its range, which would otherwise train silently into nonsense: ``positive``
+    ones must be > 0 (learning rates, β, clip ranges, counts; ``None`` is unset), ``non_negative`` ones ≥ 0
+    (coefficients, temperatures where 0 means greedy), ``unit`` ones in [0, 1]."""
+    for name, value in (positive or {}).items():
+        if value is not None and not value > 0:
+            raise ConfigError(f"{name} must be positive, got {value}")
+    for name, value in (non_negative or {}).items():
+        if not value >= 0:
+            raise ConfigError(f"{name} must not be negative, got {value}")
+    for name, value in (unit or {}).items():
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{name} must be between 0 and 1, got {value}")
+
+
 class FullyShardedStrategy(ModelParallelStrategy):
     """FSDP2 over every process of every node: Lightning's ``ModelParallelStrategy`` with all devices in the
     data-parallel dimension and no tensor parallelism. Each phase shards its networks in ``configure_model``
