@@ -365,10 +365,17 @@ def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """Dropout off everywhere: RLHF's probability ratios (PPO's π/π_old, DPO's π/π_ref) must not be noisy, and
-    exactly 1 before the first update (TRL does the same)."""
+    exactly 1 before the first update (TRL does the same). Besides ``nn.Dropout`` that is the attention dropout
+    that Llama, Qwen, Mistral and Phi keep as a float on each attention module (read from
+    ``config.attention_dropout``, applied in train mode); the config says so too, for the export."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+        config = getattr(module, "config", None)
+        if isinstance(getattr(config, "attention_dropout", None), float):
+            config.attention_dropout = 0.0
     return model
 
 

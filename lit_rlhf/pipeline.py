@@ -149,7 +149,8 @@ def _expand(stage: dict[str, Any]) -> list[dict[str, Any]]:
             rm_model = stages[-2]["name"] if reward_init == "previous" and stages else policy
             stages.append({"name": f"{prefix}_collect", "kind": "collect", "policy": policy, **collect})
             stages.append({"name": f"{prefix}_rm", "kind": "fit", "config": stage["rm_config"], "model": rm_model,
-                           "data": f"{prefix}_collect", "args": stage.get("rm_args", {})})
+                           "data": f"{prefix}_collect", "statistics_policy": policy,
+                           "args": stage.get("rm_args", {})})
             policy_stage = {"name": prefix, "kind": "fit", "config": stage["config"], "model": policy,
                             "args": stage.get("args", {}), "role": POLICY}
             if stage.get("algorithm", "ppo") == "ppo":
@@ -298,6 +299,7 @@ def _run_fit(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
             "--model.init_args.export_dir", str(stage_dir / "hf")]
     for option, key, output in (("model", "model.init_args.model_name_or_path", "model"),
                                 ("reward_model", "model.init_args.reward_model", "model"),
+                                ("statistics_policy", "model.init_args.statistics_policy", "model"),
                                 ("data", "data.init_args.path", "data")):
         if stage.get(option):
             args += [f"--{key}", run.resolve(stage[option], output)]

@@ -146,6 +146,18 @@ def test_unpaired_batches_pair_each_prompt_with_the_next_completion_for_kl(token
     assert batch["completion"] == [" b", " e f g", " i"]
 
 
+def test_kl_pairs_skip_rows_of_the_same_prompt(tokenizer):
+    """Validation rows come grouped by prompt (a comparison split into its desirable and undesirable rows): the
+    mismatched pair of a row is the next row with another prompt, never its own prompt's other completion."""
+    records = [Unpaired("a", " b", True), Unpaired("a", " c", False), Unpaired("d", " e", True),
+               Unpaired("d", " f", False)]
+    batch = collate_unpaired(encode_unpaired(records, tokenizer, 5, 2).examples, pad_id=PAD, max_length=5)
+    a, b, d, e = ids("a b d e")
+    assert batch["kl_input_ids"][:, :3].tolist() == [[a, e, EOS], [a, e, EOS], [d, b, EOS], [d, b, EOS]]
+    alone = collate_unpaired(encode_unpaired(records[:2], tokenizer, 5, 2).examples, pad_id=PAD, max_length=5)
+    assert alone["kl_input_ids"][:, :2].tolist() == [[a, ids("c")[0]], [a, b]]  # one prompt: the next row anyway
+
+
 # --- splitting ---------------------------------------------------------------------------------------------------
 
 

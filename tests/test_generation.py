@@ -49,3 +49,21 @@ def test_decoded_responses_keep_their_leading_space(tiny_llama_path):
     (decoded,) = generation.decode(tokenizer)
     assert decoded == response
     assert tokenizer(decoded, add_special_tokens=False)["input_ids"] == response_ids[0].tolist()
+
+
+def test_without_dropout_switches_off_attention_dropout_outside_nn_dropout():
+    """Llama-family attention reads a float ``attention_dropout`` in train mode: PPO's ratio π/π_old must still be 1
+    for the same weights, so two forward passes in train mode agree."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lit_rlhf.models import without_dropout
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.5)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
+    tokens = torch.randint(0, 50, (2, 12))
+    assert not torch.equal(model(tokens).logits, model(tokens).logits)  # the dropout this is about
+    without_dropout(model)
+    assert torch.equal(model(tokens).logits, model(tokens).logits)
+    assert model.config.attention_dropout == 0.0

@@ -126,6 +126,11 @@ def test_shorthands_wire_each_round_to_the_previous_one(tmp_path):
     assert stages["iterative2_collect"]["policy"] == "iterative1"
     assert stages["iterative2_rm"]["data"] == "iterative2_collect" and stages["iterative2_rm"]["model"] == "iterative1"
     assert stages["iterative2"]["model"] == "iterative1" and stages["iterative2"]["reward_model"] == "iterative2_rm"
+    continued = pipeline._expand({"name": "it", "kind": "iterative", "policy": "sft", "config": "ppo.yaml",
+                                  "rm_config": "rm.yaml", "rounds": 2, "reward_init": "previous"})
+    second_rm = next(stage for stage in continued if stage["name"] == "it2_rm")
+    # continuing the last round's reward model, whose score statistics must come from the policy PPO will train
+    assert second_rm["model"] == "it1_rm" and second_rm["statistics_policy"] == "it1"
     spin = {stage["name"]: stage for stage in pipeline.load_pipeline(CONFIGS / "pipeline_spin.yaml")["stages"]}
     assert spin["spin2_data"]["policy"] == "spin1" and spin["spin2"]["model"] == "spin1"  # reference: last round
 

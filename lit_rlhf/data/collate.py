@@ -255,13 +255,21 @@ def collate_prompts(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
 
 def collate_unpaired(examples: Sequence[Example], pad_id: int, max_length: int) -> dict[str, Any]:
     """``input_ids``, ``attention_mask``, ``response_mask`` [B, T], ``label`` bool [B]; and ``kl_input_ids``,
-    ``kl_attention_mask``, ``kl_response_mask``: prompt i with completion (i + 1) mod B, the mismatched pairs KTO
-    estimates its KL reference point from (Ethayarajh et al. 2024; a batch of one pairs a row with itself);
-    ``prompt`` and ``completion`` texts."""
+    ``kl_attention_mask``, ``kl_response_mask``: prompt i with the completion of the next row (cyclically) that has
+    another prompt, the mismatched pairs KTO estimates its KL reference point from (Ethayarajh et al. 2024).
+    Skipping rows of the same prompt matters where rows come grouped by prompt (validation, unshuffled, or paired
+    data split into a desirable and an undesirable row): the next row's completion would answer the same prompt.
+    Only when every row has one prompt (a batch of one too) is a row paired with the next row anyway. ``prompt``
+    and ``completion`` texts."""
     prompts = [e["prompt_ids"] for e in examples]
     responses = [e["response_ids"] for e in examples]
     input_ids, attention_mask, response_mask = _sequences(prompts, responses, pad_id)
-    shifted = responses[1:] + responses[:1]
+    rows = len(examples)
+    partners = [
+        next((j % rows for j in range(i + 1, i + rows) if prompts[j % rows] != prompts[i]), (i + 1) % rows)
+        for i in range(rows)
+    ]
+    shifted = [responses[partner] for partner in partners]
     kl_responses = [response[: max_length - len(prompt)] for prompt, response in zip(prompts, shifted)]
     kl_input_ids, kl_attention_mask, kl_response_mask = _sequences(prompts, kl_responses, pad_id)
     return {

@@ -1,8 +1,9 @@
 """Phase 2: a reward model on comparisons with the Bradley–Terry loss (InstructGPT §3.5, Stiennon et al. 2020).
 
 The model starts from the SFT export with its LM head replaced by a scalar head read at the last non-pad token
-(``AutoModelForSequenceClassification``, ``num_labels=1``). After fit it scores the SFT policy's own responses to
-training prompts and stores the mean and std of those scores in the export's config, so PPO can normalise.
+(``AutoModelForSequenceClassification``, ``num_labels=1``). After fit it scores the responses of the policy PPO will
+train (``statistics_policy``, by default the SFT export) to training prompts and stores the mean and std of those
+scores in the export's config, so PPO can normalise.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class RewardModelModule(LightningModule):
         center_rewards_coefficient: float = 0.0,
         export_dir: str | None = None,
         normalization_samples: int = 256,
+        statistics_policy: str | None = None,
         max_new_tokens: int = 24,
         max_prompt_length: int = 32,
         trust_remote_code: bool = False,
@@ -158,8 +160,10 @@ class RewardModelModule(LightningModule):
         export_trained(self, self.model)
 
     def _store_score_statistics(self) -> None:
-        """Score the SFT policy's responses to training prompts; keep their mean and std in the config, and the
-        length limits of training, which scorers loading the export take as their defaults."""
+        """Score the responses of the policy PPO will train (``statistics_policy``, by default the SFT export the
+        reward model starts from) to training prompts; keep their mean and std in the config, and the length limits
+        of training, which scorers loading the export take as their defaults. A reward model that continues an
+        earlier one (iterative RLHF's ``reward_init: previous``) must name the policy: its own start is no policy."""
         hp = self.hparams
         datamodule = self.trainer.datamodule
         self.model.eval()
@@ -168,10 +172,9 @@ class RewardModelModule(LightningModule):
         scorer = RewardModelScorer(
             self.model, self.tokenizer, datamodule.hparams.max_length, datamodule.hparams.max_prompt_length
         )
-        groups = sample_responses(
-            hp.model_name_or_path, prompts, per_prompt, SamplingConfig(hp.max_new_tokens), scorer.max_prompt_length,
-            256, self.device, hp.dtype,
-        )
+        policy = hp.statistics_policy or hp.model_name_or_path
+        groups = sample_responses(policy, prompts, per_prompt, SamplingConfig(hp.max_new_tokens),
+                                  scorer.max_prompt_length, 256, self.device, hp.dtype)
         samples = [(prompt, response) for prompt, group in zip(prompts, groups) for response in group]
         scores = scorer.score(*zip(*samples[: hp.normalization_samples]))
         for name, key in LENGTH_KEYS.items():
