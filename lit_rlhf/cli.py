@@ -118,12 +118,19 @@ class RLHFCLI(LightningCLI):
         parser.link_arguments("data.init_args.max_prompt_length", "model.init_args.max_prompt_length")
 
     def before_instantiate_classes(self) -> None:
+        """Name each default logger's run folder after the phase, and put the logs under the trainer's
+        ``default_root_dir`` when the user set one (as a Lightning user expects), else under ``runs_dir``."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        root = config.trainer.default_root_dir or self.runs_dir
         loggers = config.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             init_args = getattr(logger, "init_args", None)
-            if init_args is not None and "name" in init_args and init_args.name in (None, "lightning_logs"):
-                init_args.name = _phase_name(config.model, self.runs_dir)
+            if init_args is None:
+                continue
+            if init_args.get("save_dir") == self.runs_dir:
+                init_args.save_dir = str(root)
+            if "name" in init_args and init_args.name in (None, "lightning_logs"):
+                init_args.name = _phase_name(config.model, str(root))
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """Lightning's refusals of a trainer setting (``configs/trainer/ddp.yaml`` on a machine without GPUs) are

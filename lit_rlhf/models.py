@@ -255,13 +255,16 @@ def response_logprobs(
     response_mask: torch.Tensor,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, ...]:
     """Per-token log-probs of the given tokens under a causal LM, aligned for next-token prediction.
 
     Returns ``(logps, mask)`` of shape ``[B, T-1]``: ``logps[:, t]`` is log π(input_ids[:, t+1] | prefix) and
     ``mask`` is ``response_mask[:, 1:]``. Sampling ``temperature`` divides the logits, so PPO's ratios refer to
     the distribution the rollouts were drawn from. With ``return_entropy`` the per-position entropy of the whole
-    next-token distribution comes third, from the same forward. Every phase's log-probs come from here.
+    next-token distribution comes third, from the same forward; without ``entropy_grad`` it is only measured (no
+    autograd graph through the full-vocabulary float32 softmax: PPO logs it but has no entropy bonus). Every
+    phase's log-probs come from here.
     """
     logits = forward(model, input_ids, attention_mask).logits
     if temperature != 1.0:
@@ -269,7 +272,8 @@ def response_logprobs(
     logits, labels, mask = losses.shift_for_next_token(logits, input_ids, response_mask)
     logps = losses.token_logprobs(logits, labels)
     if return_entropy:
-        return logps, mask, losses.entropy_from_logits(logits)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+            return logps, mask, losses.entropy_from_logits(logits if entropy_grad else logits.detach())
     return logps, mask
 
 

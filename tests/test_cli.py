@@ -125,3 +125,13 @@ def test_only_a_package_error_that_caused_the_failure_becomes_the_one_line_messa
             raise RuntimeError("a failure while handling it")  # noqa: B904  a bug of its own: keeps its traceback
     except RuntimeError as unrelated:
         assert _user_error(unrelated) is None
+
+
+def test_default_root_dir_holds_the_logs_and_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(CONFIGS / "sft.yaml"), "--trainer.default_root_dir", "elsewhere",
+          "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+          "--data.num_eval_prompts", "2", "--trainer.enable_progress_bar", "false"])
+    assert (tmp_path / "elsewhere" / "sft" / "version_0" / "metrics.csv").is_file()
+    assert list((tmp_path / "elsewhere" / "sft" / "version_0" / "checkpoints").glob("*.ckpt"))
+    assert not (tmp_path / "runs" / "sft" / "version_0").exists()  # only the export, configs/sft.yaml's export_dir

@@ -67,3 +67,18 @@ def test_without_dropout_switches_off_attention_dropout_outside_nn_dropout():
     without_dropout(model)
     assert torch.equal(model(tokens).logits, model(tokens).logits)
     assert model.config.attention_dropout == 0.0
+
+
+def test_entropy_is_only_measured_without_an_entropy_bonus(tiny_llama_path):
+    """PPO logs the policy's entropy at every update, but builds no autograd graph through the full-vocabulary
+    softmax unless its entropy bonus needs the gradient."""
+    from lit_rlhf.models import response_logprobs
+
+    tokenizer = load_tokenizer(tiny_llama_path)
+    model = load_causal_lm(tiny_llama_path, tokenizer)
+    tokens = torch.tensor([tokenizer("name three fruits . apple , pear", add_special_tokens=False)["input_ids"]])
+    mask = torch.ones_like(tokens)
+    logps, _, entropy = response_logprobs(model, tokens, mask, mask, return_entropy=True, entropy_grad=False)
+    assert logps.requires_grad and not entropy.requires_grad
+    _, _, with_grad = response_logprobs(model, tokens, mask, mask, return_entropy=True)
+    assert with_grad.requires_grad and torch.allclose(with_grad.detach(), entropy)

@@ -313,7 +313,7 @@ class PPOModule(LightningModule):
         hp = self.hparams
         logprobs, mask, entropy = response_logprobs(
             self.policy, batch.input_ids, batch.attention_mask, batch.response_mask, hp.temperature,
-            return_entropy=True,
+            return_entropy=True, entropy_grad=bool(hp.entropy_coef),
         )
         loss, policy_stats = ppo_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, hp.clip_range)
         stats = {"loss/policy": loss.detach(), **{f"policy/{name}": value for name, value in policy_stats.items()}}
