@@ -293,3 +293,28 @@ def test_the_policy_fits_prompt_and_new_tokens_and_the_reward_model_one_more(wor
                          max_new_tokens=28)
     with pytest.raises(ConfigError, match="of up to 129 tokens do not fit"):
         too_long.configure_model()
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_group_advantages_are_normalised_once_per_sequence(world_sft_path, estimator):
+    """Each sequence's tokens all carry its group advantage, unchanged: a second, token-weighted whitening would
+    shift it by a length-weighted mean, so a group's advantages would no longer sum to zero (GRPO, RLOO)."""
+    from lit_rlhf.data.collate import tokenize_prompts
+    from lit_rlhf.rollout import PolicyEvaluation
+
+    module = PPOModule(model_name_or_path=world_sft_path, reward_model="gold", advantage_estimator=estimator,
+                       group_size=4, max_new_tokens=12)
+    module.configure_model()
+    module._reference_answers = PolicyEvaluation([], [], [], metrics={"response/length_mean": 0.0})
+    prompts = ["name three fruits .", "i think carrot is a fruit . give me two fruits .", "list one color ."]
+    prompt_ids, prompt_mask = tokenize_prompts(module.tokenizer, prompts, 32)
+    torch.manual_seed(0)
+    rollout, _, _ = module._rollout({"prompt": prompts, "prompt_input_ids": prompt_ids,
+                                     "prompt_attention_mask": prompt_mask})
+    lengths = rollout.mask.sum(dim=1)
+    assert len(set(lengths.tolist())) > 1  # the answers differ in length, which a token-level whitening weighs
+    per_sequence = rollout.advantages.sum(dim=1) / lengths
+    for row in range(len(rollout)):
+        tokens = rollout.advantages[row][rollout.mask[row].bool()]
+        assert torch.allclose(tokens, per_sequence[row].expand_as(tokens))
+    assert torch.allclose(per_sequence.view(3, 4).sum(dim=1), torch.zeros(3), atol=1e-5)

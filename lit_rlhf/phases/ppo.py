@@ -22,10 +22,12 @@ from the critic's values, while ``grpo``/``rloo`` sum each sequence's shaped rew
 token of it the group advantage. So the KL always goes into the reward. GRPO as published puts a k3 term in the
 loss instead; differentiated through the samples that term has the gradient of KL(π_ref‖π), not of KL(π‖π_ref),
 and it stops short of the KL-regularised optimum π* ∝ π_ref·exp(r/β) (on a 5-armed bandit, at KL(π‖π*) ≈ 0.08;
-KL in the reward reaches π*). Advantages are whitened; ``ppo_epochs`` passes over shuffled minibatches minimise
-:func:`ppo_policy_loss` + ``vf_coef``·:func:`ppo_value_loss` (+ ``ptx_coef``·SFT loss on demonstrations:
-PPO-ptx; − ``entropy_coef``·mean token entropy: the optional entropy bonus), with gradient clipping; the KL
-controller then updates β.
+KL in the reward reaches π*). GAE's advantages are whitened (``whiten_advantages``); the group advantages are not:
+they are normalised once, per sequence, as GRPO (Shao et al. 2024, §4.1.2) and RLOO (Ahmadian et al. 2024) define
+them, and whitening them again over tokens could turn a short above-average answer's advantage negative.
+``ppo_epochs`` passes over shuffled minibatches minimise :func:`ppo_policy_loss` + ``vf_coef``·:func:`ppo_value_loss`
+(+ ``ptx_coef``·SFT loss on demonstrations: PPO-ptx; − ``entropy_coef``·mean token entropy: the optional entropy
+bonus), with gradient clipping; the KL controller then updates β.
 
 ``trainer.max_steps`` counts optimiser updates, ``ppo_epochs × num_minibatches`` per iteration. The datamodule's
 ``batch_size`` is the number of prompts per iteration.
@@ -253,11 +255,11 @@ class PPOModule(LightningModule):
             values = self.critic(input_ids, attention_mask)[:, :-1]
             advantages, returns = gae(rewards, values, mask, hp.gamma, hp.lam)
             metrics["val/explained_variance"] = explained_variance(values[mask.bool()], returns[mask.bool()])
-        else:
+            if hp.whiten_advantages:
+                advantages = whiten(advantages, mask)
+        else:  # already normalised once, per sequence: whitening over tokens would shift it by a length-weighted mean
             sequence_rewards = masked_sum(rewards, mask, dim=1)
             advantages = group_advantages(sequence_rewards, hp.group_size, hp.advantage_estimator)[:, None] * mask
-        if hp.whiten_advantages:
-            advantages = whiten(advantages, mask)
 
         non_score_rewards = masked_sum(rewards, mask, dim=1) - scores
         lengths = (generation.response_lengths - generation.ended_with_eos.long()).float()
