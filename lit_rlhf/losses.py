@@ -221,6 +221,14 @@ def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor, margin: T
     return -F.logsigmoid(logits)
 
 
+def reward_centering_penalty(chosen_scores: Tensor, rejected_scores: Tensor) -> Tensor:
+    """Auxiliary loss mean((s_c + s_r)²) over pairs (Eisenstein et al. 2023, "Helping or Herding?", §3; TRL's
+    ``center_rewards_coefficient``): it pulls each pair's mean score to zero, so scores stay centred without a
+    normalisation pass, and it does not touch the margin s_c − s_r that the Bradley–Terry loss learns (penalising
+    s_c² and s_r² separately would shrink the margin too)."""
+    return (chosen_scores + rejected_scores).pow(2).mean()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # PPO
 # --------------------------------------------------------------------------------------------------------------

@@ -284,17 +284,22 @@ def scalar_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mas
 
 class ValueModel(torch.nn.Module):
     """Per-token values ``[B, T]``: a scalar-head model's backbone with its ``score`` head applied at every
-    position (its own forward reads the head at the last token only)."""
+    position (its own forward reads the head at the last token only), as ``(head − score_mean) / score_std``.
 
-    def __init__(self, scalar_head_model: torch.nn.Module) -> None:
+    A critic that starts as the reward model (InstructGPT) has targets built from scores normalised with the reward
+    model's stored statistics; the fixed affine puts its first values on that scale too, instead of the raw score's.
+    """
+
+    def __init__(self, scalar_head_model: torch.nn.Module, score_mean: float = 0.0, score_std: float = 1.0) -> None:
         super().__init__()
         if not hasattr(scalar_head_model, "score"):
             raise ConfigError(f"{type(scalar_head_model).__name__} has no `score` head to serve as a value head")
         self.backbone, self.head = scalar_head_model.base_model, scalar_head_model.score
+        self.score_mean, self.score_std = score_mean, score_std
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = forward(self.backbone, input_ids, attention_mask).last_hidden_state
-        return self.head(hidden).squeeze(-1).float()
+        return (self.head(hidden).squeeze(-1).float() - self.score_mean) / self.score_std
 
 
 def with_lora(model: PreTrainedModel, lora: dict | None, task_type: str = "CAUSAL_LM") -> PreTrainedModel:

@@ -15,6 +15,7 @@ from lit_rlhf.losses import (
     ppo_policy_loss,
     ppo_value_loss,
     preference_loss,
+    reward_centering_penalty,
     sequence_logprobs,
     sft_loss,
     shift_for_next_token,
@@ -244,6 +245,16 @@ def test_bradley_terry_with_and_without_margin():
 # PPO
 # ---------------------------------------------------------------------------------------------------------------
 
+
+
+def test_reward_centering_penalises_the_pair_mean_not_the_margin():
+    chosen, rejected = torch.tensor([1.0, 2.0]), torch.tensor([-1.0, 0.0])
+    assert_close(reward_centering_penalty(chosen, rejected), 2.0)  # sums 0 and 2 → mean of 0 and 4
+    shift = torch.tensor([0.5, -3.0])  # widen or narrow each margin: the penalty does not move
+    assert_close(reward_centering_penalty(chosen + shift, rejected - shift), 2.0)
+    margin = torch.tensor(3.0, requires_grad=True)
+    reward_centering_penalty(margin / 2, -margin / 2).backward()
+    assert margin.grad == 0.0
 
 def test_ppo_policy_loss_clipping_and_stats():
     # clip c = 0.2; per token ρ, A → max(−Aρ, −A·clip(ρ)), clipped branch active?

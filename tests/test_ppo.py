@@ -318,3 +318,29 @@ def test_group_advantages_are_normalised_once_per_sequence(world_sft_path, estim
         tokens = rollout.advantages[row][rollout.mask[row].bool()]
         assert torch.allclose(tokens, per_sequence[row].expand_as(tokens))
     assert torch.allclose(per_sequence.view(3, 4).sum(dim=1), torch.zeros(3), atol=1e-5)
+
+
+def test_a_critic_from_the_reward_model_starts_on_the_normalised_score_scale(world_sft_path, world_rm_path, tmp_path):
+    """Returns are built from scores normalised with the reward model's stored mean and std: the critic that starts
+    as the reward model starts with its values on that scale, the reward model's score (s − mean) / std at the
+    last token."""
+    import json
+    import shutil
+
+    from lit_rlhf.data.collate import tokenize_prompts
+    from lit_rlhf.models import scalar_scores
+    from lit_rlhf.scoring import SCORE_MEAN_KEY, SCORE_STD_KEY
+
+    reward_model = tmp_path / "rm"
+    shutil.copytree(world_rm_path, reward_model)
+    config = json.loads((reward_model / "config.json").read_text())
+    (reward_model / "config.json").write_text(json.dumps({**config, SCORE_MEAN_KEY: 2.0, SCORE_STD_KEY: 4.0}))
+    module = PPOModule(model_name_or_path=world_sft_path, reward_model=str(reward_model))
+    module.configure_model()
+    ids, mask = tokenize_prompts(module.tokenizer, ["name three fruits . apple , pear , plum ."], 32)
+    raw = scalar_scores(module.reward_network, ids, mask)
+    assert torch.allclose(module.critic(ids, mask)[:, -1], (raw - 2.0) / 4.0, atol=1e-5)
+    unnormalised = PPOModule(model_name_or_path=world_sft_path, reward_model=str(reward_model),
+                             normalize_scores=False)
+    unnormalised.configure_model()
+    assert torch.allclose(unnormalised.critic(ids, mask)[:, -1], raw, atol=1e-5)

@@ -198,7 +198,9 @@ class PPOModule(LightningModule):
             check_context(self, self.reward_network, hp.max_prompt_length + hp.max_new_tokens + 1)  # + its EOS
         if hp.advantage_estimator == "gae":
             start = hp.value_model or (hp.model_name_or_path if self.reward_network is None else hp.reward_model)
-            self.critic = without_dropout(ValueModel(load_scalar_head_model(start, *load)))
+            on_score_scale = isinstance(self.scorer, RewardModelScorer) and start == hp.reward_model
+            statistics = self.scorer.statistics if on_score_scale and hp.normalize_scores else (0.0, 1.0)
+            self.critic = without_dropout(ValueModel(load_scalar_head_model(start, *load), *statistics))
         shard_networks(self, self.policy, self.reference, self.reward_network, self.critic)
 
     def configure_optimizers(self):

@@ -117,7 +117,7 @@ class RewardModelModule(LightningModule):
         margin = torch.where(batch["has_margin"], batch["margin"], torch.zeros_like(batch["margin"]))
         loss = losses.bradley_terry_loss(chosen, rejected, margin).mean()
         if self.hparams.center_rewards_coefficient:
-            loss = loss + self.hparams.center_rewards_coefficient * torch.cat([chosen, rejected]).pow(2).mean()
+            loss = loss + self.hparams.center_rewards_coefficient * losses.reward_centering_penalty(chosen, rejected)
         gold = None
         if has_gold(batch["prompt"]):
             gold = [
