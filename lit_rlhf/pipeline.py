@@ -66,6 +66,7 @@ SUMMARY_METRICS = {
 }
 """A policy's summary columns and the evaluation metrics they hold (:func:`lit_rlhf.rollout.evaluate_policy`)."""
 SUMMARY_KEYS = ("stage", *SUMMARY_METRICS, "seconds")
+SUMMARY_FILE = "summary.json"
 EVAL_SAMPLES_FILE = "eval_samples.jsonl"
 SAMPLES_PER_STAGE = 4
 """Answers per policy written to ``eval_samples.jsonl`` for the report, each to another held-out prompt."""
@@ -249,7 +250,7 @@ def run_pipeline(
     rows = summarize(run)
     print(format_table(rows))
     rows = _merged_with_earlier_summary(rows, run.out_dir, run.seed)
-    write_atomically(run.out_dir / "summary.json", json.dumps(rows, indent=2) + "\n")
+    write_atomically(run.out_dir / SUMMARY_FILE, json.dumps(rows, indent=2) + "\n")
     print(f"[pipeline] summary: {run.out_dir / 'summary.json'}")
     report = build_report([run.out_dir])
     publish_to_wandb(report)
@@ -261,7 +262,7 @@ def _merged_with_earlier_summary(rows: list[dict[str, Any]], out_dir: Path, seed
     """This run's rows, with the rows another pipeline file wrote into the same folder kept in their places when
     their stage is still there under the same seed: a variant run with ``--out`` on the main job's folder adds its
     rows to the main job's."""
-    path = out_dir / "summary.json"
+    path = out_dir / SUMMARY_FILE
     try:
         earlier = json.loads(path.read_text()) if path.is_file() else []
     except json.JSONDecodeError:

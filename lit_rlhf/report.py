@@ -23,13 +23,13 @@ import yaml
 from matplotlib.figure import Figure
 
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.pipeline import format_cell
+from lit_rlhf.pipeline import EVAL_SAMPLES_FILE, SUMMARY_FILE, format_cell
+from lit_rlhf.sweep import SWEEP_FILE
 
 EVAL_MARKERS = ("eval/gold/reward", "eval/response/length_mean")
 """A ``metrics.csv`` row with either value is a held-out evaluation; the other rows are training steps."""
 HACKING = {"length_ratio": "length ratio", "sycophancy_rate": "sycophancy rate", "format_rate": "format rate",
            "repetition_rate": "repetition rate"}
-POLICY_METRICS = ("gold_reward", "proxy_reward", "kl", "length_mean", *HACKING, "proxy_gap")
 BETA_KEYS = ("init_kl_coef", "beta")
 SAMPLES_PER_RUN = 4
 DESCRIPTIONS = {
@@ -97,15 +97,15 @@ class _NothingToPlot(Exception):
 
 def load_folder(path: str | Path) -> RunFolder:
     path = Path(path)
-    if (path / "sweep.json").is_file():
+    if (path / SWEEP_FILE).is_file():
         return _load_sweep(path)
-    if (path / "summary.json").is_file():
+    if (path / SUMMARY_FILE).is_file():
         return _load_pipeline(path)
     raise ConfigError(f"{path}: no summary.json or sweep.json (run lit-rlhf pipeline or lit-rlhf sweep first)")
 
 
 def _load_pipeline(path: Path) -> RunFolder:
-    folder = RunFolder("pipeline", path.resolve().name, summary=json.loads((path / "summary.json").read_text()))
+    folder = RunFolder("pipeline", path.resolve().name, summary=json.loads((path / SUMMARY_FILE).read_text()))
     for row in folder.summary:
         stage = str(row.get("stage"))
         done = json.loads((path / stage / "done.json").read_text()) if (path / stage / "done.json").is_file() else {}
@@ -121,7 +121,7 @@ def _load_pipeline(path: Path) -> RunFolder:
             folder.rm_curves.append(Curve(stage, _metric_rows(log, ("val/accuracy",))))
         elif phase in ("ppo", "dpo"):
             folder.curves.append(Curve(label, _metric_rows(log, EVAL_MARKERS)))
-    for sample in _jsonl(path / "eval_samples.jsonl"):
+    for sample in _jsonl(path / EVAL_SAMPLES_FILE):
         stage_samples = folder.samples.setdefault(str(sample.get("stage")), [])
         if len(stage_samples) < SAMPLES_PER_RUN:
             stage_samples.append(sample)
@@ -129,7 +129,7 @@ def _load_pipeline(path: Path) -> RunFolder:
 
 
 def _load_sweep(path: Path) -> RunFolder:
-    spec = json.loads((path / "sweep.json").read_text())
+    spec = json.loads((path / SWEEP_FILE).read_text())
     folder = RunFolder("sweep", str(spec.get("name") or path.resolve().name), phase=str(spec.get("phase", "")),
                        trials=spec.get("trials") or [], baselines=spec.get("baselines") or [],
                        reference=spec.get("reference"))

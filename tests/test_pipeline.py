@@ -69,6 +69,11 @@ def test_the_pipeline_resumes_after_a_crash_without_redoing_completed_stages(tmp
         assert set(pipeline.SUMMARY_KEYS) <= set(by_stage[stage]), stage
         assert -1.0 <= by_stage[stage]["gold_reward"] <= 1.0
     assert by_stage["sft"]["kl"] == 0.0 and by_stage["ppo"]["kl"] != 0.0
+    # the hacking columns, measured against the reference (SFT): the reference itself has ratio 1 and no gap
+    assert by_stage["sft"]["length_ratio"] == 1.0 and by_stage["sft"]["proxy_gap"] == 0.0
+    assert by_stage["ppo"]["length_ratio"] > 0 and by_stage["best_of_n"]["proxy_gap"] is not None
+    assert all(0 <= by_stage[stage]["sycophancy_rate"] <= 1 for stage in ("init", "sft", "ppo", "dpo", "best_of_n"))
+    assert (out / "report" / "index.html").is_file() and (out / "eval_samples.jsonl").is_file()
     assert by_stage["best_of_n"]["kl"] == pytest.approx(math.log(8) - 7 / 8)
     assert 0.0 <= by_stage["rm"]["accuracy"] <= 1.0 and "gold_accuracy" in by_stage["rm"]
     assert by_stage["collect"]["pairs"] > 0

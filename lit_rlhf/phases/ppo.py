@@ -17,7 +17,7 @@ One iteration (one ``training_step``): sample responses with :func:`generate` (`
 optional missing-EOS penalty, clip; compute old and reference log-probs (and values) without gradient;
 :func:`shape_rewards` puts −β·KL on every response token and the score on the last (the k1 estimate log π/π_ref:
 with k2 or k3 as a fixed per-token reward the expected update is not the gradient of KL(π‖π_ref), Tang & Munos
-2025, so those estimators are for logging only); then ``gae`` takes advantages
+2025, so the reward takes no other estimator); then ``gae`` takes advantages
 from the critic's values, while ``grpo``/``rloo`` sum each sequence's shaped rewards (score − β·KL) and give every
 token of it the group advantage. So the KL always goes into the reward. GRPO as published puts a k3 term in the
 loss instead; differentiated through the samples that term has the gradient of KL(π_ref‖π), not of KL(π‖π_ref),

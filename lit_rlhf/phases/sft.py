@@ -27,8 +27,8 @@ class SFTModule(LightningModule):
     samples answers to the datamodule's held-out prompts and logs under ``eval/`` what :func:`evaluate_policy`
     measures: ``response/length_mean``, the ``hacking/`` rates, and ``gold/reward`` on the embedded world. Exports
     a Hugging Face folder at the end of fit (``export_dir``, default ``<log_dir>/hf``) that the next phase loads by
-    path. With ``lora`` (``peft.LoraConfig`` arguments) only LoRA
-    adapters train, and the export has them merged into the weights.
+    path. With ``lora`` (``peft.LoraConfig`` arguments) only LoRA adapters train, and the export has them merged
+    into the weights.
     """
 
     def __init__(
