@@ -8,7 +8,9 @@ meet are printed on one line with exit status 2.
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import shutil
 import sys
 import warnings
 from collections.abc import Callable
@@ -17,8 +19,10 @@ from pathlib import Path
 import torch
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.logger import DummyExperiment
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -30,6 +34,8 @@ from lit_rlhf.phases.shared import StopOnNonFinite
 RUNS_DIR = "runs"
 LIGHTNING_CHECKPOINT_NAMES = ("last", "best", "hpc", "registry")
 """``--ckpt_path`` values that Lightning resolves itself rather than paths."""
+SETTINGS_FILES = {"config.yaml", "hparams.yaml"}
+"""What a run folder holds before anything is logged: a failed run's folder with only these is removed."""
 DESCRIPTION = """\
 The RLHF recipe on PyTorch Lightning. Phases: lit-rlhf fit --config configs/{sft,rm,ppo,dpo}.yaml
 (ipo, kto, simpo too). More commands, each with --help:
@@ -49,11 +55,87 @@ def default_loggers(runs_dir: str = RUNS_DIR) -> list[dict]:
         offline = not os.environ.get("WANDB_API_KEY")
         loggers.append(
             {
-                "class_path": "lightning.pytorch.loggers.WandbLogger",
+                "class_path": "lit_rlhf.cli.DeferredWandbLogger",
                 "init_args": {"save_dir": runs_dir, "project": "lit-rlhf", "offline": offline},
             }
         )
     return loggers
+
+
+class DeferredWandbLogger(WandbLogger):
+    """Lightning's W&B logger, whose run starts with the first thing logged (the hyperparameters, once the data and
+    the model are set up) instead of before the data is read: a run stopped by bad data or settings starts none."""
+
+    _logged = False
+    """Whether Lightning has logged anything: until then the run is not started."""
+
+    @property
+    def experiment(self):
+        if self._experiment is None and not self._logged:
+            return DummyExperiment()  # what Lightning's early request for the run gets
+        return super().experiment
+
+    def log_hyperparams(self, params) -> None:
+        self._logged = True
+        super().log_hyperparams(params)
+
+    def log_metrics(self, metrics, step: int | None = None) -> None:
+        self._logged = True
+        super().log_metrics(metrics, step)
+
+
+def _optimizer_steps_per_batch(module: LightningModule) -> int:
+    """How many optimiser steps, which ``trainer.max_steps`` counts, one training batch makes: one, or a module's
+    own ``optimizer_steps_per_batch`` (PPO: ``ppo_epochs × num_minibatches`` per iteration)."""
+    return getattr(module, "optimizer_steps_per_batch", 1)
+
+
+class TrainingProgressBar(TQDMProgressBar):
+    """Lightning's bar, counting the training batches (PPO's iterations) that fit runs and showing the last epoch:
+    Lightning's own takes ``max_steps`` for a number of batches, so PPO's bar stopped at 2/16 as if stopped early,
+    and its rich bar names the last epoch ``max_epochs - 1``, -2 when ``max_steps`` is the limit."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        trainer = self.trainer
+        if trainer.max_steps < 0:  # no step limit
+            return trainer.num_training_batches
+        remaining_steps = trainer.max_steps - trainer.global_step
+        remaining = math.ceil(remaining_steps / _optimizer_steps_per_batch(trainer.lightning_module))
+        return min(trainer.num_training_batches, remaining)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        limits = [trainer.max_epochs] if trainer.max_epochs not in (None, -1) else []
+        if trainer.max_steps > 0 and 0 < trainer.num_training_batches < math.inf:
+            batches = math.ceil(trainer.max_steps / _optimizer_steps_per_batch(pl_module))
+            limits.append(math.ceil(batches / trainer.num_training_batches))
+        if limits:  # epochs count from 0, as in Lightning's bars and checkpoint names
+            self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch}/{min(limits) - 1}")
+
+
+class CheckpointAtEnd(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, which saves at validations only, saving also where fit ends when that step has
+    none (``max_steps`` below, or not a multiple of, ``val_check_interval``): every finished fit resumes with
+    ``--ckpt_path``. Without a ``monitor`` (the default) the newest checkpoint replaces the older, as at every
+    validation; with one, checkpoints stay those of validations, which the monitored metric ranks."""
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if 0 <= trainer.max_steps <= trainer.global_step:
+            # At the last step, before the loop closes the epoch: the checkpoint then resumes mid-epoch (and names
+            # the epoch) like one saved at a validation.
+            self._save_unless_saved(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._save_unless_saved(trainer)  # fit ended otherwise: max_epochs, or a callback stopped it
+        super().on_train_end(trainer, pl_module)
+
+    def _save_unless_saved(self, trainer: Trainer) -> None:
+        if self.monitor is None and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
 
 
 class LastValidatedStep(Callback):
@@ -92,26 +174,30 @@ class RLHFCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True, runs_dir: str | None = None) -> None:
         runs_dir = runs_dir or os.environ.get(RUNS_DIR_VARIABLE) or RUNS_DIR
         self.runs_dir = runs_dir
-        super().__init__(
-            LightningModule,
-            LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            seed_everything_default=0,
-            trainer_defaults={
-                "logger": default_loggers(runs_dir),
-                "default_root_dir": runs_dir,
-                "num_sanity_val_steps": 0,
-                "inference_mode": False,
-                "log_every_n_steps": 10,
-                "enable_model_summary": False,
-                "callbacks": [DataReport(), LastValidatedStep(), StopOnNonFinite()],
-            },
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": "lit-rlhf", "description": DESCRIPTION, "formatter_class": _KeepLineBreaks},
-            args=args,
-            run=run,
-        )
+        try:
+            super().__init__(
+                LightningModule,
+                LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                seed_everything_default=0,
+                trainer_defaults={
+                    "logger": default_loggers(runs_dir),
+                    "default_root_dir": runs_dir,
+                    "num_sanity_val_steps": 0,
+                    "inference_mode": False,
+                    "log_every_n_steps": 10,
+                    "enable_model_summary": False,
+                    "callbacks": [DataReport(), LastValidatedStep(), StopOnNonFinite()],
+                },
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={"prog": "lit-rlhf", "description": DESCRIPTION, "formatter_class": _KeepLineBreaks},
+                args=args,
+                run=run,
+            )
+        except BaseException:
+            self._remove_unused_log_dir()
+            raise
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.tokenizer_name_or_path")
@@ -133,12 +219,35 @@ class RLHFCLI(LightningCLI):
                 init_args.name = _phase_name(config.model, str(root))
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
-        """Lightning's refusals of a trainer setting (``configs/trainer/ddp.yaml`` on a machine without GPUs) are
-        the user's to fix: one line. Its errors later in the run may be bugs, and keep their traceback."""
+        """The default progress bar and checkpointing are :class:`TrainingProgressBar` and :class:`CheckpointAtEnd`,
+        unless switched off or given among the callbacks. Lightning's refusals of a trainer setting
+        (``configs/trainer/ddp.yaml`` on a machine without GPUs) are the user's to fix: one line. Its errors later in
+        the run may be bugs, and keep their traceback."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        callbacks = config.trainer.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        for enabled, kind, default in (("enable_progress_bar", ProgressBar, TrainingProgressBar),
+                                       ("enable_checkpointing", Checkpoint, CheckpointAtEnd)):
+            if config.trainer.get(enabled) is not False and not any(isinstance(c, kind) for c in callbacks):
+                callbacks.append(default())
         try:
-            return super().instantiate_trainer(**kwargs)
+            return super().instantiate_trainer(**kwargs, callbacks=callbacks)
         except MisconfigurationException as error:
             raise ConfigError(f"trainer: {error}") from error
+
+    def _remove_unused_log_dir(self) -> None:
+        """A run that failed before it logged anything (bad data, a model that does not fit the settings) leaves no
+        run folder holding only its settings behind, nor the phase's folder it made for it."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            folder = Path(logger.log_dir) if isinstance(logger, CSVLogger) else None
+            if folder is None or not folder.is_dir() or {path.name for path in folder.iterdir()} - SETTINGS_FILES:
+                continue
+            shutil.rmtree(folder)
+            if folder.parent != Path(logger.save_dir) and not any(folder.parent.iterdir()):
+                folder.parent.rmdir()
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's LightningCLI replaces the model's arguments with those saved in ``--ckpt_path``, silently
@@ -208,9 +317,14 @@ def _collect_command(argv: list[str]) -> None:
     parser.add_argument("--policy", default="runs/sft/hf", help="policy export (default: %(default)s)")
     parser.add_argument("--out", default="runs/collect", help="output folder (default: %(default)s)")
     parser.add_argument("--k", type=int, default=4, help="responses per prompt (default: %(default)s)")
-    parser.add_argument("--judge", choices=JUDGES, default="raters", help="who ranks (default: %(default)s)")
+    parser.add_argument("--judge", choices=JUDGES,
+                        help="who ranks (default: the world's simulated raters, on the world's prompts only)")
     parser.add_argument("--reward-model", help="reward model export, for --judge reward_model")
-    parser.add_argument("--judge-model", help="causal LM name or path, for --judge llm")
+    parser.add_argument("--judge-model", help="reward model export or causal LM name or path, for --judge "
+                        "reward_model or llm")
+    parser.add_argument("--reward", metavar="MODULE:FUNCTION",
+                        help="reward function taking (prompts, responses), as PPO takes, for --judge function")
+    parser.add_argument("--principles", metavar="FILE", help="the LLM judge's written principles (default: built in)")
     parser.add_argument("--prompts", help="prompt dataset (default: the embedded world's training prompts)")
     parser.add_argument("--num-prompts", type=int, default=2000)
     parser.add_argument("--max-new-tokens", type=int, default=24)
@@ -222,7 +336,7 @@ def _collect_command(argv: list[str]) -> None:
         args.policy, args.out, k=args.k, judge=args.judge, judge_model=args.judge_model or args.reward_model,
         prompts_path=args.prompts, num_prompts=args.num_prompts,
         sampling=SamplingConfig(args.max_new_tokens, args.temperature), max_prompt_length=args.max_prompt_length,
-        seed=args.seed,
+        seed=args.seed, reward=args.reward, principles_path=args.principles,
     )
     print(
         f"{summary.prompts} prompts x {summary.k} responses, judged by {summary.judge}: {summary.pairs} pairs "

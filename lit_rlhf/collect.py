@@ -4,6 +4,8 @@ The seed's data-efficiency point: one ranking of k responses yields k(k−1)/2 c
 formats the data layer reads: ``comparisons.jsonl`` (``prompt``/``chosen``/``rejected``; tied pairs dropped and
 counted), ``rankings.jsonl`` (``prompt``/``responses``/``ranks``, the full ranking per prompt) and
 ``collect.json`` (what was done, with the counts).
+
+The judge defaults to the world's simulated raters on the world's prompts; other prompts have no default judge.
 """
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from lit_rlhf.data.collate import tokenize_prompts
 from lit_rlhf.data.datamodules import PromptDataModule
-from lit_rlhf.data.formats import ranking_to_pairs
-from lit_rlhf.judges import make_judge
+from lit_rlhf.data.formats import make_chat_renderer, normalize_rows, ranking_to_pairs
+from lit_rlhf.data.sources import read_rows
+from lit_rlhf.errors import ConfigError
+from lit_rlhf.judges import JUDGES_FOR_ANY_PROMPTS, WORLD_JUDGES, check_judge_options, make_judge, read_principles
 from lit_rlhf.models import inference_device, load_causal_lm, load_tokenizer
-from lit_rlhf.rollout import SamplingConfig, generate
+from lit_rlhf.rollout import Response, SamplingConfig, generate
 from lit_rlhf.world import gold_reward, has_gold
 
 
@@ -47,25 +52,25 @@ def sample_responses(
     batch_size: int,
     device: torch.device | None = None,
     dtype: str | None = None,
-) -> list[list[str]]:
+) -> list[list[Response]]:
     """``k`` independent samples from the policy export for each prompt, on ``device`` (default
-    :func:`inference_device`), in ``dtype`` if given."""
+    :func:`inference_device`), in ``dtype`` if given, each with whether it ended."""
     tokenizer = load_tokenizer(policy)
     model = load_causal_lm(policy, tokenizer, dtype=dtype, device=device or inference_device()).eval()
     repeated = [prompt for prompt in prompts for _ in range(k)]
-    texts: list[str] = []
+    samples: list[Response] = []
     for start in range(0, len(repeated), batch_size):
         prompt_ids, prompt_mask = tokenize_prompts(tokenizer, repeated[start : start + batch_size], max_prompt_length)
-        prompt_ids, prompt_mask = prompt_ids.to(model.device), prompt_mask.to(model.device)
-        texts.extend(generate(model, tokenizer, prompt_ids, prompt_mask, sampling).decode(tokenizer))
-    return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+        generation = generate(model, tokenizer, prompt_ids.to(model.device), prompt_mask.to(model.device), sampling)
+        samples.extend(map(Response, generation.decode(tokenizer), generation.ended_with_eos.tolist()))
+    return [samples[i * k : (i + 1) * k] for i in range(len(prompts))]
 
 
 def collect_comparisons(
     policy: str,
     out_dir: str | Path,
     k: int = 4,
-    judge: str = "raters",
+    judge: str | None = None,
     judge_model: str | None = None,
     prompts_path: str | None = None,
     num_prompts: int = 2000,
@@ -73,24 +78,43 @@ def collect_comparisons(
     max_prompt_length: int = 32,
     batch_size: int = 256,
     seed: int = 0,
+    reward: str | None = None,
+    principles_path: str | Path | None = None,
 ) -> CollectionSummary:
     """Sample ``k`` responses per prompt from ``policy``, rank them with ``judge``, write pairs and rankings.
 
-    Prompts come from ``prompts_path`` (any format the data layer reads) or the embedded world's training prompts.
-    ``judge_model`` is the reward-model export (``judge="reward_model"``) or causal LM (``judge="llm"``); the LLM
-    judge's verdicts are cached in ``out_dir/judge_cache.json``.
+    Prompts come from ``prompts_path`` (any format the data layer reads) or the embedded world's training prompts,
+    cut from the left to ``max_prompt_length`` tokens. ``judge`` defaults to the world's simulated raters, which
+    exist only for the world's prompts: other prompts need a judge named (:func:`default_judge`). ``judge_model`` is
+    the reward-model export (``judge="reward_model"``) or causal LM (``judge="llm"``), ``reward`` the
+    ``"package.module:function"`` of ``judge="function"``, and ``principles_path`` a text file of the LLM judge's
+    principles; the LLM judge's verdicts are cached in ``out_dir/judge_cache.json``.
     """
     started = time.perf_counter()
-    prompt_data = PromptDataModule(path=prompts_path, tokenizer_name_or_path=policy, val_fraction=0.0)
+    principles = read_principles(principles_path) if principles_path is not None else None
+    prompt_data = PromptDataModule(
+        path=prompts_path, tokenizer_name_or_path=policy, val_fraction=0.0, max_prompt_length=max_prompt_length,
+        max_length=max_prompt_length + sampling.max_new_tokens,
+    )
     prompt_data.setup("fit")
     prompts = [record.prompt for record in prompt_data.train_records][:num_prompts]
+    on_world = has_gold(prompts)
+    judge = judge or default_judge(on_world)
+    check_judge_options(judge, judge_model, reward, principles)
+    if judge in WORLD_JUDGES and not on_world:
+        raise ConfigError(
+            f"judge {judge!r} knows only the embedded world's prompts, and these are not all the world's: use "
+            f"{JUDGES_FOR_ANY_PROMPTS}"
+        )
     torch.manual_seed(seed)
-    responses = sample_responses(policy, prompts, k, sampling, max_prompt_length, batch_size)
+    responses = [[sample.text for sample in group]
+                 for group in sample_responses(policy, prompts, k, sampling, max_prompt_length, batch_size)]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ranks = make_judge(judge, judge_model, seed, cache_path=out_dir / "judge_cache.json").rank(prompts, responses)
+    requests = judge_requests(prompts_path, prompt_data.hparams.split, prompt_data.tokenizer) if judge == "llm" else {}
+    ranker = make_judge(judge, judge_model, seed, out_dir / "judge_cache.json", reward, principles, requests)
+    ranks = ranker.rank(prompts, responses)
     pairs, ties, agree, decided = 0, 0, 0, 0
-    on_world = has_gold(prompts)
     with open(out_dir / "comparisons.jsonl", "w") as comparisons, open(out_dir / "rankings.jsonl", "w") as rankings:
         for prompt, group, group_ranks in zip(prompts, responses, ranks):
             rankings.write(json.dumps({"prompt": prompt, "responses": group, "ranks": group_ranks}) + "\n")
@@ -108,3 +132,45 @@ def collect_comparisons(
     )
     (out_dir / "collect.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
     return summary
+
+
+def default_judge(on_world: bool) -> str:
+    """The judge when none is named: the world's simulated raters on the world's prompts. Other prompts have no
+    default, since nothing about them says what a better answer is."""
+    if not on_world:
+        raise ConfigError(
+            f"these prompts are not the embedded world's, so its simulated raters cannot rank the answers: name a "
+            f"judge: {JUDGES_FOR_ANY_PROMPTS}"
+        )
+    return "raters"
+
+
+def plain_conversation(messages: list[dict[str, str]]) -> str:
+    """A chat as ``Role: content`` lines, for a reader that is not the policy: ``[user "hi"]`` → ``"User: hi"``."""
+    return "\n".join(f"{message['role'].capitalize()}: {message['content']}" for message in messages)
+
+
+def judge_requests(prompts_path: str | None, split: str, tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
+    """For each chat prompt of ``prompts_path``, the text the policy reads (rendered with ``tokenizer``'s chat
+    template, as the data layer renders it) → the same conversation as :func:`plain_conversation`, which is what an
+    LLM judge is shown (:class:`lit_rlhf.judges.LLMJudge`'s ``requests``).
+
+    The policy's template wraps a chat in its own scaffolding (``<|im_start|>user\n…<|im_end|>``), which a judge
+    with another template, or none, would read as part of the request. The rendered text cannot be turned back into
+    the messages in general — templates differ, and decoding it without special tokens still leaves the role names
+    and any markers that are plain text (``[INST]``) — so the rows are read again through the same row parser with a
+    renderer that remembers, for every chat it renders, the plain conversation. Text prompts are the data's own
+    text and are shown as they are; the world's prompts are all text.
+    """
+    if prompts_path is None:
+        return {}
+    render_for_policy = make_chat_renderer(tokenizer)
+    requests: dict[str, str] = {}
+
+    def render_and_remember(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        rendered = render_for_policy(messages, add_generation_prompt)
+        requests[rendered] = plain_conversation(messages)
+        return rendered
+
+    normalize_rows(read_rows(prompts_path, split), "prompt", prompts_path, render_and_remember, on_bad_row="skip")
+    return requests

@@ -11,6 +11,7 @@ Trainer (:func:`inference_device`).
 from __future__ import annotations
 
 import copy
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as transformers_logging
 
 from lit_rlhf import losses
 from lit_rlhf.errors import ConfigError
@@ -110,14 +112,47 @@ def _align_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
     return model
 
 
-def _from_pretrained(auto_class, name_or_path: str, trust_remote_code: bool, dtype: str | None, **kwargs):
+@contextmanager
+def quiet_transformers():
+    """transformers' warnings and progress bars off for a load or an export: it reports every head a load drops or
+    adds (a LOAD REPORT table), which is expected here, where a reward model starts from a causal LM and the reverse,
+    and draws a bar for each file it reads or writes. Its errors still show, and a load that fails still raises."""
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
+def _from_pretrained(
+    auto_class, name_or_path: str, trust_remote_code: bool, dtype: str | None, new_head: bool = False, **kwargs
+):
+    """``auto_class.from_pretrained`` with one-line errors. Weights the checkpoint lacks start untrained: expected
+    for the head of a model built with ``new_head`` (what lies outside its base model), and named in a warning
+    anywhere else, since transformers' own report is silenced (:func:`quiet_transformers`)."""
     _check_exists(name_or_path)
     if dtype:
         kwargs["dtype"] = getattr(torch, dtype)
     try:
-        return auto_class.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+        with quiet_transformers():
+            model, loading = auto_class.from_pretrained(
+                name_or_path, trust_remote_code=trust_remote_code, output_loading_info=True, **kwargs
+            )
     except (OSError, ValueError) as error:
         raise ConfigError(f"cannot load a model from {name_or_path}: {_first_line(error)}") from error
+    base = f"{model.base_model_prefix}."
+    untrained = sorted(key for key in loading["missing_keys"] if not new_head or key.startswith(base))
+    if untrained:
+        warnings.warn(
+            f"{name_or_path} lacks {len(untrained)} weights of {type(model).__name__}, which start untrained: "
+            f"{', '.join(untrained[:3])}{', ...' if len(untrained) > 3 else ''}",
+            stacklevel=3,
+        )
+    return model
 
 
 def _first_line(error: BaseException) -> str:
@@ -185,7 +220,7 @@ def load_scalar_head_model(
         config.num_labels = 1
         config.pad_token_id = tokenizer.pad_token_id
         model = _from_pretrained(
-            AutoModelForSequenceClassification, name_or_path, trust_remote_code, dtype, config=config
+            AutoModelForSequenceClassification, name_or_path, trust_remote_code, dtype, new_head=True, config=config
         )
     model = _align_special_tokens(model, tokenizer)
     return model if device is None else model.to(device)
@@ -198,7 +233,15 @@ def export(
     ``state_dict`` gives the weights of a sharded model, gathered (see :func:`full_state_dict`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, state_dict=state_dict)
+    pad_token_id = model.config.pad_token_id
+    if hasattr(model, "score") and tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # Without a pad id, transformers reads a scalar head at the last token of one unpadded sequence, the final
+        # EOS, as scalar_scores does; with pad = EOS it would skip the EOS (and a batch > 1 now fails loudly).
+        model.config.pad_token_id = None
+    try:
+        model.save_pretrained(out_dir, state_dict=state_dict)
+    finally:
+        model.config.pad_token_id = pad_token_id
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
@@ -278,8 +321,20 @@ def response_logprobs(
 
 
 def scalar_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[B]`` scores of a scalar-head model, read at each row's last non-pad token (left or right padding)."""
-    return forward(model, input_ids, attention_mask).logits.squeeze(-1).float()
+    """``[B]`` scores of a scalar-head model, read at each row's last attended position (left or right padding).
+
+    The model's own forward reads its head at the last token that is not the pad id; where pad and EOS are one token
+    (GPT-2, Llama: the loader's default) that skips the final EOS, and a finished answer would score as the same
+    answer cut short. So the head's output at every position is caught on its way out and read where the mask ends.
+    """
+    per_position = []
+    hook = model.score.register_forward_hook(lambda head, inputs, output: per_position.append(output))
+    try:
+        forward(model, input_ids, attention_mask)
+    finally:
+        hook.remove()
+    last = (torch.arange(attention_mask.shape[1], device=attention_mask.device) * attention_mask).argmax(dim=1)
+    return per_position[0].squeeze(-1).float()[torch.arange(len(last), device=last.device), last]
 
 
 class ValueModel(torch.nn.Module):

@@ -2,7 +2,8 @@
 
 A pipeline file (``configs/pipeline.yaml``) lists stages. Each writes under ``OUT/<name>/`` and, when it is
 complete, ``OUT/<name>/done.json``; a stage with that file is skipped, so re-running resumes after the last
-completed stage (``--force NAME`` redoes one; a stage whose settings changed runs again). Stage kinds:
+completed stage (``--force NAME`` redoes one; a stage whose settings changed runs again). Everything a stage prints
+goes to ``OUT/<name>/log.txt``; the console shows one line per stage. Stage kinds:
 
 - ``fit``: a Lightning phase from a phase config (``config``, relative to the pipeline file), with ``model``,
   ``reward_model`` and ``data`` naming earlier stages (or paths) and ``args`` more ``--key value`` overrides.
@@ -28,9 +29,12 @@ At the end every policy is evaluated on the same held-out prompts with the same 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -43,15 +47,18 @@ from transformers import PreTrainedModel
 from lit_rlhf.collect import collect_comparisons, sample_responses
 from lit_rlhf.data.datamodules import DemonstrationDataModule, PromptDataModule
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.models import inference_device, load_causal_lm, load_tokenizer
+from lit_rlhf.models import WORLD, inference_device, load_causal_lm, load_tokenizer
 from lit_rlhf.phases.reward import RewardModelModule
-from lit_rlhf.rollout import PolicyEvaluation, SamplingConfig, evaluate_policy, measure_answers
+from lit_rlhf.rollout import PolicyEvaluation, Response, SamplingConfig, evaluate_policy, measure_answers
 from lit_rlhf.scoring import Scorer, make_scorer
 from lit_rlhf.selection import best_of_n_kl, pick_best, self_play_pairs
+from lit_rlhf.world import speaks_world_language
 
 FitPhase = Callable[[list[str], str], Any]
 """Runs ``lit-rlhf fit ARGS`` with its logs under a folder and returns the finished LightningCLI."""
 DONE_FILE = "done.json"
+LOG_FILE = "log.txt"
+"""Everything a stage printed, in its folder; the console shows one line per stage."""
 POLICY, REWARD_MODEL, DATA, BASELINE = "policy", "reward_model", "data", "baseline"
 SUMMARY_METRICS = {
     "gold_reward": "gold/reward",
@@ -124,7 +131,21 @@ def load_pipeline(path: str | Path) -> dict[str, Any]:
                 raise ConfigError(f"{path}: stage {stage['name']!r}: config not found: {stage['config']}")
     spec["stages"] = stages
     spec.setdefault("evaluation", {})
+    if not (spec["evaluation"].get("prompts") or spec.get("prompts")) and _reads_own_data(stages):
+        raise ConfigError(
+            f"{path}: evaluation.prompts is unset, but the stages read your own data: name held-out prompts of it for "
+            "the summary (any file with a prompt column); the world's prompts only suit the world's models"
+        )
     return spec
+
+
+def _reads_own_data(stages: list[dict[str, Any]]) -> bool:
+    """Whether a stage reads data that is neither the world's nor another stage's output."""
+    names = {stage["name"] for stage in stages}
+    named = [stage.get(key) for stage in stages for key in ("data", "prompts", "demonstrations")]
+    overridden = [key for stage in stages for key in stage.get("args") or {}
+                  if key.startswith("data.") and key.endswith(".path")]
+    return bool(overridden) or any(value not in (None, *names) for value in named)
 
 
 def _expand(stage: dict[str, Any]) -> list[dict[str, Any]]:
@@ -145,7 +166,8 @@ def _expand(stage: dict[str, Any]) -> list[dict[str, Any]]:
             stages.append({"name": prefix, "kind": "fit", "config": stage["config"], "model": policy,
                            "data": f"{prefix}_data", "args": stage.get("args", {}), "role": POLICY})
         else:  # iterative
-            collect = {k: stage[k] for k in ("k", "num_prompts", "judge", "judge_model") if k in stage}
+            collect = {k: stage[k] for k in ("k", "num_prompts", "judge", "judge_model", "reward", "principles")
+                       if k in stage}
             reward_init = stage.get("reward_init", "policy")  # "policy": retrain from it; "previous": continue
             rm_model = stages[-2]["name"] if reward_init == "previous" and stages else policy
             stages.append({"name": f"{prefix}_collect", "kind": "collect", "policy": policy, **collect})
@@ -223,10 +245,16 @@ def run_stages(run: PipelineRun, force: tuple[str, ...] = (), until: str | None 
         if stage_dir.exists():
             shutil.rmtree(stage_dir)  # a stage cut short leaves partial output behind
         stage_dir.mkdir(parents=True)
-        print(f"[pipeline] {stage['name']}: running ({stage['kind']})")
+        print(f"[pipeline] {stage['name']}: running ({stage['kind']}) ...", end=" ", flush=True)
         started = time.perf_counter()
-        record = STAGE_RUNNERS[stage["kind"]](stage, stage_dir, run)
+        try:
+            with output_to(stage_dir / LOG_FILE):
+                record = STAGE_RUNNERS[stage["kind"]](stage, stage_dir, run)
+        except BaseException:
+            print(f"failed, its output: {stage_dir / LOG_FILE}")
+            raise
         record["seconds"] = round(time.perf_counter() - started, 1)
+        print(f"done in {record['seconds']} s")
         record["spec"], record["seed"] = stage, run.seed
         write_atomically(stage_dir / DONE_FILE, json.dumps(record, indent=2) + "\n")
         rerun.add(stage["name"])
@@ -253,9 +281,36 @@ def run_pipeline(
     write_atomically(run.out_dir / SUMMARY_FILE, json.dumps(rows, indent=2) + "\n")
     print(f"[pipeline] summary: {run.out_dir / 'summary.json'}")
     report = build_report([run.out_dir])
-    publish_to_wandb(report)
+    with output_to(report.out_dir / LOG_FILE):  # W&B's lines about its report run
+        publish_to_wandb(report)
     print(f"[pipeline] report: {report.html_path}")
     return rows
+
+
+@contextmanager
+def output_to(path: Path) -> Iterator[None]:
+    """Everything printed inside goes to the end of ``path``: the process's output and error (file descriptors 1 and
+    2), which the log handlers of Lightning and transformers, W&B and compiled code write to, and Python's
+    ``sys.stdout`` and ``sys.stderr`` (which a test's capture may have replaced) pointed at them."""
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        if stream is not None:
+            stream.flush()
+    console = os.dup(1), os.dup(2)
+    with open(path, "a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    # Not closed: anything still holding them after the stage (a logging handler made inside) writes to the console.
+    output, error = (open(fd, "w", encoding="utf-8", buffering=1, closefd=False) for fd in (1, 2))
+    try:
+        with redirect_stdout(output), redirect_stderr(error):
+            yield
+    finally:
+        for stream in (output, error, sys.__stdout__, sys.__stderr__):
+            if stream is not None:
+                stream.flush()
+        for fd, original in zip((1, 2), console):
+            os.dup2(original, fd)
+            os.close(original)
 
 
 def _merged_with_earlier_summary(rows: list[dict[str, Any]], out_dir: Path, seed: int) -> list[dict[str, Any]]:
@@ -321,7 +376,8 @@ def _run_collect(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, An
     sampling, max_prompt_length = _sampling(stage)
     summary = collect_comparisons(
         run.resolve(stage["policy"], "model"), stage_dir, k=int(stage.get("k", 4)),
-        judge=stage.get("judge", "raters"), judge_model=run.resolve(stage.get("judge_model"), "model"),
+        judge=stage.get("judge"), judge_model=run.resolve(stage.get("judge_model"), "model"),
+        reward=stage.get("reward"), principles_path=stage.get("principles"),
         prompts_path=_prompts_path(stage, run.spec), num_prompts=int(stage.get("num_prompts", 2000)),
         sampling=sampling, max_prompt_length=max_prompt_length, seed=run.seed,
     )
@@ -340,15 +396,19 @@ def _prompts_path(stage: dict, spec: dict) -> str | None:
     return stage.get("prompts", spec.get("prompts"))
 
 
-def _training_prompts(stage: dict, spec: dict) -> list[str]:
-    prompts = PromptDataModule(path=_prompts_path(stage, spec), val_fraction=0.0)
+def _training_prompts(stage: dict, spec: dict, policy: str) -> list[str]:
+    """A sampling stage's prompts, chat prompts rendered with the template of the ``policy`` that answers them."""
+    sampling, max_prompt_length = _sampling(stage)
+    prompts = PromptDataModule(path=_prompts_path(stage, spec), tokenizer_name_or_path=policy, val_fraction=0.0,
+                               max_prompt_length=max_prompt_length,
+                               max_length=max_prompt_length + sampling.max_new_tokens)
     prompts.setup("fit")
     return [record.prompt for record in prompts.train_records][: int(stage.get("num_prompts", 1000))]
 
 
 def _run_rejection_sample(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
     policy = run.resolve(stage["policy"], "model")
-    prompts = _training_prompts(stage, run.spec)
+    prompts = _training_prompts(stage, run.spec, policy)
     torch.manual_seed(run.seed)
     groups = sample_responses(policy, prompts, int(stage.get("n", 8)), *_sampling(stage), 256)
     scorer = make_scorer(run.resolve(stage["reward_model"], "model"), device=inference_device())
@@ -359,12 +419,13 @@ def _run_rejection_sample(stage: dict, stage_dir: Path, run: PipelineRun) -> dic
 
 def _run_self_play(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
     policy = run.resolve(stage["policy"], "model")
-    demonstrations = DemonstrationDataModule(path=stage.get("demonstrations"), val_fraction=0.0)
+    demonstrations = DemonstrationDataModule(path=stage.get("demonstrations"), tokenizer_name_or_path=policy,
+                                             val_fraction=0.0)
     demonstrations.setup("fit")
     records = demonstrations.train_records[: int(stage.get("num_prompts", 1000))]
     torch.manual_seed(run.seed)
     prompts = [record.prompt for record in records]
-    generations = [group[0] for group in sample_responses(policy, prompts, 1, *_sampling(stage), 256)]
+    generations = [group[0].text for group in sample_responses(policy, prompts, 1, *_sampling(stage), 256)]
     pairs = self_play_pairs(prompts, [record.completion for record in records], generations)
     _write_jsonl(stage_dir / "comparisons.jsonl", pairs)
     return {"kind": "self_play", "role": DATA, "data": "comparisons.jsonl", "pairs": len(pairs)}
@@ -402,17 +463,31 @@ class HeldOutEvaluation:
 
     def __init__(self, run: PipelineRun) -> None:
         evaluation = run.spec["evaluation"]
-        prompts = PromptDataModule(path=evaluation.get("prompts"), val_fraction=0.0,
-                                   num_eval_prompts=int(evaluation.get("num_prompts", 64)))
-        prompts.setup("fit")
+        self.prompts_path: str | None = evaluation.get("prompts", run.spec.get("prompts"))
+        """The held-out prompts: ``evaluation.prompts``, else the file's ``prompts``, else the world's."""
+        self.num_prompts = int(evaluation.get("num_prompts", 64))
         self.repeats = int(evaluation.get("samples_per_prompt", 4))
-        self.prompts = [p for p in prompts.eval_prompts for _ in range(self.repeats)]
         self.sampling = SamplingConfig(int(evaluation.get("max_new_tokens", 24)),
                                        float(evaluation.get("temperature", 1.0)))
         self.seed = int(evaluation.get("seed", 1234))
         self.max_prompt_length = int(evaluation.get("max_prompt_length", 32))
         """Prompts longer than this (in tokens) are cut from the left, as the phases cut them."""
         self.run = run
+
+    @cached_property
+    def prompts(self) -> list[str]:
+        """Each held-out prompt ``samples_per_prompt`` times, chat prompts rendered with the template of the
+        policies' tokenizer (the reference's, else the init model's): what the policies were trained to read."""
+        tokenizer = self.reference_path or self.run.spec["evaluation"].get("init") or WORLD
+        if self.prompts_path is None and not speaks_world_language(load_tokenizer(tokenizer)):
+            raise ConfigError(f"evaluation.prompts is unset, and {tokenizer} cannot read the world's prompts: name "
+                              "held-out prompts of your own data (any file with a prompt column)")
+        prompts = PromptDataModule(path=self.prompts_path, tokenizer_name_or_path=tokenizer, val_fraction=0.0,
+                                   max_prompt_length=self.max_prompt_length,
+                                   max_length=self.max_prompt_length + self.sampling.max_new_tokens,
+                                   num_eval_prompts=self.num_prompts)
+        prompts.setup("fit")
+        return [p for p in prompts.eval_prompts for _ in range(self.repeats)]
 
     @cached_property
     def reference_path(self) -> str | None:
@@ -452,14 +527,14 @@ class HeldOutEvaluation:
                                self.reference,
                                self.scorer, baseline)
 
-    def sample_groups(self, policy: str, n: int, max_prompt_length: int | None = None) -> list[list[str]]:
+    def sample_groups(self, policy: str, n: int, max_prompt_length: int | None = None) -> list[list[Response]]:
         """``n`` samples of ``policy`` for each held-out prompt, with the evaluation's sampling and seed."""
         torch.manual_seed(self.seed)
         return sample_responses(policy, self.prompts, n, self.sampling, max_prompt_length or self.max_prompt_length,
                                 256)
 
-    def best_picks(self, policy: str, reward_model: str, groups: list[list[str]]) -> list[dict]:
-        """The best sample of each prompt's group by ``reward_model``: ``{"prompt", "response", "score",
+    def best_picks(self, policy: str, reward_model: str, groups: list[list[Response]]) -> list[dict]:
+        """The best sample of each prompt's group by ``reward_model``: ``{"prompt", "response", "score", "ended",
         "length"}`` (length in tokens of ``policy``'s tokenizer)."""
         same = reward_model == self.reward_model
         scorer = self.scorer if same else make_scorer(reward_model, device=inference_device())
@@ -471,7 +546,8 @@ class HeldOutEvaluation:
         """The :class:`lit_rlhf.rollout.PolicyEvaluation` of best-of-n picks, measured like a policy's answers: the
         proxy reward is the evaluation's reward model's score, whichever reward model picked them."""
         prompts, responses = [p["prompt"] for p in picks], [p["response"] for p in picks]
-        proxy = self.scorer.score(prompts, responses).float().tolist() if self.scorer is not None else None
+        finished = [p.get("ended", True) for p in picks]  # samples.jsonl of earlier versions lacks "ended"
+        proxy = self.scorer.score(prompts, responses, finished).float().tolist() if self.scorer else None
         return measure_answers(prompts, responses, [p["length"] for p in picks], proxy, self.baseline)
 
     def row(self, evaluation: PolicyEvaluation) -> dict[str, Any]:

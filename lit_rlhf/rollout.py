@@ -11,7 +11,7 @@ import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -77,6 +77,13 @@ class Generation:
         (stripped, collected comparisons and SPIN's pairs would hold texts the policy never produced)."""
         ids = self.response_ids.masked_fill(self.response_mask == 0, tokenizer.pad_token_id)
         return tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+class Response(NamedTuple):
+    """One decoded sample and whether it ended on EOS (``False``: cut at ``max_new_tokens``), which scorers read."""
+
+    text: str
+    ended: bool
 
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -224,9 +231,10 @@ def evaluate_policy(
                 logps, mask = response_logprobs(model, *sampled, temperature=temperature)
                 ref_logps, _ = response_logprobs(reference, *sampled, temperature=temperature)
                 kls.append(losses.masked_sum(losses.kl_penalty(logps, ref_logps, "k1"), mask, dim=1))
-    proxy = scorer.score(prompts, responses).float().tolist() if scorer is not None else None
+    ended = torch.cat(ended)
+    proxy = scorer.score(prompts, responses, ended.tolist()).float().tolist() if scorer is not None else None
     evaluation = measure_answers(prompts, responses, torch.cat(lengths).float().tolist(), proxy, baseline)
-    evaluation.metrics["response/eos_fraction"] = torch.cat(ended).float().mean().item()
+    evaluation.metrics["response/eos_fraction"] = ended.float().mean().item()
     if reference is not None:
         evaluation.metrics["objective/kl"] = torch.cat(kls).mean().item()
     return evaluation

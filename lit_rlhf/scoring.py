@@ -29,19 +29,28 @@ LENGTH_KEYS = {"max_length": "lit_rlhf_max_length", "max_prompt_length": "lit_rl
 
 
 class Scorer(Protocol):
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor: ...
+    def score(
+        self, prompts: Sequence[str], responses: Sequence[str], finished: Sequence[bool] | None = None
+    ) -> torch.Tensor:
+        """One score per response. ``finished`` marks the responses that ended (default all); a sample cut at
+        ``max_new_tokens`` is not finished, and a scorer that reads EOS scores it without one."""
+        ...
 
 
 class GoldScorer:
-    """The embedded world's gold reward (exact; available only on the world)."""
+    """The embedded world's gold reward (exact; available only on the world). It reads the text only: an unfinished
+    answer loses what it lacks (its final ".", its missing items)."""
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+    def score(
+        self, prompts: Sequence[str], responses: Sequence[str], finished: Sequence[bool] | None = None
+    ) -> torch.Tensor:
         return torch.tensor([gold_reward(p, r) for p, r in zip(prompts, responses)], dtype=torch.float32)
 
 
 class RewardModelScorer:
     """A scalar-head reward model scoring texts, each sequence tokenised as the reward phase trained on it
-    (``prompt + response + EOS``), optionally normalised with the statistics stored in the export."""
+    (``prompt + response + EOS``; an unfinished response without the EOS, so a truncated answer is not read as a
+    complete one), optionally normalised with the statistics stored in the export."""
 
     def __init__(
         self,
@@ -75,13 +84,17 @@ class RewardModelScorer:
         return getattr(config, SCORE_MEAN_KEY, 0.0), getattr(config, SCORE_STD_KEY, 1.0)
 
     @torch.no_grad()
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+    def score(
+        self, prompts: Sequence[str], responses: Sequence[str], finished: Sequence[bool] | None = None
+    ) -> torch.Tensor:
         records = [Demonstration(prompt, response) for prompt, response in zip(prompts, responses)]
+        finished = [True] * len(records) if finished is None else list(finished)
         device = next(self.model.parameters()).device
         scores = []
         for start in range(0, len(records), self.batch_size):
             chunk = records[start : start + self.batch_size]
-            encoded = encode_demonstrations(chunk, self.tokenizer, self.max_length, self.max_prompt_length)
+            encoded = encode_demonstrations(chunk, self.tokenizer, self.max_length, self.max_prompt_length,
+                                            finished[start : start + self.batch_size])
             batch = collate_demonstrations(encoded.examples, self.tokenizer.pad_token_id)
             scores.append(
                 scalar_scores(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu()
@@ -98,7 +111,8 @@ GOLD = "gold"
 
 
 class FunctionScorer:
-    """A Python reward ``"package.module:function"`` taking ``(prompts, responses)`` and returning one score each."""
+    """A Python reward ``"package.module:function"`` taking ``(prompts, responses)`` and returning one score each.
+    It sees texts only; PPO's ``missing_eos_penalty`` is how an unfinished answer loses against it."""
 
     def __init__(self, spec: str) -> None:
         module_name, _, function_name = spec.partition(":")
@@ -107,7 +121,9 @@ class FunctionScorer:
         except (ImportError, AttributeError) as error:
             raise ConfigError(f"reward {spec!r}: cannot import {function_name} from {module_name} ({error})") from error
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+    def score(
+        self, prompts: Sequence[str], responses: Sequence[str], finished: Sequence[bool] | None = None
+    ) -> torch.Tensor:
         return torch.as_tensor(self.function(list(prompts), list(responses)), dtype=torch.float32)
 
 

@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lit_rlhf.rollout import Response
 from lit_rlhf.scoring import Scorer
 
 
@@ -25,28 +26,34 @@ class Pick:
     prompt: str
     response: str
     score: float
+    ended: bool = True
+    """Whether the response ended on EOS rather than at ``max_new_tokens``."""
 
 
 def pick_best(
     prompts: Sequence[str],
-    groups: Sequence[Sequence[str]],
+    groups: Sequence[Sequence[Response]],
     scorer: Scorer,
     keep: int = 1,
     threshold: float | None = None,
 ) -> list[Pick]:
     """The ``keep`` highest-scored responses of each prompt's group (best first), and of those only the ones
-    scoring at least ``threshold`` when given. Duplicate responses of one prompt count once."""
+    scoring at least ``threshold`` when given. Duplicate responses of one prompt count once. Each response is
+    scored as finished or not, as it was sampled."""
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
     flat_prompts = [prompt for prompt, group in zip(prompts, groups) for _ in group]
-    scores = scorer.score(flat_prompts, [response for group in groups for response in group]).tolist()
+    flat_responses = [response for group in groups for response in group]
+    scores = scorer.score(flat_prompts, [r.text for r in flat_responses], [r.ended for r in flat_responses]).tolist()
     picks, start = [], 0
     for prompt, group in zip(prompts, groups):
         group_scores = dict(zip(group, scores[start : start + len(group)]))
         start += len(group)
         ranked = sorted(group_scores.items(), key=lambda item: -item[1])[:keep]
         picks.extend(
-            Pick(prompt, response, score) for response, score in ranked if threshold is None or score >= threshold
+            Pick(prompt, response.text, score, response.ended)
+            for response, score in ranked
+            if threshold is None or score >= threshold
         )
     return picks
 

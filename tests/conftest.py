@@ -82,6 +82,42 @@ def tiny_llama_path(tmp_path_factory):
     return str(path)
 
 
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+"""ChatML, the chat template of Qwen's and many other chat models' tokenizers."""
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama_path(tmp_path_factory):
+    """A tiny Llama whose tokenizer speaks ChatML (its template and its special tokens) and reads " A" and " B" as
+    one token each, as real chat tokenizers do: a chat policy, or an LLM judge (512 positions: room for one)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    verdicts = ["The better answer is Answer A .", "The better answer is Answer B ."] * 20
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS + verdicts, vocab_size=360, min_frequency=1,
+                            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"], chat_template=CHATML_TEMPLATE,
+    )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    path = tmp_path_factory.mktemp("tiny-chat-llama")
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def world_sft_path(tmp_path_factory):
     """A briefly trained SFT policy on the embedded world, exported in Hugging Face format (~10 s)."""

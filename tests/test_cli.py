@@ -135,3 +135,28 @@ def test_default_root_dir_holds_the_logs_and_checkpoints(tmp_path, monkeypatch):
     assert (tmp_path / "elsewhere" / "sft" / "version_0" / "metrics.csv").is_file()
     assert list((tmp_path / "elsewhere" / "sft" / "version_0" / "checkpoints").glob("*.ckpt"))
     assert not (tmp_path / "runs" / "sft" / "version_0").exists()  # only the export, configs/sft.yaml's export_dir
+
+
+def test_a_run_that_fails_on_its_data_leaves_no_run_folder_and_starts_no_wandb_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "name one fruit .", "completion": 3}) + "\n")
+    root = tmp_path / "root"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS / "sft.yaml"), "--data.path", str(bad), "--trainer.default_root_dir",
+              str(root), "--model.export_dir", str(tmp_path / "hf"), "--trainer.enable_progress_bar", "false"])
+    assert "field 'completion'" in capsys.readouterr().err
+    assert not list(root.rglob("*"))  # no version_0 with only the settings, no W&B run
+
+
+def test_a_fit_shorter_than_its_validation_interval_saves_a_checkpoint_to_resume_from(tmp_path):
+    quick = ["--config", str(CONFIGS / "sft.yaml"), "--trainer.val_check_interval", "5",
+             "--trainer.limit_val_batches", "1", "--data.num_eval_prompts", "2", "--model.max_new_tokens", "2",
+             "--model.export_dir", str(tmp_path / "hf"), "--trainer.callbacks+=helpers.StopAfter"]
+    fit_phase([*quick, "--trainer.max_steps", "2"], str(tmp_path))
+    (checkpoint,) = (tmp_path / "sft" / "version_0" / "checkpoints").glob("*.ckpt")
+    assert checkpoint.name == "epoch=0-step=2.ckpt"  # the last step, within the first epoch
+    resumed = fit_phase([*quick, "--trainer.max_steps", "4", "--ckpt_path", str(checkpoint)], str(tmp_path))
+    (recorder,) = [callback for callback in resumed.trainer.callbacks if type(callback).__name__ == "StopAfter"]
+    assert sorted(recorder.losses) == [3, 4]  # it went on from step 2

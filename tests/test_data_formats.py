@@ -82,6 +82,51 @@ def test_a_template_whose_prompt_is_not_a_prefix_is_rejected():
         normalize_rows([{"messages": [user("hi"), assistant("hello")]}], "demonstration", chat_renderer=renderer)
 
 
+MULTI_TURN = [{"role": "system", "content": "be kind"}, user("hi"), assistant("hello"), user("bye"), assistant("ciao")]
+
+
+def test_multi_turn_chats_mark_every_earlier_assistant_turn_unless_only_the_last_is_asked_for():
+    records = only([{"messages": MULTI_TURN}], "demonstration")
+    prompt = "System: be kind\nUser: hi\nAssistant: hello\nUser: bye\nAssistant:"
+    assert records == [
+        Demonstration(prompt, " ciao\n", ("System: be kind\nUser: hi\nAssistant:", " hello\n", "User: bye\nAssistant:"))
+    ]
+    last_only = only([{"messages": MULTI_TURN}], "demonstration", assistant_turns="last")
+    assert last_only == [Demonstration(prompt, " ciao\n")]
+
+    renderer = make_chat_renderer(tokenizer_with_template(CHATML_TEMPLATE))
+    (record,) = only([{"messages": MULTI_TURN}], "demonstration", chat_renderer=renderer)
+    assert record.prompt_segments == (
+        "<|im_start|>system\nbe kind<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+        "hello<|im_end|>\n",
+        "<|im_start|>user\nbye<|im_end|>\n<|im_start|>assistant\n",
+    )
+    assert "".join(record.prompt_segments) == record.prompt and record.completion == "ciao<|im_end|>\n"
+    # One exchange has no earlier turn: the record is the single-turn one.
+    assert only([{"messages": MULTI_TURN[:3]}], "demonstration") == [
+        Demonstration("System: be kind\nUser: hi\nAssistant:", " hello\n")
+    ]
+
+
+def test_a_template_that_renders_earlier_turns_differently_cannot_split_them():
+    # Like templates that drop an earlier answer's reasoning: only the last message is rendered in full.
+    template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] if loop.last or m['role'] != 'assistant' else '...' }}"
+        "\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    renderer = make_chat_renderer(tokenizer_with_template(template))
+    rows = [{"messages": MULTI_TURN}]
+    message = (r"^<rows>:1: field 'messages': the chat template's renders before, through and after message 3 \(an "
+               r"assistant turn\) do not each start with the one before, .*\(assistant_turns='last' trains on the "
+               r"last turn only\)$")
+    with pytest.raises(DataError, match=message):
+        normalize_rows(rows, "demonstration", chat_renderer=renderer)
+    skipped = normalize_rows(rows, "demonstration", chat_renderer=renderer, on_bad_row="skip").skipped
+    assert skipped == Counter({"field 'messages': chat template mismatch": 1})
+    (record,) = only(rows, "demonstration", chat_renderer=renderer, assistant_turns="last")
+    assert record.completion == " ciao\n" and "assistant: ...\n" in record.prompt
+
+
 def test_prompt_chosen_rejected_strings_with_and_without_margin():
     rows = [
         {"prompt": "p", "chosen": " good", "rejected": " bad", "margin": 2},
@@ -236,7 +281,8 @@ BAD_ROWS = [
      "margin", "must be a finite number"),
     ("unknown format", {"question": "q"}, "comparison", None,
      "no recognised fields; found keys ['question'] — expected one of"),
-    ("format of another kind", {"prompt": "p"}, "demonstration", None, "a prompt row is not a demonstration"),
+    ("format of another kind", {"prompt": "p"}, "demonstration", None, "a prompt row is not a demonstration row"),
+    ("not an unpaired row", {"prompt": "p"}, "unpaired", None, "a prompt row is not an unpaired row; expected"),
 ]
 
 
@@ -348,7 +394,8 @@ def test_a_folder_of_split_files_reads_only_the_requested_split(tmp_path):
 def test_a_folder_of_different_datasets_asks_for_one_file(tmp_path):
     for name in ("demonstrations", "prompts", "eval_prompts"):  # as `lit-rlhf world --out` writes
         (tmp_path / f"{name}.jsonl").write_text('{"prompt": "p", "completion": "c"}\n')
-    message = (r"no files for split 'train' \(its files are named for the splits \['eval'\]\); the others "
+    message = (r"no files for split 'train' \(its files are named for the splits \['eval'\]; pick one with "
+               r"data.split\); the others "
                r"\(demonstrations.jsonl, prompts.jsonl\) name no split: point data.path at one file$")
     with pytest.raises(DataError, match=message):
         list(read_rows(str(tmp_path)))
@@ -362,6 +409,8 @@ def test_save_to_disk_folders_load(tmp_path):
     )
     splits.save_to_disk(str(tmp_path / "splits"))
     assert list(read_rows(str(tmp_path / "splits"), split="test")) == [(f"{tmp_path / 'splits'}[test]", 1, DEMOS[2])]
+    with pytest.raises(DataError, match=r"no split 'train_prefs' \(it has \['test', 'train'\]; pick one with data"):
+        list(read_rows(str(tmp_path / "splits"), split="train_prefs"))
 
 
 def test_missing_paths_and_unknown_names_are_data_errors(tmp_path, monkeypatch):

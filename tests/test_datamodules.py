@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from itertools import groupby
 from pathlib import Path
 
 import lightning as L
@@ -32,7 +33,7 @@ from lit_rlhf.data.datamodules import (
     default_world_dir,
     train_val_split,
 )
-from lit_rlhf.data.formats import Comparison, Demonstration, PromptRecord, Unpaired
+from lit_rlhf.data.formats import Comparison, Demonstration, PromptRecord, Unpaired, normalize_rows
 from lit_rlhf.errors import ConfigError, DataError
 from lit_rlhf.models import load_tokenizer
 
@@ -108,6 +109,34 @@ def test_demonstration_masks(tokenizer):
     assert batch["prompt"] == ["a b", "a"]
 
 
+TWO_EXCHANGES = [{"role": "user", "content": "a b"}, {"role": "assistant", "content": "c"},
+                 {"role": "user", "content": "d"}, {"role": "assistant", "content": "e f"}]
+"""Rendered by the default template as ``User: a b\\nAssistant: c\\nUser: d\\nAssistant: e f\\n``."""
+
+
+def test_multi_turn_masks_cover_every_assistant_turn_or_only_the_last(tokenizer):
+    conversation = ids("User: a b Assistant: c User: d Assistant: e f") + [EOS]
+    for assistant_turns, mask in [("all", [0, 0, 0, 0, 1, 0, 0, 0, 1, 1, 1]), ("last", [0] * 8 + [1, 1, 1])]:
+        records = normalize_rows([{"messages": TWO_EXCHANGES}], "demonstration", assistant_turns=assistant_turns)
+        batch = collate_demonstrations(encode_demonstrations(records.records, tokenizer, 16, 8).examples, PAD)
+        assert batch["input_ids"].tolist() == [conversation]
+        assert batch["response_mask"].tolist() == [mask], assistant_turns
+
+
+def test_multi_turn_rows_keep_the_first_turns_start_and_cut_the_rest_from_the_right(tokenizer):
+    (record,) = normalize_rows([{"messages": TWO_EXCHANGES}], "demonstration").records
+    # The context before the first turn is cut from the left; the last turn, cut, loses its EOS.
+    encoded = encode_demonstrations([record], tokenizer, max_length=8, max_prompt_length=2)
+    batch = collate_demonstrations(encoded.examples, PAD)
+    assert batch["input_ids"].tolist() == [ids("b Assistant: c User: d Assistant: e f")]
+    assert batch["response_mask"].tolist() == [[0, 0, 1, 0, 0, 0, 1, 1]]
+    assert encoded.truncated_rows == 1
+    # A cut that falls before the last turn leaves the first.
+    batch = collate_demonstrations(encode_demonstrations([record], tokenizer, 5, 2).examples, PAD)
+    assert batch["input_ids"].tolist() == [ids("b Assistant: c User: d")]
+    assert batch["response_mask"].tolist() == [[0, 0, 1, 0, 0]]
+
+
 def test_comparison_batches_share_one_length(tokenizer):
     records = [Comparison("a", " b c d", " e", margin=1.5), Comparison("a b", " c", " d")]
     batch = collate_comparisons(encode_comparisons(records, tokenizer, 8, 4).examples, pad_id=PAD)
@@ -121,6 +150,16 @@ def test_comparison_batches_share_one_length(tokenizer):
     assert batch["chosen"] == [" b c d", " c"] and batch["rejected"] == [" e", " d"]
     both = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     assert both.shape == (4, 5)
+
+
+def test_prompts_alone_have_no_max_length_to_exceed():
+    """PPO's sequences are max_prompt_length + max_new_tokens: a long prompt limit must not trip on data.max_length,
+    which only responses need."""
+    assert PromptDataModule(max_prompt_length=512).hparams.max_length == 64
+    with pytest.raises(ConfigError, match=r"max_length \(64\) must be larger than max_prompt_length \(512\)"):
+        DemonstrationDataModule(max_prompt_length=512)
+    with pytest.raises(ConfigError, match="max_prompt_length must be at least 1"):
+        PromptDataModule(max_prompt_length=0)
 
 
 def test_prompt_batches_are_left_padded(tokenizer):
@@ -248,6 +287,41 @@ def test_chat_rows_use_the_tokenizers_template(tmp_path):
     datamodule = make(DemonstrationDataModule, path, tokenizer_path, val_fraction=0.0)
     assert datamodule.train_records[0] == Demonstration("a b j ", "c ")
     assert next(iter(datamodule.train_dataloader()))["input_ids"][0].tolist() == ids("a b j c") + [EOS]
+
+
+def trained_spans(batch: dict, tokenizer) -> list[str]:
+    """The text of each run of trained tokens (``response_mask`` 1) of the batch's first row."""
+    runs = groupby(zip(batch["input_ids"][0].tolist(), batch["response_mask"][0].tolist()), key=lambda pair: pair[1])
+    return [tokenizer.decode([token for token, _ in run]) for trained, run in runs if trained]
+
+
+def test_chatml_conversations_train_on_each_assistant_turn_up_to_its_end_token(tmp_path, tiny_chat_llama_path):
+    tokenizer = load_tokenizer(tiny_chat_llama_path)
+    messages = [
+        {"role": "system", "content": "you help ."},
+        {"role": "user", "content": "name three fruits ."},
+        {"role": "assistant", "content": "apple , pear , plum ."},
+        {"role": "user", "content": "list two colors ."},
+        {"role": "assistant", "content": "red , blue ."},
+    ]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    for assistant_turns, spans in [
+        ("all", ["apple , pear , plum .<|im_end|>", "red , blue .<|im_end|>"]),
+        ("last", ["red , blue .<|im_end|>"]),
+    ]:
+        datamodule = make(DemonstrationDataModule, path, tiny_chat_llama_path, val_fraction=0.0, max_length=256,
+                          max_prompt_length=128, assistant_turns=assistant_turns)
+        batch = next(iter(datamodule.train_dataloader()))
+        assert trained_spans(batch, tokenizer) == spans, assistant_turns
+        # The sequence is the template's rendering, ending at the last turn's end token (the EOS).
+        assert tokenizer.decode(batch["input_ids"][0]) == rendered.rstrip()
+        assert datamodule.truncated_rows == 0
+
+
+def test_assistant_turns_is_all_or_last():
+    with pytest.raises(ConfigError, match="assistant_turns must be 'all' or 'last', got 'first'"):
+        DemonstrationDataModule(assistant_turns="first")
 
 
 def test_comparison_datamodule_counts_ties(tmp_path, tokenizer_path):

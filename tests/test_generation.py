@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import torch
 from transformers import GenerationConfig
 
@@ -82,3 +83,66 @@ def test_entropy_is_only_measured_without_an_entropy_bonus(tiny_llama_path):
     assert logps.requires_grad and not entropy.requires_grad
     _, _, with_grad = response_logprobs(model, tokens, mask, mask, return_entropy=True)
     assert with_grad.requires_grad and torch.allclose(with_grad.detach(), entropy)
+
+
+class RecordingScorer:
+    """Scores every response 0 and remembers which ones it was told had ended."""
+
+    def __init__(self) -> None:
+        self.finished: list[bool] = []
+
+    def score(self, prompts, responses, finished=None) -> torch.Tensor:
+        self.finished.extend([None] * len(responses) if finished is None else finished)
+        return torch.zeros(len(responses))
+
+
+def test_a_truncated_response_is_scored_as_it_is_without_eos(tiny_llama_path):
+    """The reward model read a finished answer as ``prompt + response + EOS`` in training; an answer cut at
+    ``max_new_tokens`` has no EOS, and appending one would score it as complete."""
+    from lit_rlhf.models import scalar_scores
+    from lit_rlhf.scoring import RewardModelScorer
+
+    torch.manual_seed(0)
+    scorer = RewardModelScorer.from_pretrained(tiny_llama_path)
+    tokenizer = scorer.tokenizer
+    prompt, response = "name three fruits .", " apple , pear"
+    ids = tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
+
+    def read(sequence: list[int]) -> float:
+        return scalar_scores(scorer.model, torch.tensor([sequence]), torch.ones(1, len(sequence), dtype=torch.long))
+
+    finished, truncated = scorer.score([prompt] * 2, [response] * 2, [True, False]).tolist()
+    assert finished == pytest.approx(read(ids + [tokenizer.eos_token_id]).item(), abs=1e-6)
+    assert truncated == pytest.approx(read(ids).item(), abs=1e-6)
+    assert abs(finished - truncated) > 1e-4
+    assert scorer.score([prompt], [response]).item() == pytest.approx(finished, abs=1e-6)  # texts alone are complete
+
+
+def test_every_sampling_path_tells_the_scorer_which_answers_ended(tiny_llama_path, tmp_path):
+    """Evaluation, best-of-n and the reward model's statistics sample through one path: each answer reaches the
+    scorer with whether it stopped on EOS, the same flags the generation recorded."""
+    from lit_rlhf.collect import sample_responses
+    from lit_rlhf.rollout import evaluate_policy
+    from lit_rlhf.selection import pick_best
+
+    tokenizer = load_tokenizer(tiny_llama_path)
+    model = load_causal_lm(tiny_llama_path, tokenizer)
+    with torch.no_grad():  # EOS's logit 4·h₀, every other token's 0: some answers end within 3 tokens, some are cut
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tokenizer.eos_token_id, 0] = 4.0
+    model.save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    sampling = SamplingConfig(max_new_tokens=3)
+    torch.manual_seed(0)
+    groups = sample_responses(str(tmp_path / "policy"), PROMPTS, 16, sampling, 32, 64)
+    ended = [response.ended for group in groups for response in group]
+    assert 0 < sum(ended) < len(ended)
+
+    recorder = RecordingScorer()
+    pick_best(PROMPTS, groups, recorder)
+    assert recorder.finished == ended
+
+    recorder = RecordingScorer()
+    evaluation = evaluate_policy(model, tokenizer, PROMPTS * 8, sampling, 32, seed=0, scorer=recorder)
+    assert None not in recorder.finished
+    assert sum(recorder.finished) / len(recorder.finished) == evaluation.metrics["response/eos_fraction"]

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.judges import JUDGE_TEMPLATE, Judge, LLMJudge, RaterJudge, ScoreJudge, make_judge
+from lit_rlhf.judges import JUDGE_REQUEST, VERDICT_PREFIX, Judge, LLMJudge, RaterJudge, ScoreJudge, make_judge
 from lit_rlhf.models import load_causal_lm, load_tokenizer
 from lit_rlhf.scoring import GoldScorer
 
@@ -79,11 +79,12 @@ def test_an_instruction_inside_a_response_does_not_change_the_verdict(gpt2):
     assert fenced.count("<<<") == 2 and fenced.count(">>>") == 2  # an answer cannot close its own quotation
 
 
-def test_the_judge_template_shows_principles_prompt_and_both_answers(gpt2):
+def test_without_a_chat_template_the_judge_reads_the_request_then_its_verdict_prefix(gpt2):
     judge = LLMJudge(*gpt2, principles=SHORT)
     text = judge.judge_prompt(PROMPT, GOOD, BAD)
-    assert text == JUDGE_TEMPLATE.format(principles=SHORT, prompt=PROMPT, first=GOOD, second=BAD,
-                                         first_label="A", second_label="B")
+    request = JUDGE_REQUEST.format(principles=SHORT, prompt=PROMPT, first=GOOD, second=BAD, first_label="A",
+                                   second_label="B")
+    assert text == f"{request}\n\n{VERDICT_PREFIX}"
 
 
 def test_score_and_rater_judges_share_the_pairwise_interface():

@@ -12,7 +12,8 @@ import yaml
 from helpers import run_cli
 from lit_rlhf import pipeline
 from lit_rlhf.cli import fit_phase
-from lit_rlhf.errors import ConfigError
+from lit_rlhf.errors import ConfigError, LitRLHFError
+from lit_rlhf.rollout import Response
 from lit_rlhf.scoring import GoldScorer
 from lit_rlhf.selection import best_of_n_kl, pick_best, self_play_pairs
 
@@ -111,6 +112,48 @@ def test_the_seed_reaches_every_stage_and_a_new_seed_redoes_them(tmp_path):
     assert len(fits) == 2  # the same seed again: everything is complete
 
 
+@pytest.fixture
+def wandb_offline(monkeypatch):
+    """W&B as a user without a key has it: offline runs, with all they print."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
+def test_the_console_shows_one_line_per_stage_and_each_stage_folder_the_rest(tmp_path, wandb_offline, capfd):
+    spec = yaml.safe_load(tiny(CONFIGS / "pipeline.yaml", tmp_path).read_text())
+    spec["stages"] = spec["stages"][:2]  # sft, collect
+    spec["evaluation"] |= {"reference": None, "reward_model": None}
+    path, out = tmp_path / "short.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(spec))
+    rows = pipeline.run_pipeline(path, fit_phase, out)
+
+    printed = capfd.readouterr()
+    lines = (printed.out + printed.err).splitlines()
+    assert [line.split(" ... ")[0] for line in lines[:2]] == ["[pipeline] sft: running (fit)",
+                                                              "[pipeline] collect: running (collect)"]
+    assert all(" ... done in " in line for line in lines[:2])
+    assert lines[2:] == [*pipeline.format_table(rows).splitlines(), f"[pipeline] summary: {out / 'summary.json'}",
+                         f"[pipeline] report: {out / 'report' / 'index.html'}"]
+    log = (out / "sft" / pipeline.LOG_FILE).read_text()
+    assert "wandb: Run summary:" in log
+    assert "wandb:" in (out / "report" / pipeline.LOG_FILE).read_text()
+
+
+def test_a_stage_that_fails_on_its_data_starts_no_wandb_run(tmp_path, wandb_offline, capfd):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "name one fruit .", "completion": 3}) + "\n")
+    path, out = tmp_path / "bad.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump({
+        "stages": [{"name": "sft", "kind": "fit", "config": str(CONFIGS / "sft.yaml"), "data": str(bad)}],
+        "evaluation": {"prompts": str(bad)},
+    }))
+    with pytest.raises(LitRLHFError, match="field 'completion'"):
+        pipeline.run_pipeline(path, fit_phase, out)
+    log = out / "sft" / pipeline.LOG_FILE
+    assert capfd.readouterr().out == f"[pipeline] sft: running (fit) ... failed, its output: {log}\n"
+    assert sorted(path.name for path in (out / "sft").iterdir()) == [pipeline.LOG_FILE]  # no W&B run, no run folder
+
+
 @pytest.mark.parametrize("variant", ["rejection_sampling", "spin", "iterative"])
 def test_each_variant_runs_end_to_end(variant, tmp_path):
     rows = pipeline.run_pipeline(tiny(CONFIGS / f"pipeline_{variant}.yaml", tmp_path), fit_phase, tmp_path / "out")
@@ -168,7 +211,8 @@ def test_the_command_line_reports_a_missing_pipeline_file_in_one_line(tmp_path, 
 
 def test_pick_best_keeps_the_top_scored_distinct_responses():
     prompts = ["name two fruits .", "name one fruit ."]
-    groups = [["dog .", "apple , pear .", "apple , pear .", "apple ."], ["fig .", "fig , fig ."]]
+    texts = [["dog .", "apple , pear .", "apple , pear .", "apple ."], ["fig .", "fig , fig ."]]
+    groups = [[Response(text, True) for text in group] for group in texts]
     picks = pick_best(prompts, groups, GoldScorer(), keep=2)
     assert [(p.prompt, p.response, round(p.score, 3)) for p in picks] == [
         ("name two fruits .", "apple , pear .", 1.0), ("name two fruits .", "apple .", 0.5),
@@ -225,3 +269,53 @@ def test_the_evaluation_cuts_prompts_at_the_files_prompt_length(setting, expecte
     run = pipeline.start_run(path, fit_phase, tmp_path / "out")
     pipeline.HeldOutEvaluation(run).policy("world")
     assert calls[0][4] == expected  # evaluate_policy(model, tokenizer, prompts, sampling, max_prompt_length, ...)
+
+
+@pytest.mark.parametrize("stage", [
+    {"name": "sft", "kind": "fit", "config": str(CONFIGS / "sft.yaml"), "data": "my/chats.jsonl"},
+    {"name": "sft", "kind": "fit", "config": str(CONFIGS / "sft.yaml"), "args": {"data.init_args.path": "my.jsonl"}},
+    {"name": "rs", "kind": "rejection_sample", "policy": "p", "reward_model": "r", "prompts": "my/prompts.jsonl"},
+])
+def test_a_file_that_reads_own_data_must_name_the_evaluation_prompts(stage, tmp_path):
+    """The summary would otherwise answer the world's prompts with a model that never saw them."""
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"stages": [stage]}))
+    with pytest.raises(ConfigError, match=r"evaluation.prompts is unset, but the stages read your own data"):
+        pipeline.load_pipeline(path)
+    path.write_text(yaml.safe_dump({"stages": [stage], "evaluation": {"prompts": "my/held_out.jsonl"}}))
+    assert pipeline.load_pipeline(path)["evaluation"]["prompts"] == "my/held_out.jsonl"
+
+
+def test_the_evaluation_renders_chat_prompts_with_the_policies_template(tiny_chat_llama_path, tmp_path):
+    """Held-out chat prompts read as the policies trained on them: the reference's chat template, not a default."""
+    from lit_rlhf.models import load_tokenizer
+
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                                          {"role": "user", "content": f"Name {n} fruits."}]}) + "\n"
+                                for n in ("two", "three")))
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({
+        "stages": [{"name": "sft", "kind": "fit", "config": str(CONFIGS / "sft.yaml")}],
+        "evaluation": {"prompts": str(held_out), "reference": tiny_chat_llama_path, "num_prompts": 2,
+                       "samples_per_prompt": 1},
+    }))
+    evaluation = pipeline.HeldOutEvaluation(pipeline.start_run(path, fit_phase, tmp_path / "out"))
+    tokenizer = load_tokenizer(tiny_chat_llama_path)
+    assert evaluation.prompts == [
+        tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                       {"role": "user", "content": f"Name {n} fruits."}],
+                                      tokenize=False, add_generation_prompt=True)
+        for n in ("two", "three")
+    ]
+
+
+def test_the_world_prompts_are_refused_to_a_model_that_cannot_read_them(tiny_llama_path, tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({
+        "stages": [{"name": "sft", "kind": "fit", "config": str(CONFIGS / "sft.yaml")}],
+        "evaluation": {"reference": tiny_llama_path},
+    }))
+    evaluation = pipeline.HeldOutEvaluation(pipeline.start_run(path, fit_phase, tmp_path / "out"))
+    with pytest.raises(ConfigError, match=f"evaluation.prompts is unset, and {tiny_llama_path} cannot read the world"):
+        evaluation.prompts

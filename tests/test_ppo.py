@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
 
 from helpers import latest_run, metric_series, run_cli
+from lit_rlhf.cli import RLHFCLI
 from lit_rlhf.data.datamodules import PromptDataModule
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.models import export, load_tokenizer
@@ -145,6 +146,20 @@ def test_ppo_cli_on_world_logs_every_iteration_and_exports(in_tmp, world_sft_pat
     assert set(samples[0]) == {"iteration", "prompt", "response", "score", "gold"}
     exported = AutoModelForCausalLM.from_pretrained(in_tmp / "runs" / "ppo" / "hf")
     assert exported.config.model_type == "gpt2"
+
+
+def test_the_progress_bar_counts_iterations_to_the_end(tmp_path, world_sft_path):
+    """``max_steps`` counts optimiser updates, ppo_epochs × num_minibatches = 8 an iteration: 16 are two
+    iterations, which the bar shows done (not stopped at 2/16), in the one epoch they take (not ``Epoch 0/-2``)."""
+    cli = RLHFCLI(args=[
+        "fit", "--config", CONFIG, "--model.model_name_or_path", world_sft_path, "--model.reward_model", "gold",
+        "--model.max_new_tokens", "4", "--data.batch_size", "4", "--data.num_eval_prompts", "2",
+        "--trainer.max_steps", "16", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+        "--trainer.default_root_dir", str(tmp_path), "--model.export_dir", str(tmp_path / "hf"),
+    ])
+    bar = cli.trainer.progress_bar_callback.train_progress_bar
+    assert (bar.n, bar.total) == (2, 2)
+    assert bar.desc.startswith("Epoch 0/0")
 
 
 class IterationMetrics(Callback):
@@ -344,3 +359,31 @@ def test_a_critic_from_the_reward_model_starts_on_the_normalised_score_scale(wor
                              normalize_scores=False)
     unnormalised.configure_model()
     assert torch.allclose(unnormalised.critic(ids, mask)[:, -1], raw, atol=1e-5)
+
+
+def test_rollout_scores_tell_the_reward_which_answers_were_cut(world_sft_path):
+    """Answers cut at ``max_new_tokens`` reach the scorer marked unfinished (a reward model scores them without
+    EOS), and ``missing_eos_penalty`` comes off exactly those."""
+    from lit_rlhf.data.collate import tokenize_prompts
+    from lit_rlhf.rollout import PolicyEvaluation
+
+    class Recorder:
+        finished: list = []
+
+        def score(self, prompts, responses, finished=None):
+            Recorder.finished = finished
+            return torch.zeros(len(responses))
+
+    module = PPOModule(model_name_or_path=world_sft_path, reward_model="gold", advantage_estimator="rloo",
+                       group_size=2, max_new_tokens=6, missing_eos_penalty=1.5, normalize_scores=False)
+    module.configure_model()
+    module.scorer = Recorder()
+    module._reference_answers = PolicyEvaluation([], [], [], metrics={"response/length_mean": 0.0})
+    prompts = ["name three fruits .", "i think carrot is a fruit . give me two fruits .", "list one color ."] * 4
+    prompt_ids, prompt_mask = tokenize_prompts(module.tokenizer, prompts, 32)
+    torch.manual_seed(0)
+    _, metrics, samples = module._rollout({"prompt": prompts, "prompt_input_ids": prompt_ids,
+                                           "prompt_attention_mask": prompt_mask})
+    assert 0 < sum(Recorder.finished) < len(Recorder.finished)
+    assert sum(Recorder.finished) / len(Recorder.finished) == pytest.approx(metrics["response/eos_fraction"].item())
+    assert [sample["score"] for sample in samples] == [0.0 if ended else -1.5 for ended in Recorder.finished]

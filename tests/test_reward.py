@@ -201,3 +201,32 @@ def test_validation_means_leave_out_metrics_no_batch_updated_without_warning(rec
     assert validation_means({"accuracy": updated, "gold/accuracy": never}) == {"val/accuracy": torch.tensor(2.5)}
     assert not [w for w in recwarn if "before the ``update``" in str(w.message)]
     assert updated.update_count == 0  # reset for the next validation
+
+
+def test_the_readmes_transformers_recipe_scores_chat_data_as_the_scorer_does(tiny_chat_llama_path, tmp_path):
+    """The README's plain-transformers recipe, run as printed, on ChatML comparisons rendered as the data layer
+    renders them: the same scores as RewardModelScorer (one <|im_end|>, read at it)."""
+    import re
+
+    from lit_rlhf.data.formats import make_chat_renderer, normalize_rows
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(tiny_chat_llama_path)
+    model = load_scalar_head_model(tiny_chat_llama_path, tokenizer).eval()
+    torch.nn.init.normal_(model.score.weight, std=1.0)
+    export(model, tokenizer, tmp_path / "rm")
+    rows = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "name two fruits"}],
+             "chosen": [{"role": "assistant", "content": "apple , pear ."}],
+             "rejected": [{"role": "assistant", "content": "the quick brown fox"}]}]
+    (comparison,) = normalize_rows(rows, "comparison", chat_renderer=make_chat_renderer(tokenizer)).records
+    assert comparison.chosen.endswith("<|im_end|>\n")
+    recipe = re.search(r"```python\n(import torch\n.*?def score\(.*?)```", (CONFIGS.parent / "README.md").read_text(),
+                       re.DOTALL).group(1)
+    namespace = {"path": str(tmp_path / "rm")}
+    exec(recipe, namespace)
+    scorer = RewardModelScorer.from_pretrained(tmp_path / "rm", max_length=200, max_prompt_length=150)
+    expected = scorer.score([comparison.prompt] * 2, [comparison.chosen, comparison.rejected]).tolist()
+    recipe_scores = [namespace["score"](comparison.prompt, response) for response in (comparison.chosen,
+                                                                                       comparison.rejected)]
+    assert recipe_scores == pytest.approx(expected, abs=1e-5)
+    assert abs(expected[0] - expected[1]) > 1e-3

@@ -180,6 +180,44 @@ def test_sft_and_reward_model_train_in_train_mode(phase, tiny_gpt2_path, tmp_pat
     assert modes == [True, True]
 
 
+def test_the_loss_covers_every_assistant_turn_of_a_chat_or_only_the_last(tiny_chat_llama_path, tmp_path):
+    from lit_rlhf.models import forward
+
+    messages = [
+        {"role": "system", "content": "you help ."},
+        {"role": "user", "content": "name three fruits ."},
+        {"role": "assistant", "content": "apple , pear , plum ."},
+        {"role": "user", "content": "list two colors ."},
+        {"role": "assistant", "content": "red , blue ."},
+    ]
+    path = str(write_jsonl(tmp_path / "chats.jsonl", [{"messages": messages}] * 4))
+    module = SFTModule(model_name_or_path=tiny_chat_llama_path)
+    module.configure_model()
+    first, last = (len(module.tokenizer(turn + "<|im_end|>", add_special_tokens=False)["input_ids"])
+                   for turn in ("apple , pear , plum .", "red , blue ."))
+
+    def data(assistant_turns: str) -> DemonstrationDataModule:
+        return DemonstrationDataModule(path=path, tokenizer_name_or_path=tiny_chat_llama_path, batch_size=4,
+                                       val_fraction=0.0, max_length=256, max_prompt_length=128,
+                                       assistant_turns=assistant_turns)
+
+    for assistant_turns, trained_tokens in [("all", first + last), ("last", last)]:
+        datamodule = data(assistant_turns)
+        datamodule.setup("fit")
+        batch = next(iter(datamodule.train_dataloader()))
+        loss, response_tokens = module._loss(batch)
+        assert response_tokens == 4 * trained_tokens, assistant_turns
+        # The mean negative log-likelihood of exactly those tokens, each predicted from the one before.
+        logits = forward(module.model, batch["input_ids"], batch["attention_mask"]).logits[:, :-1]
+        nll = -torch.log_softmax(logits, -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+        torch.testing.assert_close(loss, nll[batch["response_mask"][:, 1:].bool()].mean())
+
+    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(SFTModule(model_name_or_path=tiny_chat_llama_path), datamodule=data("all"))
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
 def test_sequences_longer_than_the_models_positions_are_refused_in_one_line(tiny_gpt2_path, tmp_path, capsys,
                                                                              monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -6,8 +6,17 @@ prompt to ``max_prompt_length`` from the **left** (its end, next to the response
 the response so that the whole is at most ``max_length``, keeping its **start**; a cut response loses its EOS,
 so the model is never taught to stop where the text did not.
 
+A demonstration whose earlier assistant turns are trained too (``Demonstration.prompt_segments``) has for its
+prompt the context before its **first** assistant turn; from that turn on, everything is its response: each turn,
+the user turns and template text between them, the last turn and its EOS, each segment tokenised on its own.
+So the same rule holds: the first context is cut from the left to ``max_prompt_length``, the rest at
+``max_length`` from the right, keeping at least the first turn's start; a turn that is cut loses its end-of-turn
+token, and the turns past the cut are gone. Whitespace a template writes after an earlier turn's EOS (ChatML's
+newline after ``<|im_end|>``) stays in the sequence as context, as it is dropped after the last turn.
+
 Masks are int64 0/1 over input positions, like Hugging Face's ``attention_mask``. ``response_mask[b, t]`` is 1
-where ``input_ids[b, t]`` is a response token (the EOS included): with logits shifted by one, score
+where ``input_ids[b, t]`` is a response token (the EOS included), in a multi-turn demonstration a token of any
+assistant turn (0 on the user turns and the template text between them): with logits shifted by one, score
 ``logits[:, :-1]`` against ``input_ids[:, 1:]`` under ``response_mask[:, 1:]``.
 """
 
@@ -25,7 +34,8 @@ from lit_rlhf.errors import ConfigError
 
 Example = dict[str, Any]
 """One tokenised record: ``prompt_ids`` and, where there is a response, ``response_ids`` (or ``chosen_ids`` and
-``rejected_ids``) already truncated, plus the texts."""
+``rejected_ids``) already truncated, plus the texts; a demonstration's ``response_mask`` marks which of its
+``response_ids`` are trained on."""
 
 
 def pad_right(
@@ -60,11 +70,11 @@ def _pad(
     return ids, mask
 
 
-def check_lengths(max_length: int, max_prompt_length: int) -> None:
-    """Fail early on limits that leave no room for a response."""
+def check_lengths(max_length: int, max_prompt_length: int, with_response: bool = True) -> None:
+    """Fail early on limits that leave no room for a response (``with_response``; prompts alone need none)."""
     if max_prompt_length < 1:
         raise ConfigError(f"max_prompt_length must be at least 1, got {max_prompt_length}")
-    if max_length <= max_prompt_length:
+    if with_response and max_length <= max_prompt_length:
         raise ConfigError(
             f"max_length ({max_length}) must be larger than max_prompt_length ({max_prompt_length}) "
             "to leave room for a response"
@@ -96,16 +106,25 @@ def _prompt_ids(
 
 
 def _response_ids(
-    tokenizer: PreTrainedTokenizerBase, prompt_ids: list[list[int]], completions: Sequence[str], max_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[list[int]],
+    completions: Sequence[str],
+    max_length: int,
+    finished: Sequence[bool] | None = None,
 ) -> tuple[list[list[int]], list[bool]]:
     """``completion + [eos]`` cut at the end to fit after each prompt within ``max_length``, and which were cut.
     A completion that already ends with EOS (a chat template that writes it, perhaps with a newline after: Qwen,
-    Zephyr) ends there, without a second one."""
+    Zephyr) ends there, without a second one. A completion marked not ``finished`` (a sample that ran out of
+    ``max_new_tokens``) gets no EOS: it is scored as the unfinished text it is."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to end responses with")
+    finished = [True] * len(completions) if finished is None else finished
     texts = [c.rstrip() if c.rstrip().endswith(tokenizer.eos_token) else c for c in completions]
-    full = [seq if seq[-1:] == [eos] else seq + [eos] for seq in _tokenize(tokenizer, texts)]
+    full = [
+        seq if seq[-1:] == [eos] or not ends else seq + [eos]
+        for seq, ends in zip(_tokenize(tokenizer, texts), finished, strict=True)
+    ]
     budgets = [max_length - len(prompt) for prompt in prompt_ids]
     cut = [len(seq) > budget for seq, budget in zip(full, budgets)]
     return [seq[:budget] for seq, budget in zip(full, budgets)], cut
@@ -120,18 +139,69 @@ def tokenize_prompts(
 
 
 def encode_demonstrations(
-    records: Sequence[Demonstration], tokenizer: PreTrainedTokenizerBase, max_length: int, max_prompt_length: int
+    records: Sequence[Demonstration],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    max_prompt_length: int,
+    finished: Sequence[bool] | None = None,
 ) -> Encoded:
+    """Demonstrations as ``prompt_ids``, ``response_ids`` and the ``response_mask`` of the trained response
+    tokens (all of them but a multi-turn demonstration's user turns and template text, see the module docstring);
+    ``finished`` marks completions that ended (default all), the others get no EOS (see :func:`_response_ids`)."""
     check_lengths(max_length, max_prompt_length)
-    prompt_ids, prompt_cut = _prompt_ids(tokenizer, [record.prompt for record in records], max_prompt_length)
-    response_ids, response_cut = _response_ids(
-        tokenizer, prompt_ids, [record.completion for record in records], max_length
+    first_contexts = [record.prompt_segments[0] if record.prompt_segments else record.prompt for record in records]
+    prompt_ids, prompt_cut = _prompt_ids(tokenizer, first_contexts, max_prompt_length)
+    earlier_ids, earlier_masks = _earlier_turns(tokenizer, [record.prompt_segments[1:] for record in records])
+    rooms = [max_length - len(prompt) for prompt in prompt_ids]
+    earlier_cut = [len(ids) > room for ids, room in zip(earlier_ids, rooms)]
+    earlier_ids = [ids[:room] for ids, room in zip(earlier_ids, rooms)]
+    earlier_masks = [mask[:room] for mask, room in zip(earlier_masks, rooms)]
+    before_last = [prompt + earlier for prompt, earlier in zip(prompt_ids, earlier_ids)]
+    last_ids, last_cut = _response_ids(
+        tokenizer, before_last, [record.completion for record in records], max_length, finished
     )
     examples = [
-        {"prompt_ids": prompt, "response_ids": response, "prompt": record.prompt}
-        for record, prompt, response in zip(records, prompt_ids, response_ids)
+        {
+            "prompt_ids": prompt,
+            "response_ids": earlier + last,
+            "response_mask": earlier_mask + [1] * len(last),
+            "prompt": record.prompt,
+        }
+        for record, prompt, earlier, earlier_mask, last in zip(
+            records, prompt_ids, earlier_ids, earlier_masks, last_ids
+        )
     ]
-    return Encoded(examples, sum(map(any, zip(prompt_cut, response_cut))))
+    return Encoded(examples, sum(map(any, zip(prompt_cut, earlier_cut, last_cut))))
+
+
+def _earlier_turns(
+    tokenizer: PreTrainedTokenizerBase, segments: Sequence[Sequence[str]]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Each demonstration's earlier assistant turns with the context after each (``segments``: turn, context, turn,
+    context, ...), as ids and a mask that is 1 on the turns' tokens."""
+    pieces = [_move_whitespace_after_eos(texts, tokenizer.eos_token) for texts in segments]
+    piece_ids = iter(_tokenize(tokenizer, [piece for texts in pieces for piece in texts]))
+    ids, masks = [], []
+    for texts in pieces:
+        row_ids, row_mask = [], []
+        for position in range(len(texts)):
+            piece = next(piece_ids)
+            row_ids += piece
+            row_mask += [int(position % 2 == 0)] * len(piece)
+        ids.append(row_ids)
+        masks.append(row_mask)
+    return ids, masks
+
+
+def _move_whitespace_after_eos(segments: Sequence[str], eos_token: str | None) -> list[str]:
+    """``segments`` (turn, context, ...) with the whitespace after a turn's EOS moved into the context after it:
+    the turn is learnt up to its EOS, as the last turn is (see :func:`_response_ids`)."""
+    pieces = list(segments)
+    for turn in range(0, len(pieces), 2):
+        ended = pieces[turn].rstrip()
+        if eos_token is not None and ended.endswith(eos_token):
+            pieces[turn], pieces[turn + 1] = ended, pieces[turn][len(ended) :] + pieces[turn + 1]
+    return pieces
 
 
 def encode_comparisons(
@@ -206,8 +276,9 @@ def _sequences(
 
 def collate_demonstrations(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
     """``input_ids``, ``attention_mask``, ``response_mask`` [B, T]; ``prompt`` texts."""
-    input_ids, attention_mask, response_mask = _sequences(
-        [e["prompt_ids"] for e in examples], [e["response_ids"] for e in examples], pad_id
+    input_ids, attention_mask = pad_right([e["prompt_ids"] + e["response_ids"] for e in examples], pad_id)
+    response_mask, _ = pad_right(
+        [[0] * len(e["prompt_ids"]) + e["response_mask"] for e in examples], 0, input_ids.shape[1]
     )
     return {
         "input_ids": input_ids,

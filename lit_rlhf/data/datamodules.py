@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from itertools import chain
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
@@ -38,11 +38,19 @@ from lit_rlhf.data.collate import (
     encode_prompts,
     encode_unpaired,
 )
-from lit_rlhf.data.formats import Kind, NormalizedRows, PromptRecord, Record, make_chat_renderer, normalize_rows
+from lit_rlhf.data.formats import (
+    AssistantTurns,
+    Kind,
+    NormalizedRows,
+    PromptRecord,
+    Record,
+    make_chat_renderer,
+    normalize_rows,
+)
 from lit_rlhf.data.sources import read_rows
 from lit_rlhf.errors import ConfigError, DataError
 from lit_rlhf.models import load_tokenizer
-from lit_rlhf.world import build_tokenizer, ensure_world
+from lit_rlhf.world import ensure_world, speaks_world_language
 
 
 def default_world_dir() -> Path:
@@ -112,8 +120,10 @@ class RLHFDataModule(LightningDataModule):
     Args:
         path: A file, folder or ``datasets`` name; ``None`` uses the embedded world (:attr:`is_world`).
         tokenizer_name_or_path: The tokenizer to encode with, the model's; ``"world"`` is the world's.
-        max_length: Most tokens in prompt + response; responses are cut at the end to fit.
-        max_prompt_length: Most prompt tokens; prompts are cut from the left.
+        max_length: Most tokens in prompt + response; responses are cut at the end to fit. Prompts alone
+            (:class:`PromptDataModule`) do not use it: PPO's sequences are ``max_prompt_length + max_new_tokens``.
+        max_prompt_length: Most prompt tokens; prompts are cut from the left (a multi-turn demonstration's prompt is
+            the context before its first trained turn).
         batch_size: Rows per batch.
         val_fraction: Share of the rows held out for validation, in [0, 1).
         split_seed: Seeds the train/val split and the training shuffle; ``None`` takes the run's seed
@@ -150,7 +160,7 @@ class RLHFDataModule(LightningDataModule):
         world_dir: str | None = None,
     ) -> None:
         super().__init__()
-        check_lengths(max_length, max_prompt_length)
+        check_lengths(max_length, max_prompt_length, with_response=self.kind != "prompt")
         if not 0 <= val_fraction < 1:
             raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if batch_size < 1:
@@ -199,7 +209,7 @@ class RLHFDataModule(LightningDataModule):
         if self._train is not None:
             return
         source = str(ensure_world(self.world_dir)[self.world_file]) if self.is_world else self.hparams.path
-        if self.is_world and self.tokenizer.get_vocab() != build_tokenizer().get_vocab():
+        if self.is_world and not speaks_world_language(self.tokenizer):
             rank_zero_warn(
                 f"data.path is unset, so the data is the embedded world's, but {self.hparams.tokenizer_name_or_path} "
                 "does not speak the world's language: set data.path to your own data"
@@ -287,6 +297,10 @@ class RLHFDataModule(LightningDataModule):
     def _collate_fn(self) -> Callable[[list[Example]], dict[str, Any]]:
         raise NotImplementedError
 
+    def _assistant_turns(self) -> AssistantTurns:
+        """The assistant turns of a ``messages`` demonstration that are trained on: a choice of SFT data only."""
+        return "all"
+
     # --- helpers ---
 
     def _normalize(self, source: str, kind: Kind) -> NormalizedRows:
@@ -296,6 +310,7 @@ class RLHFDataModule(LightningDataModule):
             source=source,
             chat_renderer=make_chat_renderer(self.tokenizer),
             on_bad_row=self.hparams.on_bad_row,
+            assistant_turns=self._assistant_turns(),
         )
 
     def _split(self, records: list[Record]) -> tuple[list[Record], list[Record]]:
@@ -338,10 +353,24 @@ class RLHFDataModule(LightningDataModule):
 
 
 class DemonstrationDataModule(RLHFDataModule):
-    """SFT data. Batches: ``input_ids``, ``attention_mask``, ``response_mask`` [B, T]; ``prompt`` texts."""
+    """SFT data. Batches: ``input_ids``, ``attention_mask``, ``response_mask`` [B, T]; ``prompt`` texts.
+
+    ``assistant_turns`` says which assistant turns of a ``messages`` row ``response_mask`` covers: ``"all"`` (the
+    default, TRL's ``assistant_only_loss``; ``max_prompt_length`` then limits the context before the first turn)
+    or ``"last"`` (the earlier turns are prompt). See :mod:`lit_rlhf.data.formats` and :mod:`lit_rlhf.data.collate`.
+    """
 
     kind = "demonstration"
     world_file = "demonstrations"
+
+    def __init__(self, *args: Any, assistant_turns: AssistantTurns = "all", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if assistant_turns not in get_args(AssistantTurns):
+            raise ConfigError(f"assistant_turns must be 'all' or 'last', got {assistant_turns!r}")
+        self.save_hyperparameters()
+
+    def _assistant_turns(self) -> AssistantTurns:
+        return self.hparams.assistant_turns
 
     def _encode(self, records: list[Record]) -> Encoded:
         hp = self.hparams

@@ -6,7 +6,8 @@ A row's format is recognised by the keys it has (the first match wins):
 keys                format                                      record
 ==================  ==========================================  =========================================
 ``messages``        chat: ``[{role, content}, ...]``, the       :class:`Demonstration` rendered with the
-                    last message the assistant's                chat template (see :func:`make_chat_renderer`)
+                    last message the assistant's                chat template (see :func:`make_chat_renderer`);
+                                                                every assistant turn trained (see below)
 ``responses``,      k-wise ranking (``ranks``: ints, 0 = best,  one :class:`Comparison` per strictly
 ``ranks``           equal = tie, partial orders allowed)        ordered pair (:func:`ranking_to_pairs`)
 ``chosen``,         preference, with ``prompt``; without it     :class:`Comparison` (optional numeric
@@ -29,6 +30,16 @@ and ranking; ``unpaired`` unpaired rows, and preference rows, each of which beco
 undesirable (rejected) record (KTO on paired data); ``prompt`` any row with a prompt (its prompt is taken, the
 rest ignored; a chat conversation loses its final assistant message).
 
+A ``messages`` demonstration trains on every assistant turn by default (``assistant_turns="all"``, TRL's
+``assistant_only_loss``): its prompt is the conversation before the last assistant turn, its completion that turn,
+and :attr:`Demonstration.prompt_segments` marks the earlier assistant turns inside the prompt. The segments are cut
+where the chat template's own renderings end (messages before a turn with the generation prompt, then through the
+turn), so together they are exactly the template's rendering; a template that renders an earlier turn differently
+once later messages follow (one that drops earlier reasoning, say) cannot be cut so, and the row is a bad row
+("chat template mismatch") whose message points at ``assistant_turns="last"``, which trains on the last turn only
+and leaves the earlier ones as context. A ``prompt``/``completion`` row trains on its completion only, whatever
+its prompt holds.
+
 Every bad row gets one reason on one line: ``{source}:{row}: field '{field}': {what is wrong}``.
 """
 
@@ -49,6 +60,8 @@ from lit_rlhf.errors import DataError
 
 Kind = Literal["demonstration", "comparison", "prompt", "unpaired"]
 OnBadRow = Literal["error", "skip"]
+AssistantTurns = Literal["all", "last"]
+"""Which assistant turns of a ``messages`` demonstration the loss covers: all of them, or the last only."""
 ChatRenderer = Callable[[list[dict[str, str]], bool], str]
 """``render(messages, add_generation_prompt) -> text``; build one with :func:`make_chat_renderer`."""
 
@@ -75,6 +88,9 @@ _ASSISTANT_MARKER = "Assistant:"
 class Demonstration:
     prompt: str
     completion: str
+    prompt_segments: tuple[str, ...] = ()
+    """Where earlier assistant turns are trained too: the prompt cut into context and assistant turn alternately,
+    context first and last (``"".join(prompt_segments) == prompt``). Empty when the whole prompt is context."""
 
 
 @dataclass(frozen=True)
@@ -187,19 +203,23 @@ def normalize_rows(
     source: str = "<rows>",
     chat_renderer: ChatRenderer | None = None,
     on_bad_row: OnBadRow = "error",
+    assistant_turns: AssistantTurns = "all",
 ) -> NormalizedRows:
     """Turn rows into the canonical records of ``kind``.
 
     ``rows`` are dicts, numbered from 1 under ``source``, or the ``(source, row, dict)`` triples that
     :func:`lit_rlhf.data.sources.read_rows` yields, which carry their own location. With ``on_bad_row="error"``
     the first bad row raises :class:`DataError`; with ``"skip"`` bad rows are left out and counted by reason in
-    ``.skipped``.
+    ``.skipped``. ``assistant_turns`` picks the turns of a ``messages`` demonstration that are trained on (see the
+    module docstring).
     """
     if kind not in get_args(Kind):
         raise ValueError(f"unknown record kind {kind!r}; expected one of {get_args(Kind)}")
     if on_bad_row not in get_args(OnBadRow):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
-    parser = _RowParser(chat_renderer or make_chat_renderer())
+    if assistant_turns not in get_args(AssistantTurns):
+        raise ValueError(f"assistant_turns must be 'all' or 'last', got {assistant_turns!r}")
+    parser = _RowParser(chat_renderer or make_chat_renderer(), assistant_turns)
     result = NormalizedRows()
     for number, item in enumerate(rows, start=1):
         row_source, row_number, row = item if isinstance(item, tuple) else (source, number, item)
@@ -308,8 +328,9 @@ class _Prompt:
 class _RowParser:
     """Recognises a row's format and reads it into records, raising :class:`RowProblem` for a bad row."""
 
-    def __init__(self, render: ChatRenderer):
+    def __init__(self, render: ChatRenderer, assistant_turns: AssistantTurns = "all"):
         self._render_chat = render
+        self._assistant_turns = assistant_turns
 
     def parse(self, row: Any, kind: Kind) -> tuple[list[Record], int]:
         """The row's records for ``kind`` and the ties it dropped."""
@@ -413,7 +434,27 @@ class _RowParser:
                 f"the last message must be the assistant's, got role {messages[-1]['role']!r}",
             )
         prompt = self._render(messages[:-1], True, "messages")
-        return Demonstration(prompt, self._render_response(messages[:-1], messages[-1:], "messages"))
+        completion = self._render_response(messages[:-1], messages[-1:], "messages")
+        if self._assistant_turns == "last":
+            return Demonstration(prompt, completion)
+        return Demonstration(prompt, completion, self._prompt_segments(messages, prompt))
+
+    def _prompt_segments(self, messages: list[dict[str, str]], prompt: str) -> tuple[str, ...]:
+        """``prompt`` (the render of all but the last message) cut at the earlier assistant turns' boundaries:
+        each turn's text is its render through the turn minus its render before it with the generation prompt,
+        as the last turn's is. Empty when no assistant turn comes before the last."""
+        earlier_turns = [index for index, message in enumerate(messages[:-1]) if message["role"] == "assistant"]
+        if not earlier_turns:
+            return ()
+        segments = []
+        rendered = ""  # the render through the turn cut off last
+        for index in earlier_turns:
+            before = self._render(messages[:index], True, "messages")
+            through = self._render(messages[: index + 1], False, "messages")
+            segments += [_continuation(rendered, before, index), _continuation(before, through, index)]
+            rendered = through
+        segments.append(_continuation(rendered, prompt, earlier_turns[-1]))
+        return tuple(segments)
 
     def _preference(self, row: Mapping[str, Any]) -> Comparison:
         if "prompt" not in row:
@@ -544,6 +585,20 @@ _ACCEPTED: dict[str, tuple[str, ...]] = {
 }
 
 
+def _continuation(shorter: str, longer: str, turn_index: int) -> str:
+    """What ``longer``, a render of more of a conversation, adds to ``shorter``, cut around the assistant message
+    at ``turn_index``."""
+    if not longer.startswith(shorter):
+        raise RowProblem(
+            "messages",
+            "chat template mismatch",
+            f"the chat template's renders before, through and after message {turn_index + 1} (an assistant turn) do "
+            "not each start with the one before, so the earlier assistant turns cannot be split off "
+            "(assistant_turns='last' trains on the last turn only)",
+        )
+    return longer[len(shorter) :]
+
+
 def _same_kind(first: Any, name: str, value: Any) -> None:
     """One row's responses are all text or all messages: a chat template renders only the message ones."""
     if isinstance(first, list) != isinstance(value, list) and isinstance(value, (str, list)):
@@ -571,7 +626,8 @@ def _wrong_format_message(row: Mapping[str, Any], format_name: str | None, kind:
     expected = ", ".join(_DESCRIPTIONS[name] for name in _ACCEPTED[kind])
     if format_name is None:
         return f"no recognised fields; found keys {sorted(row)} — expected one of {expected}"
-    return f"a {_DESCRIPTIONS[format_name]} row is not a {kind}; expected one of {expected}"
+    article = "an" if kind[0] in "aeiou" else "a"
+    return f"a {_DESCRIPTIONS[format_name]} row is not {article} {kind} row; expected one of {expected}"
 
 
 def _split_shared_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:

@@ -162,7 +162,10 @@ def _data_files(folder: Path, split: str) -> list[Path]:
         found = sorted({name for name in splits.values() if name})
         unnamed = [str(file.relative_to(folder)) for file in files if splits[file] is None]
         hint = f"; the others ({', '.join(unnamed[:5])}) name no split: point data.path at one file" if unnamed else ""
-        raise DataError(f"{folder}: no files for split '{split}' (its files are named for the splits {found}){hint}")
+        raise DataError(
+            f"{folder}: no files for split '{split}' (its files are named for the splits {found}; pick one with "
+            f"data.split){hint}"
+        )
     return chosen
 
 
@@ -174,7 +177,7 @@ def _read_saved_dataset(folder: Path, split: str) -> Iterator[tuple[str, int, An
     source = str(folder)
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
-            raise DataError(f"{folder}: no split '{split}' (it has {sorted(dataset)})")
+            raise DataError(f"{folder}: no split '{split}' (it has {sorted(dataset)}; pick one with data.split)")
         dataset, source = dataset[split], f"{folder}[{split}]"
     for number, row in enumerate(dataset, start=1):
         yield source, number, row
@@ -189,6 +192,7 @@ def _read_hub_dataset(name: str, split: str) -> Iterator[tuple[str, int, Any]]:
             f"{_first_line(error)})"
         ) from None
     except ValueError as error:  # typically an unknown split
-        raise DataError(f"{name}: cannot load split '{split}': {_first_line(error)}") from None
+        raise DataError(f"{name}: cannot load split '{split}' (pick another with data.split): {_first_line(error)}") \
+            from None
     for number, row in enumerate(dataset, start=1):
         yield f"{name}[{split}]", number, row

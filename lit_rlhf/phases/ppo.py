@@ -210,6 +210,12 @@ class PPOModule(LightningModule):
             groups.append({"params": self.critic.parameters(), "lr": hp.value_learning_rate or hp.learning_rate})
         return torch.optim.AdamW(groups, weight_decay=0.0)
 
+    @property
+    def optimizer_steps_per_batch(self) -> int:
+        """``trainer.max_steps`` counts optimiser updates, this many per iteration: the progress bar counts
+        iterations (:class:`lit_rlhf.cli.TrainingProgressBar`)."""
+        return self.hparams.ppo_epochs * self.hparams.num_minibatches
+
     # --- one iteration ---
 
     def on_train_start(self) -> None:
@@ -290,7 +296,7 @@ class PPOModule(LightningModule):
 
     def _scores(self, prompts: list[str], responses: list[str], ended_with_eos: torch.Tensor) -> torch.Tensor:
         hp = self.hparams
-        scores = self.scorer.score(prompts, responses).to(self.device)
+        scores = self.scorer.score(prompts, responses, ended_with_eos.tolist()).to(self.device)
         if hp.missing_eos_penalty:
             scores = scores - hp.missing_eos_penalty * (~ended_with_eos).float()
         if hp.score_clip is not None:

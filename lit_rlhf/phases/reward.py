@@ -175,7 +175,7 @@ class RewardModelModule(LightningModule):
         policy = hp.statistics_policy or hp.model_name_or_path
         groups = sample_responses(policy, prompts, per_prompt, SamplingConfig(hp.max_new_tokens),
                                   scorer.max_prompt_length, 256, self.device, hp.dtype)
-        samples = [(prompt, response) for prompt, group in zip(prompts, groups) for response in group]
+        samples = [(prompt, *response) for prompt, group in zip(prompts, groups) for response in group]
         scores = scorer.score(*zip(*samples[: hp.normalization_samples]))
         for name, key in LENGTH_KEYS.items():
             setattr(self.model.config, key, getattr(scorer, name))

@@ -21,7 +21,8 @@ from lit_rlhf.rollout import SamplingConfig, evaluate_policy
 
 
 class SFTModule(LightningModule):
-    """Causal-LM fine-tuning with the prompt masked out of the loss.
+    """Causal-LM fine-tuning with the prompt masked out of the loss: the loss covers the batch's ``response_mask``,
+    which in a multi-turn chat marks every assistant turn (see ``DemonstrationDataModule``'s ``assistant_turns``).
 
     Logs ``train/loss``, ``train/tokens_per_second``, ``val/loss``, ``val/perplexity`` and, at every validation,
     samples answers to the datamodule's held-out prompts and logs under ``eval/`` what :func:`evaluate_policy`

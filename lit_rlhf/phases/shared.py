@@ -13,7 +13,7 @@ from torchmetrics import Metric
 from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
 from lit_rlhf.errors import ConfigError, TrainingDiverged
-from lit_rlhf.models import check_positions, export, full_state_dict, is_sharded, merged, shard
+from lit_rlhf.models import check_positions, export, full_state_dict, is_sharded, merged, quiet_transformers, shard
 
 
 def adamw_with_warmup(
@@ -127,7 +127,8 @@ def export_trained(module: LightningModule, model: PreTrainedModel) -> str:
     out_dir = module.hparams.export_dir or f"{trainer.log_dir}/hf"
     state_dict = full_state_dict(model) if is_sharded(model) else None
     if trainer.is_global_zero:
-        export(merged(model), module.tokenizer, out_dir, state_dict)
+        with quiet_transformers():  # its "Writing model shards" bar
+            export(merged(model), module.tokenizer, out_dir, state_dict)
     trainer.strategy.barrier("export")
     return out_dir
 

@@ -17,7 +17,7 @@ from lit_rlhf.world.datasets import demonstrate, ensure_world, sample_prompt, wr
 from lit_rlhf.world.gold import gold_reward, has_gold, response_features
 from lit_rlhf.world.language import PromptSpec, parse_prompt
 from lit_rlhf.world.raters import Rater
-from lit_rlhf.world.tokenizer import WORLD_VOCAB_SIZE, build_tokenizer
+from lit_rlhf.world.tokenizer import WORLD_VOCAB_SIZE, build_tokenizer, speaks_world_language
 
 __all__ = [
     "WORLD_VOCAB_SIZE",
@@ -31,5 +31,6 @@ __all__ = [
     "parse_prompt",
     "response_features",
     "sample_prompt",
+    "speaks_world_language",
     "write_world",
 ]

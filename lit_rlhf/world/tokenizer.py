@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from lit_rlhf.world.language import VOCABULARY
 
@@ -35,3 +35,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         padding_side="right",
         clean_up_tokenization_spaces=False,  # the default clean-up would glue " ," and " ." onto the word before
     )
+
+
+def speaks_world_language(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether ``tokenizer`` has the world's vocabulary, so a model using it can read the world's prompts."""
+    return tokenizer.get_vocab() == build_tokenizer().get_vocab()
