@@ -1,4 +1,4 @@
-"""Advantage estimation, whitening, reward shaping and group baselines, as pure functions of tensors.
+"""Score shaping, advantage estimation, whitening, reward shaping and group baselines, as pure functions of tensors.
 
 Token-level tensors are ``[B, T]`` with a 0/1 ``mask`` marking the response tokens; outputs are 0 wherever the
 mask is 0.
@@ -12,6 +12,32 @@ from torch import Tensor
 from lit_rlhf.losses import kl_penalty, masked_mean, masked_var
 
 GROUP_ADVANTAGE_KINDS = ("grpo", "rloo")
+
+
+def normalize_scores(scores: Tensor, mean: float, std: float) -> Tensor:
+    """(s − mean) / std, with the mean and std of the reward model's scores for samples of the policy to be trained:
+    those samples then score mean 0 and variance 1, as Ziegler et al. 2019 normalise their reward model. A fixed map,
+    not a batch statistic, so a score means the same at every iteration, and β and the missing-EOS penalty are in
+    units of that std."""
+    return (scores - mean) / std
+
+
+def penalize_missing_eos(scores: Tensor, ended_with_eos: Tensor, penalty: float | None) -> Tensor:
+    """s − penalty·[no EOS], ``[B]``: an answer cut at the length limit loses ``penalty`` (no penalty when it is None
+    or 0), so that rambling past the limit does not pay. Huang et al. 2024 ("The N+ Implementation Details of RLHF
+    with PPO") give such answers a constant score instead; subtracting, like TRL's ``missing_eos_penalty``, keeps the
+    reward model's order among them."""
+    if not penalty:
+        return scores
+    return scores - penalty * (~ended_with_eos.bool()).float()
+
+
+def clip_scores(scores: Tensor, limit: float | None) -> Tensor:
+    """Scores clamped to [−limit, limit] (unchanged when ``limit`` is None), so that one outlier score cannot dominate
+    the advantages of its batch (TRL's ``score_clip``, trlX's ``cliprange_reward``)."""
+    if limit is None:
+        return scores
+    return scores.clamp(-limit, limit)
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:

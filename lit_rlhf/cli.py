@@ -307,8 +307,8 @@ def _world_command(argv: list[str]) -> None:
 
 def _collect_command(argv: list[str]) -> None:
     from lit_rlhf.collect import collect_comparisons
+    from lit_rlhf.generation import SamplingConfig
     from lit_rlhf.judges import JUDGES
-    from lit_rlhf.rollout import SamplingConfig
 
     parser = argparse.ArgumentParser(
         prog="lit-rlhf collect",

@@ -23,9 +23,9 @@ from lit_rlhf.data.datamodules import PromptDataModule
 from lit_rlhf.data.formats import make_chat_renderer, normalize_rows, ranking_to_pairs
 from lit_rlhf.data.sources import read_rows
 from lit_rlhf.errors import ConfigError
+from lit_rlhf.generation import Response, SamplingConfig, generate
 from lit_rlhf.judges import JUDGES_FOR_ANY_PROMPTS, WORLD_JUDGES, check_judge_options, make_judge, read_principles
 from lit_rlhf.models import inference_device, load_causal_lm, load_tokenizer
-from lit_rlhf.rollout import Response, SamplingConfig, generate
 from lit_rlhf.world import gold_reward, has_gold
 
 

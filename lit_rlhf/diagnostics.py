@@ -8,7 +8,7 @@ proxy–gold gap measures the hacking itself where a gold reward exists (Gao et 
 the rates are exact, read from :func:`lit_rlhf.world.response_features`; on other text they use the patterns
 below, which a caller may replace.
 
-:func:`lit_rlhf.rollout.evaluate_policy` computes them on every held-out evaluation, so SFT, PPO, the DPO family
+:func:`lit_rlhf.evaluation.evaluate_policy` computes them on every held-out evaluation, so SFT, PPO, the DPO family
 and the pipeline's summary all report them as ``hacking/*`` (and ``gold/proxy_gap``).
 """
 

@@ -10,11 +10,14 @@ Phases call these functions and never inline a formula. Conventions shared by al
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PREFERENCE_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 KL_PENALTY_KINDS = ("k1", "k2", "k3", "abs")
 
 
@@ -125,57 +128,89 @@ def sft_loss(logits: Tensor, input_ids: Tensor, response_mask: Tensor) -> Tensor
 # --------------------------------------------------------------------------------------------------------------
 
 
-def preference_loss(
-    chosen_logps: Tensor,
-    rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Pairwise preference losses on the implicit reward β·(log π − log π_ref); returns ``(losses, chosen_rewards,
-    rejected_rewards)``, each ``[B]``, the rewards detached.
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """A pairwise preference loss of :data:`PREFERENCE_LOSSES`: ``function(chosen, rejected, beta, **options)`` gives
+    the per-pair losses ``[B]`` from each response's log-ratio log π − log π_ref (``[B]`` each) or, for a loss with
+    ``uses_reference=False``, from its log-prob log π. ``average_logps`` asks for length-averaged log-probs
+    (:func:`sequence_logprobs` with ``average=True``) instead of sums."""
 
-    With Δ = (chosen − ref_chosen) − (rejected − ref_rejected) and ε = ``label_smoothing``:
+    function: Callable[..., Tensor]
+    uses_reference: bool = True
+    average_logps: bool = False
 
-    - ``sigmoid``: −(1−ε)·log σ(βΔ) − ε·log σ(−βΔ). DPO, Rafailov et al. 2023, eq. 7; ε > 0 is conservative
-      DPO (labels flipped with probability ε).
-    - ``robust``: (−(1−ε)·log σ(βΔ) + ε·log σ(−βΔ)) / (1 − 2ε), the unbiased loss under label noise ε of
-      Chowdhury et al. 2024 (Provably Robust DPO); needs ε < 0.5.
-    - ``hinge``: max(0, 1 − βΔ), the rank-calibration loss of SLiC (Zhao et al. 2023) with margin 1/β.
-    - ``ipo``: (Δ − 1/(2β))², Azar et al. 2023, eq. 17 (β plays the role of τ). Here Δ is the un-normalised
-      log-ratio difference, so pass length-averaged log-probs if you want IPO's per-token form.
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The loss's own keyword arguments, those after ``(chosen, rejected, beta)``: ``label_smoothing``, …"""
+        return tuple(inspect.signature(self.function).parameters)[3:]
 
-    ``label_smoothing`` only affects ``sigmoid`` and ``robust``.
-    """
-    if loss_type not in PREFERENCE_LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(PREFERENCE_LOSS_TYPES)}")
-    if loss_type == "robust" and not label_smoothing < 0.5:
-        raise ValueError(
-            f"loss_type 'robust' needs label_smoothing < 0.5 (it divides by 1 − 2ε); got {label_smoothing}"
-        )
 
-    chosen_logratios = chosen_logps - ref_chosen_logps
-    rejected_logratios = rejected_logps - ref_rejected_logps
+PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {}
+"""The registered pairwise preference losses by name, filled by :func:`preference_loss_type`. :func:`preference_loss`
+dispatches on it, and ``DPOModule``'s ``loss_type`` takes its choices from it."""
+
+
+def preference_loss_type(name: str, uses_reference: bool = True, average_logps: bool = False):
+    """Decorator that registers a function as the pairwise preference loss ``name`` (see :class:`PreferenceLoss`):
+    one function is all a new variant needs to be a ``loss_type`` of :func:`preference_loss` and ``DPOModule``."""
+
+    def register(function: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if name in PREFERENCE_LOSSES:
+            raise ValueError(f"a preference loss named {name!r} is already registered")
+        PREFERENCE_LOSSES[name] = PreferenceLoss(function, uses_reference, average_logps)
+        return function
+
+    return register
+
+
+@preference_loss_type("sigmoid")
+def dpo_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, label_smoothing: float = 0.0) -> Tensor:
+    """DPO, Rafailov et al. 2023, eq. 7: −(1−ε)·log σ(βΔ) − ε·log σ(−βΔ) with Δ = ``chosen_logratios`` −
+    ``rejected_logratios``; ε = ``label_smoothing`` > 0 is conservative DPO (labels flipped with probability ε)."""
     delta = chosen_logratios - rejected_logratios
-
-    if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
-    elif loss_type == "robust":
-        losses = (
-            -(1 - label_smoothing) * F.logsigmoid(beta * delta) + label_smoothing * F.logsigmoid(-beta * delta)
-        ) / (1 - 2 * label_smoothing)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * delta)
-    else:  # ipo
-        losses = (delta - 1 / (2 * beta)) ** 2
-
-    chosen_rewards = beta * chosen_logratios.detach()
-    rejected_rewards = beta * rejected_logratios.detach()
-    return losses, chosen_rewards, rejected_rewards
+    return -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
 
 
+@preference_loss_type("robust")
+def robust_dpo_loss(
+    chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, label_smoothing: float = 0.0
+) -> Tensor:
+    """(−(1−ε)·log σ(βΔ) + ε·log σ(−βΔ)) / (1 − 2ε), Δ as in :func:`dpo_loss`: the unbiased loss under label noise
+    ε = ``label_smoothing`` of Chowdhury et al. 2024 (Provably Robust DPO); needs ε < 0.5."""
+    if not label_smoothing < 0.5:
+        raise ValueError(f"robust DPO needs label_smoothing < 0.5 (it divides by 1 − 2ε); got {label_smoothing}")
+    delta = chosen_logratios - rejected_logratios
+    return (
+        -(1 - label_smoothing) * F.logsigmoid(beta * delta) + label_smoothing * F.logsigmoid(-beta * delta)
+    ) / (1 - 2 * label_smoothing)
+
+
+@preference_loss_type("hinge")
+def hinge_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) -> Tensor:
+    """max(0, 1 − βΔ), Δ as in :func:`dpo_loss`: the rank-calibration loss of SLiC (Zhao et al. 2023) with margin
+    1/β."""
+    return torch.relu(1 - beta * (chosen_logratios - rejected_logratios))
+
+
+@preference_loss_type("ipo")
+def ipo_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) -> Tensor:
+    """(Δ − 1/(2β))², Δ as in :func:`dpo_loss`: IPO, Azar et al. 2023, eq. 17 (β plays the role of τ). Δ is the
+    un-normalised log-ratio difference, so pass length-averaged log-probs if you want IPO's per-token form."""
+    return (chosen_logratios - rejected_logratios - 1 / (2 * beta)) ** 2
+
+
+@preference_loss_type("nca")
+def nca_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) -> Tensor:
+    """NCA on preference pairs (Chen et al. 2024, "Noise Contrastive Alignment of Language Models with Explicit
+    Rewards"; TRL's ``nca_pair``): −log σ(r_c) − ½·log σ(−r_c) − ½·log σ(−r_r) with the rewards r = β·(log π − log
+    π_ref). DPO sees only the margin r_c − r_r, so both likelihoods may fall together; here each response's reward
+    counts on its own, and the chosen one's terms are least at r_c = log 2 (σ(r_c) = 2·σ(−r_c)), above the
+    reference: NCA optimises absolute likelihoods where DPO optimises relative ones."""
+    chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
+    return -F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards) - 0.5 * F.logsigmoid(-rejected_rewards)
+
+
+@preference_loss_type("simpo", uses_reference=False, average_logps=True)
 def simpo_loss(chosen_avg_logps: Tensor, rejected_avg_logps: Tensor, beta: float, gamma: float) -> Tensor:
     """SimPO, Meng et al. 2024, eq. 6: −log σ(β·(c − r) − γ) per pair ``[B]``.
 
@@ -183,6 +218,57 @@ def simpo_loss(chosen_avg_logps: Tensor, rejected_avg_logps: Tensor, beta: float
     ``gamma`` is the target reward margin itself (not TRL's ``gamma_beta_ratio`` = γ/β).
     """
     return -F.logsigmoid(beta * (chosen_avg_logps - rejected_avg_logps) - gamma)
+
+
+def preference_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None,
+    ref_rejected_logps: Tensor | None,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    **options: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The registered pairwise preference loss ``loss_type`` (:data:`PREFERENCE_LOSSES`) on a batch of pairs, with
+    the implicit reward β·(log π − log π_ref); returns ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``,
+    the rewards detached.
+
+    A reference-free loss (SimPO) reads the log-probs themselves, its rewards are β·log π, and the reference
+    arguments may be None. ``label_smoothing`` and the other ``options`` (SimPO's ``gamma``) reach the losses that
+    take them and no others, so one set of settings serves every loss type: ``label_smoothing`` affects only
+    ``sigmoid`` and ``robust``.
+    """
+    loss = PREFERENCE_LOSSES.get(loss_type)
+    if loss is None:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(PREFERENCE_LOSSES)}")
+    if loss.uses_reference:
+        chosen, rejected = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+    else:
+        chosen, rejected = chosen_logps, rejected_logps
+    settings = {"label_smoothing": label_smoothing, **options}
+    own_settings = {name: settings[name] for name in loss.options if name in settings}
+    return loss.function(chosen, rejected, beta, **own_settings), beta * chosen.detach(), beta * rejected.detach()
+
+
+def rpo_nll_loss(chosen_token_logps: Tensor, chosen_mask: Tensor) -> Tensor:
+    """RPO's auxiliary term (scalar): the negative log-likelihood of the chosen responses, ``[B, T]`` token log-probs
+    averaged over every masked-in token of the batch, added to a preference loss with a weight α (``rpo_alpha``).
+
+    Pang et al. 2024 ("Iterative Reasoning Preference Optimization", §2) add this NLL of the winner to DPO and find it
+    necessary; Liu et al. 2024 ("Provably Mitigating Overoptimization in RLHF", RPO) show that it regularises against
+    overoptimisation. Pang et al. normalise each response by its length; the mean here is over tokens, as TRL's
+    ``rpo_alpha``, so a long chosen response weighs more, as in :func:`sft_loss`.
+    """
+    return -masked_mean(chosen_token_logps, chosen_mask)
+
+
+def kto_kl_estimate(mismatched_logps: Tensor, mismatched_ref_logps: Tensor) -> Tensor:
+    """KTO's estimate of KL(π‖π_ref) (Ethayarajh et al. 2024), from which its reference point z = max(KL, 0) comes
+    (:func:`kto_loss` clamps and detaches it): the mean log-ratio log π(y'|x) − log π_ref(y'|x) ``[B] → scalar`` over
+    mismatched pairs, each prompt x with the completion y' of another row of the batch. The caller computes it without
+    gradient and averages it over devices."""
+    return (mismatched_logps - mismatched_ref_logps).mean()
 
 
 def kto_loss(

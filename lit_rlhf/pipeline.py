@@ -3,7 +3,8 @@
 A pipeline file (``configs/pipeline.yaml``) lists stages. Each writes under ``OUT/<name>/`` and, when it is
 complete, ``OUT/<name>/done.json``; a stage with that file is skipped, so re-running resumes after the last
 completed stage (``--force NAME`` redoes one; a stage whose settings changed runs again). Everything a stage prints
-goes to ``OUT/<name>/log.txt``; the console shows one line per stage. Stage kinds:
+goes to ``OUT/<name>/log.txt``; the console shows one line per stage. Stage kinds (each a typed spec in
+:mod:`lit_rlhf.pipeline_spec`, with its defaults):
 
 - ``fit``: a Lightning phase from a phase config (``config``, relative to the pipeline file), with ``model``,
   ``reward_model`` and ``data`` naming earlier stages (or paths) and ``args`` more ``--key value`` overrides.
@@ -35,21 +36,32 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from transformers import PreTrainedModel
 
 from lit_rlhf.collect import collect_comparisons, sample_responses
 from lit_rlhf.data.datamodules import DemonstrationDataModule, PromptDataModule
 from lit_rlhf.errors import ConfigError
+from lit_rlhf.evaluation import PolicyEvaluation, evaluate_policy, measure_answers
+from lit_rlhf.generation import Response, SamplingConfig
 from lit_rlhf.models import WORLD, inference_device, load_causal_lm, load_tokenizer
 from lit_rlhf.phases.reward import RewardModelModule
-from lit_rlhf.rollout import PolicyEvaluation, Response, SamplingConfig, evaluate_policy, measure_answers
+from lit_rlhf.pipeline_spec import (
+    BestOfNStage,
+    CollectStage,
+    FitStage,
+    PipelineSpec,
+    RejectionSampleStage,
+    SamplingStage,
+    SelfPlayStage,
+    StageSpec,
+    load_pipeline,
+)
 from lit_rlhf.scoring import Scorer, make_scorer
 from lit_rlhf.selection import best_of_n_kl, pick_best, self_play_pairs
 from lit_rlhf.world import speaks_world_language
@@ -71,7 +83,7 @@ SUMMARY_METRICS = {
     "repetition_rate": "hacking/repetition_rate",
     "proxy_gap": "gold/proxy_gap",
 }
-"""A policy's summary columns and the evaluation metrics they hold (:func:`lit_rlhf.rollout.evaluate_policy`)."""
+"""A policy's summary columns and the evaluation metrics they hold (:func:`lit_rlhf.evaluation.evaluate_policy`)."""
 SUMMARY_KEYS = ("stage", *SUMMARY_METRICS, "seconds")
 SUMMARY_FILE = "summary.json"
 EVAL_SAMPLES_FILE = "eval_samples.jsonl"
@@ -79,110 +91,10 @@ SAMPLES_PER_STAGE = 4
 """Answers per policy written to ``eval_samples.jsonl`` for the report, each to another held-out prompt."""
 BOOKKEEPING_KEYS = ("kind", "role", "model", "data", "samples", "seconds", "spec", "seed")
 """Keys of ``done.json`` that say where a stage's output is, not what it measured."""
-REQUIRED_KEYS = {
-    "fit": ("config",),
-    "collect": ("policy",),
-    "rejection_sample": ("policy", "reward_model"),
-    "self_play": ("policy",),
-    "best_of_n": ("policy", "reward_model"),
-    "rejection_sampling": ("policy", "reward_model", "config"),
-    "spin": ("policy", "config"),
-    "iterative": ("policy", "config", "rm_config"),
-}
-STAGE_KINDS = ("fit", "collect", "rejection_sample", "self_play", "best_of_n")
-SHORTHANDS = ("rejection_sampling", "spin", "iterative")
-
-
-# --- the pipeline file ---------------------------------------------------------------------------------------------
-
-
-def load_pipeline(path: str | Path) -> dict[str, Any]:
-    """Read and check a pipeline file; shorthands are expanded and phase configs made absolute."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"pipeline file not found: {path}")
-    try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    if not isinstance(spec, dict) or not isinstance(spec.get("stages"), list) or not spec["stages"]:
-        raise ConfigError(f"{path}: expected a mapping with a non-empty 'stages' list")
-    stages: list[dict[str, Any]] = []
-    for index, stage in enumerate(spec["stages"]):
-        if not isinstance(stage, dict) or "name" not in stage or "kind" not in stage:
-            raise ConfigError(f"{path}: stage {index + 1} needs a 'name' and a 'kind'")
-        missing = [key for key in REQUIRED_KEYS.get(stage["kind"], ()) if key not in stage]
-        if missing:
-            raise ConfigError(f"{path}: stage {stage['name']!r} ({stage['kind']}) needs {', '.join(missing)}")
-        stages.extend(_expand(stage) if stage["kind"] in SHORTHANDS else [dict(stage)])
-    names = set()
-    for stage in stages:
-        if stage["kind"] not in STAGE_KINDS:
-            raise ConfigError(
-                f"{path}: stage {stage['name']!r} has unknown kind {stage['kind']!r}; expected one of "
-                f"{', '.join(STAGE_KINDS + SHORTHANDS)}"
-            )
-        if stage["name"] in names or stage["name"] == "init":
-            raise ConfigError(f"{path}: stage name {stage['name']!r} is used twice (or is the reserved 'init')")
-        names.add(stage["name"])
-        if "config" in stage:
-            stage["config"] = str((path.parent / stage["config"]).resolve())
-            if not Path(stage["config"]).is_file():
-                raise ConfigError(f"{path}: stage {stage['name']!r}: config not found: {stage['config']}")
-    spec["stages"] = stages
-    spec.setdefault("evaluation", {})
-    if not (spec["evaluation"].get("prompts") or spec.get("prompts")) and _reads_own_data(stages):
-        raise ConfigError(
-            f"{path}: evaluation.prompts is unset, but the stages read your own data: name held-out prompts of it for "
-            "the summary (any file with a prompt column); the world's prompts only suit the world's models"
-        )
-    return spec
-
-
-def _reads_own_data(stages: list[dict[str, Any]]) -> bool:
-    """Whether a stage reads data that is neither the world's nor another stage's output."""
-    names = {stage["name"] for stage in stages}
-    named = [stage.get(key) for stage in stages for key in ("data", "prompts", "demonstrations")]
-    overridden = [key for stage in stages for key in stage.get("args") or {}
-                  if key.startswith("data.") and key.endswith(".path")]
-    return bool(overridden) or any(value not in (None, *names) for value in named)
-
-
-def _expand(stage: dict[str, Any]) -> list[dict[str, Any]]:
-    """A shorthand stage as the plain stages it stands for, named ``<name><round>_<step>``."""
-    name, kind, rounds = stage["name"], stage["kind"], int(stage.get("rounds", 1))
-    policy, stages = stage["policy"], []
-    for round_ in range(1, rounds + 1):
-        prefix = f"{name}{round_}" if rounds > 1 else name
-        if kind == "rejection_sampling":
-            sample = {k: stage[k] for k in ("n", "keep", "threshold", "num_prompts", "temperature") if k in stage}
-            stages.append({"name": f"{prefix}_data", "kind": "rejection_sample", "policy": policy,
-                           "reward_model": stage["reward_model"], **sample})
-            stages.append({"name": prefix, "kind": "fit", "config": stage["config"], "model": policy,
-                           "data": f"{prefix}_data", "args": stage.get("args", {}), "role": POLICY})
-        elif kind == "spin":
-            sample = {k: stage[k] for k in ("num_prompts", "temperature", "demonstrations") if k in stage}
-            stages.append({"name": f"{prefix}_data", "kind": "self_play", "policy": policy, **sample})
-            stages.append({"name": prefix, "kind": "fit", "config": stage["config"], "model": policy,
-                           "data": f"{prefix}_data", "args": stage.get("args", {}), "role": POLICY})
-        else:  # iterative
-            collect = {k: stage[k] for k in ("k", "num_prompts", "judge", "judge_model", "reward", "principles")
-                       if k in stage}
-            reward_init = stage.get("reward_init", "policy")  # "policy": retrain from it; "previous": continue
-            rm_model = stages[-2]["name"] if reward_init == "previous" and stages else policy
-            stages.append({"name": f"{prefix}_collect", "kind": "collect", "policy": policy, **collect})
-            stages.append({"name": f"{prefix}_rm", "kind": "fit", "config": stage["rm_config"], "model": rm_model,
-                           "data": f"{prefix}_collect", "statistics_policy": policy,
-                           "args": stage.get("rm_args", {})})
-            policy_stage = {"name": prefix, "kind": "fit", "config": stage["config"], "model": policy,
-                            "args": stage.get("args", {}), "role": POLICY}
-            if stage.get("algorithm", "ppo") == "ppo":
-                policy_stage["reward_model"] = f"{prefix}_rm"
-            else:
-                policy_stage["data"] = f"{prefix}_collect"
-            stages.append(policy_stage)
-        policy = prefix
-    return stages
+SAMPLING_BATCH_SIZE = 256
+"""Prompts a sampling stage, or best-of-n, sends through the policy at once."""
+EVALUATION_BATCH_SIZE = 128
+"""Prompts the held-out evaluation sends through a policy at once."""
 
 
 # --- running -------------------------------------------------------------------------------------------------------
@@ -191,18 +103,18 @@ def _expand(stage: dict[str, Any]) -> list[dict[str, Any]]:
 @dataclass
 class PipelineRun:
     """One run of a pipeline file: its stages, where they write, and how a ``fit`` stage runs a phase."""
-    spec: dict[str, Any]
+    spec: PipelineSpec
     out_dir: Path
     fit_phase: FitPhase
 
     @property
     def seed(self) -> int:
         """The file's ``seed``: every ``fit`` stage's ``--seed_everything`` and every sampling stage's seed."""
-        return int(self.spec.get("seed", 0))
+        return self.spec.seed
 
     @property
     def stage_names(self) -> set[str]:
-        return {stage["name"] for stage in self.spec["stages"]}
+        return {stage.name for stage in self.spec.stages}
 
     def done(self, name: str) -> dict[str, Any]:
         done = self.out_dir / name / DONE_FILE
@@ -221,43 +133,42 @@ class PipelineRun:
 def start_run(
     config: str | Path, fit_phase: FitPhase, out: str | Path | None = None, seed: int | None = None
 ) -> PipelineRun:
-    """A pipeline file ready to run: ``seed`` replaces the file's, ``out`` its ``out`` (default runs/pipeline)."""
+    """A pipeline file ready to run: ``seed`` replaces the file's, ``out`` its ``out``."""
     spec = load_pipeline(config)
     if seed is not None:
-        spec["seed"] = seed
-    return PipelineRun(spec, Path(out or spec.get("out", "runs/pipeline")), fit_phase)
+        spec = replace(spec, seed=seed)
+    return PipelineRun(spec, Path(out or spec.out), fit_phase)
 
 
 def run_stages(run: PipelineRun, force: tuple[str, ...] = (), until: str | None = None) -> None:
     """Run every stage not yet complete (and those in ``force``), in order, up to and including ``until``. A stage
     that runs again makes every later stage that reads it run again too, so no output is built on an old one."""
-    names = [stage["name"] for stage in run.spec["stages"]]
+    names = [stage.name for stage in run.spec.stages]
     unknown = [name for name in (*force, *([until] if until else [])) if name not in names]
     if unknown:
         raise ConfigError(f"--force {unknown[0]}: no such stage (stages: {', '.join(names)})")
     rerun: set[str] = set()
-    for stage in run.spec["stages"][: names.index(until) + 1 if until else None]:
-        stage_dir = run.out_dir / stage["name"]
-        reads = {value for key, value in stage.items() if key not in ("name", "kind") and isinstance(value, str)}
-        if _is_complete(stage, stage_dir, run.seed) and stage["name"] not in force and not reads & rerun:
-            print(f"[pipeline] {stage['name']}: complete, skipped")
+    for stage in run.spec.stages[: names.index(until) + 1 if until else None]:
+        stage_dir = run.out_dir / stage.name
+        if _is_complete(stage, stage_dir, run.seed) and stage.name not in force and not stage.reads() & rerun:
+            print(f"[pipeline] {stage.name}: complete, skipped")
             continue
         if stage_dir.exists():
             shutil.rmtree(stage_dir)  # a stage cut short leaves partial output behind
         stage_dir.mkdir(parents=True)
-        print(f"[pipeline] {stage['name']}: running ({stage['kind']}) ...", end=" ", flush=True)
+        print(f"[pipeline] {stage.name}: running ({stage.kind}) ...", end=" ", flush=True)
         started = time.perf_counter()
         try:
             with output_to(stage_dir / LOG_FILE):
-                record = STAGE_RUNNERS[stage["kind"]](stage, stage_dir, run)
+                record = STAGE_RUNNERS[stage.kind](stage, stage_dir, run)
         except BaseException:
             print(f"failed, its output: {stage_dir / LOG_FILE}")
             raise
         record["seconds"] = round(time.perf_counter() - started, 1)
         print(f"done in {record['seconds']} s")
-        record["spec"], record["seed"] = stage, run.seed
+        record["spec"], record["seed"] = stage.as_record(), run.seed
         write_atomically(stage_dir / DONE_FILE, json.dumps(record, indent=2) + "\n")
-        rerun.add(stage["name"])
+        rerun.add(stage.name)
 
 
 def run_pipeline(
@@ -342,27 +253,28 @@ def _done_under(stage_dir: Path, seed: int) -> dict[str, Any] | None:
     return record if record is not None and record.get("seed", 0) == seed else None
 
 
-def _is_complete(stage: dict[str, Any], stage_dir: Path, seed: int) -> bool:
-    """Whether the stage finished before with the same settings and seed (otherwise it runs again). A best-of-n
-    stage from before its picks were kept (no ``samples``) runs again, since the summary measures them."""
+def _is_complete(stage: StageSpec, stage_dir: Path, seed: int) -> bool:
+    """Whether the stage finished before with the same settings, defaults included, and seed (otherwise it runs
+    again). A stage finished by a version that kept only the settings the file named, not every one, runs again; so
+    does a best-of-n stage from before its picks were kept (no ``samples``), since the summary measures them."""
     record = _done_under(stage_dir, seed)
     outdated = record is not None and record.get("kind") == "best_of_n" and "samples" not in record
-    return record is not None and record.get("spec") == stage and not outdated
+    return record is not None and record.get("spec") == stage.as_record() and not outdated
 
 
-def _run_fit(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
-    args = ["--config", stage["config"], "--seed_everything", str(run.seed),
+def _run_fit(stage: FitStage, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
+    args = ["--config", stage.config, "--seed_everything", str(run.seed),
             "--model.init_args.export_dir", str(stage_dir / "hf")]
-    for option, key, output in (("model", "model.init_args.model_name_or_path", "model"),
-                                ("reward_model", "model.init_args.reward_model", "model"),
-                                ("statistics_policy", "model.init_args.statistics_policy", "model"),
-                                ("data", "data.init_args.path", "data")):
-        if stage.get(option):
-            args += [f"--{key}", run.resolve(stage[option], output)]
-    for key, value in (stage.get("args") or {}).items():
+    for reference, key, output in ((stage.model, "model.init_args.model_name_or_path", "model"),
+                                   (stage.reward_model, "model.init_args.reward_model", "model"),
+                                   (stage.statistics_policy, "model.init_args.statistics_policy", "model"),
+                                   (stage.data, "data.init_args.path", "data")):
+        if reference:
+            args += [f"--{key}", run.resolve(reference, output)]
+    for key, value in stage.args.items():
         args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
     cli = run.fit_phase(args, str(stage_dir))
-    role = REWARD_MODEL if isinstance(cli.model, RewardModelModule) else stage.get("role", POLICY)
+    role = REWARD_MODEL if isinstance(cli.model, RewardModelModule) else POLICY
     record: dict[str, Any] = {"kind": "fit", "role": role, "model": "hf"}
     if role == REWARD_MODEL:
         metrics = cli.trainer.callback_metrics
@@ -372,77 +284,76 @@ def _run_fit(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
     return record
 
 
-def _run_collect(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
-    sampling, max_prompt_length = _sampling(stage)
+def _run_collect(stage: CollectStage, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
     summary = collect_comparisons(
-        run.resolve(stage["policy"], "model"), stage_dir, k=int(stage.get("k", 4)),
-        judge=stage.get("judge"), judge_model=run.resolve(stage.get("judge_model"), "model"),
-        reward=stage.get("reward"), principles_path=stage.get("principles"),
-        prompts_path=_prompts_path(stage, run.spec), num_prompts=int(stage.get("num_prompts", 2000)),
-        sampling=sampling, max_prompt_length=max_prompt_length, seed=run.seed,
+        run.resolve(stage.policy, "model"), stage_dir, k=stage.k,
+        judge=stage.judge, judge_model=run.resolve(stage.judge_model, "model"),
+        reward=stage.reward, principles_path=stage.principles,
+        prompts_path=_prompts_path(stage, run.spec), num_prompts=stage.num_prompts,
+        sampling=_sampling(stage), max_prompt_length=stage.max_prompt_length, seed=run.seed,
     )
     return {"kind": "collect", "role": DATA, "data": "comparisons.jsonl", "pairs": summary.pairs,
             "ties_dropped": summary.ties_dropped, "gold_agreement": summary.gold_agreement}
 
 
-def _sampling(stage: dict) -> tuple[Any, int]:
-    """A sampling stage's decoding settings and prompt length limit."""
-    sampling = SamplingConfig(int(stage.get("max_new_tokens", 24)), float(stage.get("temperature", 1.0)))
-    return sampling, int(stage.get("max_prompt_length", 32))
+def _sampling(stage: SamplingStage) -> SamplingConfig:
+    """A sampling stage's decoding settings."""
+    return SamplingConfig(stage.max_new_tokens, stage.temperature)
 
 
-def _prompts_path(stage: dict, spec: dict) -> str | None:
+def _prompts_path(stage: CollectStage | RejectionSampleStage, spec: PipelineSpec) -> str | None:
     """The training prompts a sampling stage uses: its own ``prompts``, else the file's, else the world's."""
-    return stage.get("prompts", spec.get("prompts"))
+    return stage.prompts if stage.prompts is not None else spec.prompts
 
 
-def _training_prompts(stage: dict, spec: dict, policy: str) -> list[str]:
+def _training_prompts(stage: RejectionSampleStage, spec: PipelineSpec, policy: str) -> list[str]:
     """A sampling stage's prompts, chat prompts rendered with the template of the ``policy`` that answers them."""
-    sampling, max_prompt_length = _sampling(stage)
     prompts = PromptDataModule(path=_prompts_path(stage, spec), tokenizer_name_or_path=policy, val_fraction=0.0,
-                               max_prompt_length=max_prompt_length,
-                               max_length=max_prompt_length + sampling.max_new_tokens)
+                               max_prompt_length=stage.max_prompt_length,
+                               max_length=stage.max_prompt_length + stage.max_new_tokens)
     prompts.setup("fit")
-    return [record.prompt for record in prompts.train_records][: int(stage.get("num_prompts", 1000))]
+    return [record.prompt for record in prompts.train_records][: stage.num_prompts]
 
 
-def _run_rejection_sample(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
-    policy = run.resolve(stage["policy"], "model")
+def _run_rejection_sample(stage: RejectionSampleStage, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
+    policy = run.resolve(stage.policy, "model")
     prompts = _training_prompts(stage, run.spec, policy)
     torch.manual_seed(run.seed)
-    groups = sample_responses(policy, prompts, int(stage.get("n", 8)), *_sampling(stage), 256)
-    scorer = make_scorer(run.resolve(stage["reward_model"], "model"), device=inference_device())
-    picks = pick_best(prompts, groups, scorer, int(stage.get("keep", 1)), stage.get("threshold"))
+    groups = sample_responses(policy, prompts, stage.n, _sampling(stage), stage.max_prompt_length,
+                              SAMPLING_BATCH_SIZE)
+    scorer = make_scorer(run.resolve(stage.reward_model, "model"), device=inference_device())
+    picks = pick_best(prompts, groups, scorer, stage.keep, stage.threshold)
     _write_jsonl(stage_dir / "demonstrations.jsonl", [{"prompt": p.prompt, "completion": p.response} for p in picks])
     return {"kind": "rejection_sample", "role": DATA, "data": "demonstrations.jsonl", "rows": len(picks)}
 
 
-def _run_self_play(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
-    policy = run.resolve(stage["policy"], "model")
-    demonstrations = DemonstrationDataModule(path=stage.get("demonstrations"), tokenizer_name_or_path=policy,
+def _run_self_play(stage: SelfPlayStage, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
+    policy = run.resolve(stage.policy, "model")
+    demonstrations = DemonstrationDataModule(path=stage.demonstrations, tokenizer_name_or_path=policy,
                                              val_fraction=0.0)
     demonstrations.setup("fit")
-    records = demonstrations.train_records[: int(stage.get("num_prompts", 1000))]
+    records = demonstrations.train_records[: stage.num_prompts]
     torch.manual_seed(run.seed)
     prompts = [record.prompt for record in records]
-    generations = [group[0].text for group in sample_responses(policy, prompts, 1, *_sampling(stage), 256)]
+    groups = sample_responses(policy, prompts, 1, _sampling(stage), stage.max_prompt_length, SAMPLING_BATCH_SIZE)
+    generations = [group[0].text for group in groups]
     pairs = self_play_pairs(prompts, [record.completion for record in records], generations)
     _write_jsonl(stage_dir / "comparisons.jsonl", pairs)
     return {"kind": "self_play", "role": DATA, "data": "comparisons.jsonl", "pairs": len(pairs)}
 
 
-def _run_best_of_n(stage: dict, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
+def _run_best_of_n(stage: BestOfNStage, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
     """Best-of-n on the held-out evaluation prompts; the summary measures its picks (``samples.jsonl``) like the
     policies' answers."""
-    n = int(stage.get("n", 8))
-    evaluation, policy = HeldOutEvaluation(run), run.resolve(stage["policy"], "model")
-    groups = evaluation.sample_groups(policy, n, int(stage.get("max_prompt_length", evaluation.max_prompt_length)))
-    picks = evaluation.best_picks(policy, run.resolve(stage["reward_model"], "model"), groups)
+    evaluation, policy = HeldOutEvaluation(run), run.resolve(stage.policy, "model")
+    groups = evaluation.sample_groups(policy, stage.n, stage.max_prompt_length)
+    picks = evaluation.best_picks(policy, run.resolve(stage.reward_model, "model"), groups)
     _write_jsonl(stage_dir / "samples.jsonl", picks)
-    return {"kind": "best_of_n", "role": BASELINE, "n": n, "samples": "samples.jsonl", "kl": best_of_n_kl(n)}
+    return {"kind": "best_of_n", "role": BASELINE, "n": stage.n, "samples": "samples.jsonl",
+            "kl": best_of_n_kl(stage.n)}
 
 
-STAGE_RUNNERS: dict[str, Callable[[dict, Path, PipelineRun], dict[str, Any]]] = {
+STAGE_RUNNERS: dict[str, Callable[[Any, Path, PipelineRun], dict[str, Any]]] = {
     "fit": _run_fit,
     "collect": _run_collect,
     "rejection_sample": _run_rejection_sample,
@@ -458,19 +369,18 @@ class HeldOutEvaluation:
     """What every policy of a run is measured with (the file's ``evaluation``): the same held-out prompts, each
     repeated ``samples_per_prompt`` times, the same sampling noise, the ``reference`` policy that KL and the hacking
     metrics are measured against, and the ``reward_model`` that gives the proxy reward; prompts are cut from the left
-    to ``max_prompt_length`` tokens (default 32, the world's; set it to the phases' own on other data). Sweeps
+    to ``max_prompt_length`` tokens (by default the world's; set it to the phases' own on other data). Sweeps
     measure their trials with it too, so a sweep's numbers and a pipeline's summary are on the same axes."""
 
     def __init__(self, run: PipelineRun) -> None:
-        evaluation = run.spec["evaluation"]
-        self.prompts_path: str | None = evaluation.get("prompts", run.spec.get("prompts"))
+        self.spec = run.spec.evaluation
+        self.prompts_path = self.spec.prompts if self.spec.prompts is not None else run.spec.prompts
         """The held-out prompts: ``evaluation.prompts``, else the file's ``prompts``, else the world's."""
-        self.num_prompts = int(evaluation.get("num_prompts", 64))
-        self.repeats = int(evaluation.get("samples_per_prompt", 4))
-        self.sampling = SamplingConfig(int(evaluation.get("max_new_tokens", 24)),
-                                       float(evaluation.get("temperature", 1.0)))
-        self.seed = int(evaluation.get("seed", 1234))
-        self.max_prompt_length = int(evaluation.get("max_prompt_length", 32))
+        self.num_prompts = self.spec.num_prompts
+        self.repeats = self.spec.samples_per_prompt
+        self.sampling = SamplingConfig(self.spec.max_new_tokens, self.spec.temperature)
+        self.seed = self.spec.seed
+        self.max_prompt_length = self.spec.max_prompt_length
         """Prompts longer than this (in tokens) are cut from the left, as the phases cut them."""
         self.run = run
 
@@ -478,7 +388,7 @@ class HeldOutEvaluation:
     def prompts(self) -> list[str]:
         """Each held-out prompt ``samples_per_prompt`` times, chat prompts rendered with the template of the
         policies' tokenizer (the reference's, else the init model's): what the policies were trained to read."""
-        tokenizer = self.reference_path or self.run.spec["evaluation"].get("init") or WORLD
+        tokenizer = self.reference_path or self.spec.init or WORLD
         if self.prompts_path is None and not speaks_world_language(load_tokenizer(tokenizer)):
             raise ConfigError(f"evaluation.prompts is unset, and {tokenizer} cannot read the world's prompts: name "
                               "held-out prompts of your own data (any file with a prompt column)")
@@ -492,11 +402,11 @@ class HeldOutEvaluation:
     @cached_property
     def reference_path(self) -> str | None:
         """Resolved when first needed: a best-of-n stage may run before the stages the evaluation names."""
-        return self.run.resolve(self.run.spec["evaluation"].get("reference"), "model")
+        return self.run.resolve(self.spec.reference, "model")
 
     @cached_property
     def reward_model(self) -> str | None:
-        return self.run.resolve(self.run.spec["evaluation"].get("reward_model"), "model")
+        return self.run.resolve(self.spec.reward_model, "model")
 
     @cached_property
     def scorer(self) -> Scorer | None:
@@ -515,15 +425,16 @@ class HeldOutEvaluation:
         if self.reference is None:
             return None
         return evaluate_policy(self.reference, load_tokenizer(self.reference_path), self.prompts, self.sampling,
-                               self.max_prompt_length, self.seed, 128, scorer=self.scorer)
+                               self.max_prompt_length, self.seed, EVALUATION_BATCH_SIZE, scorer=self.scorer)
 
     def policy(self, name_or_path: str) -> PolicyEvaluation:
-        """A policy's :class:`lit_rlhf.rollout.PolicyEvaluation`."""
+        """A policy's :class:`lit_rlhf.evaluation.PolicyEvaluation`."""
         baseline = self.baseline
         tokenizer = load_tokenizer(name_or_path)
         torch.manual_seed(self.run.seed)  # the untrained world model is built from this seed
         model = load_causal_lm(name_or_path, tokenizer, device=inference_device()).eval()
-        return evaluate_policy(model, tokenizer, self.prompts, self.sampling, self.max_prompt_length, self.seed, 128,
+        return evaluate_policy(model, tokenizer, self.prompts, self.sampling, self.max_prompt_length, self.seed,
+                               EVALUATION_BATCH_SIZE,
                                self.reference,
                                self.scorer, baseline)
 
@@ -531,7 +442,7 @@ class HeldOutEvaluation:
         """``n`` samples of ``policy`` for each held-out prompt, with the evaluation's sampling and seed."""
         torch.manual_seed(self.seed)
         return sample_responses(policy, self.prompts, n, self.sampling, max_prompt_length or self.max_prompt_length,
-                                256)
+                                SAMPLING_BATCH_SIZE)
 
     def best_picks(self, policy: str, reward_model: str, groups: list[list[Response]]) -> list[dict]:
         """The best sample of each prompt's group by ``reward_model``: ``{"prompt", "response", "score", "ended",
@@ -543,7 +454,7 @@ class HeldOutEvaluation:
                 for pick in pick_best(self.prompts, groups, scorer)]
 
     def picks(self, picks: list[dict]) -> PolicyEvaluation:
-        """The :class:`lit_rlhf.rollout.PolicyEvaluation` of best-of-n picks, measured like a policy's answers: the
+        """The :class:`lit_rlhf.evaluation.PolicyEvaluation` of best-of-n picks, measured like a policy's answers: the
         proxy reward is the evaluation's reward model's score, whichever reward model picked them."""
         prompts, responses = [p["prompt"] for p in picks], [p["response"] for p in picks]
         finished = [p.get("ended", True) for p in picks]  # samples.jsonl of earlier versions lacks "ended"
@@ -575,17 +486,17 @@ def summarize(run: PipelineRun) -> list[dict[str, Any]]:
         samples.extend(evaluation.samples(stage, result))
         return evaluation.row(result)
 
-    if run.spec["evaluation"].get("init"):
-        rows.append({"stage": "init", **measured("init", evaluation.policy(run.spec["evaluation"]["init"])),
+    if evaluation.spec.init:
+        rows.append({"stage": "init", **measured("init", evaluation.policy(evaluation.spec.init)),
                      "seconds": 0.0})
-    for stage in run.spec["stages"]:
-        done = run.done(stage["name"])
-        row: dict[str, Any] = {"stage": stage["name"]}
+    for stage in run.spec.stages:
+        done = run.done(stage.name)
+        row: dict[str, Any] = {"stage": stage.name}
         if done["role"] == POLICY:
-            row |= measured(stage["name"], evaluation.policy(str(run.out_dir / stage["name"] / done["model"])))
+            row |= measured(stage.name, evaluation.policy(str(run.out_dir / stage.name / done["model"])))
         elif done["role"] == BASELINE:
-            picks = [json.loads(line) for line in (run.out_dir / stage["name"] / done["samples"]).open()]
-            row |= measured(stage["name"], evaluation.picks(picks)) | {"kl": done["kl"], "n": done["n"]}
+            picks = [json.loads(line) for line in (run.out_dir / stage.name / done["samples"]).open()]
+            row |= measured(stage.name, evaluation.picks(picks)) | {"kl": done["kl"], "n": done["n"]}
         else:
             row |= {key: value for key, value in done.items() if key not in BOOKKEEPING_KEYS}
         rows.append({**row, "seconds": done["seconds"]})

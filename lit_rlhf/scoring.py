@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lit_rlhf.advantages import normalize_scores
 from lit_rlhf.data.collate import collate_demonstrations, encode_demonstrations
 from lit_rlhf.data.formats import Demonstration
 from lit_rlhf.errors import ConfigError
@@ -101,8 +102,7 @@ class RewardModelScorer:
             )
         scores = torch.cat(scores) if scores else torch.zeros(0)
         if self.normalize:
-            mean, std = self.statistics
-            scores = (scores - mean) / std
+            scores = normalize_scores(scores, *self.statistics)
         return scores
 
 

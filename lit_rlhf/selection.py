@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lit_rlhf.rollout import Response
+from lit_rlhf.generation import Response
 from lit_rlhf.scoring import Scorer
 
 

@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -179,9 +180,9 @@ def _short(value: Any) -> str:
 def pipeline_stages_needed(spec: dict[str, Any], run: PipelineRun) -> str | None:
     """The last pipeline stage the sweep needs: those whose output folder the command names, and those the
     pipeline's evaluation reads (its reference policy and reward model); ``None`` when it needs none."""
-    names = [stage["name"] for stage in run.spec["stages"]]
+    names = [stage.name for stage in run.spec.stages]
     out_parts = run.out_dir.parts
-    needed = {run.spec["evaluation"].get(key) for key in ("reference", "reward_model")} & set(names)
+    needed = {run.spec.evaluation.reference, run.spec.evaluation.reward_model} & set(names)
     for part in map(str, spec["command"]):
         parts = Path(part.split("=", 1)[-1]).parts  # --key=PATH or PATH
         if parts[: len(out_parts)] == out_parts and len(parts) > len(out_parts) and parts[len(out_parts)] in names:
@@ -242,7 +243,7 @@ def run_offline(spec: dict[str, Any], path: Path, run: PipelineRun, out_dir: Pat
     result = {
         "name": path.stem, "file": str(path), "method": spec["method"], "phase": _phase(spec),
         "parameters": list(spec["parameters"]), "metric": spec.get("metric"), "trials": trials,
-        "reference": {"stage": run.spec["evaluation"]["reference"],
+        "reference": {"stage": run.spec.evaluation.reference,
                       **evaluation.row(evaluation.policy(evaluation.reference_path))}
         if evaluation.reference_path else None,
         "baselines": _best_of_n_curve(evaluation, out_dir),
@@ -318,7 +319,7 @@ def _best_of_n_curve(evaluation: HeldOutEvaluation, out_dir: Path) -> list[dict[
     samples; cached in ``OUT/baselines.json`` while the evaluation and the models it reads are unchanged."""
     if not (evaluation.reference_path and evaluation.reward_model):
         return None
-    key = {"evaluation": evaluation.run.spec["evaluation"], "seed": evaluation.run.seed,
+    key = {"evaluation": asdict(evaluation.spec), "seed": evaluation.run.seed,
            "models": _inputs([evaluation.reference_path, evaluation.reward_model])}
     cached = out_dir / BASELINES_FILE
     if cached.is_file() and (record := json.loads(cached.read_text())).get("key") == key:

@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from lit_rlhf.advantages import gae, group_advantages, shape_rewards, whiten
+from lit_rlhf.advantages import (
+    clip_scores,
+    gae,
+    group_advantages,
+    normalize_scores,
+    penalize_missing_eos,
+    shape_rewards,
+    whiten,
+)
 from lit_rlhf.losses import masked_mean, masked_var
 
 TOL = dict(atol=1e-6, rtol=0)
@@ -11,6 +19,23 @@ TOL = dict(atol=1e-6, rtol=0)
 
 def assert_close(actual, expected):
     torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), **TOL)
+
+
+def test_normalize_scores_with_the_stored_statistics():
+    # mean 1, std 2: (3 − 1) / 2 = 1 and (−1 − 1) / 2 = −1.
+    assert_close(normalize_scores(torch.tensor([3.0, -1.0]), 1.0, 2.0), [1.0, -1.0])
+
+
+def test_missing_eos_penalty_comes_off_the_unfinished_answers_only():
+    scores, ended = torch.tensor([0.5, 0.5]), torch.tensor([True, False])
+    assert_close(penalize_missing_eos(scores, ended, 1.5), [0.5, -1.0])  # 0.5 − 1.5 on the answer without EOS
+    for off in (None, 0.0):
+        assert_close(penalize_missing_eos(scores, ended, off), [0.5, 0.5])
+
+
+def test_clip_scores():
+    assert_close(clip_scores(torch.tensor([-3.0, 0.5, 2.0]), 1.0), [-1.0, 0.5, 1.0])
+    assert_close(clip_scores(torch.tensor([-3.0, 0.5, 2.0]), None), [-3.0, 0.5, 2.0])
 
 
 # Two rows ending at different positions; the values 99 / 5 / 7 sit on masked positions.

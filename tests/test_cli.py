@@ -98,7 +98,7 @@ def test_help_lists_the_extra_commands(capsys):
 )
 def test_names_that_can_only_be_paths_must_exist(name, is_missing_path, tmp_path, monkeypatch):
     from lit_rlhf.errors import ConfigError
-    from lit_rlhf.models import _check_exists
+    from lit_rlhf.models.loading import _check_exists
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()

@@ -15,10 +15,10 @@ from helpers import run_cli, write_jsonl
 from lit_rlhf.cli import fit_phase
 from lit_rlhf.collect import collect_comparisons
 from lit_rlhf.errors import ConfigError
+from lit_rlhf.generation import SamplingConfig
 from lit_rlhf.judges import LLMJudge, ranks_from_scores
 from lit_rlhf.models import load_causal_lm, load_tokenizer
 from lit_rlhf.pipeline import run_stages, start_run
-from lit_rlhf.rollout import SamplingConfig
 
 QUESTION = "name two fruits ."
 GOOD, BAD = " apple , pear .", " dog ."

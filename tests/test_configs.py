@@ -1,24 +1,30 @@
-"""Every config in configs/ parses, prints back the same, and runs a training step."""
+"""Every config in configs/ parses, prints back the same, runs a training step, and says why each setting is there."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from helpers import run_cli
 
 PHASES = Path(__file__).parents[1] / "configs"
 CONFIGS = sorted(PHASES.glob("*.yaml"))
-PHASE_CONFIGS = [config for config in CONFIGS if "class_path" in config.read_text() and "model:" in config.read_text()]
+PHASE_CONFIGS = [config for config in CONFIGS if not config.name.startswith("pipeline")]
+EVERY_CONFIG = sorted(PHASES.rglob("*.yaml"))
+BEFORE_INHERITANCE = Path(__file__).parent / "configs_before_inheritance"
+"""ipo.yaml, kto.yaml and simpo.yaml as they were before they extended dpo.yaml: every setting written out."""
+MEASUREMENT = re.compile(r"[~≈]\s*\d|\d\s*(?:nats?\b|%|seconds?\b|s\b|min\b|steps\b)")
+"""A measured number in a comment (``KL ~9 nats``, ``in 300 steps``): results go to the README, where they are dated."""
 
 
 def _overrides(config: Path, sft: str, rm: str) -> list[str]:
-    """Point a config's run-specific paths (outputs of earlier phases) at test fixtures."""
+    """Point a config's run-specific paths (outputs of earlier phases) at test fixtures; every phase reads the world's
+    data."""
     text = config.read_text()
-    overrides = ["--model.model_name_or_path", sft]
-    if "ComparisonDataModule" in text or "runs/collect" in text:
-        overrides += ["--data.path", "null"]
+    overrides = ["--model.model_name_or_path", sft, "--data.path", "null"]
     if "reward_model:" in text:
         overrides += ["--model.reward_model", rm]
     if "value_model" in text:
@@ -26,6 +32,14 @@ def _overrides(config: Path, sft: str, rm: str) -> list[str]:
     if "export_dir:" in text:
         overrides += ["--model.export_dir", "export"]
     return overrides
+
+
+def _resolved(capsys, *args: str) -> dict:
+    """The settings ``lit-rlhf fit ARGS`` runs with, as ``--print_config`` prints them."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", *args, "--print_config")
+    assert exit_info.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("config", PHASE_CONFIGS, ids=[config.name for config in PHASE_CONFIGS])
@@ -46,7 +60,33 @@ def test_trainer_configs_compose_with_a_phase(trainer_config, capsys):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     for line in trainer_config.read_text().splitlines():
-        if line.startswith("  ") and ":" in line:
-            key, value = (part.strip() for part in line.split(":", 1))
+        setting = line.split(" #")[0]
+        if setting.startswith("  ") and ":" in setting:
+            key, value = (part.strip() for part in setting.split(":", 1))
             if value:
                 assert f"{key}: {value}" in printed
+
+
+@pytest.mark.parametrize("name", sorted(path.name for path in BEFORE_INHERITANCE.glob("*.yaml")))
+def test_a_config_that_extends_dpo_yaml_resolves_to_the_full_file_it_replaced(name, capsys):
+    """Its ``config: dpo.yaml`` key reads dpo.yaml first; the dotted keys after it change single settings."""
+    extending, full = PHASES / name, BEFORE_INHERITANCE / name
+    assert yaml.safe_load(extending.read_text())["config"] == "dpo.yaml"
+    assert _resolved(capsys, "--config", str(extending)) == _resolved(capsys, "--config", str(full))
+
+
+def test_a_missing_base_config_is_named(tmp_path, capsys):
+    extending = tmp_path / "mine.yaml"
+    extending.write_text("config: missing.yaml\nmodel.init_args.loss_type: ipo\n")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", "--config", str(extending), "--print_config")
+    assert exit_info.value.code == 2
+    assert f"File does not exist: '{tmp_path / 'missing.yaml'}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", EVERY_CONFIG, ids=lambda path: str(path.relative_to(PHASES)))
+def test_every_setting_has_a_comment_and_no_comment_a_measurement(config):
+    for number, line in enumerate(config.read_text().splitlines(), start=1):
+        setting, _, comment = line.partition("#")
+        assert comment.strip() or not setting.strip(), f"{config.name}:{number}: a setting without a comment"
+        assert not MEASUREMENT.search(comment), f"{config.name}:{number}: a measurement belongs in the README"

@@ -5,7 +5,6 @@ import math
 import pytest
 
 from lit_rlhf.diagnostics import format_rate, length_ratio, proxy_gold_gap, repetition_rate, sycophancy_rate
-from lit_rlhf.rollout import measure_answers
 
 VIEW = "i think carrot is a fruit . name three fruits ."
 PLAIN = "name two colors ."
@@ -77,26 +76,3 @@ def test_proxy_gold_gap_standardises_against_the_reference():
     # a constant reference counts its spread as 1
     assert proxy_gold_gap([1.0], [1.0], [0.0, 0.0], [0.5, 0.5]) == pytest.approx(1 - 0.5)
     assert math.isnan(proxy_gold_gap([math.nan], [1.0], [math.nan, 0.0], [0.5, 0.5]))  # a NaN reward stays visible
-
-
-def test_measure_answers_against_a_baseline():
-    prompts = [VIEW, PLAIN]
-    baseline = measure_answers(prompts, ["apple , pear , plum .", "red , blue ."], [6, 4], proxy=[0.0, 1.0])
-    assert baseline.metrics["gold/reward"] == 1.0
-    assert "hacking/length_ratio" not in baseline.metrics  # nothing to compare with
-    hacked = measure_answers(
-        prompts, ["yes you are right , carrot , apple , pear , plum .", "** red , blue ."], [15, 5],
-        proxy=[2.0, 2.0], baseline=baseline,
-    )
-    metrics = hacked.metrics
-    assert metrics["hacking/length_ratio"] == pytest.approx(10 / 5)
-    assert metrics["response/length_drift"] == pytest.approx(10 - 5)
-    assert metrics["hacking/sycophancy_rate"] == 0.5
-    assert metrics["hacking/format_rate"] == 0.5
-    gold = [hacked.gold[0], hacked.gold[1]]
-    # gold of the view answer: 3/3 correct - 0.5·1/3 wrong - 0.1·5 junk (yes you are right ,) = 1/3; the plain
-    # answer: 1 - 0.1·1 junk (**) = 0.9; the reference's gold is 1 and 1 (spread 0, counted as 1).
-    assert gold == pytest.approx([1 - 0.5 / 3 - 0.5, 0.9])
-    expected_gap = (2.0 - 0.5) / 0.5 - (sum(gold) / 2 - 1.0)
-    assert metrics["gold/proxy_gap"] == pytest.approx(expected_gap)
-    assert math.isfinite(metrics["proxy/reward"])

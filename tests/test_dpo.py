@@ -19,14 +19,17 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from helpers import latest_run, metric_rows, metric_series, run_cli, write_jsonl
 from lit_rlhf import losses
+from lit_rlhf.cli import main
 from lit_rlhf.data.collate import collate_comparisons, collate_unpaired
 from lit_rlhf.data.datamodules import ComparisonDataModule
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.models import load_causal_lm, load_tokenizer, response_logprobs
-from lit_rlhf.phases.dpo import DPOModule
-from lit_rlhf.rollout import SamplingConfig, evaluate_policy
+from lit_rlhf.evaluation import evaluate_policy
+from lit_rlhf.generation import SamplingConfig
+from lit_rlhf.models import load_causal_lm, load_tokenizer, model_token_logprobs
+from lit_rlhf.phases.dpo import DPOModule, loss_types
 
 CONFIGS = Path(__file__).parents[1] / "configs"
+README = Path(__file__).parents[1] / "README.md"
 
 # --- the bandit: one prompt, one-token answers, Bradley–Terry preferences on a known reward -------------------
 
@@ -78,7 +81,7 @@ def candidate_log_distribution(model, tokenizer) -> torch.Tensor:
     ids = [tokenizer.convert_tokens_to_ids([PROMPT, answer, tokenizer.eos_token]) for answer in ANSWERS]
     input_ids = torch.tensor(ids)
     response_mask = torch.tensor([[0, 1, 1]] * len(ANSWERS))
-    token_logps, mask = response_logprobs(model.eval(), input_ids, torch.ones_like(input_ids), response_mask)
+    token_logps, mask = model_token_logprobs(model.eval(), input_ids, torch.ones_like(input_ids), response_mask)
     return torch.log_softmax(losses.sequence_logprobs(token_logps, mask), dim=0)
 
 
@@ -416,3 +419,30 @@ def test_config_runs_a_step_and_logs_the_ecosystem_metrics(world_sft_path, tmp_p
     assert metric_series(run, "eval/response/length_drift")[0] == 0.0
     assert metric_series(run, "eval/hacking/length_ratio")[0] == 1.0
     assert (tmp_path / "runs" / name / "hf" / "config.json").exists()
+
+
+def test_a_registered_loss_runs_from_the_command_line(world_sft_path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_cli(
+        "fit", "--config", str(CONFIGS / "dpo.yaml"), "--model.loss_type", "nca", "--model.model_name_or_path",
+        world_sft_path, "--data.path", "null", "--trainer.max_steps", "1", "--trainer.log_every_n_steps", "1",
+        "--trainer.limit_val_batches", "1", "--data.num_eval_prompts", "4", "--model.export_dir", "runs/nca/hf",
+    )
+    # The first step's policy is its reference: r_c = r_r = 0 and NCA costs ln 2 + ½·ln 2 + ½·ln 2 = 2·ln 2.
+    assert metric_series(latest_run(tmp_path, "nca"), "train/loss")[0] == pytest.approx(2 * math.log(2), abs=1e-5)
+
+
+def test_an_unknown_loss_type_is_one_line_naming_the_registered_ones(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "dpo.yaml"), "--model.loss_type", "nope"])
+    assert exit_info.value.code == 2
+    expected = f"lit-rlhf: error: unknown loss_type 'nope'; expected one of {', '.join(loss_types())}"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == expected
+    assert "nca" in loss_types() and loss_types()[-1] == "kto"
+
+
+def test_the_readme_lists_every_loss_type():
+    listed = README.read_text().split("### DPO and its relatives")[1].split("\n## ")[0]
+    for name in loss_types():
+        assert f"| `{name}` |" in listed, name

@@ -9,8 +9,8 @@ import torch
 from transformers import GenerationConfig
 
 from lit_rlhf.data.collate import tokenize_prompts
+from lit_rlhf.generation import Generation, SamplingConfig, generate
 from lit_rlhf.models import load_causal_lm, load_tokenizer
-from lit_rlhf.rollout import Generation, SamplingConfig, generate
 
 PROMPTS = ["name three fruits .", "User: hello there\nAssistant:"]
 
@@ -52,39 +52,6 @@ def test_decoded_responses_keep_their_leading_space(tiny_llama_path):
     assert tokenizer(decoded, add_special_tokens=False)["input_ids"] == response_ids[0].tolist()
 
 
-def test_without_dropout_switches_off_attention_dropout_outside_nn_dropout():
-    """Llama-family attention reads a float ``attention_dropout`` in train mode: PPO's ratio π/π_old must still be 1
-    for the same weights, so two forward passes in train mode agree."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from lit_rlhf.models import without_dropout
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.5)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
-    tokens = torch.randint(0, 50, (2, 12))
-    assert not torch.equal(model(tokens).logits, model(tokens).logits)  # the dropout this is about
-    without_dropout(model)
-    assert torch.equal(model(tokens).logits, model(tokens).logits)
-    assert model.config.attention_dropout == 0.0
-
-
-def test_entropy_is_only_measured_without_an_entropy_bonus(tiny_llama_path):
-    """PPO logs the policy's entropy at every update, but builds no autograd graph through the full-vocabulary
-    softmax unless its entropy bonus needs the gradient."""
-    from lit_rlhf.models import response_logprobs
-
-    tokenizer = load_tokenizer(tiny_llama_path)
-    model = load_causal_lm(tiny_llama_path, tokenizer)
-    tokens = torch.tensor([tokenizer("name three fruits . apple , pear", add_special_tokens=False)["input_ids"]])
-    mask = torch.ones_like(tokens)
-    logps, _, entropy = response_logprobs(model, tokens, mask, mask, return_entropy=True, entropy_grad=False)
-    assert logps.requires_grad and not entropy.requires_grad
-    _, _, with_grad = response_logprobs(model, tokens, mask, mask, return_entropy=True)
-    assert with_grad.requires_grad and torch.allclose(with_grad.detach(), entropy)
-
-
 class RecordingScorer:
     """Scores every response 0 and remembers which ones it was told had ended."""
 
@@ -122,7 +89,7 @@ def test_every_sampling_path_tells_the_scorer_which_answers_ended(tiny_llama_pat
     """Evaluation, best-of-n and the reward model's statistics sample through one path: each answer reaches the
     scorer with whether it stopped on EOS, the same flags the generation recorded."""
     from lit_rlhf.collect import sample_responses
-    from lit_rlhf.rollout import evaluate_policy
+    from lit_rlhf.evaluation import evaluate_policy
     from lit_rlhf.selection import pick_best
 
     tokenizer = load_tokenizer(tiny_llama_path)

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from lit_rlhf.losses import (
+    PREFERENCE_LOSSES,
     bradley_terry_loss,
     kl_penalty,
+    kto_kl_estimate,
     kto_loss,
     masked_mean,
     masked_sum,
@@ -15,7 +17,9 @@ from lit_rlhf.losses import (
     ppo_policy_loss,
     ppo_value_loss,
     preference_loss,
+    preference_loss_type,
     reward_centering_penalty,
+    rpo_nll_loss,
     sequence_logprobs,
     sft_loss,
     shift_for_next_token,
@@ -196,6 +200,45 @@ def test_preference_loss_is_per_pair_and_rewards_are_detached():
     assert not chosen_rewards.requires_grad and not rejected_rewards.requires_grad
 
 
+def test_nca_loss():
+    # β = 0.5. Row 0: log-ratios ±2·ln 3, so r_c = ln 3 and r_r = −ln 3: σ(r_c) = 3/4, σ(−r_c) = 1/4, σ(−r_r) = 3/4;
+    #   −ln(3/4) − ½·ln(1/4) − ½·ln(3/4) = 1.5·ln(4/3) + ln 2 = 0.4315231 + 0.6931472 = 1.1246703.
+    # Row 1: r_c = r_r = 0: ln 2 + ½·ln 2 + ½·ln 2 = 2·ln 2 = 1.3862944 (DPO's ln 2 at Δ = 0; NCA counts each reward).
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        t(2 * math.log(3), 0.0), t(-2 * math.log(3), 0.0), t(0.0, 0.0), t(0.0, 0.0), beta=0.5, loss_type="nca"
+    )
+    assert_close(losses, [1.1246703, 1.3862944])
+    assert_close(chosen_rewards, [math.log(3), 0.0])
+    assert_close(rejected_rewards, [-math.log(3), 0.0])
+
+
+def test_simpo_through_preference_loss_reads_the_log_probs_without_a_reference():
+    # The registry entry says SimPO uses no reference: its "log-ratios" are the log-probs, its rewards β·log π.
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        t(-1.0, -1.5), t(-2.0, -1.0), None, None, beta=2.0, loss_type="simpo", gamma=1.0, label_smoothing=0.0
+    )
+    assert_close(losses, simpo_loss(t(-1.0, -1.5), t(-2.0, -1.0), beta=2.0, gamma=1.0))
+    assert_close(chosen_rewards, [-2.0, -3.0])
+    assert_close(rejected_rewards, [-4.0, -2.0])
+    assert not PREFERENCE_LOSSES["simpo"].uses_reference and PREFERENCE_LOSSES["simpo"].average_logps
+
+
+def test_a_registered_function_is_a_loss_type_with_its_own_options():
+    @preference_loss_type("test_margin")
+    def margin_loss(chosen_logratios, rejected_logratios, beta, margin=0.0):
+        return beta * (rejected_logratios - chosen_logratios) + margin
+
+    try:
+        assert PREFERENCE_LOSSES["test_margin"].options == ("margin",)
+        # PAIR: Δ = 2, β = 0.5 → −1, plus the margin 3; label_smoothing is not its option and does not reach it.
+        losses, _, _ = preference_loss(**PAIR, beta=0.5, loss_type="test_margin", label_smoothing=0.1, margin=3.0)
+        assert_close(losses, [2.0])
+        with pytest.raises(ValueError, match="already registered"):
+            preference_loss_type("test_margin")(margin_loss)
+    finally:
+        del PREFERENCE_LOSSES["test_margin"]
+
+
 def test_unknown_preference_loss_type_names_the_allowed_ones():
     with pytest.raises(ValueError, match="sigmoid, robust, hinge, ipo"):
         preference_loss(**PAIR, beta=0.5, loss_type="dpo")
@@ -205,6 +248,19 @@ def test_simpo_loss():
     # β = 2, γ = 1: c = −1, r = −2 → 2·1 − 1 = 1 → −log σ(1) = 0.3132617.
     # c = −1.5, r = −1 → 2·(−0.5) − 1 = −2 → −log σ(−2) = log(1 + e²) = 2.1269280.
     assert_close(simpo_loss(t(-1.0, -1.5), t(-2.0, -1.0), beta=2.0, gamma=1.0), [NEG_LOGSIG_1, 2.1269280])
+
+
+def test_rpo_nll_is_the_mean_over_chosen_tokens():
+    # Tokens −1, −2 (row 0) and −3 (row 1); −9 sits on masked positions. NLL = (1 + 2 + 3) / 3 = 2, a token mean:
+    # the mean of per-row means would be (1.5 + 3) / 2 = 2.25.
+    token_logps = torch.tensor([[-1.0, -2.0, -9.0], [-3.0, -9.0, -9.0]])
+    assert_close(rpo_nll_loss(token_logps, torch.tensor([[1, 1, 0], [1, 0, 0]])), 2.0)
+
+
+def test_kto_kl_estimate_is_the_mean_mismatched_log_ratio():
+    # log-ratios (−1 + 2, −2 + 2.5, −3 + 2.5) = (1, 0.5, −0.5) → mean 1/3; negative estimates are kto_loss's to clamp.
+    assert_close(kto_kl_estimate(t(-1.0, -2.0, -3.0), t(-2.0, -2.5, -2.5)), 1 / 3)
+    assert_close(kto_kl_estimate(t(-3.0), t(-2.0)), -1.0)
 
 
 def test_kto_desirable_and_undesirable_rows():

@@ -1,13 +1,22 @@
-"""The one model loader: what it prints and warns while loading a model from another head's export."""
+"""The models package: what the loader prints and warns while loading a model from another head's export, dropout
+switched off, and the entropy that comes with a model's log-probs."""
 
 from __future__ import annotations
 
 import warnings
 
 import pytest
-from transformers import AutoModelForCausalLM
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
 
-from lit_rlhf.models import export, load_causal_lm, load_scalar_head_model, load_tokenizer
+from lit_rlhf.models import (
+    export,
+    load_causal_lm,
+    load_scalar_head_model,
+    load_tokenizer,
+    model_token_logprobs,
+    without_dropout,
+)
 
 
 def test_loading_across_heads_prints_no_load_report_and_warns_nothing(tiny_gpt2_path, tmp_path, capfd):
@@ -38,3 +47,30 @@ def test_weights_missing_beyond_a_new_head_are_named_in_one_warning(tiny_gpt2_pa
                                              r"transformer\.h\.1\.") as caught:
             load(str(tmp_path / "partial"), tokenizer)
         assert not any("score" in str(warning.message) for warning in caught)  # the new head is expected
+
+
+def test_without_dropout_switches_off_attention_dropout_outside_nn_dropout():
+    """Llama-family attention reads a float ``attention_dropout`` in train mode: PPO's ratio π/π_old must still be 1
+    for the same weights, so two forward passes in train mode agree."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.5)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
+    tokens = torch.randint(0, 50, (2, 12))
+    assert not torch.equal(model(tokens).logits, model(tokens).logits)  # the dropout this is about
+    without_dropout(model)
+    assert torch.equal(model(tokens).logits, model(tokens).logits)
+    assert model.config.attention_dropout == 0.0
+
+
+def test_entropy_is_only_measured_without_an_entropy_bonus(tiny_llama_path):
+    """PPO logs the policy's entropy at every update, but builds no autograd graph through the full-vocabulary
+    softmax unless its entropy bonus needs the gradient."""
+    tokenizer = load_tokenizer(tiny_llama_path)
+    model = load_causal_lm(tiny_llama_path, tokenizer)
+    tokens = torch.tensor([tokenizer("name three fruits . apple , pear", add_special_tokens=False)["input_ids"]])
+    mask = torch.ones_like(tokens)
+    logps, _, entropy = model_token_logprobs(model, tokens, mask, mask, return_entropy=True, entropy_grad=False)
+    assert logps.requires_grad and not entropy.requires_grad
+    _, _, with_grad = model_token_logprobs(model, tokens, mask, mask, return_entropy=True)
+    assert with_grad.requires_grad and torch.allclose(with_grad.detach(), entropy)

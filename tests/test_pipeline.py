@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import pytest
 import yaml
 
 from helpers import run_cli
-from lit_rlhf import pipeline
+from lit_rlhf import pipeline, pipeline_spec
 from lit_rlhf.cli import fit_phase
 from lit_rlhf.errors import ConfigError, LitRLHFError
-from lit_rlhf.rollout import Response
+from lit_rlhf.generation import Response
+from lit_rlhf.pipeline_spec import EvaluationSpec, FitStage, IterativeRounds, PipelineSpec, StageSpec
 from lit_rlhf.scoring import GoldScorer
 from lit_rlhf.selection import best_of_n_kl, pick_best, self_play_pairs
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 PIPELINES = sorted(CONFIGS.glob("pipeline*.yaml"))
+DOCS = Path(__file__).parents[1] / "docs" / "pipeline.md"
+SPECS = (PipelineSpec, EvaluationSpec, StageSpec, *pipeline_spec.STAGES.values(), *pipeline_spec.SHORTHANDS.values())
 QUICK = {"trainer.max_steps": 2, "trainer.val_check_interval": 1, "trainer.limit_val_batches": 1,
          "data.num_eval_prompts": 2}
 QUICK_PPO = {**QUICK, "trainer.max_steps": 8, "data.batch_size": 8, "model.max_new_tokens": 8}
@@ -29,7 +34,8 @@ def tiny(spec_path: Path, tmp_path: Path) -> Path:
     spec = yaml.safe_load(spec_path.read_text())
     spec["evaluation"] |= {"num_prompts": 4, "samples_per_prompt": 1, "max_new_tokens": 8}
     for stage in spec["stages"]:
-        stage["num_prompts"] = 16
+        if stage["kind"] not in ("fit", "best_of_n"):  # the kinds that take training prompts
+            stage["num_prompts"] = 16
         if "config" in stage:
             stage["config"] = str(CONFIGS / stage["config"])
             quick = QUICK_PPO if "ppo" in stage["config"] else QUICK
@@ -49,8 +55,8 @@ def test_the_pipeline_resumes_after_a_crash_without_redoing_completed_stages(tmp
     fit = pipeline.STAGE_RUNNERS["fit"]
 
     def crash_at_ppo(stage, *args):
-        runs.append(stage["name"])
-        if stage["name"] == "ppo" and not crashed:
+        runs.append(stage.name)
+        if stage.name == "ppo" and not crashed:
             crashed.append(True)
             raise KeyboardInterrupt  # the process is killed half-way through PPO
         return fit(stage, *args)
@@ -170,17 +176,17 @@ def test_each_variant_runs_end_to_end(variant, tmp_path):
 
 def test_shorthands_wire_each_round_to_the_previous_one(tmp_path):
     spec = pipeline.load_pipeline(CONFIGS / "pipeline_iterative.yaml")
-    stages = {stage["name"]: stage for stage in spec["stages"]}
-    assert stages["iterative2_collect"]["policy"] == "iterative1"
-    assert stages["iterative2_rm"]["data"] == "iterative2_collect" and stages["iterative2_rm"]["model"] == "iterative1"
-    assert stages["iterative2"]["model"] == "iterative1" and stages["iterative2"]["reward_model"] == "iterative2_rm"
-    continued = pipeline._expand({"name": "it", "kind": "iterative", "policy": "sft", "config": "ppo.yaml",
-                                  "rm_config": "rm.yaml", "rounds": 2, "reward_init": "previous"})
-    second_rm = next(stage for stage in continued if stage["name"] == "it2_rm")
+    stages = {stage.name: stage for stage in spec.stages}
+    assert stages["iterative2_collect"].policy == "iterative1"
+    assert stages["iterative2_rm"].data == "iterative2_collect" and stages["iterative2_rm"].model == "iterative1"
+    assert stages["iterative2"].model == "iterative1" and stages["iterative2"].reward_model == "iterative2_rm"
+    continued = IterativeRounds(name="it", policy="sft", config="ppo.yaml", rm_config="rm.yaml", rounds=2,
+                                reward_init="previous").expand()
+    second_rm = next(stage for stage in continued if stage.name == "it2_rm")
     # continuing the last round's reward model, whose score statistics must come from the policy PPO will train
-    assert second_rm["model"] == "it1_rm" and second_rm["statistics_policy"] == "it1"
-    spin = {stage["name"]: stage for stage in pipeline.load_pipeline(CONFIGS / "pipeline_spin.yaml")["stages"]}
-    assert spin["spin2_data"]["policy"] == "spin1" and spin["spin2"]["model"] == "spin1"  # reference: last round
+    assert second_rm.model == "it1_rm" and second_rm.statistics_policy == "it1"
+    spin = {stage.name: stage for stage in pipeline.load_pipeline(CONFIGS / "pipeline_spin.yaml").stages}
+    assert spin["spin2_data"].policy == "spin1" and spin["spin2"].model == "spin1"  # reference: last round
 
 
 @pytest.mark.parametrize(
@@ -192,13 +198,56 @@ def test_shorthands_wire_each_round_to_the_previous_one(tmp_path):
         ([{"kind": "collect"}], "needs a 'name' and a 'kind'"),
         ([{"name": "bon", "kind": "best_of_n", "policy": "sft"}], r"'bon' \(best_of_n\) needs reward_model"),
         ([{"name": "it", "kind": "iterative", "policy": "sft", "config": "ppo.yaml"}], "needs rm_config"),
+        ([{"name": "sft", "kind": "fit", "config": "sft.yaml", "dat": "x"}],
+         r"stage 'sft' \(fit\): unknown key 'dat'; expected one of name, config, model, reward_model, "),
+        ([{"name": "c", "kind": "collect", "policy": "sft", "k": "four"}],
+         r"stage 'c' \(collect\): k must be an integer, got 'four'$"),
+        ([{"name": "c", "kind": "collect", "policy": "sft", "temperature": True}], "temperature must be a number"),
+        ([{"name": "it", "kind": "iterative", "policy": "sft", "config": "ppo.yaml", "rm_config": "rm.yaml",
+           "algorithm": "grpo"}], "algorithm must be one of ppo, dpo, got 'grpo'"),
+        ([{"name": "rs", "kind": "rejection_sampling", "policy": "sft", "reward_model": "rm", "config": "sft.yaml",
+           "prompts": "p.jsonl"}], r"stage 'rs' \(rejection_sampling\): unknown key 'prompts'"),
     ],
 )
 def test_bad_pipeline_files_are_config_errors(stages, message, tmp_path):
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump({"stages": stages}))
+    with pytest.raises(ConfigError, match=message) as error:
+        pipeline.load_pipeline(path)
+    assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"seeds": 1}, r"unknown key 'seeds'; expected one of stages, out, seed, prompts, evaluation$"),
+        ({"seed": "zero"}, "seed must be an integer, got 'zero'"),
+        ({"evaluation": {"num_prompt": 4}}, r": evaluation: unknown key 'num_prompt'; expected one of prompts, "),
+        ({"evaluation": {"reference": 3}}, "evaluation: reference must be text or null, got 3"),
+        ({"evaluation": ["sft"]}, "evaluation: expected a mapping"),
+    ],
+)
+def test_bad_file_and_evaluation_settings_are_config_errors(settings, message, tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"stages": [{"name": "sft", "kind": "fit", "config": str(CONFIGS / "sft.yaml")}],
+                                    **settings}))
     with pytest.raises(ConfigError, match=message):
         pipeline.load_pipeline(path)
+
+
+def test_the_typed_specs_keep_the_files_defaults_in_one_place(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"stages": [
+        {"name": "c", "kind": "collect", "policy": "sft", "temperature": 1},
+        {"name": "rs", "kind": "rejection_sampling", "policy": "sft", "reward_model": "rm",
+         "config": str(CONFIGS / "sft.yaml")},
+    ]}))
+    spec = pipeline.load_pipeline(path)
+    collect, picks, fit = spec.stages
+    assert collect.temperature == 1.0 and isinstance(collect.temperature, float)  # an integer is taken as a number
+    assert (collect.k, collect.num_prompts, picks.n, picks.num_prompts) == (4, 2000, 8, 1000)
+    assert fit == FitStage(name="rs", config=str(CONFIGS / "sft.yaml"), model="sft", data="rs_data")
+    assert spec.out == "runs/pipeline" and spec.seed == 0 and spec.evaluation.samples_per_prompt == 4
 
 
 def test_the_command_line_reports_a_missing_pipeline_file_in_one_line(tmp_path, capsys):
@@ -231,7 +280,36 @@ def test_best_of_n_kl_and_self_play_pairs():
 @pytest.mark.parametrize("path", PIPELINES, ids=[path.name for path in PIPELINES])
 def test_every_pipeline_file_loads(path):
     spec = pipeline.load_pipeline(path)
-    assert all(stage["kind"] in pipeline.STAGE_KINDS for stage in spec["stages"])
+    assert all(stage.kind in pipeline_spec.STAGES for stage in spec.stages)
+
+
+def _documented_keys() -> dict[str, dict[str, str]]:
+    """docs/pipeline.md's key tables: the spec named in a section's heading → each key → its default column."""
+    tables: dict[str, dict[str, str]] = {}
+    table = None
+    for line in DOCS.read_text().splitlines():
+        if line.startswith("#"):
+            spec_name = re.search(r"\(`(\w+)`\)$", line)
+            table = tables.setdefault(spec_name.group(1), {}) if spec_name else None
+        elif table is not None and (row := re.match(r"\| `(\w+)` \| ([^|]+) \|", line)):
+            table[row.group(1)] = row.group(2).strip()
+    return tables
+
+
+@pytest.mark.parametrize("spec_class", SPECS, ids=lambda spec_class: spec_class.__name__)
+def test_the_docs_list_every_key_of_every_spec_with_its_default(spec_class):
+    shared = {field.name for field in fields(StageSpec)} if issubclass(spec_class, StageSpec) else set()
+    own = [field for field in fields(spec_class) if spec_class is StageSpec or field.name not in shared]
+    documented = _documented_keys().get(spec_class.__name__)
+    assert documented is not None, f"docs/pipeline.md has no section headed (`{spec_class.__name__}`)"
+    assert set(documented) == {field.name for field in own}
+    for field in own:
+        if field.default is MISSING and field.default_factory is MISSING:
+            assert documented[field.name] == "required", field.name
+        elif field.default is not None and field.default is not MISSING:
+            assert documented[field.name] == f"`{field.default}`", field.name
+        else:  # no value: the cell says what takes its place
+            assert documented[field.name] != "required", field.name
 
 
 def test_a_second_pipeline_file_in_the_same_folder_adds_its_rows(tmp_path):
@@ -250,11 +328,18 @@ def test_a_second_pipeline_file_in_the_same_folder_adds_its_rows(tmp_path):
 
 
 def test_a_done_file_without_a_seed_counts_as_seed_0(tmp_path):
-    stage = {"name": "sft", "kind": "fit", "config": "sft.yaml"}
-    (tmp_path / pipeline.DONE_FILE).write_text(json.dumps({"kind": "fit", "spec": stage}))
+    stage = FitStage(name="sft", config="sft.yaml")
+    (tmp_path / pipeline.DONE_FILE).write_text(json.dumps({"kind": "fit", "spec": stage.as_record()}))
     assert pipeline._is_complete(stage, tmp_path, 0)
     assert not pipeline._is_complete(stage, tmp_path, 1)
-    assert not pipeline._is_complete({**stage, "config": "other.yaml"}, tmp_path, 0)
+    assert not pipeline._is_complete(FitStage(name="sft", config="other.yaml"), tmp_path, 0)
+
+
+def test_a_stage_done_before_its_spec_listed_every_setting_runs_again(tmp_path):
+    """done.json used to keep only the keys the file named; now every setting, so a changed default reruns a stage."""
+    as_written = {"name": "sft", "kind": "fit", "config": "sft.yaml"}
+    (tmp_path / pipeline.DONE_FILE).write_text(json.dumps({"kind": "fit", "seed": 0, "spec": as_written}))
+    assert not pipeline._is_complete(FitStage(name="sft", config="sft.yaml"), tmp_path, 0)
 
 
 @pytest.mark.parametrize("setting, expected", [({}, 32), ({"max_prompt_length": 128}, 128)])
@@ -283,7 +368,7 @@ def test_a_file_that_reads_own_data_must_name_the_evaluation_prompts(stage, tmp_
     with pytest.raises(ConfigError, match=r"evaluation.prompts is unset, but the stages read your own data"):
         pipeline.load_pipeline(path)
     path.write_text(yaml.safe_dump({"stages": [stage], "evaluation": {"prompts": "my/held_out.jsonl"}}))
-    assert pipeline.load_pipeline(path)["evaluation"]["prompts"] == "my/held_out.jsonl"
+    assert pipeline.load_pipeline(path).evaluation.prompts == "my/held_out.jsonl"
 
 
 def test_the_evaluation_renders_chat_prompts_with_the_policies_template(tiny_chat_llama_path, tmp_path):

@@ -107,8 +107,9 @@ def test_bandit_ppo_reaches_kl_regularised_optimum(bandit, tmp_path, estimator, 
 
 PER_ITERATION_METRICS = [
     "objective/scores", "objective/kl", "objective/rlhf_reward", "objective/non_score_reward", "objective/entropy",
-    "policy/clipfrac", "policy/approxkl", "loss/policy", "loss/value", "val/clipfrac", "val/explained_variance",
-    "kl/beta", "response/length_mean", "response/length_drift", "response/eos_fraction", "gold/reward",
+    "policy/clipfrac", "policy/approxkl", "loss/policy", "loss/value", "value/clipfrac", "value/explained_variance",
+    "kl/beta", "rollout/response/length_mean", "rollout/response/length_drift", "rollout/response/eos_fraction",
+    "rollout/gold/reward",
 ]
 EVAL_METRICS = [
     "eval/response/length_mean", "eval/response/length_drift", "eval/response/eos_fraction", "eval/gold/reward",
@@ -214,7 +215,7 @@ def test_critic_free_estimators_with_ptx_on_gold_reward(tmp_path, world_sft_path
     assert module.critic is None and module.reward_network is None
     assert len(rows) == 2
     assert rows[-1]["loss/ptx"] > 0 and "loss/value" not in rows[-1]
-    assert rows[0]["objective/scores"] == pytest.approx(rows[0]["gold/reward"])  # the proxy is the gold reward
+    assert rows[0]["objective/scores"] == pytest.approx(rows[0]["rollout/gold/reward"])  # the proxy is the gold reward
 
 
 def test_invalid_settings_fail_with_one_clear_error(world_sft_path):
@@ -315,7 +316,7 @@ def test_group_advantages_are_normalised_once_per_sequence(world_sft_path, estim
     """Each sequence's tokens all carry its group advantage, unchanged: a second, token-weighted whitening would
     shift it by a length-weighted mean, so a group's advantages would no longer sum to zero (GRPO, RLOO)."""
     from lit_rlhf.data.collate import tokenize_prompts
-    from lit_rlhf.rollout import PolicyEvaluation
+    from lit_rlhf.evaluation import PolicyEvaluation
 
     module = PPOModule(model_name_or_path=world_sft_path, reward_model="gold", advantage_estimator=estimator,
                        group_size=4, max_new_tokens=12)
@@ -365,7 +366,7 @@ def test_rollout_scores_tell_the_reward_which_answers_were_cut(world_sft_path):
     """Answers cut at ``max_new_tokens`` reach the scorer marked unfinished (a reward model scores them without
     EOS), and ``missing_eos_penalty`` comes off exactly those."""
     from lit_rlhf.data.collate import tokenize_prompts
-    from lit_rlhf.rollout import PolicyEvaluation
+    from lit_rlhf.evaluation import PolicyEvaluation
 
     class Recorder:
         finished: list = []
@@ -385,5 +386,6 @@ def test_rollout_scores_tell_the_reward_which_answers_were_cut(world_sft_path):
     _, metrics, samples = module._rollout({"prompt": prompts, "prompt_input_ids": prompt_ids,
                                            "prompt_attention_mask": prompt_mask})
     assert 0 < sum(Recorder.finished) < len(Recorder.finished)
-    assert sum(Recorder.finished) / len(Recorder.finished) == pytest.approx(metrics["response/eos_fraction"].item())
+    eos_fraction = metrics["rollout/response/eos_fraction"].item()
+    assert sum(Recorder.finished) / len(Recorder.finished) == pytest.approx(eos_fraction)
     assert [sample["score"] for sample in samples] == [0.0 if ended else -1.5 for ended in Recorder.finished]

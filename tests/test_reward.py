@@ -14,10 +14,10 @@ from helpers import latest_run, metric_rows, metric_series, run_cli
 from lit_rlhf.collect import collect_comparisons
 from lit_rlhf.data.datamodules import ComparisonDataModule
 from lit_rlhf.errors import ConfigError
+from lit_rlhf.generation import SamplingConfig
 from lit_rlhf.judges import ranks_from_scores
 from lit_rlhf.models import export, load_scalar_head_model, load_tokenizer
 from lit_rlhf.phases.reward import RewardModelModule
-from lit_rlhf.rollout import SamplingConfig
 from lit_rlhf.scoring import SCORE_MEAN_KEY, SCORE_STD_KEY, RewardModelScorer
 
 CONFIGS = Path(__file__).parents[1] / "configs"

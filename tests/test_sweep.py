@@ -145,7 +145,8 @@ def tiny_pipeline(tmp_path: Path) -> Path:
              "data.num_eval_prompts": 2}
     spec["stages"] = [stage for stage in spec["stages"] if stage["name"] in ("sft", "collect", "rm")]
     for stage in spec["stages"]:
-        stage["num_prompts"] = 16
+        if stage["kind"] == "collect":  # the one kind here that takes training prompts
+            stage["num_prompts"] = 16
         if "config" in stage:
             stage["config"], stage["args"] = str(CONFIGS / stage["config"]), quick
     spec["evaluation"] |= {"num_prompts": 4, "samples_per_prompt": 1, "max_new_tokens": 8}

@@ -2,21 +2,21 @@
 
 ``loss_type`` picks the objective (formulas and papers in :mod:`lit_rlhf.losses`):
 
-- ``sigmoid`` (DPO), ``robust``, ``hinge``, ``ipo`` on pairs, against a frozen reference, the starting SFT policy;
-  ``label_smoothing`` applies to ``sigmoid`` (conservative DPO) and ``robust``.
-- ``simpo`` on pairs: length-averaged log-probs, target margin ``simpo_gamma``, no reference model.
+- on pairs, a registered loss of ``losses.PREFERENCE_LOSSES`` (:func:`loss_types`; one decorated function adds one):
+  ``sigmoid`` (DPO), ``robust``, ``hinge``, ``ipo``, ``nca`` against a frozen reference, the starting SFT policy, with
+  ``label_smoothing`` for ``sigmoid`` (conservative DPO) and ``robust``; ``simpo`` with length-averaged log-probs,
+  target margin ``simpo_gamma`` and no reference model. The registry says what each needs.
 - ``kto`` on unpaired rows (``UnpairedDataModule``, which also splits preference pairs into a desirable and an
   undesirable row). Its reference point is KL(π‖π_ref), estimated on the batch's mismatched prompt–completion pairs.
 
 Chosen and rejected go through the policy in one concatenated forward. With ``precompute_ref_logps`` the
 reference scores every training and validation sequence once before training and is then freed
-(:mod:`lit_rlhf.phases.reference_logps` says how the values are kept and invalidated).
+(:mod:`lit_rlhf.phases.dpo_logprobs` says how the values are kept and invalidated).
 """
 
 from __future__ import annotations
 
 import gc
-from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -25,6 +25,8 @@ from transformers import PreTrainedModel
 
 from lit_rlhf import losses
 from lit_rlhf.errors import ConfigError
+from lit_rlhf.evaluation import PolicyEvaluation, evaluate_policy
+from lit_rlhf.generation import SamplingConfig
 from lit_rlhf.models import (
     AdaptersOff,
     frozen,
@@ -35,11 +37,11 @@ from lit_rlhf.models import (
     with_lora,
     without_dropout,
 )
-from lit_rlhf.phases.reference_logps import (
+from lit_rlhf.phases.dpo_logprobs import (
     ReferenceLogpsCache,
     concatenated,
+    model_sequence_logprobs,
     reference_fingerprint,
-    sequence_logps,
 )
 from lit_rlhf.phases.shared import (
     adamw_with_warmup,
@@ -51,17 +53,21 @@ from lit_rlhf.phases.shared import (
     shard_networks,
     validation_means,
 )
-from lit_rlhf.rollout import PolicyEvaluation, SamplingConfig, evaluate_policy
 
-LossType = Literal["sigmoid", "robust", "hinge", "ipo", "simpo", "kto"]
-LOSS_TYPES = (*losses.PREFERENCE_LOSS_TYPES, "simpo", "kto")
-SMOOTHED_LOSS_TYPES = ("sigmoid", "robust")
+UNPAIRED_LOSS_TYPE = "kto"
+"""The one loss type on unpaired rows; every other ``loss_type`` is a pairwise loss of ``losses.PREFERENCE_LOSSES``."""
 Metrics = dict[str, tuple[torch.Tensor, int]]
 """Metric name → (value, number of rows it averages), so epoch means weigh batches correctly."""
 PAIRED_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                   "logps/rejected", "lengths/chosen_minus_rejected")
 KTO_METRICS = ("kl", *(name for name in PAIRED_METRICS if name != "rewards/accuracies"))
 """KTO's chosen and rejected are its desirable and undesirable rows; a batch reports those it has."""
+
+
+def loss_types() -> tuple[str, ...]:
+    """Every ``loss_type`` that :class:`DPOModule` accepts: the registered pairwise losses, then KTO. A function, not
+    a constant, so that a loss registered after this module is imported counts too."""
+    return (*losses.PREFERENCE_LOSSES, UNPAIRED_LOSS_TYPE)
 
 
 class DPOModule(LightningModule):
@@ -89,7 +95,7 @@ class DPOModule(LightningModule):
     def __init__(
         self,
         model_name_or_path: str = "runs/sft/hf",
-        loss_type: LossType = "sigmoid",
+        loss_type: str = "sigmoid",
         beta: float = 0.1,
         label_smoothing: float = 0.0,
         simpo_gamma: float = 0.5,
@@ -120,13 +126,14 @@ class DPOModule(LightningModule):
         )
         if not 0 <= label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing is a label-flip probability below 0.5, got {label_smoothing}")
-        if loss_type not in LOSS_TYPES:
-            raise ConfigError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+        if loss_type not in loss_types():
+            raise ConfigError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(loss_types())}")
         if is_world(model_name_or_path):
             raise ConfigError("DPO starts from a trained policy: set model_name_or_path to an SFT export, not 'world'")
-        if label_smoothing and loss_type not in SMOOTHED_LOSS_TYPES:
-            raise ConfigError(f"label_smoothing is defined for sigmoid and robust, not {loss_type!r}")
-        if loss_type == "kto" and (rpo_alpha or precompute_ref_logps):
+        smoothed = [name for name, loss in losses.PREFERENCE_LOSSES.items() if "label_smoothing" in loss.options]
+        if label_smoothing and loss_type not in smoothed:
+            raise ConfigError(f"label_smoothing is defined only for {', '.join(smoothed)}, not for {loss_type!r}")
+        if loss_type == UNPAIRED_LOSS_TYPE and (rpo_alpha or precompute_ref_logps):
             raise ConfigError(
                 "kto supports neither rpo_alpha (it has no chosen responses) nor precompute_ref_logps (its KL pairs "
                 "are formed per batch, so their reference log-probs cannot be computed ahead)"
@@ -139,17 +146,19 @@ class DPOModule(LightningModule):
         self.model: PreTrainedModel | None = None
         self.reference: PreTrainedModel | None = None
         self.reference_cache: ReferenceLogpsCache | None = None
-        names = KTO_METRICS if loss_type == "kto" else PAIRED_METRICS
+        self.pairwise_loss = losses.PREFERENCE_LOSSES.get(loss_type)
+        """What the pairwise loss needs (a reference, averaged log-probs); None for KTO, which is unpaired."""
+        names = KTO_METRICS if self.pairwise_loss is None else PAIRED_METRICS
         self.val_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in ("loss", *names)})
         self._reference_answers: PolicyEvaluation | None = None
 
     @property
     def _uses_reference(self) -> bool:
-        return self.hparams.loss_type != "simpo"
+        return self.pairwise_loss is None or self.pairwise_loss.uses_reference
 
     @property
     def _average_logps(self) -> bool:
-        return self.hparams.length_normalized or self.hparams.loss_type == "simpo"
+        return self.hparams.length_normalized or (self.pairwise_loss is not None and self.pairwise_loss.average_logps)
 
     def _load_reference(self) -> PreTrainedModel:
         hp = self.hparams
@@ -192,26 +201,24 @@ class DPOModule(LightningModule):
         if self.reference_cache is not None:
             return self.reference_cache.lookup(sequences).to(self.device)
         with torch.no_grad():
-            return sequence_logps(self.reference, sequences, self._average_logps)[0]
+            return model_sequence_logprobs(self.reference, sequences, self._average_logps)[0]
 
     # --- losses ---
 
     def _paired_step(self, batch: dict) -> tuple[torch.Tensor, Metrics]:
         hp = self.hparams
         sequences = concatenated(batch, "chosen_", "rejected_")
-        logps, token_logps, mask = sequence_logps(self.model, sequences, self._average_logps)
+        logps, token_logps, mask = model_sequence_logprobs(self.model, sequences, self._average_logps)
         chosen_logps, rejected_logps = logps.chunk(2)
-        if hp.loss_type == "simpo":
-            per_pair = losses.simpo_loss(chosen_logps, rejected_logps, hp.beta, hp.simpo_gamma)
-            chosen_rewards, rejected_rewards = hp.beta * chosen_logps.detach(), hp.beta * rejected_logps.detach()
-        else:
-            ref_chosen, ref_rejected = self._reference_logps(sequences).chunk(2)
-            per_pair, chosen_rewards, rejected_rewards = losses.preference_loss(
-                chosen_logps, rejected_logps, ref_chosen, ref_rejected, hp.beta, hp.loss_type, hp.label_smoothing
-            )
+        ref_chosen, ref_rejected = self._reference_logps(sequences).chunk(2) if self._uses_reference else (None, None)
+        # Each loss takes the settings among these that it declares (PreferenceLoss.options), ignores the others.
+        per_pair, chosen_rewards, rejected_rewards = losses.preference_loss(
+            chosen_logps, rejected_logps, ref_chosen, ref_rejected, hp.beta, hp.loss_type, hp.label_smoothing,
+            gamma=hp.simpo_gamma,
+        )
         loss = per_pair.mean()
         if hp.rpo_alpha:
-            loss = loss - hp.rpo_alpha * losses.masked_mean(token_logps.chunk(2)[0], mask.chunk(2)[0])
+            loss = loss + hp.rpo_alpha * losses.rpo_nll_loss(token_logps.chunk(2)[0], mask.chunk(2)[0])
         chosen_lengths, rejected_lengths = sequences["response_mask"].sum(1).float().chunk(2)
         pairs = len(chosen_logps)
         metrics = {
@@ -228,12 +235,11 @@ class DPOModule(LightningModule):
     def _kto_step(self, batch: dict) -> tuple[torch.Tensor, Metrics]:
         hp = self.hparams
         matched, mismatched = concatenated(batch, ""), concatenated(batch, "kl_")
-        logps = sequence_logps(self.model, matched, self._average_logps)[0]
+        logps = model_sequence_logprobs(self.model, matched, self._average_logps)[0]
         with torch.no_grad():
-            mismatched_logps = sequence_logps(self.model, mismatched, self._average_logps)[0]
-            mismatched_logratios = mismatched_logps - self._reference_logps(mismatched)
-        # KTO's reference point: the batch estimate of KL(π‖π_ref), averaged over every device's batch.
-        kl = self.all_gather(mismatched_logratios.mean()).mean()
+            mismatched_logps = model_sequence_logprobs(self.model, mismatched, self._average_logps)[0]
+            local_kl = losses.kto_kl_estimate(mismatched_logps, self._reference_logps(mismatched))
+        kl = self.all_gather(local_kl).mean()  # KTO's reference point, estimated on every device's batch together
         ref_logps = self._reference_logps(matched)
         desirable = batch["label"]
         per_row = losses.kto_loss(logps, ref_logps, desirable, kl, hp.beta, hp.desirable_weight, hp.undesirable_weight)
@@ -250,7 +256,7 @@ class DPOModule(LightningModule):
         return per_row.mean(), metrics
 
     def _step(self, batch: dict) -> tuple[torch.Tensor, Metrics]:
-        return self._kto_step(batch) if self.hparams.loss_type == "kto" else self._paired_step(batch)
+        return self._kto_step(batch) if self.pairwise_loss is None else self._paired_step(batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, metrics = self._step(batch)

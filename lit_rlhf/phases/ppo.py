@@ -46,9 +46,11 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import move_data_to_device
 from torchmetrics.functional import explained_variance
 
-from lit_rlhf.advantages import gae, group_advantages, shape_rewards, whiten
+from lit_rlhf.advantages import clip_scores, gae, group_advantages, penalize_missing_eos, shape_rewards, whiten
 from lit_rlhf.data.datamodules import DemonstrationDataModule, global_seed
 from lit_rlhf.errors import ConfigError
+from lit_rlhf.evaluation import PolicyEvaluation, evaluate_policy
+from lit_rlhf.generation import SamplingConfig, generate
 from lit_rlhf.kl_control import AdaptiveKLController, FixedKLController
 from lit_rlhf.losses import (
     kl_penalty,
@@ -66,11 +68,12 @@ from lit_rlhf.models import (
     load_causal_lm,
     load_scalar_head_model,
     load_tokenizer,
-    response_logprobs,
+    model_token_logprobs,
     trainable,
     with_lora,
     without_dropout,
 )
+from lit_rlhf.phases.ppo_buffer import Rollout, RolloutBuffer
 from lit_rlhf.phases.shared import (
     check_context,
     check_settings,
@@ -79,7 +82,6 @@ from lit_rlhf.phases.shared import (
     restore_frozen,
     shard_networks,
 )
-from lit_rlhf.rollout import PolicyEvaluation, Rollout, RolloutBuffer, SamplingConfig, evaluate_policy, generate
 from lit_rlhf.scoring import GoldScorer, RewardModelScorer, make_scorer
 from lit_rlhf.world import has_gold
 
@@ -97,9 +99,10 @@ class PPOModule(LightningModule):
     Logged every iteration: ``objective/{scores,kl,rlhf_reward,non_score_reward,entropy}`` (per-sequence means,
     KL and entropy estimated from the sampled tokens), ``policy/{clipfrac,approxkl,entropy}`` (``policy/entropy``:
     exact mean entropy of the next-token distributions during the update), ``loss/policy``,
-    ``kl/beta``, ``response/{length_mean,eos_fraction,length_drift}`` (drift: against the reference policy's
-    answers to the held-out prompts); with a critic ``loss/value``, ``val/clipfrac``, ``val/explained_variance``;
-    with PPO-ptx ``loss/ptx``; on the world ``gold/reward``. Validation answers the held-out prompts with fixed
+    ``kl/beta``, ``rollout/response/{length_mean,eos_fraction,length_drift}`` (of the rollouts' answers; drift:
+    against the reference policy's answers to the held-out prompts); with a critic ``loss/value`` and the critic's
+    ``value/clipfrac``, ``value/explained_variance``; with PPO-ptx ``loss/ptx``; on the world
+    ``rollout/gold/reward``. Validation answers the held-out prompts with fixed
     sampling noise and logs under ``eval/`` what :func:`evaluate_policy` measures against the reference policy's
     answers: generation metrics, ``proxy/reward`` (the scorer's mean), ``objective/kl`` to the reference, the
     ``hacking/`` detectors and on the world ``gold/reward`` and ``gold/proxy_gap``. Every
@@ -253,8 +256,8 @@ class PPOModule(LightningModule):
         input_ids, attention_mask = generation.input_ids, generation.attention_mask
         response_mask = torch.cat([torch.zeros_like(generation.prompt_attention_mask), generation.response_mask], 1)
         sequences = (input_ids, attention_mask, response_mask, hp.temperature)
-        logprobs, mask = response_logprobs(self.policy, *sequences)
-        ref_logprobs, _ = response_logprobs(self.reference, *sequences)
+        logprobs, mask = model_token_logprobs(self.policy, *sequences)
+        ref_logprobs, _ = model_token_logprobs(self.reference, *sequences)
         beta = self.kl_controller.beta
         rewards = shape_rewards(scores, logprobs, ref_logprobs, mask, beta)  # k1 only: see the module docstring
 
@@ -262,7 +265,7 @@ class PPOModule(LightningModule):
         if self.critic is not None:
             values = self.critic(input_ids, attention_mask)[:, :-1]
             advantages, returns = gae(rewards, values, mask, hp.gamma, hp.lam)
-            metrics["val/explained_variance"] = explained_variance(values[mask.bool()], returns[mask.bool()])
+            metrics["value/explained_variance"] = explained_variance(values[mask.bool()], returns[mask.bool()])
             if hp.whiten_advantages:
                 advantages = whiten(advantages, mask)
         else:  # already normalised once, per sequence: whitening over tokens would shift it by a length-weighted mean
@@ -271,6 +274,7 @@ class PPOModule(LightningModule):
 
         non_score_rewards = masked_sum(rewards, mask, dim=1) - scores
         lengths = (generation.response_lengths - generation.ended_with_eos.long()).float()
+        reference_length = self._reference_evaluation().metrics["response/length_mean"]
         metrics |= {
             "objective/scores": scores.mean(),
             "objective/kl": masked_sum(kl_penalty(logprobs, ref_logprobs, "k1"), mask, dim=1).mean(),
@@ -278,9 +282,9 @@ class PPOModule(LightningModule):
             "objective/rlhf_reward": (scores + non_score_rewards).mean(),
             "objective/entropy": masked_sum(-logprobs, mask, dim=1).mean(),
             "kl/beta": torch.tensor(beta),
-            "response/length_mean": lengths.mean(),
-            "response/length_drift": lengths.mean() - self._reference_evaluation().metrics["response/length_mean"],
-            "response/eos_fraction": generation.ended_with_eos.float().mean(),
+            "rollout/response/length_mean": lengths.mean(),
+            "rollout/response/length_drift": lengths.mean() - reference_length,
+            "rollout/response/eos_fraction": generation.ended_with_eos.float().mean(),
         }
         samples = [
             {"iteration": self.iteration, "prompt": prompt, "response": response, "score": score}
@@ -288,7 +292,7 @@ class PPOModule(LightningModule):
         ]
         if has_gold(prompt_texts):
             gold = GoldScorer().score(prompt_texts, responses)
-            metrics["gold/reward"] = gold.mean()
+            metrics["rollout/gold/reward"] = gold.mean()
             for sample, value in zip(samples, gold.tolist()):
                 sample["gold"] = value
         rollout = Rollout(input_ids, attention_mask, response_mask, mask, logprobs, advantages, values, returns)
@@ -297,11 +301,7 @@ class PPOModule(LightningModule):
     def _scores(self, prompts: list[str], responses: list[str], ended_with_eos: torch.Tensor) -> torch.Tensor:
         hp = self.hparams
         scores = self.scorer.score(prompts, responses, ended_with_eos.tolist()).to(self.device)
-        if hp.missing_eos_penalty:
-            scores = scores - hp.missing_eos_penalty * (~ended_with_eos).float()
-        if hp.score_clip is not None:
-            scores = scores.clamp(-hp.score_clip, hp.score_clip)
-        return scores
+        return clip_scores(penalize_missing_eos(scores, ended_with_eos, hp.missing_eos_penalty), hp.score_clip)
 
     def _optimise(self, buffer: RolloutBuffer) -> dict[str, torch.Tensor]:
         optimizer = self.optimizers()
@@ -321,7 +321,7 @@ class PPOModule(LightningModule):
 
     def _loss(self, batch: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         hp = self.hparams
-        logprobs, mask, entropy = response_logprobs(
+        logprobs, mask, entropy = model_token_logprobs(
             self.policy, batch.input_ids, batch.attention_mask, batch.response_mask, hp.temperature,
             return_entropy=True, entropy_grad=bool(hp.entropy_coef),
         )
@@ -335,7 +335,7 @@ class PPOModule(LightningModule):
             values = self.critic(batch.input_ids, batch.attention_mask)[:, :-1]
             value_loss, value_stats = ppo_value_loss(values, batch.values, batch.returns, mask, hp.clip_range_value)
             loss = loss + hp.vf_coef * value_loss
-            stats |= {"loss/value": value_loss.detach(), "val/clipfrac": value_stats["clipfrac"]}
+            stats |= {"loss/value": value_loss.detach(), "value/clipfrac": value_stats["clipfrac"]}
         if self._demonstrations is not None:
             demos = self._demonstration_batch()
             logits = forward(self.policy, demos["input_ids"], demos["attention_mask"]).logits

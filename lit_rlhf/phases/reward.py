@@ -17,6 +17,7 @@ from torchmetrics import CatMetric, MeanMetric
 from lit_rlhf import losses
 from lit_rlhf.collect import sample_responses
 from lit_rlhf.errors import ConfigError
+from lit_rlhf.generation import SamplingConfig
 from lit_rlhf.models import is_sharded, load_scalar_head_model, load_tokenizer, scalar_scores, trainable, with_lora
 from lit_rlhf.phases.shared import (
     adamw_with_warmup,
@@ -26,7 +27,6 @@ from lit_rlhf.phases.shared import (
     shard_networks,
     validation_means,
 )
-from lit_rlhf.rollout import SamplingConfig
 from lit_rlhf.scoring import LENGTH_KEYS, SCORE_MEAN_KEY, SCORE_STD_KEY, RewardModelScorer
 from lit_rlhf.world import gold_reward, has_gold
 

@@ -9,6 +9,8 @@ from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
 from lit_rlhf import losses
+from lit_rlhf.evaluation import evaluate_policy
+from lit_rlhf.generation import SamplingConfig
 from lit_rlhf.models import forward, load_causal_lm, load_tokenizer, trainable, with_lora
 from lit_rlhf.phases.shared import (
     adamw_with_warmup,
@@ -17,7 +19,6 @@ from lit_rlhf.phases.shared import (
     export_trained,
     shard_networks,
 )
-from lit_rlhf.rollout import SamplingConfig, evaluate_policy
 
 
 class SFTModule(LightningModule):

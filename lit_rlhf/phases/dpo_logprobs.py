@@ -1,6 +1,7 @@
-"""DPO's reference log-probs computed before training, so that the reference need not stay in memory: the
-sequences of a preference batch, their log-probs, and a content-addressed cache of the reference's values,
-optionally kept in a file for later runs with the same reference (a β sweep, say)."""
+"""DPO's log-probs: the sequences of a preference batch stacked for one forward (:func:`concatenated`), their
+log-probs under a model (:func:`model_sequence_logprobs`), and the reference's computed before training, so that the
+reference need not stay in memory: a content-addressed cache (:class:`ReferenceLogpsCache`), optionally kept in a file
+for later runs with the same reference (a β sweep, say)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from transformers import PreTrainedModel
 
 from lit_rlhf import losses
-from lit_rlhf.models import response_logprobs
+from lit_rlhf.models import model_token_logprobs
 
 SEQUENCE_FIELDS = ("input_ids", "attention_mask", "response_mask")
 
@@ -23,9 +24,11 @@ def concatenated(batch: dict, *prefixes: str) -> dict:
     return {field: torch.cat([batch[f"{prefix}{field}"] for prefix in prefixes]) for field in SEQUENCE_FIELDS}
 
 
-def sequence_logps(model: PreTrainedModel, sequences: dict, average: bool) -> tuple[torch.Tensor, ...]:
-    """``(logps [B], token_logps [B, T-1], mask [B, T-1])`` of the response tokens of ``sequences``."""
-    token_logps, mask = response_logprobs(model, *(sequences[field] for field in SEQUENCE_FIELDS))
+def model_sequence_logprobs(model: PreTrainedModel, sequences: dict, average: bool) -> tuple[torch.Tensor, ...]:
+    """``(logps [B], token_logps [B, T-1], mask [B, T-1])`` of the response tokens of ``sequences``: the per-token
+    log-probs of :func:`lit_rlhf.models.model_token_logprobs` and their sum (``average``: mean) per sequence,
+    :func:`lit_rlhf.losses.sequence_logprobs`."""
+    token_logps, mask = model_token_logprobs(model, *(sequences[field] for field in SEQUENCE_FIELDS))
     return losses.sequence_logprobs(token_logps, mask, average=average), token_logps, mask
 
 
@@ -81,7 +84,7 @@ class ReferenceLogpsCache:
                 reference = load_reference()
             with torch.no_grad():
                 on_device = {field: value.to(device) for field, value in sequences.items()}
-                self.values.update(zip(keys, sequence_logps(reference, on_device, average)[0].tolist()))
+                self.values.update(zip(keys, model_sequence_logprobs(reference, on_device, average)[0].tolist()))
         computed = reference is not None
         del reference  # out of memory before training starts
         gc.collect()

@@ -1,0 +1,48 @@
+"""Scalar heads, read two ways: :func:`scalar_scores`, one score per sequence where its mask ends (the reward model),
+and :class:`ValueModel`, the head at every position (PPO's critic)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from lit_rlhf.advantages import normalize_scores
+from lit_rlhf.errors import ConfigError
+from lit_rlhf.models.positions import forward
+
+
+def scalar_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B]`` scores of a scalar-head model, read at each row's last attended position (left or right padding).
+
+    The model's own forward reads its head at the last token that is not the pad id; where pad and EOS are one token
+    (GPT-2, Llama: the loader's default) that skips the final EOS, and a finished answer would score as the same
+    answer cut short. So the head's output at every position is caught on its way out and read where the mask ends.
+    """
+    per_position = []
+    hook = model.score.register_forward_hook(lambda head, inputs, output: per_position.append(output))
+    try:
+        forward(model, input_ids, attention_mask)
+    finally:
+        hook.remove()
+    last = (torch.arange(attention_mask.shape[1], device=attention_mask.device) * attention_mask).argmax(dim=1)
+    return per_position[0].squeeze(-1).float()[torch.arange(len(last), device=last.device), last]
+
+
+class ValueModel(torch.nn.Module):
+    """Per-token values ``[B, T]``: a scalar-head model's backbone with its ``score`` head applied at every
+    position (its own forward reads the head at the last token only), as ``(head − score_mean) / score_std``.
+
+    A critic that starts as the reward model (InstructGPT) has targets built from scores normalised with the reward
+    model's stored statistics; the fixed affine puts its first values on that scale too, instead of the raw score's.
+    """
+
+    def __init__(self, scalar_head_model: torch.nn.Module, score_mean: float = 0.0, score_std: float = 1.0) -> None:
+        super().__init__()
+        if not hasattr(scalar_head_model, "score"):
+            raise ConfigError(f"{type(scalar_head_model).__name__} has no `score` head to serve as a value head")
+        self.backbone, self.head = scalar_head_model.base_model, scalar_head_model.score
+        self.score_mean, self.score_std = score_mean, score_std
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = forward(self.backbone, input_ids, attention_mask).last_hidden_state
+        return normalize_scores(self.head(hidden).squeeze(-1).float(), self.score_mean, self.score_std)

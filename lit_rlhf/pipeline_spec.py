@@ -1,0 +1,364 @@
+"""A pipeline file (``configs/pipeline.yaml``) as typed specs: every key a field, its default in one place.
+
+Each stage kind is a frozen dataclass — :class:`FitStage`, :class:`CollectStage`, :class:`RejectionSampleStage`,
+:class:`SelfPlayStage`, :class:`BestOfNStage` — and so are the shorthands that expand into rounds of them
+(:class:`RejectionSamplingRounds`, :class:`SpinRounds`, :class:`IterativeRounds`), the file's ``evaluation``
+(:class:`EvaluationSpec`) and the file itself (:class:`PipelineSpec`). :func:`load_pipeline` builds them from the
+YAML, refusing an unknown key, a missing one or a value of the wrong type in one line that names the file, the stage
+and the key. docs/pipeline.md lists every field with its default (a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import types
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from lit_rlhf.errors import ConfigError
+
+Spec = TypeVar("Spec")
+RESERVED_NAME = "init"
+"""The summary's row of the untrained model: no stage may take its name."""
+
+
+# --- stages --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageSpec:
+    """What every stage has: a unique ``name``, its folder ``OUT/<name>/``; the class's ``kind`` picks it."""
+
+    kind: ClassVar[str]
+    name: str
+
+    def as_record(self) -> dict[str, Any]:
+        """The stage as ``done.json`` keeps it: every setting, defaults included, so that a stage whose settings
+        changed, in the file or in a default, runs again."""
+        return {"kind": self.kind, **asdict(self)}
+
+    def reads(self) -> set[str]:
+        """Every text setting but the name: the earlier stages (and the paths) this stage reads."""
+        return {value for spec_field in fields(self)
+                if spec_field.name != "name" and isinstance(value := getattr(self, spec_field.name), str)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class FitStage(StageSpec):
+    """A Lightning phase from a phase config, its inputs naming earlier stages (their output) or paths."""
+
+    kind: ClassVar[str] = "fit"
+    config: str
+    model: str | None = None
+    reward_model: str | None = None
+    statistics_policy: str | None = None
+    data: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingStage(StageSpec):
+    """A stage that samples answers of ``policy``: its decoding settings and prompt length limit."""
+
+    policy: str
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    max_prompt_length: int = 32
+
+
+@dataclass(frozen=True, kw_only=True)
+class CollectStage(SamplingStage):
+    """k answers per training prompt, ranked by a judge, written as C(k,2) comparisons."""
+
+    kind: ClassVar[str] = "collect"
+    k: int = 4
+    num_prompts: int = 2000
+    prompts: str | None = None
+    judge: str | None = None
+    judge_model: str | None = None
+    reward: str | None = None
+    principles: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RejectionSampleStage(SamplingStage):
+    """n answers per training prompt, the best ``keep`` by ``reward_model`` written as demonstrations."""
+
+    kind: ClassVar[str] = "rejection_sample"
+    reward_model: str
+    n: int = 8
+    keep: int = 1
+    threshold: float | None = None
+    num_prompts: int = 1000
+    prompts: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelfPlayStage(SamplingStage):
+    """SPIN's comparisons: each demonstration over ``policy``'s own answer to its prompt."""
+
+    kind: ClassVar[str] = "self_play"
+    demonstrations: str | None = None
+    num_prompts: int = 1000
+
+
+@dataclass(frozen=True, kw_only=True)
+class BestOfNStage(StageSpec):
+    """The best-of-n baseline on the held-out prompts, with the evaluation's sampling; measured only."""
+
+    kind: ClassVar[str] = "best_of_n"
+    policy: str
+    reward_model: str
+    n: int = 8
+    max_prompt_length: int | None = None
+    """``None``: the evaluation's."""
+
+
+# --- shorthands: rounds of stages ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rounds(StageSpec, ABC):
+    """A shorthand: ``rounds`` rounds of plain stages, each starting from the previous round's policy."""
+
+    policy: str
+    config: str
+    rounds: int = 1
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def expand(self) -> list[StageSpec]:
+        """The plain stages, named ``<name><round>_<step>`` (``<name>_<step>`` with one round)."""
+        stages: list[StageSpec] = []
+        policy = self.policy
+        for round_ in range(1, self.rounds + 1):
+            prefix = f"{self.name}{round_}" if self.rounds > 1 else self.name
+            stages += self._round(prefix, policy, stages)
+            policy = prefix
+        return stages
+
+    @abstractmethod
+    def _round(self, prefix: str, policy: str, earlier: list[StageSpec]) -> list[StageSpec]:
+        """One round's stages, named from ``prefix``, starting from ``policy``, after the ``earlier`` rounds'."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RejectionSamplingRounds(Rounds):
+    """Rejection-sampling fine-tuning: per round, ``rejection_sample`` → ``fit`` (SFT) on the picks."""
+
+    kind: ClassVar[str] = "rejection_sampling"
+    reward_model: str
+    n: int = RejectionSampleStage.n
+    keep: int = RejectionSampleStage.keep
+    threshold: float | None = RejectionSampleStage.threshold
+    num_prompts: int = RejectionSampleStage.num_prompts
+    temperature: float = RejectionSampleStage.temperature
+
+    def _round(self, prefix: str, policy: str, earlier: list[StageSpec]) -> list[StageSpec]:
+        picks = RejectionSampleStage(name=f"{prefix}_data", policy=policy, reward_model=self.reward_model, n=self.n,
+                                     keep=self.keep, threshold=self.threshold, num_prompts=self.num_prompts,
+                                     temperature=self.temperature)
+        return [picks, FitStage(name=prefix, config=self.config, model=policy, data=picks.name, args=self.args)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpinRounds(Rounds):
+    """SPIN: per round, ``self_play`` → ``fit`` (DPO) on the pairs, referenced to the previous round's model."""
+
+    kind: ClassVar[str] = "spin"
+    demonstrations: str | None = SelfPlayStage.demonstrations
+    num_prompts: int = SelfPlayStage.num_prompts
+    temperature: float = SelfPlayStage.temperature
+
+    def _round(self, prefix: str, policy: str, earlier: list[StageSpec]) -> list[StageSpec]:
+        pairs = SelfPlayStage(name=f"{prefix}_data", policy=policy, demonstrations=self.demonstrations,
+                              num_prompts=self.num_prompts, temperature=self.temperature)
+        return [pairs, FitStage(name=prefix, config=self.config, model=policy, data=pairs.name, args=self.args)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class IterativeRounds(Rounds):
+    """Iterative RLHF: per round, ``collect`` from the current policy → a reward model → PPO on it, or DPO on the
+    comparisons."""
+
+    kind: ClassVar[str] = "iterative"
+    rm_config: str
+    rm_args: dict[str, Any] = field(default_factory=dict)
+    algorithm: Literal["ppo", "dpo"] = "ppo"
+    reward_init: Literal["policy", "previous"] = "policy"
+    """``policy``: each round's reward model starts from the round's policy; ``previous``: continues the last one."""
+    k: int = CollectStage.k
+    num_prompts: int = CollectStage.num_prompts
+    judge: str | None = CollectStage.judge
+    judge_model: str | None = CollectStage.judge_model
+    reward: str | None = CollectStage.reward
+    principles: str | None = CollectStage.principles
+
+    def _round(self, prefix: str, policy: str, earlier: list[StageSpec]) -> list[StageSpec]:
+        collect = CollectStage(name=f"{prefix}_collect", policy=policy, k=self.k, num_prompts=self.num_prompts,
+                               judge=self.judge, judge_model=self.judge_model, reward=self.reward,
+                               principles=self.principles)
+        # Continuing the last round's reward model, its score statistics must still come from this round's policy.
+        rm_start = earlier[-2].name if self.reward_init == "previous" and earlier else policy
+        reward_model = FitStage(name=f"{prefix}_rm", config=self.rm_config, model=rm_start, data=collect.name,
+                                statistics_policy=policy, args=self.rm_args)
+        inputs = {"reward_model": reward_model.name} if self.algorithm == "ppo" else {"data": collect.name}
+        return [collect, reward_model, FitStage(name=prefix, config=self.config, model=policy, args=self.args,
+                                                **inputs)]
+
+
+STAGES: dict[str, type[StageSpec]] = {
+    spec.kind: spec for spec in (FitStage, CollectStage, RejectionSampleStage, SelfPlayStage, BestOfNStage)
+}
+SHORTHANDS: dict[str, type[Rounds]] = {
+    spec.kind: spec for spec in (RejectionSamplingRounds, SpinRounds, IterativeRounds)
+}
+CONFIG_KEYS = ("config", "rm_config")
+"""Phase configs, relative to the pipeline file."""
+
+
+# --- the evaluation and the file -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluationSpec:
+    """How the summary measures every policy: the same held-out prompts, each ``samples_per_prompt`` times, the same
+    sampling noise, KL and the hacking metrics against ``reference``, the proxy reward by ``reward_model``."""
+
+    prompts: str | None = None
+    """``None``: the file's ``prompts``, else the world's held-out prompts."""
+    num_prompts: int = 64
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    max_prompt_length: int = 32
+    seed: int = 1234
+    init: str | None = None
+    reference: str | None = None
+    reward_model: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineSpec:
+    """A whole pipeline file, its shorthands expanded and its phase configs absolute."""
+
+    stages: list[StageSpec]
+    out: str = "runs/pipeline"
+    seed: int = 0
+    prompts: str | None = None
+    """Training prompts of the sampling stages that name none, and the held-out ones without
+    ``evaluation.prompts``; ``None``: the world's."""
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+
+
+def load_pipeline(path: str | Path) -> PipelineSpec:
+    """Read and check a pipeline file; shorthands are expanded and phase configs made absolute."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"pipeline file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list) or not raw["stages"]:
+        raise ConfigError(f"{path}: expected a mapping with a non-empty 'stages' list")
+    stages: list[StageSpec] = []
+    for index, raw_stage in enumerate(raw["stages"], start=1):
+        stage = _stage(raw_stage, index, path)
+        stages += stage.expand() if isinstance(stage, Rounds) else [stage]
+    names = [stage.name for stage in stages]
+    for name in names:
+        if names.count(name) > 1 or name == RESERVED_NAME:
+            raise ConfigError(f"{path}: stage name {name!r} is used twice (or is the reserved {RESERVED_NAME!r})")
+    evaluation = build_spec(EvaluationSpec, raw.get("evaluation") or {}, f"{path}: evaluation")
+    spec = build_spec(PipelineSpec, {**raw, "stages": stages, "evaluation": evaluation}, str(path))
+    if not (evaluation.prompts or spec.prompts) and _reads_own_data(stages):
+        raise ConfigError(
+            f"{path}: evaluation.prompts is unset, but the stages read your own data: name held-out prompts of it for "
+            "the summary (any file with a prompt column); the world's prompts only suit the world's models"
+        )
+    return spec
+
+
+def _stage(raw: Any, index: int, path: Path) -> StageSpec:
+    """One entry of ``stages`` as its spec, its phase configs found relative to the pipeline file."""
+    if not isinstance(raw, dict) or "name" not in raw or "kind" not in raw:
+        raise ConfigError(f"{path}: stage {index} needs a 'name' and a 'kind'")
+    spec_class = {**STAGES, **SHORTHANDS}.get(raw["kind"]) if isinstance(raw["kind"], str) else None
+    if spec_class is None:
+        raise ConfigError(f"{path}: stage {raw['name']!r} has unknown kind {raw['kind']!r}; expected one of "
+                          f"{', '.join([*STAGES, *SHORTHANDS])}")
+    where = f"{path}: stage {raw['name']!r} ({raw['kind']})"
+    stage = build_spec(spec_class, {key: value for key, value in raw.items() if key != "kind"}, where)
+    configs = {key: str((path.parent / getattr(stage, key)).resolve()) for key in CONFIG_KEYS if hasattr(stage, key)}
+    for config in configs.values():
+        if not Path(config).is_file():
+            raise ConfigError(f"{where}: config not found: {config}")
+    return replace(stage, **configs)
+
+
+def _reads_own_data(stages: list[StageSpec]) -> bool:
+    """Whether a stage reads data that is neither the world's nor another stage's output."""
+    names = {stage.name for stage in stages}
+    named = [getattr(stage, key, None) for stage in stages for key in ("data", "prompts", "demonstrations")]
+    overridden = [key for stage in stages for key in getattr(stage, "args", {})
+                  if key.startswith("data.") and key.endswith(".path")]
+    return bool(overridden) or any(value not in (None, *names) for value in named)
+
+
+# --- building a spec from YAML -------------------------------------------------------------------------------------
+
+
+def build_spec(spec_class: type[Spec], raw: Mapping[str, Any], where: str) -> Spec:
+    """``raw`` as a ``spec_class``: an unknown key, a missing one or a value of the wrong type is a
+    :class:`ConfigError` of one line that starts with ``where``. Integers are taken for floats."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {raw!r}")
+    keys = [spec_field.name for spec_field in fields(spec_class)]
+    unknown = [key for key in raw if key not in keys]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; expected one of {', '.join(keys)}")
+    missing = [spec_field.name for spec_field in fields(spec_class) if spec_field.name not in raw
+               and spec_field.default is MISSING and spec_field.default_factory is MISSING]
+    if missing:
+        raise ConfigError(f"{where} needs {', '.join(missing)}")
+    types_ = get_type_hints(spec_class)
+    values = {}
+    for key, value in raw.items():
+        if not _is_a(value, types_[key]):
+            raise ConfigError(f"{where}: {key} must be {_describe(types_[key])}, got {value!r}")
+        takes_float = float in (get_args(types_[key]) or (types_[key],))
+        values[key] = float(value) if takes_float and value is not None else value
+    return spec_class(**values)
+
+
+def _is_a(value: Any, expected: Any) -> bool:
+    """Whether a YAML value fits a field's type (the types the specs use)."""
+    origin = get_origin(expected)
+    if origin in (Union, types.UnionType):
+        return any(_is_a(value, option) for option in get_args(expected))
+    if origin is Literal:
+        return value in get_args(expected)
+    if origin in (dict, list):
+        return isinstance(value, origin)
+    if expected is Any:
+        return True
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _describe(expected: Any) -> str:
+    """A field's type in a user's words: ``an integer``, ``text or null``, ``one of ppo, dpo``."""
+    origin = get_origin(expected)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(option) for option in get_args(expected))
+    if origin is Literal:
+        return f"one of {', '.join(map(str, get_args(expected)))}"
+    return {int: "an integer", float: "a number", str: "text", bool: "true or false", dict: "a mapping",
+            list: "a list", type(None): "null"}.get(origin or expected, str(expected))

@@ -1,0 +1,65 @@
+"""The layers of docs/architecture.md: imports only go down, and every module imports."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import pkgutil
+from pathlib import Path
+
+import pytest
+
+import lit_rlhf
+
+PACKAGE = Path(lit_rlhf.__file__).parent
+LAYERS = [
+    ("lit_rlhf", "lit_rlhf.errors", "lit_rlhf.losses", "lit_rlhf.advantages", "lit_rlhf.kl_control"),
+    ("lit_rlhf.models", "lit_rlhf.data", "lit_rlhf.world", "lit_rlhf.diagnostics"),
+    ("lit_rlhf.generation", "lit_rlhf.evaluation", "lit_rlhf.scoring", "lit_rlhf.judges", "lit_rlhf.collect",
+     "lit_rlhf.selection"),
+    ("lit_rlhf.phases",),
+    ("lit_rlhf.pipeline", "lit_rlhf.pipeline_spec", "lit_rlhf.sweep", "lit_rlhf.report"),
+    ("lit_rlhf.cli", "lit_rlhf.__main__"),
+]
+"""From the ground up; a module belongs to the layer of the longest entry it starts with."""
+MODULES = sorted(name for _, name, _ in pkgutil.walk_packages([str(PACKAGE)], "lit_rlhf."))
+
+
+def layer(module: str) -> int:
+    matches = [(len(prefix), index) for index, prefixes in enumerate(LAYERS) for prefix in prefixes
+               if module == prefix or module.startswith(prefix + ".")]
+    return max(matches)[1]
+
+
+def imported(module: str) -> set[str]:
+    path = PACKAGE.parent / (module.replace(".", "/") + ".py")
+    if not path.exists():
+        path = PACKAGE.parent / module.replace(".", "/") / "__init__.py"
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return {name for name in names if name == "lit_rlhf" or name.startswith("lit_rlhf.")}
+
+
+def test_every_module_has_a_layer():
+    assert MODULES and all(layer(module) >= 0 for module in MODULES)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_imports_only_go_down(module):
+    upward = sorted(name for name in imported(module) if layer(name) > layer(module))
+    assert not upward, f"{module} (layer {layer(module)}) imports from above: {upward}"
+
+
+@pytest.mark.parametrize("module", ["lit_rlhf.losses", "lit_rlhf.advantages", "lit_rlhf.kl_control"])
+def test_the_math_imports_only_torch(module):
+    assert imported(module) <= {"lit_rlhf.losses"}
+
+
+def test_every_module_imports():
+    for module in MODULES:
+        if module != "lit_rlhf.__main__":  # importing it runs the command line
+            importlib.import_module(module)
