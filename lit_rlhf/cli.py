@@ -8,6 +8,7 @@ meet are printed on one line with exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import shutil
@@ -309,6 +310,9 @@ def _collect_command(argv: list[str]) -> None:
     from lit_rlhf.collect import collect_comparisons
     from lit_rlhf.generation import SamplingConfig
     from lit_rlhf.judges import JUDGES
+    from lit_rlhf.pipeline_spec import CollectStage
+
+    stage = {field.name: field.default for field in dataclasses.fields(CollectStage)}  # a collect stage's defaults
 
     parser = argparse.ArgumentParser(
         prog="lit-rlhf collect",
@@ -316,7 +320,7 @@ def _collect_command(argv: list[str]) -> None:
     )
     parser.add_argument("--policy", default="runs/sft/hf", help="policy export (default: %(default)s)")
     parser.add_argument("--out", default="runs/collect", help="output folder (default: %(default)s)")
-    parser.add_argument("--k", type=int, default=4, help="responses per prompt (default: %(default)s)")
+    parser.add_argument("--k", type=int, default=stage["k"], help="responses per prompt (default: %(default)s)")
     parser.add_argument("--judge", choices=JUDGES,
                         help="who ranks (default: the world's simulated raters, on the world's prompts only)")
     parser.add_argument("--reward-model", help="reward model export, for --judge reward_model")
@@ -326,10 +330,11 @@ def _collect_command(argv: list[str]) -> None:
                         help="reward function taking (prompts, responses), as PPO takes, for --judge function")
     parser.add_argument("--principles", metavar="FILE", help="the LLM judge's written principles (default: built in)")
     parser.add_argument("--prompts", help="prompt dataset (default: the embedded world's training prompts)")
-    parser.add_argument("--num-prompts", type=int, default=2000)
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--max-prompt-length", type=int, default=32, help="prompts are cut from the left to this")
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--num-prompts", type=int, default=stage["num_prompts"], help="(default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=stage["max_new_tokens"], help="(default: %(default)s)")
+    parser.add_argument("--max-prompt-length", type=int, default=stage["max_prompt_length"],
+                        help="prompts are cut from the left to this (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=stage["temperature"], help="(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     summary = collect_comparisons(

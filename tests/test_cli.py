@@ -160,3 +160,18 @@ def test_a_fit_shorter_than_its_validation_interval_saves_a_checkpoint_to_resume
     resumed = fit_phase([*quick, "--trainer.max_steps", "4", "--ckpt_path", str(checkpoint)], str(tmp_path))
     (recorder,) = [callback for callback in resumed.trainer.callbacks if type(callback).__name__ == "StopAfter"]
     assert sorted(recorder.losses) == [3, 4]  # it went on from step 2
+
+
+def test_collect_takes_its_defaults_from_a_pipeline_collect_stage(capsys):
+    """One place for the defaults: `lit-rlhf collect` and a pipeline's collect stage sample alike."""
+    from lit_rlhf.pipeline_spec import CollectStage
+
+    with pytest.raises(SystemExit):
+        run_cli("collect", "--help")
+    shown = " ".join(capsys.readouterr().out.split())
+    stage = CollectStage(name="collect", policy="sft")
+    for option, value in (("--k", stage.k), ("--num-prompts", stage.num_prompts),
+                          ("--max-new-tokens", stage.max_new_tokens), ("--temperature", stage.temperature)):
+        assert f"{option} {option[2:].upper().replace('-', '_')} " in shown
+        assert f"(default: {value})" in shown
+    assert f"to this (default: {stage.max_prompt_length})" in shown
