@@ -13,6 +13,14 @@ from lightning.pytorch import Callback
 from lit_rlhf.cli import main
 
 QUICK_TRAINER = ["--trainer.enable_progress_bar", "false"]
+TWO_TURN_CHAT = [
+    {"role": "system", "content": "you help ."},
+    {"role": "user", "content": "name three fruits ."},
+    {"role": "assistant", "content": "apple , pear , plum ."},
+    {"role": "user", "content": "list two colors ."},
+    {"role": "assistant", "content": "red , blue ."},
+]
+"""A chat with a system turn and two exchanges: multi-turn SFT trains on both assistant turns."""
 
 
 def run_cli(*args: str) -> None:

@@ -12,6 +12,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from helpers import TWO_TURN_CHAT
 from lit_rlhf.data.collate import (
     collate_comparisons,
     collate_demonstrations,
@@ -297,13 +298,7 @@ def trained_spans(batch: dict, tokenizer) -> list[str]:
 
 def test_chatml_conversations_train_on_each_assistant_turn_up_to_its_end_token(tmp_path, tiny_chat_llama_path):
     tokenizer = load_tokenizer(tiny_chat_llama_path)
-    messages = [
-        {"role": "system", "content": "you help ."},
-        {"role": "user", "content": "name three fruits ."},
-        {"role": "assistant", "content": "apple , pear , plum ."},
-        {"role": "user", "content": "list two colors ."},
-        {"role": "assistant", "content": "red , blue ."},
-    ]
+    messages = TWO_TURN_CHAT
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
     rendered = tokenizer.apply_chat_template(messages, tokenize=False)
     for assistant_turns, spans in [

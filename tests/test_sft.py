@@ -11,7 +11,15 @@ import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from transformers import AutoModelForCausalLM
 
-from helpers import StopAfter, assert_resumed_like_uninterrupted, latest_run, metric_series, run_cli, write_jsonl
+from helpers import (
+    TWO_TURN_CHAT,
+    StopAfter,
+    assert_resumed_like_uninterrupted,
+    latest_run,
+    metric_series,
+    run_cli,
+    write_jsonl,
+)
 from lit_rlhf.data.datamodules import ComparisonDataModule, DemonstrationDataModule
 from lit_rlhf.phases.sft import SFTModule
 
@@ -183,13 +191,7 @@ def test_sft_and_reward_model_train_in_train_mode(phase, tiny_gpt2_path, tmp_pat
 def test_the_loss_covers_every_assistant_turn_of_a_chat_or_only_the_last(tiny_chat_llama_path, tmp_path):
     from lit_rlhf.models import forward
 
-    messages = [
-        {"role": "system", "content": "you help ."},
-        {"role": "user", "content": "name three fruits ."},
-        {"role": "assistant", "content": "apple , pear , plum ."},
-        {"role": "user", "content": "list two colors ."},
-        {"role": "assistant", "content": "red , blue ."},
-    ]
+    messages = TWO_TURN_CHAT
     path = str(write_jsonl(tmp_path / "chats.jsonl", [{"messages": messages}] * 4))
     module = SFTModule(model_name_or_path=tiny_chat_llama_path)
     module.configure_model()
