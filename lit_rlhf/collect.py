@@ -145,15 +145,11 @@ def default_judge(on_world: bool) -> str:
     return "raters"
 
 
-def plain_conversation(messages: list[dict[str, str]]) -> str:
-    """A chat as ``Role: content`` lines, for a reader that is not the policy: ``[user "hi"]`` → ``"User: hi"``."""
-    return "\n".join(f"{message['role'].capitalize()}: {message['content']}" for message in messages)
-
-
 def judge_requests(prompts_path: str | None, split: str, tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
     """For each chat prompt of ``prompts_path``, the text the policy reads (rendered with ``tokenizer``'s chat
-    template, as the data layer renders it) → the same conversation as :func:`plain_conversation`, which is what an
-    LLM judge is shown (:class:`lit_rlhf.judges.LLMJudge`'s ``requests``).
+    template, as the data layer renders it) → the same conversation as plain ``Role: content`` lines (the data
+    layer's default template, :data:`lit_rlhf.data.formats.DEFAULT_CHAT_TEMPLATE`), which is what an LLM judge is
+    shown (:class:`lit_rlhf.judges.LLMJudge`'s ``requests``).
 
     The policy's template wraps a chat in its own scaffolding (``<|im_start|>user\n…<|im_end|>``), which a judge
     with another template, or none, would read as part of the request. The rendered text cannot be turned back into
@@ -164,12 +160,12 @@ def judge_requests(prompts_path: str | None, split: str, tokenizer: PreTrainedTo
     """
     if prompts_path is None:
         return {}
-    render_for_policy = make_chat_renderer(tokenizer)
+    render_for_policy, render_plain = make_chat_renderer(tokenizer), make_chat_renderer()
     requests: dict[str, str] = {}
 
     def render_and_remember(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         rendered = render_for_policy(messages, add_generation_prompt)
-        requests[rendered] = plain_conversation(messages)
+        requests[rendered] = render_plain(messages, False).rstrip()
         return rendered
 
     normalize_rows(read_rows(prompts_path, split), "prompt", prompts_path, render_and_remember, on_bad_row="skip")
