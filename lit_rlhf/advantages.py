@@ -88,9 +88,15 @@ def shape_rewards(
     """Per-token RLHF reward ``[B, T]``: −β·KL penalty on every response token, plus the sequence score
     ``scores[b]`` on the last valid token of row b (Ziegler et al. 2019, §2; Ouyang et al. 2022, eq. 2).
 
-    ``kind`` picks the KL estimator (see :func:`lit_rlhf.losses.kl_penalty`). The last valid token is the last
-    position where ``mask`` is non-zero, so leading prompt positions are fine. A row with an empty mask has no
-    token to credit and gets all zeros.
+    ``kind`` picks the KL estimator (see :func:`lit_rlhf.losses.kl_penalty`); a trainer should use ``k1``, log π/π_ref:
+    with k2 or k3 as a fixed per-token reward the expected update is not the gradient of KL(π‖π_ref) (Tang & Munos
+    2025). For the same reason the critic-free estimators take the KL here too, in the reward, rather than GRPO's
+    published k3 term in the loss: differentiated through the samples, that term has the gradient of KL(π_ref‖π)
+    and stops short of the KL-regularised optimum π* ∝ π_ref·exp(r/β), which the reward form reaches
+    (tests/test_ppo.py checks that optimum on a bandit for every estimator).
+
+    The last valid token is the last position where ``mask`` is non-zero, so leading prompt positions are fine. A
+    row with an empty mask has no token to credit and gets all zeros.
     """
     valid = mask.bool()
     rewards = -beta * kl_penalty(logprobs, ref_logprobs, kind)
@@ -112,6 +118,9 @@ def group_advantages(scores: Tensor, group_size: int, kind: str) -> Tensor:
       with the unbiased (n − 1) standard deviation, as TRL's GRPO uses.
     - ``rloo``: s − mean of the other members of its group, the REINFORCE leave-one-out baseline
       (Ahmadian et al. 2024, "Back to Basics", RLOO).
+
+    Each is normalised once, per sequence, as the papers define it: whitening again over tokens would shift it by
+    a length-weighted mean and could turn a short above-average answer's advantage negative.
     """
     if kind not in GROUP_ADVANTAGE_KINDS:
         raise ValueError(f"unknown group advantage kind {kind!r}; expected one of {', '.join(GROUP_ADVANTAGE_KINDS)}")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from jsonargparse import DefaultHelpFormatter
+from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
@@ -264,7 +264,7 @@ class RLHFCLI(LightningCLI):
         model = self.config[subcommand].model
         if saved.get("_class_path") not in (None, model.class_path):
             raise ConfigError(f"{ckpt_path} holds a {saved['_class_path']}, not the configured {model.class_path}")
-        given = model.get("init_args") or {}
+        given = (model.get("init_args") or Namespace()).as_dict()  # settings groups as plain mappings, as saved
         changed = [
             f"{name}={given[name]!r} (checkpoint: {value!r})" for name, value in saved.items()
             if not name.startswith("_") and name in given and given[name] != value

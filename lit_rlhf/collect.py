@@ -26,7 +26,7 @@ from lit_rlhf.errors import ConfigError
 from lit_rlhf.generation import Response, SamplingConfig, generate
 from lit_rlhf.judges import JUDGES_FOR_ANY_PROMPTS, WORLD_JUDGES, check_judge_options, make_judge, read_principles
 from lit_rlhf.models import inference_device, load_causal_lm, load_tokenizer
-from lit_rlhf.world import gold_reward, has_gold
+from lit_rlhf.scoring import gold_scorer
 
 
 @dataclass
@@ -98,7 +98,8 @@ def collect_comparisons(
     )
     prompt_data.setup("fit")
     prompts = [record.prompt for record in prompt_data.train_records][:num_prompts]
-    on_world = has_gold(prompts)
+    oracle = gold_scorer(prompts)
+    on_world = oracle is not None
     judge = judge or default_judge(on_world)
     check_judge_options(judge, judge_model, reward, principles)
     if judge in WORLD_JUDGES and not on_world:
@@ -120,12 +121,13 @@ def collect_comparisons(
             rankings.write(json.dumps({"prompt": prompt, "responses": group, "ranks": group_ranks}) + "\n")
             group_pairs, group_ties = ranking_to_pairs(group, group_ranks)
             ties += group_ties
+            gold = dict(zip(group, oracle.score([prompt] * len(group), group).tolist())) if on_world else {}
             for chosen, rejected in group_pairs:
                 comparisons.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
                 pairs += 1
-                if on_world and (gold := gold_reward(prompt, chosen) - gold_reward(prompt, rejected)) != 0:
+                if on_world and (gold_margin := gold[chosen] - gold[rejected]) != 0:
                     decided += 1
-                    agree += gold > 0
+                    agree += gold_margin > 0
     summary = CollectionSummary(
         policy, judge, k, len(prompts), pairs, ties, time.perf_counter() - started,
         agree / decided if decided else None,

@@ -18,7 +18,6 @@ from lit_rlhf import diagnostics, losses
 from lit_rlhf.data.collate import tokenize_prompts
 from lit_rlhf.generation import SamplingConfig, generate
 from lit_rlhf.models import model_token_logprobs
-from lit_rlhf.world import gold_reward, has_gold
 
 if TYPE_CHECKING:
     from lit_rlhf.scoring import Scorer
@@ -35,7 +34,7 @@ class PolicyEvaluation:
     proxy: list[float] | None = None
     """The scorer's (reward model's) score of each answer, when there is a scorer."""
     gold: list[float] | None = None
-    """The world's gold reward of each answer, when every prompt is a world prompt."""
+    """The gold reward of each answer, when there is a gold scorer (:func:`lit_rlhf.scoring.gold_scorer`)."""
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -45,18 +44,19 @@ def measure_answers(
     lengths: list[float],
     proxy: list[float] | None = None,
     baseline: PolicyEvaluation | None = None,
+    gold: list[float] | None = None,
 ) -> PolicyEvaluation:
     """The metrics of answers to held-out prompts, whoever produced them (a policy, best-of-n).
 
     ``response/length_mean``; the hacking detectors of :mod:`lit_rlhf.diagnostics` (``hacking/sycophancy_rate``,
-    ``hacking/format_rate``, ``hacking/repetition_rate``); given ``proxy`` scores, ``proxy/reward``; on the world,
-    ``gold/reward``. Against a ``baseline`` (the reference policy's evaluation on the same prompts and sampling
-    seed): ``response/length_drift`` (difference of mean lengths), ``hacking/length_ratio`` and, when both have proxy
-    and gold rewards, ``gold/proxy_gap`` (:func:`lit_rlhf.diagnostics.proxy_gold_gap`).
+    ``hacking/format_rate``, ``hacking/repetition_rate``); given ``proxy`` scores, ``proxy/reward``; given ``gold``
+    rewards (on the world, :func:`lit_rlhf.scoring.gold_scorer`'s scores), ``gold/reward``. Against a ``baseline``
+    (the reference policy's evaluation on the same prompts and sampling seed): ``response/length_drift`` (difference
+    of mean lengths), ``hacking/length_ratio`` and, when both have proxy and gold rewards, ``gold/proxy_gap``
+    (:func:`lit_rlhf.diagnostics.proxy_gold_gap`).
     """
     if baseline is not None and baseline.prompts != prompts:
         raise ValueError("a baseline must answer the same prompts, in the same order")
-    gold = list(map(gold_reward, prompts, responses)) if has_gold(prompts) else None
     metrics = {"response/length_mean": statistics.fmean(lengths), **diagnostics.hacking_metrics(prompts, responses)}
     if proxy is not None:
         metrics["proxy/reward"] = statistics.fmean(proxy)
@@ -83,11 +83,13 @@ def evaluate_policy(
     reference: PreTrainedModel | None = None,
     scorer: Scorer | None = None,
     baseline: PolicyEvaluation | None = None,
+    gold: Scorer | None = None,
 ) -> PolicyEvaluation:
     """Answer fixed prompts with fixed sampling noise, so successive evaluations differ only by the policy.
 
     Metrics: those of :func:`measure_answers` (given a ``scorer``, the reward model, its scores are the proxy
-    reward; given a ``baseline``, the reference policy's own evaluation, the drift and hacking metrics against it),
+    reward; given ``gold``, the world's :func:`lit_rlhf.scoring.gold_scorer`, its scores are the gold reward; given a
+    ``baseline``, the reference policy's own evaluation, the drift and hacking metrics against it),
     ``response/eos_fraction`` and, given a ``reference``, ``objective/kl``: the mean over samples of
     Σ_t log π − log π_ref on the sampled response tokens (the k1 estimate of KL(π‖π_ref), both models at the
     sampling temperature as in PPO). The global RNG is left untouched.
@@ -116,7 +118,8 @@ def evaluate_policy(
                 kls.append(losses.masked_sum(losses.kl_penalty(logps, ref_logps, "k1"), mask, dim=1))
     ended = torch.cat(ended)
     proxy = scorer.score(prompts, responses, ended.tolist()).float().tolist() if scorer is not None else None
-    evaluation = measure_answers(prompts, responses, torch.cat(lengths).float().tolist(), proxy, baseline)
+    gold_rewards = gold.score(prompts, responses, ended.tolist()).tolist() if gold is not None else None
+    evaluation = measure_answers(prompts, responses, torch.cat(lengths).float().tolist(), proxy, baseline, gold_rewards)
     evaluation.metrics["response/eos_fraction"] = ended.float().mean().item()
     if reference is not None:
         evaluation.metrics["objective/kl"] = torch.cat(kls).mean().item()

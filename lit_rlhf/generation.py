@@ -14,15 +14,29 @@ from typing import NamedTuple
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from lit_rlhf.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Decoding settings. ``temperature=0`` means greedy decoding."""
+    """Decoding settings, one group wherever a phase samples (``--model.sampling.temperature``).
+
+    Args:
+        max_new_tokens: answer length limit, in tokens
+        temperature: softmax temperature; 0 decodes greedily
+        top_k: sample among the k likeliest tokens only; 0 keeps them all
+        top_p: sample within the smallest set of tokens holding this much probability; 1 keeps them all
+    """
 
     max_new_tokens: int = 24
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (self.max_new_tokens > 0 and self.temperature >= 0 and self.top_k >= 0 and 0 < self.top_p <= 1):
+            raise ConfigError("sampling: max_new_tokens must be positive, temperature and top_k not negative and "
+                              f"top_p in (0, 1]; got {self}")
 
     def to_generation_config(self, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
         sampling = self.temperature > 0

@@ -6,6 +6,7 @@ Both controllers share one interface, :class:`KLController`, so a phase can hold
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from torch import Tensor
@@ -63,3 +64,25 @@ class AdaptiveKLController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.beta = float(state["beta"])
+
+
+@dataclass(frozen=True)
+class KLControlConfig:
+    """How PPO sets β, the KL penalty's coefficient (``--model.kl_control.beta``): fixed, or adapted towards a target
+    KL when ``target`` is set.
+
+    Args:
+        beta: β per nat of KL on each token; the starting value when ``target`` is set
+        target: KL(π‖π_ref) per sequence that the adaptive controller steers towards; None keeps β fixed
+        horizon: samples over which the adaptive controller moves β by a factor of about 1.2
+    """
+
+    beta: float = 0.05
+    target: float | None = None
+    horizon: float = 10000
+
+    def controller(self) -> KLController:
+        """The controller these settings describe."""
+        if self.target is None:
+            return FixedKLController(self.beta)
+        return AdaptiveKLController(self.beta, self.target, self.horizon)

@@ -62,7 +62,7 @@ from lit_rlhf.pipeline_spec import (
     StageSpec,
     load_pipeline,
 )
-from lit_rlhf.scoring import Scorer, make_scorer
+from lit_rlhf.scoring import Scorer, gold_scorer, make_scorer
 from lit_rlhf.selection import best_of_n_kl, pick_best, self_play_pairs
 from lit_rlhf.world import speaks_world_language
 
@@ -413,6 +413,11 @@ class HeldOutEvaluation:
         return make_scorer(self.reward_model, device=inference_device()) if self.reward_model else None
 
     @cached_property
+    def gold(self) -> Scorer | None:
+        """The world's gold reward on the held-out prompts, where they are the world's."""
+        return gold_scorer(self.prompts)
+
+    @cached_property
     def reference(self) -> PreTrainedModel | None:
         if not self.reference_path:
             return None
@@ -425,7 +430,8 @@ class HeldOutEvaluation:
         if self.reference is None:
             return None
         return evaluate_policy(self.reference, load_tokenizer(self.reference_path), self.prompts, self.sampling,
-                               self.max_prompt_length, self.seed, EVALUATION_BATCH_SIZE, scorer=self.scorer)
+                               self.max_prompt_length, self.seed, EVALUATION_BATCH_SIZE, scorer=self.scorer,
+                               gold=self.gold)
 
     def policy(self, name_or_path: str) -> PolicyEvaluation:
         """A policy's :class:`lit_rlhf.evaluation.PolicyEvaluation`."""
@@ -436,7 +442,7 @@ class HeldOutEvaluation:
         return evaluate_policy(model, tokenizer, self.prompts, self.sampling, self.max_prompt_length, self.seed,
                                EVALUATION_BATCH_SIZE,
                                self.reference,
-                               self.scorer, baseline)
+                               self.scorer, baseline, gold=self.gold)
 
     def sample_groups(self, policy: str, n: int, max_prompt_length: int | None = None) -> list[list[Response]]:
         """``n`` samples of ``policy`` for each held-out prompt, with the evaluation's sampling and seed."""
@@ -459,7 +465,9 @@ class HeldOutEvaluation:
         prompts, responses = [p["prompt"] for p in picks], [p["response"] for p in picks]
         finished = [p.get("ended", True) for p in picks]  # samples.jsonl of earlier versions lacks "ended"
         proxy = self.scorer.score(prompts, responses, finished).float().tolist() if self.scorer else None
-        return measure_answers(prompts, responses, [p["length"] for p in picks], proxy, self.baseline)
+        oracle = gold_scorer(prompts)
+        gold = oracle.score(prompts, responses, finished).tolist() if oracle is not None else None
+        return measure_answers(prompts, responses, [p["length"] for p in picks], proxy, self.baseline, gold)
 
     def row(self, evaluation: PolicyEvaluation) -> dict[str, Any]:
         """An evaluation as summary columns (None where a metric does not apply)."""

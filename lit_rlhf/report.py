@@ -30,7 +30,6 @@ EVAL_MARKERS = ("eval/gold/reward", "eval/response/length_mean")
 """A ``metrics.csv`` row with either value is a held-out evaluation; the other rows are training steps."""
 HACKING = {"length_ratio": "length ratio", "sycophancy_rate": "sycophancy rate", "format_rate": "format rate",
            "repetition_rate": "repetition rate"}
-BETA_KEYS = ("init_kl_coef", "beta")
 SAMPLES_PER_RUN = 4
 DESCRIPTIONS = {
     "overoptimisation": "Gold (left) and proxy (right) reward of the held-out evaluations during training against "
@@ -115,7 +114,7 @@ def _load_pipeline(path: Path) -> RunFolder:
             continue
         hparams = _read_hparams(log.parent / "hparams.yaml")
         phase = folder.phases[stage] = _phase_of(hparams)
-        beta = next((hparams[key] for key in BETA_KEYS if isinstance(hparams.get(key), (int, float))), None)
+        beta = _beta_of(hparams)
         label = stage if beta is None or phase not in ("ppo", "dpo") else f"{stage} (β={beta:g})"
         if phase == "reward" or done.get("role") == "reward_model":
             folder.rm_curves.append(Curve(stage, _metric_rows(log, ("val/accuracy",))))
@@ -172,9 +171,17 @@ def _read_hparams(path: Path) -> dict[str, Any]:
     return hparams if isinstance(hparams, dict) else {}
 
 
+def _beta_of(hparams: dict[str, Any]) -> float | None:
+    """β of a DPO run, or PPO's starting β (``kl_control.beta``; ``init_kl_coef`` in runs before the groups)."""
+    kl_control = hparams.get("kl_control")
+    candidates = (kl_control.get("beta") if isinstance(kl_control, dict) else None, hparams.get("init_kl_coef"),
+                  hparams.get("beta"))
+    return next((value for value in candidates if isinstance(value, (int, float))), None)
+
+
 def _phase_of(hparams: dict[str, Any]) -> str:
     class_path = str(hparams.get("_class_path", ""))
-    if "PPOModule" in class_path or "init_kl_coef" in hparams:
+    if "PPOModule" in class_path or "kl_control" in hparams or "init_kl_coef" in hparams:
         return "ppo"
     if "DPOModule" in class_path or "loss_type" in hparams:
         return "dpo"
@@ -206,7 +213,7 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 def _params_label(params: dict[str, Any]) -> str:
     """``β=0.3`` for a sweep over the KL coefficient alone, else ``key=value, ...`` with the short keys."""
     short = {key.rpartition(".")[2]: value for key, value in params.items()}
-    if len(short) == 1 and next(iter(short)) in BETA_KEYS:
+    if len(short) == 1 and next(iter(short)) in ("beta", "init_kl_coef"):
         return f"β={_param_text(next(iter(short.values())))}"
     return ", ".join(f"{key}={_param_text(value)}" for key, value in short.items())
 

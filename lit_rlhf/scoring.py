@@ -20,7 +20,7 @@ from lit_rlhf.data.collate import collate_demonstrations, encode_demonstrations
 from lit_rlhf.data.formats import Demonstration
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.models import load_scalar_head_model, load_tokenizer, scalar_scores
-from lit_rlhf.world import gold_reward
+from lit_rlhf.world import gold_reward, has_gold
 
 SCORE_MEAN_KEY = "lit_rlhf_score_mean"
 SCORE_STD_KEY = "lit_rlhf_score_std"
@@ -40,12 +40,16 @@ class Scorer(Protocol):
 
 class GoldScorer:
     """The embedded world's gold reward (exact; available only on the world). It reads the text only: an unfinished
-    answer loses what it lacks (its final ".", its missing items)."""
+    answer loses what it lacks (its final ".", its missing items). Scores are float32 like every scorer's; with
+    ``dtype=torch.float64`` they are :func:`lit_rlhf.world.gold_reward`'s values exactly."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        self.dtype = dtype
 
     def score(
         self, prompts: Sequence[str], responses: Sequence[str], finished: Sequence[bool] | None = None
     ) -> torch.Tensor:
-        return torch.tensor([gold_reward(p, r) for p, r in zip(prompts, responses)], dtype=torch.float32)
+        return torch.tensor([gold_reward(p, r) for p, r in zip(prompts, responses)], dtype=self.dtype)
 
 
 class RewardModelScorer:
@@ -135,3 +139,11 @@ def make_scorer(reward: str, **reward_model_options) -> Scorer:
     if ":" in reward and not Path(reward).exists():
         return FunctionScorer(reward)
     return RewardModelScorer.from_pretrained(reward, **reward_model_options)
+
+
+def gold_scorer(prompts: Sequence[str]) -> Scorer | None:
+    """The world's gold reward as a scorer when every prompt is a world prompt, else None: the one place that decides
+    whether these prompts have a gold reward. Evaluation, PPO's rollouts, the reward model's ``gold/accuracy`` and
+    collection's ``gold_agreement`` take the world through it, so the machinery never imports the world. Its scores
+    are float64, :func:`lit_rlhf.world.gold_reward`'s values exactly (a caller wanting float32 casts)."""
+    return GoldScorer(torch.float64) if has_gold(prompts) else None

@@ -15,7 +15,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 
 from lit_rlhf.data.datamodules import DemonstrationDataModule
 from lit_rlhf.phases.sft import SFTModule
-from lit_rlhf.phases.shared import FullyShardedStrategy
+from lit_rlhf.phases.shared import FullyShardedStrategy, OptimizerConfig
 
 
 class RecordSteps(Callback):
@@ -48,7 +48,8 @@ def main() -> None:
         limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False, default_root_dir=args.root,
         callbacks=[RecordSteps(args.root / args.name, args.stop_at)],
     )
-    module = SFTModule(model_name_or_path="world", warmup_steps=2, export_dir=str(args.root / f"{args.name}-hf"))
+    module = SFTModule(model_name_or_path="world", optimizer=OptimizerConfig(3e-3, warmup_steps=2),
+                       export_dir=str(args.root / f"{args.name}-hf"))
     data = DemonstrationDataModule(path=args.demonstrations, batch_size=2, val_fraction=0.0)
     trainer.fit(module, datamodule=data, ckpt_path=args.resume)
 

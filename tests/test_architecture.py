@@ -63,3 +63,33 @@ def test_every_module_imports():
     for module in MODULES:
         if module != "lit_rlhf.__main__":  # importing it runs the command line
             importlib.import_module(module)
+
+
+WORLD_PLUGS_IN = {
+    "lit_rlhf.scoring": "the gold reward as a scorer (gold_scorer)",
+    "lit_rlhf.data.datamodules": "the default data",
+    "lit_rlhf.models.loading": "the tokenizer preset",
+    "lit_rlhf.judges": "the simulated raters",
+    "lit_rlhf.diagnostics": "the exact features the hacking detectors read",
+    "lit_rlhf.cli": "the `lit-rlhf world` command",
+    "lit_rlhf.pipeline": "the guard on world prompts",
+}
+"""The modules outside lit_rlhf.world that import it, and what of the world each plugs in."""
+
+
+def imports_world(module: str) -> bool:
+    names = imported(module)
+    path = PACKAGE.parent / (module.replace(".", "/") + ".py")
+    if not path.exists():
+        path = PACKAGE.parent / module.replace(".", "/") / "__init__.py"
+    world_as_name = any(isinstance(node, ast.ImportFrom) and node.module == "lit_rlhf" and node.level == 0
+                        and any(alias.name == "world" for alias in node.names)
+                        for node in ast.walk(ast.parse(path.read_text())))
+    return world_as_name or any(name == "lit_rlhf.world" or name.startswith("lit_rlhf.world.") for name in names)
+
+
+def test_the_world_plugs_in_only_where_named():
+    """The machinery (evaluation, phases, collection) is world-free: the world reaches it as a scorer, a data source,
+    a tokenizer preset or a judge."""
+    outside = [module for module in MODULES if module != "lit_rlhf.world" and not module.startswith("lit_rlhf.world.")]
+    assert {module for module in outside if imports_world(module)} == set(WORLD_PLUGS_IN)

@@ -53,8 +53,8 @@ CONFIGS = Path(__file__).parents[1] / "configs"
         (["--config", str(CONFIGS / "sft.yaml"), "--model.model_name_or_path", "empty"],
          "no tokenizer in empty (none of tokenizer.json, tokenizer_config.json, vocab.json, tokenizer.model)"),
         # out-of-range settings used to train silently
-        (["--config", str(CONFIGS / "sft.yaml"), "--model.learning_rate", "-0.001"],
-         "learning_rate must be positive, got -0.001"),
+        (["--config", str(CONFIGS / "sft.yaml"), "--model.optimizer.learning_rate", "-0.001"],
+         "optimizer.learning_rate must be positive, got -0.001"),
         (["--config", str(CONFIGS / "sft.yaml"), "--ckpt_path", "nope.ckpt"],
          "--ckpt_path nope.ckpt: no such checkpoint file or folder"),
         # Lightning's own configuration errors too: the GPU trainer config on this CPU-only machine
@@ -152,7 +152,7 @@ def test_a_run_that_fails_on_its_data_leaves_no_run_folder_and_starts_no_wandb_r
 
 def test_a_fit_shorter_than_its_validation_interval_saves_a_checkpoint_to_resume_from(tmp_path):
     quick = ["--config", str(CONFIGS / "sft.yaml"), "--trainer.val_check_interval", "5",
-             "--trainer.limit_val_batches", "1", "--data.num_eval_prompts", "2", "--model.max_new_tokens", "2",
+             "--trainer.limit_val_batches", "1", "--data.num_eval_prompts", "2", "--model.sampling.max_new_tokens", "2",
              "--model.export_dir", str(tmp_path / "hf"), "--trainer.callbacks+=helpers.StopAfter"]
     fit_phase([*quick, "--trainer.max_steps", "2"], str(tmp_path))
     (checkpoint,) = (tmp_path / "sft" / "version_0" / "checkpoints").glob("*.ckpt")

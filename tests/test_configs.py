@@ -15,7 +15,8 @@ CONFIGS = sorted(PHASES.glob("*.yaml"))
 PHASE_CONFIGS = [config for config in CONFIGS if not config.name.startswith("pipeline")]
 EVERY_CONFIG = sorted(PHASES.rglob("*.yaml"))
 BEFORE_INHERITANCE = Path(__file__).parent / "configs_before_inheritance"
-"""ipo.yaml, kto.yaml and simpo.yaml as they were before they extended dpo.yaml: every setting written out."""
+"""ipo.yaml, kto.yaml and simpo.yaml as they were before they extended dpo.yaml: every setting written out (settings
+groups nested, and KTO its own module, as the configs now write them)."""
 MEASUREMENT = re.compile(r"[~≈]\s*\d|\d\s*(?:nats?\b|%|seconds?\b|s\b|min\b|steps\b)")
 """A measured number in a comment (``KL ~9 nats``, ``in 300 steps``): results go to the README, where they are dated."""
 

@@ -27,6 +27,10 @@ from lit_rlhf.evaluation import evaluate_policy
 from lit_rlhf.generation import SamplingConfig
 from lit_rlhf.models import load_causal_lm, load_tokenizer, model_token_logprobs
 from lit_rlhf.phases.dpo import DPOModule, loss_types
+from lit_rlhf.phases.kto import KTOModule
+from lit_rlhf.phases.preference import PreferenceModule
+from lit_rlhf.phases.shared import OptimizerConfig
+from lit_rlhf.scoring import gold_scorer
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 README = Path(__file__).parents[1] / "README.md"
@@ -97,7 +101,7 @@ def train_bandit(tmp_path: Path, loss_type: str, beta: float, steps: int = 100) 
         max_length=4, max_prompt_length=2, batch_size=400, val_fraction=0.0,
     )
     module = DPOModule(
-        policy_path, loss_type=loss_type, beta=beta, learning_rate=0.05, warmup_steps=0, max_prompt_length=2,
+        policy_path, loss_type=loss_type, beta=beta, optimizer=OptimizerConfig(learning_rate=0.05), max_prompt_length=2,
         export_dir=str(tmp_path / "export"),
     )
     L.seed_everything(0)
@@ -149,7 +153,8 @@ def mean_gold_reward(policy_path: str, world_dir: Path, seeds: int = 16) -> floa
     tokenizer = load_tokenizer(policy_path)
     model = load_causal_lm(policy_path, tokenizer)
     evaluations = [
-        evaluate_policy(model, tokenizer, prompts, SamplingConfig(), max_prompt_length=32, seed=seed)
+        evaluate_policy(model, tokenizer, prompts, SamplingConfig(), max_prompt_length=32, seed=seed,
+                        gold=gold_scorer(prompts))
         for seed in range(seeds)
     ]
     return sum(evaluation.metrics["gold/reward"] for evaluation in evaluations) / seeds
@@ -203,8 +208,8 @@ def answer_token_logps(model, tokenizer, answer: str) -> torch.Tensor:
     return log_probs[torch.arange(2), ids[0, 1:]]
 
 
-def module_at_start(policy_path: str, **hparams) -> DPOModule:
-    module = DPOModule(policy_path, max_prompt_length=2, **hparams)
+def module_at_start(policy_path: str, kind: type[PreferenceModule] = DPOModule, **hparams) -> PreferenceModule:
+    module = kind(model_name_or_path=policy_path, max_prompt_length=2, **hparams)
     module.configure_model()
     return module
 
@@ -253,7 +258,7 @@ def test_rpo_alpha_adds_the_chosen_nll_per_token(bandit_policy_path):
 
 
 def test_kto_at_the_start_costs_half_of_each_rows_weight(bandit_policy_path):
-    module = module_at_start(bandit_policy_path, loss_type="kto", desirable_weight=1.0, undesirable_weight=2.0)
+    module = module_at_start(bandit_policy_path, KTOModule, desirable_weight=1.0, undesirable_weight=2.0)
     module.trainer = L.Trainer(logger=False, enable_progress_bar=False)  # the KL estimate is gathered across devices
     tokenizer = module.tokenizer
     examples = [
@@ -274,18 +279,24 @@ def test_kto_at_the_start_costs_half_of_each_rows_weight(bandit_policy_path):
     [
         ({"loss_type": "dpo"}, "unknown loss_type"),
         ({"loss_type": "hinge", "label_smoothing": 0.1}, "label_smoothing"),
-        ({"loss_type": "kto", "precompute_ref_logps": True}, "precompute_ref_logps"),
         ({"model_name_or_path": "world"}, "SFT export"),
         ({"beta": -1.0}, "beta must be positive, got -1.0"),
         ({"beta": 0.0}, "beta must be positive, got 0.0"),
-        ({"learning_rate": 0.0}, "learning_rate must be positive"),
+        ({"optimizer": {"learning_rate": 0.0}}, "optimizer.learning_rate must be positive"),
         ({"loss_type": "robust", "label_smoothing": 0.5}, "label-flip probability below 0.5, got 0.5"),
-        ({"eval_temperature": -1.0}, "eval_temperature must not be negative"),
+        ({"sampling": {"temperature": -1.0}}, "temperature and top_k not negative"),
     ],
 )
 def test_bad_settings_fail_at_construction(bandit_policy_path, hparams, message):
     with pytest.raises(ConfigError, match=message):
         DPOModule(**{"model_name_or_path": bandit_policy_path, **hparams})
+
+
+def test_kto_refuses_precomputed_reference_logps_and_dpo_points_kto_to_its_module(bandit_policy_path):
+    with pytest.raises(ConfigError, match="KTO takes no precompute_ref_logps: its KL pairs are formed per batch"):
+        KTOModule(model_name_or_path=bandit_policy_path, precompute_ref_logps=True)
+    with pytest.raises(ConfigError, match="KTO, on unpaired rows, is KTOModule: configs/kto.yaml"):
+        DPOModule(model_name_or_path=bandit_policy_path, loss_type="kto")
 
 
 # --- precomputed reference log-probs ---------------------------------------------------------------------------
@@ -314,7 +325,7 @@ def small_world_comparisons(world_cache, world_sft_path, tmp_path) -> str:
 
 def fit_few_steps(policy_path: str, data_path: str, root: Path, **hparams) -> tuple[DPOModule, LossRecorder]:
     L.seed_everything(0)
-    module = DPOModule(policy_path, learning_rate=1e-3, warmup_steps=0, max_new_tokens=8,
+    module = DPOModule(policy_path, optimizer=OptimizerConfig(learning_rate=1e-3), sampling=SamplingConfig(8),
                        export_dir=str(root / "export"), **hparams)
     data = ComparisonDataModule(path=data_path, tokenizer_name_or_path=policy_path, batch_size=16,
                                 val_fraction=0.25, num_eval_prompts=4)
@@ -437,9 +448,10 @@ def test_an_unknown_loss_type_is_one_line_naming_the_registered_ones(tmp_path, m
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(CONFIGS / "dpo.yaml"), "--model.loss_type", "nope"])
     assert exit_info.value.code == 2
-    expected = f"lit-rlhf: error: unknown loss_type 'nope'; expected one of {', '.join(loss_types())}"
+    expected = (f"lit-rlhf: error: unknown loss_type 'nope'; expected one of {', '.join(loss_types())} (KTO, on "
+                "unpaired rows, is KTOModule: configs/kto.yaml)")
     assert capsys.readouterr().err.strip().splitlines()[-1] == expected
-    assert "nca" in loss_types() and loss_types()[-1] == "kto"
+    assert "nca" in loss_types() and "kto" not in loss_types()
 
 
 def test_the_readme_lists_every_loss_type():

@@ -17,14 +17,23 @@ from transformers import AutoModelForCausalLM
 from helpers import latest_run, run_cli, write_jsonl
 from lit_rlhf.data.datamodules import ComparisonDataModule, PromptDataModule
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.models import AdaptersOff, count_parameters, load_causal_lm, load_tokenizer, trainable, with_lora
+from lit_rlhf.generation import SamplingConfig
+from lit_rlhf.models import (
+    AdaptersOff,
+    LoRAConfig,
+    count_parameters,
+    load_causal_lm,
+    load_tokenizer,
+    trainable,
+    with_lora,
+)
 from lit_rlhf.phases.dpo import DPOModule
 from lit_rlhf.phases.ppo import PPOModule
 from lit_rlhf.phases.reward import RewardModelModule
-from lit_rlhf.phases.shared import shard_networks
+from lit_rlhf.phases.shared import OptimizerConfig, shard_networks
 
 pytest.importorskip("peft")
-LORA = {"r": 4, "lora_alpha": 8}
+LORA = LoRAConfig(r=4, lora_alpha=8)
 PROBE = torch.tensor([[85, 54, 8, 14, 7, 94, 8]])  # token ids of a short world text
 
 
@@ -52,7 +61,7 @@ def test_dpo_with_lora_trains_the_adapters_against_the_loaded_weights_and_export
     rows = ensure_world(world_cache / "world")["comparisons"].read_text().splitlines()[:64]
     pairs = str(write_jsonl(tmp_path / "pairs.jsonl", [json.loads(row) for row in rows]))
     L.seed_everything(0)
-    module = DPOModule(world_sft_path, learning_rate=1e-2, lora=LORA, export_dir=str(tmp_path / "export"))
+    module = DPOModule(world_sft_path, optimizer=OptimizerConfig(1e-2), lora=LORA, export_dir=str(tmp_path / "export"))
     inspect = InspectLastStep()
     trainer = L.Trainer(max_steps=6, val_check_interval=6, limit_val_batches=1, num_sanity_val_steps=0,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -78,7 +87,7 @@ def test_dpo_with_lora_trains_the_adapters_against_the_loaded_weights_and_export
 def test_ppo_with_lora_keeps_one_copy_of_the_sft_weights(world_sft_path, tmp_path):
     L.seed_everything(0)
     module = PPOModule(world_sft_path, reward_model="gold", advantage_estimator="rloo", group_size=2, lora=LORA,
-                       max_new_tokens=8, learning_rate=1e-2, export_dir=str(tmp_path / "export"))
+                       sampling=SamplingConfig(8), optimizer=OptimizerConfig(1e-2), export_dir=str(tmp_path / "export"))
     inspect = InspectLastStep()
     trainer = L.Trainer(max_steps=8, limit_val_batches=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
@@ -100,8 +109,8 @@ def test_reward_model_with_lora_trains_adapters_and_head_and_exports_them_merged
     rows = ensure_world(world_cache / "world")["comparisons"].read_text().splitlines()[:64]
     pairs = str(write_jsonl(tmp_path / "pairs.jsonl", [json.loads(row) for row in rows]))
     L.seed_everything(0)
-    module = RewardModelModule(world_sft_path, learning_rate=1e-2, lora=LORA, export_dir=str(tmp_path / "export"),
-                               normalization_samples=4)
+    module = RewardModelModule(world_sft_path, optimizer=OptimizerConfig(1e-2), lora=LORA,
+                               export_dir=str(tmp_path / "export"), normalization_samples=4)
     trainer = L.Trainer(max_steps=6, limit_val_batches=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module, ComparisonDataModule(path=pairs, tokenizer_name_or_path=world_sft_path, batch_size=8))
@@ -125,15 +134,21 @@ def test_sft_takes_lora_from_the_command_line(tmp_path, monkeypatch):
     assert not any("lora" in name for name, _ in exported.named_parameters())
 
 
+@pytest.mark.parametrize("option", ["bias", "init_lora_weights", "rank"])
+def test_lora_options_that_would_change_the_reference_are_not_accepted(tmp_path, monkeypatch, capsys, option):
+    """``bias`` (trained biases) and ``init_lora_weights`` (PiSSA, LoftQ rewrite the weights under the adapters) would
+    make the model with its adapters off differ from the loaded one, the reference: LoRAConfig does not have them."""
+    monkeypatch.chdir(tmp_path)
+    config = str(Path(__file__).parents[1] / "configs" / "sft.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", "--config", config, f"--model.lora.{option}", "all", "--trainer.max_steps", "1")
+    assert exit_info.value.code != 0 and option in capsys.readouterr().err
+
+
 def test_lora_mistakes_are_config_errors(world_sft_path):
     model = load_causal_lm(world_sft_path, load_tokenizer(world_sft_path))
-    with pytest.raises(ConfigError, match="lora: .*rank"):
-        with_lora(model, {"rank": 4})
     with pytest.raises(ConfigError, match="lora: .*target"):
-        with_lora(model, {"r": 4, "target_modules": ["no_such_layer"]})
-    for option in ({"bias": "all"}, {"init_lora_weights": "pissa"}):
-        with pytest.raises(ConfigError, match="weights under the adapters"):
-            with_lora(model, {"r": 4, **option})
+        with_lora(model, LoRAConfig(r=4, target_modules=["no_such_layer"]))
     with pytest.raises(ConfigError, match="precompute_ref_logps is not needed"):
         DPOModule(world_sft_path, lora=LORA, precompute_ref_logps=True)
     mesh = {"tensor_parallel": SimpleNamespace(size=lambda: 1), "data_parallel": None}

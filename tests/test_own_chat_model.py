@@ -81,10 +81,10 @@ def small(spec: dict, model: str) -> dict:
                      "data.num_eval_prompts": 2, "data.batch_size": 4, "data.max_length": 128,
                      "data.max_prompt_length": 64}
             if stage["config"].endswith("ppo.yaml"):
-                quick |= {"trainer.max_steps": 8, "model.max_new_tokens": 8}
+                quick |= {"trainer.max_steps": 8, "model.sampling.max_new_tokens": 8}
                 del quick["data.max_length"]
             if stage["config"].endswith("rm.yaml"):
-                quick |= {"model.max_new_tokens": 8, "model.normalization_samples": 8}
+                quick |= {"model.sampling.max_new_tokens": 8, "model.normalization_samples": 8}
             stage["args"] = {**stage.get("args", {}), **quick}
         if stage["kind"] == "collect":
             stage |= {"k": 2, "num_prompts": 4, "max_new_tokens": 8, "max_prompt_length": 64}

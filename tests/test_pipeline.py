@@ -26,7 +26,7 @@ DOCS = Path(__file__).parents[1] / "docs" / "pipeline.md"
 SPECS = (PipelineSpec, EvaluationSpec, StageSpec, *pipeline_spec.STAGES.values(), *pipeline_spec.SHORTHANDS.values())
 QUICK = {"trainer.max_steps": 2, "trainer.val_check_interval": 1, "trainer.limit_val_batches": 1,
          "data.num_eval_prompts": 2}
-QUICK_PPO = {**QUICK, "trainer.max_steps": 8, "data.batch_size": 8, "model.max_new_tokens": 8}
+QUICK_PPO = {**QUICK, "trainer.max_steps": 8, "data.batch_size": 8, "model.sampling.max_new_tokens": 8}
 
 
 def tiny(spec_path: Path, tmp_path: Path) -> Path:

@@ -16,8 +16,11 @@ from helpers import latest_run, metric_series, run_cli
 from lit_rlhf.cli import RLHFCLI
 from lit_rlhf.data.datamodules import PromptDataModule
 from lit_rlhf.errors import ConfigError
+from lit_rlhf.generation import SamplingConfig
+from lit_rlhf.kl_control import KLControlConfig
 from lit_rlhf.models import export, load_tokenizer
 from lit_rlhf.phases.ppo import PPOModule
+from lit_rlhf.phases.shared import OptimizerConfig
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "ppo.yaml")
 
@@ -83,8 +86,9 @@ def test_bandit_ppo_reaches_kl_regularised_optimum(bandit, tmp_path, estimator, 
     seed_everything(0)
     module = PPOModule(
         model_name_or_path=str(bandit), reward_model="test_ppo:bandit_reward",
-        advantage_estimator=estimator, group_size=8, max_new_tokens=1, init_kl_coef=BANDIT_BETA,
-        learning_rate=0.01, ppo_epochs=2, max_prompt_length=4, export_dir=str(tmp_path / "export"),
+        advantage_estimator=estimator, group_size=8, sampling=SamplingConfig(1),
+        kl_control=KLControlConfig(BANDIT_BETA), optimizer=OptimizerConfig(0.01), ppo_epochs=2, max_prompt_length=4,
+        export_dir=str(tmp_path / "export"),
     )
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text((json.dumps({"prompt": "q"}) + "\n") * prompts_per_iteration)
@@ -154,7 +158,7 @@ def test_the_progress_bar_counts_iterations_to_the_end(tmp_path, world_sft_path)
     iterations, which the bar shows done (not stopped at 2/16), in the one epoch they take (not ``Epoch 0/-2``)."""
     cli = RLHFCLI(args=[
         "fit", "--config", CONFIG, "--model.model_name_or_path", world_sft_path, "--model.reward_model", "gold",
-        "--model.max_new_tokens", "4", "--data.batch_size", "4", "--data.num_eval_prompts", "2",
+        "--model.sampling.max_new_tokens", "4", "--data.batch_size", "4", "--data.num_eval_prompts", "2",
         "--trainer.max_steps", "16", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
         "--trainer.default_root_dir", str(tmp_path), "--model.export_dir", str(tmp_path / "hf"),
     ])
@@ -174,7 +178,7 @@ class IterationMetrics(Callback):
 def fit_world(tmp_path, sft: str, reward: str, iterations: int, updates_per_iteration: int, ckpt_path=None, **kwargs):
     """PPO on the world with a plain Trainer; returns the per-iteration metrics and the trainer."""
     seed_everything(0)
-    module = PPOModule(model_name_or_path=sft, reward_model=reward, max_new_tokens=12,
+    module = PPOModule(model_name_or_path=sft, reward_model=reward, sampling=SamplingConfig(12),
                        export_dir=str(tmp_path / "export"), **kwargs)
     data = PromptDataModule(tokenizer_name_or_path=sft, batch_size=8, num_eval_prompts=8)
     recorder = IterationMetrics()
@@ -187,7 +191,7 @@ def fit_world(tmp_path, sft: str, reward: str, iterations: int, updates_per_iter
 
 
 def test_ppo_resumes_mid_run_with_the_same_numbers(tmp_path, world_sft_path, world_rm_path):
-    settings = dict(kl_target=1.0, kl_horizon=100, init_kl_coef=0.1, ppo_epochs=2, num_minibatches=2)
+    settings = dict(kl_control=KLControlConfig(0.1, target=1.0, horizon=100), ppo_epochs=2, num_minibatches=2)
     uninterrupted, _ = fit_world(tmp_path, world_sft_path, world_rm_path, 3, 4, **settings)
     _, trainer = fit_world(tmp_path, world_sft_path, world_rm_path, 2, 4, **settings)
     checkpoint = tmp_path / "two-iterations.ckpt"
@@ -224,7 +228,8 @@ def test_invalid_settings_fail_with_one_clear_error(world_sft_path):
     with pytest.raises(ConfigError, match="group_size"):
         PPOModule(model_name_or_path=world_sft_path, advantage_estimator="rloo", group_size=1)
     for setting, message in [({"clip_range": 0.0}, "clip_range must be positive"),
-                             ({"init_kl_coef": -0.1}, "init_kl_coef must not be negative"),
+                             ({"sampling": {"temperature": 0.0}}, "sampling.temperature must be positive"),
+                             ({"kl_control": {"beta": -0.1}}, "beta must not be negative"),
                              ({"lam": 1.5}, "lam must be between 0 and 1"), ({"ppo_epochs": 0}, "ppo_epochs must be")]:
         with pytest.raises(ConfigError, match=message):
             PPOModule(model_name_or_path=world_sft_path, **setting)
@@ -303,10 +308,10 @@ def test_entropy_bonus_enters_the_loss(tmp_path, world_sft_path):
 def test_the_policy_fits_prompt_and_new_tokens_and_the_reward_model_one_more(world_sft_path, world_rm_path):
     # The world's models have 128 positions; the reward model also reads the EOS after the response.
     fits = PPOModule(model_name_or_path=world_sft_path, reward_model="gold", advantage_estimator="rloo",
-                     max_prompt_length=100, max_new_tokens=28)
+                     max_prompt_length=100, sampling=SamplingConfig(28))
     fits.configure_model()
     too_long = PPOModule(model_name_or_path=world_sft_path, reward_model=world_rm_path, max_prompt_length=100,
-                         max_new_tokens=28)
+                         sampling=SamplingConfig(28))
     with pytest.raises(ConfigError, match="of up to 129 tokens do not fit"):
         too_long.configure_model()
 
@@ -319,7 +324,7 @@ def test_group_advantages_are_normalised_once_per_sequence(world_sft_path, estim
     from lit_rlhf.evaluation import PolicyEvaluation
 
     module = PPOModule(model_name_or_path=world_sft_path, reward_model="gold", advantage_estimator=estimator,
-                       group_size=4, max_new_tokens=12)
+                       group_size=4, sampling=SamplingConfig(12))
     module.configure_model()
     module._reference_answers = PolicyEvaluation([], [], [], metrics={"response/length_mean": 0.0})
     prompts = ["name three fruits .", "i think carrot is a fruit . give me two fruits .", "list one color ."]
@@ -376,7 +381,7 @@ def test_rollout_scores_tell_the_reward_which_answers_were_cut(world_sft_path):
             return torch.zeros(len(responses))
 
     module = PPOModule(model_name_or_path=world_sft_path, reward_model="gold", advantage_estimator="rloo",
-                       group_size=2, max_new_tokens=6, missing_eos_penalty=1.5, normalize_scores=False)
+                       group_size=2, sampling=SamplingConfig(6), missing_eos_penalty=1.5, normalize_scores=False)
     module.configure_model()
     module.scorer = Recorder()
     module._reference_answers = PolicyEvaluation([], [], [], metrics={"response/length_mean": 0.0})

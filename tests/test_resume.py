@@ -11,8 +11,11 @@ import pytest
 
 from helpers import StopAfter, assert_resumed_like_uninterrupted, write_jsonl
 from lit_rlhf.data.datamodules import ComparisonDataModule
+from lit_rlhf.generation import SamplingConfig
+from lit_rlhf.models import LoRAConfig
 from lit_rlhf.phases.dpo import DPOModule
 from lit_rlhf.phases.reward import RewardModelModule
+from lit_rlhf.phases.shared import OptimizerConfig
 
 STEPS = 10  # 72 training pairs in batches of 16: 5 batches an epoch, so the cut at step 3 is inside the first
 
@@ -21,10 +24,11 @@ def fit(phase: str, sft: str, pairs: str, root, recorder: StopAfter, ckpt_path=N
     L.seed_everything(0)
     export_dir = str(root / f"{phase}-export")
     if phase == "rm":
-        module = RewardModelModule(sft, learning_rate=1e-3, export_dir=export_dir, normalization_samples=4)
+        module = RewardModelModule(sft, optimizer=OptimizerConfig(1e-3), export_dir=export_dir, normalization_samples=4)
     else:
-        lora = {"r": 4, "lora_alpha": 8} if phase == "dpo-lora" else None
-        module = DPOModule(sft, learning_rate=1e-3, export_dir=export_dir, max_new_tokens=4, lora=lora)
+        lora = LoRAConfig(r=4, lora_alpha=8) if phase == "dpo-lora" else None
+        module = DPOModule(sft, optimizer=OptimizerConfig(1e-3), export_dir=export_dir, sampling=SamplingConfig(4),
+                           lora=lora)
     data = ComparisonDataModule(path=pairs, tokenizer_name_or_path=sft, batch_size=16, val_fraction=0.25)
     trainer = L.Trainer(max_steps=STEPS, limit_val_batches=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,

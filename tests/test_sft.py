@@ -22,6 +22,7 @@ from helpers import (
 )
 from lit_rlhf.data.datamodules import ComparisonDataModule, DemonstrationDataModule
 from lit_rlhf.phases.sft import SFTModule
+from lit_rlhf.phases.shared import OptimizerConfig
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "sft.yaml")
 
@@ -135,7 +136,7 @@ def test_bad_row_exits_2_with_one_line(in_tmp):
 
 def fit_sft(root: Path, demonstrations: str, recorder: StopAfter, ckpt_path: str | None = None) -> SFTModule:
     seed_everything(0)
-    module = SFTModule(model_name_or_path="world", warmup_steps=2)
+    module = SFTModule(model_name_or_path="world", optimizer=OptimizerConfig(3e-3, warmup_steps=2))
     data = DemonstrationDataModule(path=demonstrations, batch_size=4, val_fraction=0.0)
     trainer = Trainer(max_steps=20, logger=False, enable_checkpointing=False, limit_val_batches=0,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
@@ -230,7 +231,7 @@ def test_sequences_longer_than_the_models_positions_are_refused_in_one_line(tiny
                 "--data.max_length", "200")
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().endswith(
-        f"sequences (data.max_length; PPO: max_prompt_length + max_new_tokens) of up to 200 tokens do not fit "
+        f"sequences (data.max_length; PPO: max_prompt_length + sampling.max_new_tokens) of up to 200 tokens do not fit "
         f"{tiny_gpt2_path}, which has 128 positions"
     )
 

@@ -42,8 +42,11 @@ def test_sweep_file_is_a_w_and_b_sweep_of_real_cli_keys(path, monkeypatch, capsy
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     for name, value in parameters.items():
-        section, key = name.split(".", 1)
-        assert printed[section]["init_args"][key] == value, name
+        section, *keys = name.split(".")
+        setting = printed[section]["init_args"]
+        for key in keys:  # a settings group nests: model.kl_control.beta
+            setting = setting[key]
+        assert setting == value, name
     assert printed["model"]["init_args"]["export_dir"] is None  # each trial exports beside its own logs
 
 
@@ -65,7 +68,7 @@ def test_grid_and_random_trials():
         sweep.trial_parameters(spec)
     with pytest.raises(ConfigError, match="bayes needs W&B's sweep server"):
         sweep.trial_parameters({**spec, "method": "bayes"}, count=3)
-    assert sweep.trial_name(3, {"model.init_kl_coef": 0.30000001}) == "t03_init_kl_coef=0.3"
+    assert sweep.trial_name(3, {"model.kl_control.beta": 0.30000001}) == "t03_beta=0.3"
 
 
 def test_sweep_files_are_checked_at_the_edge(tmp_path):
@@ -127,7 +130,7 @@ def test_online_hands_the_file_to_w_and_b_and_runs_its_agent(monkeypatch, tmp_pa
     assert uploaded == [(yaml.safe_load((ROOT / "sweeps" / "ppo_beta.yaml").read_text()), "rlhf", "me")]
     assert agents[0] == [sys.executable, "-m", "wandb", "agent", "--count", "3", "me/rlhf/abc123"]
     assert agents[1][:4] == ["lit-rlhf", "fit", "--config", "configs/ppo.yaml"]
-    assert agents[1][-1] == "--model.init_kl_coef=5.0"
+    assert agents[1][-1] == "--model.kl_control.beta=5.0"
     assert prepared == [(Path("runs/pipeline"), "rm")]  # the SFT policy and reward model the trials start from
 
     def failing_sweep(sweep, project, entity):
@@ -163,12 +166,12 @@ def test_offline_sweep_runs_resumes_and_reports(tmp_path, monkeypatch):
     out = tmp_path / "pipeline"
     spec = {
         "program": "lit-rlhf", "method": "grid", "metric": {"name": "eval/gold/reward", "goal": "maximize"},
-        "parameters": {"model.init_kl_coef": {"values": [1.0, 0.1]}},
+        "parameters": {"model.kl_control.beta": {"values": [1.0, 0.1]}},
         "command": ["lit-rlhf", "fit", "--config", str(CONFIGS / "ppo.yaml"),
                     f"--model.model_name_or_path={out}/sft/hf", f"--model.reward_model={out}/rm/hf",
                     "--model.export_dir=null", "--trainer.max_steps=2", "--trainer.val_check_interval=1",
                     "--model.ppo_epochs=1", "--data.batch_size=4", "--data.num_eval_prompts=2",
-                    "--model.max_new_tokens=8", "${args}"],
+                    "--model.sampling.max_new_tokens=8", "${args}"],
     }
     sweep_file = tmp_path / "beta.yaml"
     sweep_file.write_text(yaml.safe_dump(spec))
@@ -176,12 +179,12 @@ def test_offline_sweep_runs_resumes_and_reports(tmp_path, monkeypatch):
 
     assert [p.name for p in sorted(out.glob("*/done.json"))] == ["done.json"] * 3  # sft, collect, rm ran first
     trials = result["trials"]
-    assert [t["trial"] for t in trials] == ["t01_init_kl_coef=1", "t02_init_kl_coef=0.1"]
+    assert [t["trial"] for t in trials] == ["t01_beta=1", "t02_beta=0.1"]
     assert all(t["status"] == "done" and -1 <= t["metrics"]["gold_reward"] <= 1 for t in trials)
     assert all(t["metrics"]["kl"] > 0 and t["metrics"]["sycophancy_rate"] is not None for t in trials)
     for trial in trials:
         hparams = yaml.safe_load((tmp_path / "sweep" / trial["log_dir"] / "hparams.yaml").read_text())
-        assert hparams["init_kl_coef"] == trial["params"]["model.init_kl_coef"]
+        assert hparams["kl_control"]["beta"] == trial["params"]["model.kl_control.beta"]
     assert [row["n"] for row in result["baselines"]] == list(sweep.BEST_OF_N)
     assert result["baselines"][0]["kl"] == 0.0 and result["reference"]["length_ratio"] == 1.0
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text()) == result

@@ -27,7 +27,7 @@ from lit_rlhf.models.loading import (
     world_config,
 )
 from lit_rlhf.models.logprobs import model_token_logprobs
-from lit_rlhf.models.lora import AdaptersOff, merged, with_lora
+from lit_rlhf.models.lora import AdaptersOff, LoRAConfig, merged, with_lora
 from lit_rlhf.models.positions import check_positions, forward, position_ids_from_mask
 from lit_rlhf.models.sharding import full_state_dict, is_sharded, shard
 
@@ -36,6 +36,7 @@ __all__ = [
     "WORLD",
     "WORLD_PRESET",
     "AdaptersOff",
+    "LoRAConfig",
     "ValueModel",
     "check_positions",
     "count_parameters",

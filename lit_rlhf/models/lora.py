@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 
 import torch
 from transformers import PreTrainedModel
@@ -13,24 +14,39 @@ from transformers import PreTrainedModel
 from lit_rlhf.errors import ConfigError
 
 
-def with_lora(model: PreTrainedModel, lora: dict | None, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
-    """LoRA adapters (Hu et al. 2021) on ``model`` through ``peft`` when ``lora`` is given: its keys are
-    ``peft.LoraConfig`` arguments (``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``; by default every
-    linear layer but the output one). Only the adapters train, and with ``task_type="SEQ_CLS"`` (a scalar-head
-    model) the new head too. The weights under the adapters stay those loaded, which makes the model with its
-    adapters disabled the reference (:class:`AdaptersOff`); options that train the biases or rewrite the weights at
-    initialisation (PiSSA, LoftQ, …) are therefore refused."""
-    if not lora:
+@dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters (Hu et al. 2021), one group in every phase (``--model.lora.r 16``); the names are
+    ``peft.LoraConfig``'s. Only these options: the others would train the biases or rewrite the weights under the
+    adapters (PiSSA, LoftQ), and the model with its adapters disabled must stay the loaded one, the reference.
+
+    Args:
+        r: the adapters' rank
+        lora_alpha: their scale is lora_alpha / r (with use_rslora, lora_alpha / sqrt(r))
+        lora_dropout: dropout on the adapters' input; DPO and PPO switch it off, as all dropout
+        target_modules: the layers that get adapters: "all-linear" (every linear layer but the output one), or names
+        use_rslora: rank-stabilised scaling (Kalajdzievski 2023)
+    """
+
+    r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    use_rslora: bool = False
+
+
+def with_lora(model: PreTrainedModel, lora: LoRAConfig | None, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
+    """LoRA adapters on ``model`` through ``peft`` when ``lora`` is given. Only the adapters train, and with
+    ``task_type="SEQ_CLS"`` (a scalar-head model) the new head too. The weights under the adapters stay those
+    loaded, which makes the model with its adapters disabled the reference (:class:`AdaptersOff`)."""
+    if lora is None:
         return model
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as error:
         raise ConfigError("LoRA needs the peft package: pip install 'lit-rlhf[peft]'") from error
-    if lora.get("bias", "none") != "none" or lora.get("init_lora_weights", True) not in (True, False, "gaussian"):
-        raise ConfigError("lora: bias must be 'none' and init_lora_weights true, false or 'gaussian', so that the "
-                          "weights under the adapters stay the loaded ones")
     try:
-        return get_peft_model(model, LoraConfig(**{"target_modules": "all-linear", "task_type": task_type, **lora}))
+        return get_peft_model(model, LoraConfig(**asdict(lora), task_type=task_type))
     except (TypeError, ValueError) as error:
         raise ConfigError(f"lora: {error}") from None
 

@@ -1,36 +1,19 @@
 """Phase 3: PPO against a reward model with a KL leash to the SFT policy (Ziegler et al. 2019; Ouyang et al. 2022,
 §3.5), and the critic-free GRPO and RLOO estimators in the same loop.
 
-Networks in memory: the ``policy`` (trained, from the SFT export); the ``reference``, a frozen second copy of the
-SFT export, because the KL penalty needs π_ref's log-prob of every sampled token while the policy moves; the
-``reward_network``, the frozen reward-model export that scores decoded texts (absent for the world's gold reward or
-a Python reward function); and, for ``gae`` only, the ``critic`` (trained): per-token values from a scalar-head
-model, by default the reward-model export as in InstructGPT. So four with a reward model and a critic (the two
-trained ones carry AdamW's two moment buffers each), three for GRPO/RLOO, two for GRPO/RLOO on a gold or function
-reward. The frozen ones are kept out of checkpoints and reload from their paths. With ``lora`` (``peft.LoraConfig``
-arguments) only LoRA adapters on the policy train, and the reference is the policy with its adapters disabled: one
-copy of the SFT weights fewer (checkpoints hold them once, as the policy's frozen base). The export has the
-adapters merged.
+Networks: the ``policy`` (trained); the ``reference``, a frozen copy of the SFT export for the KL penalty (with
+``lora``, the policy with its adapters disabled); the ``reward_network``, the frozen reward-model export (absent for
+gold or a Python reward); for ``gae`` only, the ``critic`` (trained), by default from the reward-model export as in
+InstructGPT. Frozen networks stay out of checkpoints and reload from their paths.
 
-One iteration (one ``training_step``): sample responses with :func:`generate` (``group_size`` per prompt for
-``grpo``/``rloo``); score the decoded texts (normalised with the reward model's stored statistics), subtract the
-optional missing-EOS penalty, clip; compute old and reference log-probs (and values) without gradient;
-:func:`shape_rewards` puts −β·KL on every response token and the score on the last (the k1 estimate log π/π_ref:
-with k2 or k3 as a fixed per-token reward the expected update is not the gradient of KL(π‖π_ref), Tang & Munos
-2025, so the reward takes no other estimator); then ``gae`` takes advantages
-from the critic's values, while ``grpo``/``rloo`` sum each sequence's shaped rewards (score − β·KL) and give every
-token of it the group advantage. So the KL always goes into the reward. GRPO as published puts a k3 term in the
-loss instead; differentiated through the samples that term has the gradient of KL(π_ref‖π), not of KL(π‖π_ref),
-and it stops short of the KL-regularised optimum π* ∝ π_ref·exp(r/β) (on a 5-armed bandit, at KL(π‖π*) ≈ 0.08;
-KL in the reward reaches π*). GAE's advantages are whitened (``whiten_advantages``); the group advantages are not:
-they are normalised once, per sequence, as GRPO (Shao et al. 2024, §4.1.2) and RLOO (Ahmadian et al. 2024) define
-them, and whitening them again over tokens could turn a short above-average answer's advantage negative.
-``ppo_epochs`` passes over shuffled minibatches minimise :func:`ppo_policy_loss` + ``vf_coef``·:func:`ppo_value_loss`
-(+ ``ptx_coef``·SFT loss on demonstrations: PPO-ptx; − ``entropy_coef``·mean token entropy: the optional entropy
-bonus), with gradient clipping; the KL controller then updates β.
-
-``trainer.max_steps`` counts optimiser updates, ``ppo_epochs × num_minibatches`` per iteration. The datamodule's
-``batch_size`` is the number of prompts per iteration.
+One iteration (one ``training_step``): sample responses (``group_size`` per prompt for ``grpo``/``rloo``); score
+them, normalised with the reward model's stored statistics, less the optional missing-EOS penalty, clipped; take old
+and reference log-probs (and values) without gradient; :func:`shape_rewards` puts −β·KL on every token and the score
+on the last; ``gae`` takes whitened advantages from the critic, ``grpo``/``rloo`` give every token its sequence's
+group advantage. Then ``ppo_epochs`` passes of ``num_minibatches`` updates minimise :func:`ppo_policy_loss` +
+``vf_coef``·:func:`ppo_value_loss` (+ ``ptx_coef``·SFT loss on demonstrations, PPO-ptx; − ``entropy_coef``·entropy),
+and the KL controller updates β. ``trainer.max_steps`` counts those updates; the datamodule's ``batch_size`` is the
+number of prompts per iteration.
 """
 
 from __future__ import annotations
@@ -51,7 +34,7 @@ from lit_rlhf.data.datamodules import DemonstrationDataModule, global_seed
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.evaluation import PolicyEvaluation, evaluate_policy
 from lit_rlhf.generation import SamplingConfig, generate
-from lit_rlhf.kl_control import AdaptiveKLController, FixedKLController
+from lit_rlhf.kl_control import KLControlConfig
 from lit_rlhf.losses import (
     kl_penalty,
     masked_mean,
@@ -62,6 +45,7 @@ from lit_rlhf.losses import (
 )
 from lit_rlhf.models import (
     AdaptersOff,
+    LoRAConfig,
     ValueModel,
     forward,
     frozen,
@@ -75,15 +59,18 @@ from lit_rlhf.models import (
 )
 from lit_rlhf.phases.ppo_buffer import Rollout, RolloutBuffer
 from lit_rlhf.phases.shared import (
+    OptimizerConfig,
+    adamw_with_warmup,
+    as_config,
     check_context,
     check_settings,
     export_trained,
     leave_out_frozen,
     restore_frozen,
+    save_settings,
     shard_networks,
 )
-from lit_rlhf.scoring import GoldScorer, RewardModelScorer, make_scorer
-from lit_rlhf.world import has_gold
+from lit_rlhf.scoring import RewardModelScorer, gold_scorer, make_scorer
 
 FROZEN_PREFIXES = ("reference.", "reward_network.")
 """State-dict prefixes of the frozen networks, which checkpoints leave out."""
@@ -117,17 +104,12 @@ class PPOModule(LightningModule):
         value_model: str | None = None,
         advantage_estimator: Literal["gae", "grpo", "rloo"] = "gae",
         group_size: int = 4,
-        max_new_tokens: int = 24,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        init_kl_coef: float = 0.05,
-        kl_target: float | None = None,
-        kl_horizon: float = 10000,
+        sampling: SamplingConfig = SamplingConfig(),
+        kl_control: KLControlConfig = KLControlConfig(),
         normalize_scores: bool = True,
         score_clip: float | None = None,
         missing_eos_penalty: float | None = None,
-        learning_rate: float = 1e-3,
+        optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-3),
         value_learning_rate: float | None = None,
         ppo_epochs: int = 4,
         num_minibatches: int = 1,
@@ -147,36 +129,35 @@ class PPOModule(LightningModule):
         num_logged_samples: int = 8,
         eval_seed: int = 1234,
         seed: int | None = None,
-        export_dir: str | None = None,
         max_prompt_length: int = 32,
+        export_dir: str | None = None,
         trust_remote_code: bool = False,
         dtype: str | None = None,
-        lora: dict | None = None,
+        lora: LoRAConfig | None = None,
     ) -> None:
         super().__init__()
         if advantage_estimator not in ("gae", "grpo", "rloo"):
             raise ConfigError(f"advantage_estimator must be gae, grpo or rloo, got {advantage_estimator!r}")
         if advantage_estimator != "gae" and group_size < 2:
             raise ConfigError(f"{advantage_estimator} needs group_size >= 2 to form a baseline, got {group_size}")
-        if temperature <= 0:
-            raise ConfigError(f"PPO samples its rollouts: temperature must be positive, got {temperature}")
+        save_settings(self)
+        kl_control = as_config(KLControlConfig, kl_control)
+        if self.sampling.temperature <= 0:
+            temperature = self.sampling.temperature
+            raise ConfigError(f"PPO samples its rollouts: sampling.temperature must be positive, got {temperature}")
         check_settings(
-            positive={"learning_rate": learning_rate, "value_learning_rate": value_learning_rate,
-                      "clip_range": clip_range, "clip_range_value": clip_range_value, "ppo_epochs": ppo_epochs,
+            positive={"value_learning_rate": value_learning_rate, "clip_range": clip_range,
+                      "clip_range_value": clip_range_value, "ppo_epochs": ppo_epochs,
                       "num_minibatches": num_minibatches, "gradient_accumulation_steps": gradient_accumulation_steps,
-                      "max_new_tokens": max_new_tokens, "kl_target": kl_target, "kl_horizon": kl_horizon},
-            non_negative={"init_kl_coef": init_kl_coef, "vf_coef": vf_coef, "entropy_coef": entropy_coef,
+                      "kl_control.target": kl_control.target, "kl_control.horizon": kl_control.horizon},
+            non_negative={"kl_control.beta": kl_control.beta, "vf_coef": vf_coef, "entropy_coef": entropy_coef,
                           "ptx_coef": ptx_coef},
             unit={"gamma": gamma, "lam": lam},
         )
-        self.save_hyperparameters()
         self.seed = global_seed() if seed is None else seed
         self.automatic_optimization = False
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
-        self.sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p)
-        self.kl_controller = (
-            AdaptiveKLController(init_kl_coef, kl_target, kl_horizon) if kl_target else FixedKLController(init_kl_coef)
-        )
+        self.kl_controller = kl_control.controller()
         self.policy = self.reference = self.reward_network = self.critic = self.scorer = None
         self.iteration = 0
         """Completed iterations: they fix the random seed of the next one."""
@@ -187,18 +168,19 @@ class PPOModule(LightningModule):
             return
         hp = self.hparams
         load = (self.tokenizer, hp.trust_remote_code, hp.dtype)
-        self.policy = without_dropout(with_lora(load_causal_lm(hp.model_name_or_path, *load), hp.lora))
-        check_context(self, self.policy, hp.max_prompt_length + hp.max_new_tokens)
+        self.policy = without_dropout(with_lora(load_causal_lm(hp.model_name_or_path, *load), self.lora))
+        check_context(self, self.policy, hp.max_prompt_length + self.sampling.max_new_tokens)
         # With LoRA the reference is the policy with its adapters disabled: the loaded weights, no second copy.
-        reference = AdaptersOff(self.policy) if hp.lora else load_causal_lm(hp.model_name_or_path, *load)
+        reference = AdaptersOff(self.policy) if self.lora else load_causal_lm(hp.model_name_or_path, *load)
         self.reference = frozen(reference)
         self.scorer = make_scorer(
             hp.reward_model, normalize=hp.normalize_scores, max_prompt_length=hp.max_prompt_length,
-            max_length=hp.max_prompt_length + hp.max_new_tokens + 1,
+            max_length=hp.max_prompt_length + self.sampling.max_new_tokens + 1,
         )
         if isinstance(self.scorer, RewardModelScorer):
             self.reward_network = frozen(self.scorer.model)  # a registered module: the strategy places it
-            check_context(self, self.reward_network, hp.max_prompt_length + hp.max_new_tokens + 1)  # + its EOS
+            # + 1: the EOS a reward model reads after a finished answer
+            check_context(self, self.reward_network, hp.max_prompt_length + self.sampling.max_new_tokens + 1)
         if hp.advantage_estimator == "gae":
             start = hp.value_model or (hp.model_name_or_path if self.reward_network is None else hp.reward_model)
             on_score_scale = isinstance(self.scorer, RewardModelScorer) and start == hp.reward_model
@@ -208,10 +190,11 @@ class PPOModule(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        groups = [{"params": trainable(self.policy), "lr": hp.learning_rate}]
+        groups = [{"params": trainable(self.policy), "lr": self.optimizer_config.learning_rate}]
         if self.critic is not None:
-            groups.append({"params": self.critic.parameters(), "lr": hp.value_learning_rate or hp.learning_rate})
-        return torch.optim.AdamW(groups, weight_decay=0.0)
+            value_learning_rate = hp.value_learning_rate or self.optimizer_config.learning_rate
+            groups.append({"params": self.critic.parameters(), "lr": value_learning_rate})
+        return adamw_with_warmup(self.trainer, groups, self.optimizer_config, decay=False)
 
     @property
     def optimizer_steps_per_batch(self) -> int:
@@ -255,7 +238,7 @@ class PPOModule(LightningModule):
 
         input_ids, attention_mask = generation.input_ids, generation.attention_mask
         response_mask = torch.cat([torch.zeros_like(generation.prompt_attention_mask), generation.response_mask], 1)
-        sequences = (input_ids, attention_mask, response_mask, hp.temperature)
+        sequences = (input_ids, attention_mask, response_mask, self.sampling.temperature)
         logprobs, mask = model_token_logprobs(self.policy, *sequences)
         ref_logprobs, _ = model_token_logprobs(self.reference, *sequences)
         beta = self.kl_controller.beta
@@ -290,8 +273,8 @@ class PPOModule(LightningModule):
             {"iteration": self.iteration, "prompt": prompt, "response": response, "score": score}
             for prompt, response, score in zip(prompt_texts, responses, scores.tolist())
         ]
-        if has_gold(prompt_texts):
-            gold = GoldScorer().score(prompt_texts, responses)
+        if (oracle := gold_scorer(prompt_texts)) is not None:
+            gold = oracle.score(prompt_texts, responses).float()
             metrics["rollout/gold/reward"] = gold.mean()
             for sample, value in zip(samples, gold.tolist()):
                 sample["gold"] = value
@@ -317,12 +300,13 @@ class PPOModule(LightningModule):
                     self.clip_gradients(optimizer, self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
                 optimizer.zero_grad()
+                self.lr_schedulers().step()
         return {name: torch.stack(values).mean() for name, values in stats.items()}
 
     def _loss(self, batch: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         hp = self.hparams
         logprobs, mask, entropy = model_token_logprobs(
-            self.policy, batch.input_ids, batch.attention_mask, batch.response_mask, hp.temperature,
+            self.policy, batch.input_ids, batch.attention_mask, batch.response_mask, self.sampling.temperature,
             return_entropy=True, entropy_grad=bool(hp.entropy_coef),
         )
         loss, policy_stats = ppo_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, hp.clip_range)
@@ -350,7 +334,7 @@ class PPOModule(LightningModule):
         hp = self.hparams
         data = DemonstrationDataModule(
             path=hp.ptx_data_path, tokenizer_name_or_path=hp.model_name_or_path, batch_size=hp.ptx_batch_size,
-            max_length=hp.max_prompt_length + hp.max_new_tokens + 1, max_prompt_length=hp.max_prompt_length,
+            max_length=hp.max_prompt_length + self.sampling.max_new_tokens + 1, max_prompt_length=hp.max_prompt_length,
             val_fraction=0.0,
         )
         data.prepare_data()
@@ -365,10 +349,11 @@ class PPOModule(LightningModule):
     # --- evaluation and logging ---
 
     def _evaluate(self, model: torch.nn.Module, **scoring):
+        prompts = self.trainer.datamodule.eval_prompts
         return evaluate_policy(
-            model, self.tokenizer, self.trainer.datamodule.eval_prompts, self.sampling,
+            model, self.tokenizer, prompts, self.sampling,
             max_prompt_length=self.hparams.max_prompt_length, seed=self.hparams.eval_seed, scorer=self.scorer,
-            **scoring,
+            gold=gold_scorer(prompts), **scoring,
         )
 
     def _reference_evaluation(self) -> PolicyEvaluation:

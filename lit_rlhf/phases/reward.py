@@ -18,17 +18,26 @@ from lit_rlhf import losses
 from lit_rlhf.collect import sample_responses
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.generation import SamplingConfig
-from lit_rlhf.models import is_sharded, load_scalar_head_model, load_tokenizer, scalar_scores, trainable, with_lora
+from lit_rlhf.models import (
+    LoRAConfig,
+    is_sharded,
+    load_scalar_head_model,
+    load_tokenizer,
+    scalar_scores,
+    trainable,
+    with_lora,
+)
 from lit_rlhf.phases.shared import (
+    OptimizerConfig,
     adamw_with_warmup,
     check_context,
     check_settings,
     export_trained,
+    save_settings,
     shard_networks,
     validation_means,
 )
-from lit_rlhf.scoring import LENGTH_KEYS, SCORE_MEAN_KEY, SCORE_STD_KEY, RewardModelScorer
-from lit_rlhf.world import gold_reward, has_gold
+from lit_rlhf.scoring import LENGTH_KEYS, SCORE_MEAN_KEY, SCORE_STD_KEY, RewardModelScorer, gold_scorer
 
 
 def preference_metrics(
@@ -62,31 +71,28 @@ class RewardModelModule(LightningModule):
     """Bradley–Terry reward model. Logs, with ``train/`` and ``val/`` prefixes: ``loss``, ``accuracy``,
     ``margin``, ``reward/mean``, ``reward/std``, ``reward/length_corr`` (Pearson correlation of scores with
     response length: the inherited length bias in one number) and, on the world, ``gold/accuracy``. With ``lora``
-    (``peft.LoraConfig`` arguments) LoRA adapters and the scalar head train, and the export has them merged."""
+    LoRA adapters and the scalar head train, and the export has them merged. ``sampling``: how the policy PPO will
+    train answers, for the score statistics (its length limit and temperature should be PPO's)."""
 
     def __init__(
         self,
         model_name_or_path: str = "runs/sft/hf",
-        learning_rate: float = 1e-3,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 10,
+        optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-3, warmup_steps=10),
         center_rewards_coefficient: float = 0.0,
-        export_dir: str | None = None,
         normalization_samples: int = 256,
         statistics_policy: str | None = None,
-        max_new_tokens: int = 24,
+        sampling: SamplingConfig = SamplingConfig(),
         max_prompt_length: int = 32,
+        export_dir: str | None = None,
         trust_remote_code: bool = False,
         dtype: str | None = None,
-        lora: dict | None = None,
+        lora: LoRAConfig | None = None,
     ) -> None:
         super().__init__()
-        check_settings(positive={"learning_rate": learning_rate},
-                       non_negative={"weight_decay": weight_decay,
-                                     "center_rewards_coefficient": center_rewards_coefficient})
+        check_settings(non_negative={"center_rewards_coefficient": center_rewards_coefficient})
         if normalization_samples < 2:
             raise ConfigError(f"normalization_samples must be at least 2 (for a std), got {normalization_samples}")
-        self.save_hyperparameters()
+        save_settings(self)
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
         self.model = None
         self.val_metrics = torch.nn.ModuleDict(
@@ -99,7 +105,7 @@ class RewardModelModule(LightningModule):
         if self.model is None:
             hp = self.hparams
             model = load_scalar_head_model(hp.model_name_or_path, self.tokenizer, hp.trust_remote_code, hp.dtype)
-            self.model = with_lora(model, hp.lora, task_type="SEQ_CLS").train()  # from_pretrained: eval mode
+            self.model = with_lora(model, self.lora, task_type="SEQ_CLS").train()  # from_pretrained: eval mode
             check_context(self, model)
             shard_networks(self, self.model)
 
@@ -119,11 +125,9 @@ class RewardModelModule(LightningModule):
         if self.hparams.center_rewards_coefficient:
             loss = loss + self.hparams.center_rewards_coefficient * losses.reward_centering_penalty(chosen, rejected)
         gold = None
-        if has_gold(batch["prompt"]):
-            gold = [
-                torch.tensor([gold_reward(p, r) for p, r in zip(batch["prompt"], batch[side])], device=chosen.device)
-                for side in ("chosen", "rejected")
-            ]
+        if (oracle := gold_scorer(batch["prompt"])) is not None:
+            gold = [oracle.score(batch["prompt"], batch[side]).to(chosen.device, torch.float32)
+                    for side in ("chosen", "rejected")]
         metrics = preference_metrics(chosen.detach(), rejected.detach(), *(gold or (None, None)))
         lengths = torch.cat([batch["chosen_response_mask"].sum(1), batch["rejected_response_mask"].sum(1)]).float()
         return loss, metrics, torch.cat([chosen, rejected]).detach(), lengths
@@ -173,7 +177,7 @@ class RewardModelModule(LightningModule):
             self.model, self.tokenizer, datamodule.hparams.max_length, datamodule.hparams.max_prompt_length
         )
         policy = hp.statistics_policy or hp.model_name_or_path
-        groups = sample_responses(policy, prompts, per_prompt, SamplingConfig(hp.max_new_tokens),
+        groups = sample_responses(policy, prompts, per_prompt, self.sampling,
                                   scorer.max_prompt_length, 256, self.device, hp.dtype)
         samples = [(prompt, *response) for prompt, group in zip(prompts, groups) for response in group]
         scores = scorer.score(*zip(*samples[: hp.normalization_samples]))
@@ -183,6 +187,4 @@ class RewardModelModule(LightningModule):
         setattr(self.model.config, SCORE_STD_KEY, max(scores.std().item(), 1e-6))
 
     def configure_optimizers(self):
-        hp = self.hparams
-        parameters = trainable(self.model)
-        return adamw_with_warmup(self.trainer, parameters, hp.learning_rate, hp.weight_decay, hp.warmup_steps)
+        return adamw_with_warmup(self.trainer, trainable(self.model), self.optimizer_config)

@@ -11,14 +11,16 @@ from torchmetrics import MeanMetric
 from lit_rlhf import losses
 from lit_rlhf.evaluation import evaluate_policy
 from lit_rlhf.generation import SamplingConfig
-from lit_rlhf.models import forward, load_causal_lm, load_tokenizer, trainable, with_lora
+from lit_rlhf.models import LoRAConfig, forward, load_causal_lm, load_tokenizer, trainable, with_lora
 from lit_rlhf.phases.shared import (
+    OptimizerConfig,
     adamw_with_warmup,
     check_context,
-    check_settings,
     export_trained,
+    save_settings,
     shard_networks,
 )
+from lit_rlhf.scoring import gold_scorer
 
 
 class SFTModule(LightningModule):
@@ -26,32 +28,27 @@ class SFTModule(LightningModule):
     which in a multi-turn chat marks every assistant turn (see ``DemonstrationDataModule``'s ``assistant_turns``).
 
     Logs ``train/loss``, ``train/tokens_per_second``, ``val/loss``, ``val/perplexity`` and, at every validation,
-    samples answers to the datamodule's held-out prompts and logs under ``eval/`` what :func:`evaluate_policy`
-    measures: ``response/length_mean``, the ``hacking/`` rates, and ``gold/reward`` on the embedded world. Exports
-    a Hugging Face folder at the end of fit (``export_dir``, default ``<log_dir>/hf``) that the next phase loads by
-    path. With ``lora`` (``peft.LoraConfig`` arguments) only LoRA adapters train, and the export has them merged
-    into the weights.
+    samples answers to the datamodule's held-out prompts (``sampling``, noise seeded by ``eval_seed``) and logs
+    under ``eval/`` what :func:`evaluate_policy` measures: ``response/length_mean``, the ``hacking/`` rates, and
+    ``gold/reward`` on the embedded world. Exports a Hugging Face folder at the end of fit (``export_dir``, default
+    ``<log_dir>/hf``) that the next phase loads by path. With ``lora`` only LoRA adapters train, and the export has
+    them merged into the weights.
     """
 
     def __init__(
         self,
         model_name_or_path: str = "world",
-        learning_rate: float = 3e-3,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 20,
-        export_dir: str | None = None,
-        max_new_tokens: int = 24,
-        eval_temperature: float = 1.0,
+        optimizer: OptimizerConfig = OptimizerConfig(learning_rate=3e-3, warmup_steps=20),
+        sampling: SamplingConfig = SamplingConfig(),
         eval_seed: int = 1234,
         max_prompt_length: int = 32,
+        export_dir: str | None = None,
         trust_remote_code: bool = False,
         dtype: str | None = None,
-        lora: dict | None = None,
+        lora: LoRAConfig | None = None,
     ) -> None:
         super().__init__()
-        check_settings(positive={"learning_rate": learning_rate, "max_new_tokens": max_new_tokens},
-                       non_negative={"weight_decay": weight_decay, "eval_temperature": eval_temperature})
-        self.save_hyperparameters()
+        save_settings(self)
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
         self.model = None
         self.val_nll = MeanMetric()
@@ -61,7 +58,7 @@ class SFTModule(LightningModule):
         if self.model is None:
             hp = self.hparams
             model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.trust_remote_code, hp.dtype)
-            self.model = with_lora(model, hp.lora).train()  # from_pretrained returns eval mode: dropout off
+            self.model = with_lora(model, self.lora).train()  # from_pretrained returns eval mode: dropout off
             check_context(self, model)
             shard_networks(self, self.model)
 
@@ -92,13 +89,15 @@ class SFTModule(LightningModule):
         val_loss = self.val_nll.compute()
         self.val_nll.reset()
         self.log_dict({"val/loss": val_loss, "val/perplexity": torch.exp(val_loss)}, sync_dist=True)  # already global
+        prompts = self.trainer.datamodule.eval_prompts
         metrics = evaluate_policy(
             self.model,
             self.tokenizer,
-            self.trainer.datamodule.eval_prompts,
-            SamplingConfig(self.hparams.max_new_tokens, self.hparams.eval_temperature),
+            prompts,
+            self.sampling,
             max_prompt_length=self.hparams.max_prompt_length,
             seed=self.hparams.eval_seed,
+            gold=gold_scorer(prompts),
         ).metrics
         self.log_dict({f"eval/{name}": value for name, value in metrics.items()}, sync_dist=True)
 
@@ -106,6 +105,4 @@ class SFTModule(LightningModule):
         export_trained(self, self.model)
 
     def configure_optimizers(self):
-        hp = self.hparams
-        parameters = trainable(self.model)
-        return adamw_with_warmup(self.trainer, parameters, hp.learning_rate, hp.weight_decay, hp.warmup_steps)
+        return adamw_with_warmup(self.trainer, trainable(self.model), self.optimizer_config)

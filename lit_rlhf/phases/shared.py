@@ -1,32 +1,92 @@
-"""What every phase shares: AdamW with linear warmup and cosine decay, FSDP2 sharding, the context check, the
-validation means over every rank, and the export at the end."""
+"""What every phase shares: its optimiser settings and AdamW with linear warmup and cosine decay, FSDP2 sharding,
+the context check, the validation means over every rank, and the export at the end."""
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, is_dataclass
+from typing import TypeVar
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torchmetrics import Metric
-from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
+from transformers import PreTrainedModel, get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from lit_rlhf.errors import ConfigError, TrainingDiverged
-from lit_rlhf.models import check_positions, export, full_state_dict, is_sharded, merged, quiet_transformers, shard
+from lit_rlhf.generation import SamplingConfig
+from lit_rlhf.models import (
+    LoRAConfig,
+    check_positions,
+    export,
+    full_state_dict,
+    is_sharded,
+    merged,
+    quiet_transformers,
+    shard,
+)
+
+Settings = TypeVar("Settings")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW's settings, one group in every phase (``--model.optimizer.learning_rate``); each phase sets its own
+    defaults.
+
+    Args:
+        learning_rate: the peak rate, reached after the warm-up
+        weight_decay: AdamW's decoupled weight decay
+        warmup_steps: optimiser steps of linear warm-up from 0; SFT, the reward model and DPO then decay the rate
+            along a cosine to 0 at the last step, PPO holds it
+    """
+
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        check_settings(positive={"optimizer.learning_rate": self.learning_rate},
+                       non_negative={"optimizer.weight_decay": self.weight_decay,
+                                     "optimizer.warmup_steps": self.warmup_steps})
+
+
+def save_settings(module: LightningModule) -> None:
+    """``module.save_hyperparameters()`` from the caller's ``__init__``, each settings group stored as a plain mapping,
+    as LightningCLI saves it (checkpoints load with ``weights_only``, ``hparams.yaml`` is plain YAML), and kept on the
+    module as its dataclass: ``optimizer_config``, ``sampling`` and ``lora`` (None where the phase has no such
+    group, or no LoRA)."""
+    module.save_hyperparameters(frame=inspect.currentframe().f_back)
+    hparams = module.hparams
+    for name, value in hparams.items():
+        if is_dataclass(value):
+            hparams[name] = asdict(value)
+    module.optimizer_config = as_config(OptimizerConfig, hparams.get("optimizer"))
+    module.sampling = as_config(SamplingConfig, hparams.get("sampling"))
+    module.lora = as_config(LoRAConfig, hparams.get("lora"))
+
+
+def as_config(kind: type[Settings], value: Settings | Mapping | None) -> Settings | None:
+    """A settings group as its dataclass: the CLI and ``__init__`` pass the dataclass, a checkpoint's
+    hyperparameters the plain mapping that LightningCLI saves."""
+    return kind(**value) if isinstance(value, Mapping) else value
 
 
 def adamw_with_warmup(
-    trainer: Trainer,
-    parameters: Iterable[torch.nn.Parameter],
-    learning_rate: float,
-    weight_decay: float,
-    warmup_steps: int,
+    trainer: Trainer, parameter_groups: Iterable, settings: OptimizerConfig, decay: bool = True
 ) -> dict:
-    """A ``configure_optimizers`` return value; the schedule spans ``trainer.estimated_stepping_batches``."""
-    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
+    """A ``configure_optimizers`` return value: AdamW with linear warm-up, then a cosine decay that spans
+    ``trainer.estimated_stepping_batches`` (``decay=False``: a constant rate). ``parameter_groups``: parameters, or
+    ``torch.optim`` groups (dicts) with their own ``lr``."""
+    optimizer = torch.optim.AdamW(parameter_groups, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     total_steps = max(int(trainer.estimated_stepping_batches), 1)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, min(warmup_steps, total_steps), total_steps)
+    warmup_steps = min(settings.warmup_steps, total_steps)
+    if decay:
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    else:
+        scheduler = get_constant_schedule_with_warmup(optimizer, warmup_steps)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
@@ -85,7 +145,7 @@ def check_context(module: LightningModule, model: PreTrainedModel, length: int |
         datamodule = module.trainer.datamodule if module._trainer is not None else None
         length = getattr(getattr(datamodule, "hparams", None), "max_length", None)
     if length is not None:
-        check_positions(model, length, "sequences (data.max_length; PPO: max_prompt_length + max_new_tokens)")
+        check_positions(model, length, "sequences (data.max_length; PPO: max_prompt_length + sampling.max_new_tokens)")
 
 
 def shard_networks(module: LightningModule, *networks: torch.nn.Module | None) -> None:
