@@ -465,8 +465,7 @@ class HeldOutEvaluation:
         prompts, responses = [p["prompt"] for p in picks], [p["response"] for p in picks]
         finished = [p.get("ended", True) for p in picks]  # samples.jsonl of earlier versions lacks "ended"
         proxy = self.scorer.score(prompts, responses, finished).float().tolist() if self.scorer else None
-        oracle = gold_scorer(prompts)
-        gold = oracle.score(prompts, responses, finished).tolist() if oracle is not None else None
+        gold = self.gold.score(prompts, responses, finished).tolist() if self.gold is not None else None
         return measure_answers(prompts, responses, [p["length"] for p in picks], proxy, self.baseline, gold)
 
     def row(self, evaluation: PolicyEvaluation) -> dict[str, Any]:

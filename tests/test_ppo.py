@@ -175,7 +175,8 @@ class IterationMetrics(Callback):
         self.rows.append({name: float(value) for name, value in trainer.callback_metrics.items()})
 
 
-def fit_world(tmp_path, sft: str, reward: str, iterations: int, updates_per_iteration: int, ckpt_path=None, **kwargs):
+def fit_world(tmp_path, sft: str, reward: str, iterations: int, updates_per_iteration: int, ckpt_path=None,
+              callbacks=(), **kwargs):
     """PPO on the world with a plain Trainer; returns the per-iteration metrics and the trainer."""
     seed_everything(0)
     module = PPOModule(model_name_or_path=sft, reward_model=reward, sampling=SamplingConfig(12),
@@ -184,7 +185,8 @@ def fit_world(tmp_path, sft: str, reward: str, iterations: int, updates_per_iter
     recorder = IterationMetrics()
     trainer = Trainer(
         max_steps=iterations * updates_per_iteration, logger=False, enable_checkpointing=False, limit_val_batches=0,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=[recorder],
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+        callbacks=[recorder, *callbacks],
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return recorder.rows, trainer
@@ -207,6 +209,22 @@ def test_ppo_resumes_mid_run_with_the_same_numbers(tmp_path, world_sft_path, wor
     assert saved["ppo"]["iteration"] == 2
     assert not [key for key in saved["state_dict"] if key.startswith(("reference.", "reward_network."))]
     assert any(key.startswith("critic.") for key in saved["state_dict"])
+
+
+class LearningRate(Callback):
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_ppo_steps_its_warmup_once_per_update(tmp_path, world_sft_path):
+    """PPO optimises by hand, so its schedule moves only where it steps it: after each of an iteration's updates."""
+    rate = LearningRate()
+    fit_world(tmp_path, world_sft_path, "gold", 3, 2, callbacks=[rate], advantage_estimator="rloo", group_size=2,
+              ppo_epochs=2, optimizer=OptimizerConfig(learning_rate=0.01, warmup_steps=4))
+    assert rate.rates == pytest.approx([0.005, 0.01, 0.01], abs=1e-12)  # after 2, 4 and 6 of the 4 warm-up steps
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])

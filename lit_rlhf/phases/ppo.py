@@ -143,8 +143,8 @@ class PPOModule(LightningModule):
         save_settings(self)
         kl_control = as_config(KLControlConfig, kl_control)
         if self.sampling.temperature <= 0:
-            temperature = self.sampling.temperature
-            raise ConfigError(f"PPO samples its rollouts: sampling.temperature must be positive, got {temperature}")
+            raise ConfigError("PPO samples its rollouts: sampling.temperature must be positive, got "
+                              f"{self.sampling.temperature}")
         check_settings(
             positive={"value_learning_rate": value_learning_rate, "clip_range": clip_range,
                       "clip_range_value": clip_range_value, "ppo_epochs": ppo_epochs,
