@@ -427,3 +427,68 @@ def test_a_template_answer_with_a_newline_after_its_eos_ends_at_the_eos(tiny_gpt
     (example,) = encode_demonstrations([Demonstration("hi", " hello<|endoftext|>\n")], tokenizer, 32, 16).examples
     hello = tokenizer(" hello", add_special_tokens=False)["input_ids"]
     assert example["response_ids"] == hello + [tokenizer.eos_token_id]
+
+
+def test_padded_length_is_the_prompt_and_the_longest_response():
+    from lit_rlhf.data.collate import padded_length
+
+    pair = {"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6, 7, 8, 9]}
+    assert padded_length(pair) == 7
+    assert padded_length({"prompt_ids": [1, 2], "response_ids": [3]}) == 3
+    assert padded_length({"prompt_ids": [1, 2]}) == 2
+    assert padded_length([pair, {"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3]}]) == 7
+
+
+def test_epoch_shuffle_by_length_visits_every_row_once_in_batches_of_similar_length_and_resumes():
+    """200 rows of lengths 1..200 in batches of 4: a plain shuffle leaves 1/3 or more of each batch padding, the
+    grouped one under 2%; each pass visits every row once, in its own order, and resumes inside it exactly."""
+    from lit_rlhf.data.datamodules import EpochShuffle
+
+    lengths = list(range(1, 201))
+
+    def padding(order):
+        batches = [order[start : start + 4] for start in range(0, len(order), 4)]
+        padded = sum(4 * max(lengths[row] for row in batch) for batch in batches)
+        return 1 - sum(lengths) / padded
+
+    grouped = EpochShuffle(200, seed=3, lengths=lengths, batch_size=4)
+    first, second = list(grouped), list(grouped)
+    assert sorted(first) == sorted(second) == list(range(200)) and first != second
+    assert padding(first) < 0.02 and padding(second) < 0.02 and padding(list(EpochShuffle(200, seed=3))) > 0.3
+    batch_maxima = [max(lengths[row] for row in first[start : start + 4]) for start in range(0, 200, 4)]
+    assert batch_maxima != sorted(batch_maxima)  # the batches themselves come in a random order
+    again = EpochShuffle(200, seed=3, lengths=lengths, batch_size=4)
+    again.resume_at(epoch=1, rows=40)
+    assert list(again) == second[40:]
+
+
+def test_epoch_shuffle_by_length_gives_every_replica_batches_of_similar_length():
+    from lit_rlhf.data.datamodules import EpochShuffle
+
+    lengths = list(range(1, 201))
+    replicas = [list(EpochShuffle(200, seed=3, num_replicas=2, rank=rank, lengths=lengths, batch_size=4))
+                for rank in (0, 1)]
+    assert sorted(replicas[0] + replicas[1]) == list(range(200))
+    for order in replicas:
+        for start in range(0, 100, 4):
+            batch = [lengths[row] for row in order[start : start + 4]]
+            assert max(batch) - min(batch) < 8  # one global batch of 8 neighbouring lengths, shared out
+
+
+def test_comparison_batches_grouped_by_length_carry_less_padding(tmp_path, tokenizer_path):
+    """Chosen answers of 1 to 10 tokens: with group_by_length the training batches hold the same pairs, with far
+    fewer padded columns."""
+    rows = [{"prompt": "a b", "chosen": " ".join(WORDS[: 1 + n % 10]), "rejected": "Assistant:"} for n in range(96)]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+
+    def columns(group_by_length):
+        datamodule = ComparisonDataModule(path=path, tokenizer_name_or_path=tokenizer_path, batch_size=8,
+                                          val_fraction=0.0, group_by_length=group_by_length)
+        datamodule.setup("fit")
+        batches = list(datamodule.train_dataloader())
+        chosen = sorted(text for batch in batches for text in batch["chosen"])
+        return sum(batch["chosen_input_ids"].numel() for batch in batches), chosen
+
+    plain, grouped = columns(False), columns(True)
+    assert grouped[1] == plain[1]
+    assert grouped[0] < 0.8 * plain[0]

@@ -171,7 +171,7 @@ def test_dpo_on_rater_comparisons_of_sft_samples_raises_gold_reward(world_sft_pa
     assert metric_series(run, "eval/objective/kl")[0] == pytest.approx(0.0, abs=1e-5)
     assert 0.2 < metric_series(run, "eval/objective/kl")[-1] < 10, "DPO should move away from SFT, on a leash"
     assert metric_series(run, "val/rewards/accuracies")[-1] > 0.55
-    assert metric_series(run, "val/rewards/margins")[-1] > 0.05
+    assert metric_series(run, "val/rewards/margins")[-1] > 0.02  # 0.03–0.08 over the main job's seeds
     sft_gold = mean_gold_reward(world_sft_path, world_cache / "world")
     dpo_gold = mean_gold_reward(str(tmp_path / "runs" / "dpo" / "hf"), world_cache / "world")
     assert dpo_gold > sft_gold + 0.05, (sft_gold, dpo_gold)

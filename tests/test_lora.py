@@ -68,7 +68,9 @@ def test_dpo_with_lora_trains_the_adapters_against_the_loaded_weights_and_export
                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[inspect])
     data = ComparisonDataModule(path=pairs, tokenizer_name_or_path=world_sft_path, batch_size=8, num_eval_prompts=4)
     trainer.fit(module, data)
-    assert trainer.callback_metrics["eval/objective/kl"] > 0  # validation measured KL to the adapters-off reference
+    # Validation measured KL to the adapters-off reference: a sampled k1 estimate, not zero (the policy against
+    # itself), of either sign on four prompts.
+    assert abs(trainer.callback_metrics["eval/objective/kl"]) > 1e-3
 
     assert isinstance(module.reference, AdaptersOff)
     assert inspect.parameters == inspect.policy_parameters  # no second copy for the reference

@@ -1,5 +1,5 @@
 """The models package: what the loader prints and warns while loading a model from another head's export, dropout
-switched off, and the entropy that comes with a model's log-probs."""
+switched off, the entropy that comes with a model's log-probs, and the response window those log-probs come from."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from lit_rlhf import losses
 from lit_rlhf.models import (
     export,
+    forward,
     load_causal_lm,
     load_scalar_head_model,
     load_tokenizer,
     model_token_logprobs,
+    response_logits,
     without_dropout,
 )
 
@@ -74,3 +77,64 @@ def test_entropy_is_only_measured_without_an_entropy_bonus(tiny_llama_path):
     assert logps.requires_grad and not entropy.requires_grad
     _, _, with_grad = model_token_logprobs(model, tokens, mask, mask, return_entropy=True)
     assert with_grad.requires_grad and torch.allclose(with_grad.detach(), entropy)
+
+
+def _full_logit_logprobs(model, input_ids, attention_mask, response_mask, temperature):
+    """What model_token_logprobs computed before it kept only the response window: every position's logits."""
+    logits = forward(model, input_ids, attention_mask).logits / temperature
+    logits, labels, mask = losses.shift_for_next_token(logits, input_ids, response_mask)
+    return losses.token_logprobs(logits, labels), losses.entropy_from_logits(logits), mask
+
+
+class _IgnoresLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward takes keyword arguments but ignores ``logits_to_keep`` (a remote-code model)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, logits_to_keep=0, **kwargs):
+        return self.model(**kwargs)
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_log_probs_come_from_the_response_window_alone_and_equal_the_full_computation(tiny_llama_path, wrap):
+    """Two rows, right-padded, whose responses start at columns 4 and 6: the LM head runs on columns 3.. only
+    (the model is asked for 7 of 10 positions), and every response log-prob and entropy is bit-identical to the
+    full-sequence computation. A model that returns every position's logits anyway is cut to the same window."""
+    tokenizer = load_tokenizer(tiny_llama_path)
+    model = load_causal_lm(tiny_llama_path, tokenizer)
+    head_rows = []
+    model.lm_head.register_forward_hook(lambda head, inputs, output: head_rows.append(inputs[0].shape[1]))
+    torch.manual_seed(0)
+    input_ids = torch.randint(3, len(tokenizer), (2, 10))
+    attention_mask = torch.tensor([[1] * 10, [1] * 8 + [0] * 2])
+    response_mask = torch.tensor([[0] * 4 + [1] * 6, [0] * 6 + [1] * 2 + [0] * 2])
+    expected_logps, expected_entropy, expected_mask = _full_logit_logprobs(
+        model, input_ids, attention_mask, response_mask, 0.7
+    )
+    head_rows.clear()
+    runner = _IgnoresLogitsToKeep(model) if wrap else model
+    logps, mask, entropy = model_token_logprobs(
+        runner, input_ids, attention_mask, response_mask, 0.7, return_entropy=True
+    )
+    assert head_rows == [10 if wrap else 7]
+    assert logps.shape == entropy.shape == (2, 9) and torch.equal(mask, expected_mask)
+    assert torch.equal(logps * mask, expected_logps * mask)
+    assert torch.equal(entropy * mask, expected_entropy * mask)
+    assert torch.equal(logps[:, :3], torch.zeros(2, 3))  # the prompt columns before the window
+
+    logits, window_ids, window_mask, start = response_logits(model, input_ids, attention_mask, response_mask)
+    assert start == 3 and logits.shape[1] == 7
+    assert torch.equal(window_ids, input_ids[:, 3:]) and torch.equal(window_mask, response_mask[:, 3:])
+    full_logits = forward(model, input_ids, attention_mask).logits
+    assert torch.equal(losses.sft_loss(logits, window_ids, window_mask),
+                       losses.sft_loss(full_logits, input_ids, response_mask))
+
+
+def test_training_forwards_build_no_generation_cache(tiny_gpt2_path):
+    tokenizer = load_tokenizer(tiny_gpt2_path)
+    model = load_causal_lm(tiny_gpt2_path, tokenizer)
+    tokens = torch.tensor([[5, 6, 7, 8]])
+    assert model(input_ids=tokens).past_key_values is not None  # what the model does unless told
+    assert forward(model, tokens, torch.ones_like(tokens)).past_key_values is None

@@ -44,6 +44,7 @@ def test_the_optimizer_group_sets_adamw_and_its_warmup_then_cosine_schedule():
     configured = adamw_with_warmup(SimpleNamespace(estimated_stepping_batches=10), [torch.nn.Parameter(torch.ones(1))],
                                    settings)
     assert configured["optimizer"].param_groups[0]["weight_decay"] == 0.1
+    assert configured["optimizer"].defaults["fused"] is True  # one kernel for every parameter, as transformers
 
 
 def test_without_decay_the_rate_holds_after_the_warmup():

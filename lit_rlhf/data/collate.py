@@ -59,15 +59,12 @@ def _pad(
     length = longest if length is None else length
     if length < longest:
         raise ValueError(f"cannot pad a sequence of {longest} tokens to length {length}")
-    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        if not seq:
-            continue
-        columns = slice(length - len(seq), length) if left else slice(0, len(seq))
-        ids[row, columns] = torch.tensor(seq, dtype=torch.long)
-        mask[row, columns] = 1
-    return ids, mask
+    padding = [[pad_id] * (length - len(seq)) for seq in seqs]
+    ids = torch.tensor([[*pad, *seq] if left else [*seq, *pad] for seq, pad in zip(seqs, padding)], dtype=torch.long)
+    lengths = torch.tensor([len(seq) for seq in seqs], dtype=torch.long).unsqueeze(1)
+    positions = torch.arange(length)
+    mask = (positions >= length - lengths) if left else (positions < lengths)
+    return ids.reshape(len(seqs), length), mask.long()
 
 
 def check_lengths(max_length: int, max_prompt_length: int, with_response: bool = True) -> None:
@@ -260,6 +257,16 @@ def encode_unpaired(
 
 
 # --- batches -----------------------------------------------------------------------------------------------------
+
+
+def padded_length(example: Example | Sequence[Example]) -> int:
+    """The columns an example fills in a batch: its prompt and its longest response (a prompt-grouped example, a
+    list of pairs, its longest pair)."""
+    if isinstance(example, list):
+        return max(map(padded_length, example))
+    responses = (len(example[key]) for key in ("response_ids", "chosen_ids", "rejected_ids") if key in example)
+    return len(example["prompt_ids"]) + max(responses, default=0)
+
 
 
 def _sequences(

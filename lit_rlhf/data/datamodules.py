@@ -37,6 +37,7 @@ from lit_rlhf.data.collate import (
     encode_demonstrations,
     encode_prompts,
     encode_unpaired,
+    padded_length,
 )
 from lit_rlhf.data.formats import (
     AssistantTurns,
@@ -87,11 +88,27 @@ class EpochShuffle(DistributedSampler):
     Under data parallelism the order is padded to a multiple of ``num_replicas`` by repeating it from its start, as
     ``DistributedSampler`` pads, and replica r takes every ``num_replicas``-th row from row r. ``resume_at`` skips
     rows of that whole order, so a replica resumed with the same number of replicas sees exactly the rows it would
-    have seen. Being a ``DistributedSampler``, it is used as it is by Lightning, which would otherwise wrap it."""
+    have seen. Being a ``DistributedSampler``, it is used as it is by Lightning, which would otherwise wrap it.
 
-    def __init__(self, size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+    With ``lengths`` (one per row) and ``batch_size``, rows of similar length share a batch, so batches carry little
+    padding (transformers' ``group_by_length``): the shuffled order is cut into runs of :data:`MEGABATCH_BATCHES`
+    global batches (``batch_size`` rows for every replica), each run sorted by length, cut into its global batches,
+    and those shuffled. Every row is still visited once per pass, and batches still come in a random order."""
+
+    MEGABATCH_BATCHES = 50
+    """Global batches sorted together: more groups lengths more tightly, fewer keeps the order more random."""
+
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        lengths: list[int] | None = None,
+        batch_size: int = 1,
+    ) -> None:
         super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.size = size
+        self.size, self.lengths, self.batch_size = size, lengths, batch_size
         self.epoch, self._next_epoch, self._skip = -1, 0, 0
 
     def resume_at(self, epoch: int, rows: int) -> None:
@@ -109,9 +126,25 @@ class EpochShuffle(DistributedSampler):
             torch.randperm(self.size, generator=generator)
         torch.empty((), dtype=torch.int64).random_(generator=generator)
         order = torch.randperm(self.size, generator=generator).tolist()
+        if self.lengths is not None:
+            order = self._grouped_by_length(order)
         order = (order * math.ceil(self.total_size / self.size))[: self.total_size]  # the padding, repeated if short
         skip, self._skip = self._skip, 0
         return iter(order[skip + self.rank :: self.num_replicas])
+
+    def _grouped_by_length(self, order: list[int]) -> list[int]:
+        """``order`` regrouped so each global batch holds rows of similar length (see the class docstring). A
+        replica takes every ``num_replicas``-th row, so a global batch of rows gives every replica one batch."""
+        global_batch = self.batch_size * self.num_replicas
+        shuffle = random.Random(f"length groups {self.seed} {self.epoch}").shuffle
+        grouped: list[int] = []
+        for start in range(0, len(order), global_batch * self.MEGABATCH_BATCHES):
+            run = sorted(order[start : start + global_batch * self.MEGABATCH_BATCHES], key=self.lengths.__getitem__)
+            batches = [run[first : first + global_batch] for first in range(0, len(run), global_batch)]
+            partial_batch = batches.pop() if len(batches[-1]) < global_batch else []  # the pass's last: kept last
+            shuffle(batches)
+            grouped += [row for batch in batches for row in batch] + partial_batch
+        return grouped
 
 
 class RLHFDataModule(LightningDataModule):
@@ -133,6 +166,8 @@ class RLHFDataModule(LightningDataModule):
         split: The split of a ``datasets`` name, a saved DatasetDict, or a folder whose files are named by split.
         num_eval_prompts: How many prompts :attr:`eval_prompts` holds.
         world_dir: Where the world is written; default :func:`default_world_dir`.
+        group_by_length: Training batches of rows of similar length, so less of each batch is padding; still every
+            row once per epoch, in batches drawn in a random order (:class:`EpochShuffle`).
 
     After :meth:`setup` the phases read :attr:`tokenizer`, :attr:`train_records` / :attr:`val_records`,
     :attr:`eval_prompts` (the world's held-out prompts, or else the first distinct prompts of the validation
@@ -158,6 +193,7 @@ class RLHFDataModule(LightningDataModule):
         split: str = "train",
         num_eval_prompts: int = 64,
         world_dir: str | None = None,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         check_lengths(max_length, max_prompt_length, with_response=self.kind != "prompt")
@@ -233,13 +269,15 @@ class RLHFDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
-        self._train_order = EpochShuffle(len(self._train.examples), self.seed, *self._replica())
+        examples, hp = self._train.examples, self.hparams
+        lengths = [padded_length(example) for example in examples] if hp.group_by_length else None
+        self._train_order = EpochShuffle(len(examples), self.seed, *self._replica(), lengths, hp.batch_size)
         if self._resume_position is not None:
             self._train_order.resume_at(*self._resume_position)
             self._resume_position = None
         # The loader's own generator seeds worker processes; given one, it leaves the global RNG alone.
         generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(self._train.examples, sampler=self._train_order, generator=generator)
+        return self._loader(examples, sampler=self._train_order, generator=generator)
 
     def state_dict(self) -> dict[str, int]:
         """Where training is in its data, for an exact mid-epoch resume: the epoch and the batches of it done."""

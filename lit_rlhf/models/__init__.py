@@ -26,7 +26,7 @@ from lit_rlhf.models.loading import (
     quiet_transformers,
     world_config,
 )
-from lit_rlhf.models.logprobs import model_token_logprobs
+from lit_rlhf.models.logprobs import model_token_logprobs, response_logits
 from lit_rlhf.models.lora import AdaptersOff, LoRAConfig, merged, with_lora
 from lit_rlhf.models.positions import check_positions, forward, position_ids_from_mask
 from lit_rlhf.models.sharding import full_state_dict, is_sharded, shard
@@ -52,6 +52,7 @@ __all__ = [
     "load_tokenizer",
     "merged",
     "model_token_logprobs",
+    "response_logits",
     "position_ids_from_mask",
     "quiet_transformers",
     "scalar_scores",

@@ -83,7 +83,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
 
 
 def world_config(tokenizer: PreTrainedTokenizerBase) -> GPT2Config:
-    """The world preset: a small GPT-2 without dropout (RLHF log-prob ratios must not be noisy)."""
+    """The world preset: a small GPT-2 without dropout (RLHF log-prob ratios must not be noisy). Its activation is
+    GPT-2's tanh GELU as torch's one fused op (``gelu_pytorch_tanh``), not transformers' ``gelu_new``, the same formula
+    in eight elementwise ops: a fifth of a training step of a model this small."""
     return GPT2Config(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.eos_token_id,
@@ -92,6 +94,7 @@ def world_config(tokenizer: PreTrainedTokenizerBase) -> GPT2Config:
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        activation_function="gelu_pytorch_tanh",
         **WORLD_PRESET,
     )
 

@@ -14,10 +14,16 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
-def forward(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """Run a model with padding-independent position ids (``generate`` does the same internally)."""
+def forward(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+    """Run a model with padding-independent position ids (``generate`` does the same internally), and without the
+    key/value cache a model would otherwise build for generation that never comes (``use_cache=False``). ``kwargs``
+    go to the model's forward."""
     return model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        **kwargs,
     )
 
 

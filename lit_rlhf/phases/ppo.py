@@ -47,12 +47,12 @@ from lit_rlhf.models import (
     AdaptersOff,
     LoRAConfig,
     ValueModel,
-    forward,
     frozen,
     load_causal_lm,
     load_scalar_head_model,
     load_tokenizer,
     model_token_logprobs,
+    response_logits,
     trainable,
     with_lora,
     without_dropout,
@@ -322,8 +322,10 @@ class PPOModule(LightningModule):
             stats |= {"loss/value": value_loss.detach(), "value/clipfrac": value_stats["clipfrac"]}
         if self._demonstrations is not None:
             demos = self._demonstration_batch()
-            logits = forward(self.policy, demos["input_ids"], demos["attention_mask"]).logits
-            ptx_loss = sft_loss(logits, demos["input_ids"], demos["response_mask"])
+            logits, input_ids, response_mask, _ = response_logits(
+                self.policy, demos["input_ids"], demos["attention_mask"], demos["response_mask"]
+            )
+            ptx_loss = sft_loss(logits, input_ids, response_mask)
             loss = loss + hp.ptx_coef * ptx_loss
             stats["loss/ptx"] = ptx_loss.detach()
         return loss, stats

@@ -11,7 +11,7 @@ from torchmetrics import MeanMetric
 from lit_rlhf import losses
 from lit_rlhf.evaluation import evaluate_policy
 from lit_rlhf.generation import SamplingConfig
-from lit_rlhf.models import LoRAConfig, forward, load_causal_lm, load_tokenizer, trainable, with_lora
+from lit_rlhf.models import LoRAConfig, load_causal_lm, load_tokenizer, response_logits, trainable, with_lora
 from lit_rlhf.phases.shared import (
     OptimizerConfig,
     adamw_with_warmup,
@@ -63,8 +63,10 @@ class SFTModule(LightningModule):
             shard_networks(self, self.model)
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = forward(self.model, batch["input_ids"], batch["attention_mask"]).logits
-        loss = losses.sft_loss(logits, batch["input_ids"], batch["response_mask"])
+        logits, input_ids, response_mask, _ = response_logits(
+            self.model, batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+        )
+        loss = losses.sft_loss(logits, input_ids, response_mask)
         response_tokens = batch["response_mask"][:, 1:].sum()
         return loss, response_tokens
 

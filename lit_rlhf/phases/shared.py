@@ -79,8 +79,11 @@ def adamw_with_warmup(
 ) -> dict:
     """A ``configure_optimizers`` return value: AdamW with linear warm-up, then a cosine decay that spans
     ``trainer.estimated_stepping_batches`` (``decay=False``: a constant rate). ``parameter_groups``: parameters, or
-    ``torch.optim`` groups (dicts) with their own ``lr``."""
-    optimizer = torch.optim.AdamW(parameter_groups, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    ``torch.optim`` groups (dicts) with their own ``lr``. The fused kernel (transformers' default too) updates every
+    parameter in one pass instead of a dozen small ops per tensor."""
+    optimizer = torch.optim.AdamW(
+        parameter_groups, lr=settings.learning_rate, weight_decay=settings.weight_decay, fused=True
+    )
     total_steps = max(int(trainer.estimated_stepping_batches), 1)
     warmup_steps = min(settings.warmup_steps, total_steps)
     if decay:
