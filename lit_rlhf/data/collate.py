@@ -268,7 +268,6 @@ def padded_length(example: Example | Sequence[Example]) -> int:
     return len(example["prompt_ids"]) + max(responses, default=0)
 
 
-
 def _sequences(
     prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int, length: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ def response_logits(
     """A causal LM's logits only from the position before the batch's first response token on, with ``input_ids``
     and ``response_mask`` cut to the same columns: ``(logits, input_ids, response_mask, start)``, the window
     starting at column ``start``. A loss on the response tokens needs no more, and the LM head and its softmax over
-    the prompts (half of a step's work where the vocabulary is large) are skipped: the model is asked for its last
+    the prompts (much of a step's work where the vocabulary is large) are skipped: the model is asked for its last
     logits only (``logits_to_keep``, what transformers' causal LMs take), and a model that returns them all anyway
     is cut here. The window holds whole rows' responses, so every loss on it is the loss on the full sequences."""
     responses = response_mask.any(dim=0).nonzero()
