@@ -299,7 +299,7 @@ def collate_comparisons(examples: Sequence[Example], pad_id: int) -> dict[str, A
     ONE common T so that a phase can ``torch.cat`` them for a single forward; ``margin`` float [B] (0.0 where
     absent) and ``has_margin`` bool [B]; ``prompt``, ``chosen``, ``rejected`` texts."""
     prompts = [e["prompt_ids"] for e in examples]
-    length = max(len(p) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for p, e in zip(prompts, examples))
+    length = max(map(padded_length, examples))
     batch: dict[str, Any] = {}
     for side in ("chosen", "rejected"):
         input_ids, attention_mask, response_mask = _sequences(
