@@ -354,6 +354,15 @@ def test_precomputed_reference_logps_give_the_live_reference_losses(world_sft_pa
     assert cache.exists()
 
 
+def test_sharing_prompts_trains_as_whole_sequences_do(world_sft_path, small_world_comparisons, tmp_path):
+    shared, shared_run = fit_few_steps(world_sft_path, small_world_comparisons, tmp_path / "shared")
+    whole, whole_run = fit_few_steps(world_sft_path, small_world_comparisons, tmp_path / "whole", share_prompts=False)
+    assert shared.hparams.share_prompts and not whole.hparams.share_prompts
+    assert shared_run.losses == pytest.approx(whole_run.losses, abs=1e-5)
+    for name in ("val/loss", "val/rewards/margins", "val/logps/chosen", "val/logps/rejected"):
+        assert shared.logged[name] == pytest.approx(whole.logged[name], abs=1e-4), name
+
+
 def test_reference_logps_cache_is_reused_and_invalidated(world_sft_path, small_world_comparisons, tmp_path,
                                                          monkeypatch):
     reference_path = shutil.copytree(world_sft_path, tmp_path / "sft")  # a copy, to rewrite it below

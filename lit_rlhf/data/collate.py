@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_rlhf.data.formats import Comparison, Demonstration, PromptRecord, Unpaired
 from lit_rlhf.errors import ConfigError
+from lit_rlhf.models.shared_prompts import SharedPrompts
 
 Example = dict[str, Any]
 """One tokenised record: ``prompt_ids`` and, where there is a response, ``response_ids`` (or ``chosen_ids`` and
@@ -296,8 +297,10 @@ def collate_demonstrations(examples: Sequence[Example], pad_id: int) -> dict[str
 
 def collate_comparisons(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
     """``chosen_*`` and ``rejected_*`` ``input_ids`` / ``attention_mask`` / ``response_mask``, all [B, T] with
-    ONE common T so that a phase can ``torch.cat`` them for a single forward; ``margin`` float [B] (0.0 where
-    absent) and ``has_margin`` bool [B]; ``prompt``, ``chosen``, ``rejected`` texts."""
+    ONE common T so that a phase can ``torch.cat`` them for a single forward; the same pairs as ``shared_prompts``
+    (:func:`shared_prompts`) with ``chosen_row`` and ``rejected_row`` [B], each pair's rows of its responses;
+    ``margin`` float [B] (0.0 where absent) and ``has_margin`` bool [B]; ``prompt``, ``chosen``, ``rejected``
+    texts."""
     prompts = [e["prompt_ids"] for e in examples]
     length = max(map(padded_length, examples))
     batch: dict[str, Any] = {}
@@ -308,11 +311,33 @@ def collate_comparisons(examples: Sequence[Example], pad_id: int) -> dict[str, A
         batch[f"{side}_input_ids"] = input_ids
         batch[f"{side}_attention_mask"] = attention_mask
         batch[f"{side}_response_mask"] = response_mask
+    batch["shared_prompts"], rows = shared_prompts(
+        prompts + prompts, [e[f"{side}_ids"] for side in ("chosen", "rejected") for e in examples], pad_id
+    )
+    batch["chosen_row"], batch["rejected_row"] = rows.chunk(2)
     batch["margin"] = torch.tensor([e["margin"] or 0.0 for e in examples], dtype=torch.float)
     batch["has_margin"] = torch.tensor([e["margin"] is not None for e in examples], dtype=torch.bool)
     for text in ("prompt", "chosen", "rejected"):
         batch[text] = [e[text] for e in examples]
     return batch
+
+
+def shared_prompts(
+    prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int
+) -> tuple[SharedPrompts, torch.Tensor]:
+    """``responses`` after their ``prompts`` (one each), laid out to share them
+    (:class:`~lit_rlhf.models.SharedPrompts`): each distinct prompt, and each distinct response to it, once. Also
+    the row of each of ``responses`` in that layout [N]."""
+    prompt_rows: dict[tuple[int, ...], int] = {}
+    response_rows: dict[tuple[int, tuple[int, ...]], int] = {}
+    rows = []
+    for prompt_tokens, response in zip(prompts, responses, strict=True):
+        prompt = prompt_rows.setdefault(tuple(prompt_tokens), len(prompt_rows))
+        rows.append(response_rows.setdefault((prompt, tuple(response)), len(response_rows)))
+    prompt_ids, prompt_mask = pad_left([list(prompt) for prompt in prompt_rows], pad_id)
+    response_ids, response_mask = pad_right([list(response) for _, response in response_rows], pad_id)
+    prompt_of = torch.tensor([prompt for prompt, _ in response_rows], dtype=torch.long)
+    return SharedPrompts(prompt_ids, prompt_mask, response_ids, response_mask, prompt_of), torch.tensor(rows)
 
 
 def collate_comparison_groups(groups: Sequence[Sequence[Example]], pad_id: int) -> dict[str, Any]:

@@ -1,7 +1,10 @@
-"""Scalar heads, read two ways: :func:`scalar_scores`, one score per sequence where its mask ends (the reward model),
-and :class:`ValueModel`, the head at every position (PPO's critic)."""
+"""Scalar heads, read two ways: :func:`scalar_scores`, one score per sequence where its mask ends (the reward model;
+:func:`shared_prompt_scores` for responses that share prompts), and :class:`ValueModel`, the head at every position
+(PPO's critic)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from transformers import PreTrainedModel
@@ -9,23 +12,40 @@ from transformers import PreTrainedModel
 from lit_rlhf.advantages import normalize_scores
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.models.positions import forward
+from lit_rlhf.models.shared_prompts import SharedPrompts, forward_sharing_prompts, select_rows
 
 
-def scalar_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[B]`` scores of a scalar-head model, read at each row's last attended position (left or right padding).
+def _head_outputs(model: PreTrainedModel, run: Callable[[], object]) -> list[torch.Tensor]:
+    """The ``score`` head's output at every position ``[B, T]`` (float32) of each forward that ``run()`` makes.
 
     The model's own forward reads its head at the last token that is not the pad id; where pad and EOS are one token
     (GPT-2, Llama: the loader's default) that skips the final EOS, and a finished answer would score as the same
-    answer cut short. So the head's output at every position is caught on its way out and read where the mask ends.
+    answer cut short. So the head's output at every position is caught on its way out, to be read where a mask ends.
     """
-    per_position = []
-    hook = model.score.register_forward_hook(lambda head, inputs, output: per_position.append(output))
+    outputs = []
+    hook = model.score.register_forward_hook(lambda head, inputs, output: outputs.append(output.squeeze(-1).float()))
     try:
-        forward(model, input_ids, attention_mask)
+        run()
     finally:
         hook.remove()
+    return outputs
+
+
+def scalar_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B]`` scores of a scalar-head model, read at each row's last attended position (left or right padding)."""
+    (per_position,) = _head_outputs(model, lambda: forward(model, input_ids, attention_mask))
     last = (torch.arange(attention_mask.shape[1], device=attention_mask.device) * attention_mask).argmax(dim=1)
-    return per_position[0].squeeze(-1).float()[torch.arange(len(last), device=last.device), last]
+    return per_position[torch.arange(len(last), device=last.device), last]
+
+
+def shared_prompt_scores(model: PreTrainedModel, shared: SharedPrompts) -> torch.Tensor:
+    """``[R]`` scores of the responses of ``shared``, each prompt computed once
+    (:func:`~lit_rlhf.models.shared_prompts.forward_sharing_prompts`): the head read at each response's last token,
+    what :func:`scalar_scores` gives for the whole sequences up to float rounding."""
+    prompt_scores, response_scores = _head_outputs(model, lambda: forward_sharing_prompts(model, shared))
+    # Column 0 is the prompt's last token: where an empty response (one cut to nothing) is read.
+    window = torch.cat([select_rows(prompt_scores[:, -1:], shared.prompt_of), response_scores], dim=1)
+    return window[torch.arange(len(window), device=window.device), shared.response_mask.sum(dim=1)]
 
 
 class ValueModel(torch.nn.Module):

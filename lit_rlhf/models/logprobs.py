@@ -3,6 +3,7 @@ each named for the level it works at.
 
 - :func:`lit_rlhf.losses.token_logprobs`: logits and labels → per-token log-probs;
 - :func:`model_token_logprobs`: a model and token ids → per-token log-probs (the first, on the model's logits);
+  :func:`shared_prompt_logprobs` the same for responses that share prompts, each prompt computed once;
 - :func:`lit_rlhf.losses.sequence_logprobs`: per-token log-probs and a mask → one log-prob per sequence;
 - :func:`lit_rlhf.phases.dpo_logprobs.model_sequence_logprobs`: a model and DPO's sequences → one log-prob per
   sequence (the second, then the third).
@@ -17,6 +18,7 @@ from transformers import PreTrainedModel
 
 from lit_rlhf import losses
 from lit_rlhf.models.positions import forward
+from lit_rlhf.models.shared_prompts import SharedPrompts, forward_sharing_prompts, select_rows
 
 
 def response_logits(
@@ -75,3 +77,16 @@ def model_token_logprobs(
             entropy = losses.entropy_from_logits(logits if entropy_grad else logits.detach())
             return logps, mask, torch.nn.functional.pad(entropy, before_window)
     return logps, mask
+
+
+def shared_prompt_logprobs(model: PreTrainedModel, shared: SharedPrompts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs ``[R, Tr]`` of the response tokens of ``shared`` under a causal LM, each prompt computed
+    once (:func:`~lit_rlhf.models.shared_prompts.forward_sharing_prompts`), and the mask of real tokens: what
+    :func:`model_token_logprobs` gives for the response columns of the whole sequences, up to float rounding. A
+    response's first token is scored by its prompt's last logits, the others by the response's own."""
+    keep_last = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
+    prompt_outputs, response_outputs = forward_sharing_prompts(model, shared, **keep_last)
+    first_logits = select_rows(prompt_outputs.logits[:, -1:], shared.prompt_of)
+    first = losses.token_logprobs(first_logits, shared.response_ids[:, :1])
+    rest = losses.token_logprobs(response_outputs.logits[:, :-1], shared.response_ids[:, 1:])
+    return torch.cat([first, rest], dim=1), shared.response_mask

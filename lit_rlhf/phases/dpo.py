@@ -10,10 +10,12 @@ KTO, on unpaired rows, is :class:`~lit_rlhf.phases.kto.KTOModule`; both share
 from __future__ import annotations
 
 import torch
+from transformers import PreTrainedModel
 
 from lit_rlhf import losses
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.phases.dpo_logprobs import concatenated, model_sequence_logprobs
+from lit_rlhf.models import shares_prompts
+from lit_rlhf.phases.dpo_logprobs import concatenated, pair_logprobs
 from lit_rlhf.phases.preference import Metrics, PreferenceModule
 from lit_rlhf.phases.shared import check_settings
 
@@ -33,9 +35,12 @@ class DPOModule(PreferenceModule):
 
     Logs, each training step and with a ``val/`` prefix over the validation split, ``rewards/chosen``,
     ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected`` and
-    ``lengths/chosen_minus_rejected``: rewards are β·(log π − log π_ref), for SimPO β·(mean log π). Chosen and
-    rejected go through the policy in one concatenated forward. ``rpo_alpha`` adds α·NLL of the chosen responses per
-    token (RPO, Pang et al. 2024).
+    ``lengths/chosen_minus_rejected``: rewards are β·(log π − log π_ref), for SimPO β·(mean log π). With
+    ``share_prompts`` (the default) a batch's prompts go through the policy and the reference once, into a key/value
+    cache that its chosen and rejected responses then attend to (:mod:`lit_rlhf.models.shared_prompts`): the same
+    log-probs up to float rounding, for about a fifth less work; without it, or for a model that takes no cache,
+    chosen and rejected go through as whole sequences in one concatenated forward. ``rpo_alpha`` adds α·NLL of the
+    chosen responses per token (RPO, Pang et al. 2024).
     """
 
     METRICS = PAIRED_METRICS
@@ -47,6 +52,7 @@ class DPOModule(PreferenceModule):
         label_smoothing: float = 0.0,
         simpo_gamma: float = 0.5,
         rpo_alpha: float = 0.0,
+        share_prompts: bool = True,
         **shared,
     ) -> None:
         check_settings(non_negative={"simpo_gamma": simpo_gamma, "rpo_alpha": rpo_alpha})
@@ -62,6 +68,10 @@ class DPOModule(PreferenceModule):
         self.pairwise_loss = losses.PREFERENCE_LOSSES[loss_type]
         """What the loss needs: a reference, averaged log-probs, its own settings."""
 
+    def _pair_logps(self, model: PreTrainedModel, batch: dict) -> tuple[torch.Tensor, ...]:
+        share = self.hparams.share_prompts and shares_prompts(model)
+        return pair_logprobs(model, batch, self._average_logps, share)
+
     @property
     def _uses_reference(self) -> bool:
         return self.pairwise_loss.uses_reference
@@ -73,9 +83,12 @@ class DPOModule(PreferenceModule):
     def _step(self, batch: dict) -> tuple[torch.Tensor, Metrics]:
         hp = self.hparams
         sequences = concatenated(batch, "chosen_", "rejected_")
-        logps, token_logps, mask = model_sequence_logprobs(self.model, sequences, self._average_logps)
+        logps, token_logps, mask = self._pair_logps(self.model, batch)
         chosen_logps, rejected_logps = logps.chunk(2)
-        ref_chosen, ref_rejected = self._reference_logps(sequences).chunk(2) if self._uses_reference else (None, None)
+        ref_chosen, ref_rejected = (
+            self._reference_logps(sequences, live=lambda reference: self._pair_logps(reference, batch)[0]).chunk(2)
+            if self._uses_reference else (None, None)
+        )
         # Each loss takes the settings among these that it declares (PreferenceLoss.options), ignores the others.
         per_pair, chosen_rewards, rejected_rewards = losses.preference_loss(
             chosen_logps, rejected_logps, ref_chosen, ref_rejected, hp.beta, hp.loss_type, hp.label_smoothing,

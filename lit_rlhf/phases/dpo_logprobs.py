@@ -1,5 +1,6 @@
 """DPO's log-probs: the sequences of a preference batch stacked for one forward (:func:`concatenated`), their
-log-probs under a model (:func:`model_sequence_logprobs`), and the reference's computed before training, so that the
+log-probs under a model (:func:`model_sequence_logprobs`; :func:`pair_logprobs` for a comparison batch, each prompt
+computed once where the model allows), and the reference's computed before training, so that the
 reference need not stay in memory: a content-addressed cache (:class:`ReferenceLogpsCache`), optionally kept in a file
 for later runs with the same reference (a β sweep, say)."""
 
@@ -11,10 +12,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import move_data_to_device
 from transformers import PreTrainedModel
 
 from lit_rlhf import losses
-from lit_rlhf.models import model_token_logprobs
+from lit_rlhf.models import model_token_logprobs, select_rows, shared_prompt_logprobs
 
 SEQUENCE_FIELDS = ("input_ids", "attention_mask", "response_mask")
 
@@ -29,6 +31,21 @@ def model_sequence_logprobs(model: PreTrainedModel, sequences: dict, average: bo
     log-probs of :func:`lit_rlhf.models.model_token_logprobs` and their sum (``average``: mean) per sequence,
     :func:`lit_rlhf.losses.sequence_logprobs`."""
     token_logps, mask = model_token_logprobs(model, *(sequences[field] for field in SEQUENCE_FIELDS))
+    return losses.sequence_logprobs(token_logps, mask, average=average), token_logps, mask
+
+
+def pair_logprobs(
+    model: PreTrainedModel, batch: dict, average: bool, share_prompts: bool
+) -> tuple[torch.Tensor, ...]:
+    """:func:`model_sequence_logprobs` of a comparison batch's chosen then rejected responses (``[2B]``, and the
+    per-token ``[2B, T]`` with their mask). With ``share_prompts`` each distinct prompt and response goes through
+    the model once (the batch's ``shared_prompts``, :func:`~lit_rlhf.models.shared_prompt_logprobs`): the same
+    values up to float rounding, the per-token ones over the response columns only."""
+    if not share_prompts:
+        return model_sequence_logprobs(model, concatenated(batch, "chosen_", "rejected_"), average)
+    token_logps, mask = shared_prompt_logprobs(model, batch["shared_prompts"])
+    rows = torch.cat([batch["chosen_row"], batch["rejected_row"]])
+    token_logps, mask = select_rows(token_logps, rows), mask[rows]
     return losses.sequence_logprobs(token_logps, mask, average=average), token_logps, mask
 
 
@@ -68,11 +85,12 @@ class ReferenceLogpsCache:
 
     def fill(
         self, batches: Iterable[dict], load_reference: Callable[[], PreTrainedModel], device: torch.device,
-        average: bool,
+        logprobs: Callable[[PreTrainedModel, dict], torch.Tensor],
     ) -> tuple[set[bytes], bool]:
-        """Compute the entries the chosen and rejected sequences of ``batches`` lack, with the reference that
-        ``load_reference()`` gives, loaded only when one is missing and freed afterwards. Returns every key of
-        ``batches`` and whether anything was computed."""
+        """Compute the entries the chosen and rejected sequences of ``batches`` lack, as ``logprobs(reference,
+        batch)`` gives them (``[2B]``, chosen then rejected) with the reference that ``load_reference()`` gives,
+        loaded only when one is missing and freed afterwards. Returns every key of ``batches`` and whether anything
+        was computed."""
         reference, current_keys = None, set()
         for batch in batches:
             sequences = concatenated(batch, "chosen_", "rejected_")
@@ -83,8 +101,7 @@ class ReferenceLogpsCache:
             if reference is None:
                 reference = load_reference()
             with torch.no_grad():
-                on_device = {field: value.to(device) for field, value in sequences.items()}
-                self.values.update(zip(keys, model_sequence_logprobs(reference, on_device, average)[0].tolist()))
+                self.values.update(zip(keys, logprobs(reference, move_data_to_device(batch, device)).tolist()))
         computed = reference is not None
         del reference  # out of memory before training starts
         gc.collect()

@@ -6,6 +6,7 @@ measures against the reference policy's answers."""
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 
 import torch
 from lightning.pytorch import LightningModule
@@ -26,7 +27,12 @@ from lit_rlhf.models import (
     with_lora,
     without_dropout,
 )
-from lit_rlhf.phases.dpo_logprobs import ReferenceLogpsCache, model_sequence_logprobs, reference_fingerprint
+from lit_rlhf.phases.dpo_logprobs import (
+    ReferenceLogpsCache,
+    model_sequence_logprobs,
+    pair_logprobs,
+    reference_fingerprint,
+)
 from lit_rlhf.phases.shared import (
     OptimizerConfig,
     adamw_with_warmup,
@@ -147,14 +153,25 @@ class PreferenceModule(LightningModule):
             self.reference_cache = ReferenceLogpsCache(fingerprint, hp.ref_logps_cache)
         cache = self.reference_cache
         keys, computed = cache.fill(self.trainer.datamodule.every_batch(), self._load_reference, self.device,
-                                    self._average_logps)
+                                    lambda reference, batch: self._pair_logps(reference, batch)[0])
         if computed and cache.path is not None and self.trainer.is_global_zero:
             cache.save(keys)
 
-    def _reference_logps(self, sequences: dict) -> torch.Tensor:
+    def _pair_logps(self, model: PreTrainedModel, batch: dict) -> tuple[torch.Tensor, ...]:
+        """A comparison batch's chosen then rejected log-probs under ``model`` (:func:`pair_logprobs`): what
+        ``precompute_ref_logps`` stores, with the reference."""
+        return pair_logprobs(model, batch, self._average_logps, share_prompts=False)
+
+    def _reference_logps(
+        self, sequences: dict, live: Callable[[PreTrainedModel], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The reference's log-probs of ``sequences``: looked up where they were precomputed, else ``live(reference)``
+        without gradients (by default the log-probs of the whole sequences)."""
         if self.reference_cache is not None:
             return self.reference_cache.lookup(sequences).to(self.device)
         with torch.no_grad():
+            if live is not None:
+                return live(self.reference)
             return model_sequence_logprobs(self.reference, sequences, self._average_logps)[0]
 
     # --- training and validation ---

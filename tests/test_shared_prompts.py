@@ -1,0 +1,143 @@
+"""Responses that share prompts: the batch layout, each prompt computed once, and the same log-probs, scores and
+gradients as whole sequences give, up to float rounding; deterministic gradients; DPO and the reward model trained
+either way alike."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from lit_rlhf.data.collate import collate_comparisons, shared_prompts
+from lit_rlhf.errors import ConfigError
+from lit_rlhf.models import (
+    SharedPrompts,
+    forward_sharing_prompts,
+    load_causal_lm,
+    load_scalar_head_model,
+    load_tokenizer,
+    model_token_logprobs,
+    scalar_scores,
+    select_rows,
+    shared_prompt_logprobs,
+    shared_prompt_scores,
+    shares_prompts,
+)
+from lit_rlhf.phases.dpo_logprobs import pair_logprobs
+
+
+def test_each_distinct_prompt_and_response_gets_one_row():
+    """Pairs 0 and 1 share a prompt, and pair 0's rejected answer is pair 1's chosen one: two prompts, five
+    responses, each pair pointing at its rows; prompts left-padded, responses right-padded."""
+    layout, rows = shared_prompts(
+        [[5, 6, 7], [5, 6, 7], [4], [5, 6, 7], [5, 6, 7], [4]],
+        [[8, 9], [10], [8, 9], [10], [11, 12, 13], [10]],
+        pad_id=0,
+    )
+    assert layout.prompt_ids.tolist() == [[5, 6, 7], [0, 0, 4]]
+    assert layout.prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert layout.response_ids.tolist() == [[8, 9, 0], [10, 0, 0], [8, 9, 0], [11, 12, 13], [10, 0, 0]]
+    assert layout.response_mask.tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1], [1, 0, 0]]
+    assert layout.prompt_of.tolist() == [0, 0, 1, 0, 1]
+    assert rows.tolist() == [0, 1, 2, 1, 3, 4]
+
+
+def _pairs(tokenizer) -> list[dict]:
+    """Four pairs with prompts of 3 to 7 tokens; pairs 0 and 1 share their prompt and one answer."""
+    generator = torch.Generator().manual_seed(0)
+
+    def tokens(count: int) -> list[int]:
+        return torch.randint(3, len(tokenizer), (count,), generator=generator).tolist()
+
+    prompts, answers = [tokens(7), tokens(3), tokens(5)], [tokens(n) for n in (4, 9, 1, 6, 5, 2)]
+    pairs = [(0, 0, 1), (0, 2, 0), (1, 3, 4), (2, 5, 1)]
+    return [{"prompt_ids": prompts[p], "chosen_ids": answers[c], "rejected_ids": answers[r], "margin": None,
+             "prompt": "", "chosen": "", "rejected": ""} for p, c, r in pairs]
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_shared_prompt_log_probs_and_gradients_equal_whole_sequences(architecture, tiny_gpt2_path, tiny_llama_path):
+    path = {"gpt2": tiny_gpt2_path, "llama": tiny_llama_path}[architecture]
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path, tokenizer)
+    batch = collate_comparisons(_pairs(tokenizer), tokenizer.pad_token_id)
+    positions = []
+    model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: positions.append(output.shape[1]))
+
+    whole, _, _ = pair_logprobs(model, batch, average=False, share_prompts=False)
+    whole.sum().backward()
+    whole_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    shared, token_logps, mask = pair_logprobs(model, batch, average=False, share_prompts=True)
+    shared.sum().backward()
+
+    assert positions == [16, 7, 9]  # 8 rows of 16 columns; then 3 prompts of 7, and 7 distinct answers of 9
+    torch.testing.assert_close(shared, whole, rtol=0, atol=1e-5)
+    assert mask.sum(1).tolist() == [4, 1, 6, 2, 9, 4, 5, 9]  # each row's answer tokens, chosen then rejected
+    for parameter, expected in zip(model.parameters(), whole_grads):
+        torch.testing.assert_close(parameter.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_shared_prompt_log_probs_match_the_token_log_probs_of_whole_sequences(tiny_llama_path):
+    """Per token, not only summed: each answer token's log-prob sits where model_token_logprobs puts it."""
+    tokenizer = load_tokenizer(tiny_llama_path)
+    model = load_causal_lm(tiny_llama_path, tokenizer)
+    batch = collate_comparisons(_pairs(tokenizer), tokenizer.pad_token_id)
+    with torch.no_grad():
+        whole, whole_mask = model_token_logprobs(
+            model, batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_response_mask"]
+        )
+        shared, mask = shared_prompt_logprobs(model, batch["shared_prompts"])
+    for pair, row in enumerate(batch["chosen_row"].tolist()):
+        torch.testing.assert_close(shared[row][mask[row] == 1], whole[pair][whole_mask[pair] == 1], rtol=0, atol=1e-5)
+
+
+def test_shared_prompt_scores_equal_whole_sequence_scores(tiny_llama_path):
+    tokenizer = load_tokenizer(tiny_llama_path)
+    model = load_scalar_head_model(tiny_llama_path, tokenizer)
+    torch.nn.init.normal_(model.score.weight)
+    batch = collate_comparisons(_pairs(tokenizer), tokenizer.pad_token_id)
+    with torch.no_grad():
+        whole = scalar_scores(model, batch["chosen_input_ids"], batch["chosen_attention_mask"])
+        shared = shared_prompt_scores(model, batch["shared_prompts"])
+        empty = SharedPrompts(batch["shared_prompts"].prompt_ids[:1], batch["shared_prompts"].prompt_mask[:1],
+                              torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long),
+                              torch.tensor([0]))
+        prompt_alone = scalar_scores(model, empty.prompt_ids, empty.prompt_mask)
+        empty_score = shared_prompt_scores(model, empty)
+    torch.testing.assert_close(shared[batch["chosen_row"]], whole, rtol=0, atol=1e-5)
+    torch.testing.assert_close(empty_score, prompt_alone)  # an answer cut to nothing scores as its prompt's end
+
+
+def test_selected_rows_are_exact_and_their_gradients_sum_the_repeats():
+    table = torch.tensor([[1.5, -2.0], [3.25, 4.0]], requires_grad=True)
+    picked = select_rows(table, torch.tensor([1, 1, 0]))
+    assert picked.tolist() == [[3.25, 4.0], [3.25, 4.0], [1.5, -2.0]]
+    (picked * torch.tensor([[1.0], [2.0], [4.0]])).sum().backward()
+    assert table.grad.tolist() == [[4.0, 4.0], [3.0, 3.0]]
+
+
+def test_models_that_take_a_key_value_cache_share_prompts(tiny_gpt2_path):
+    tokenizer = load_tokenizer(tiny_gpt2_path)
+    model = load_causal_lm(tiny_gpt2_path, tokenizer)
+    assert shares_prompts(model)
+    assert shares_prompts(get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"])))
+    assert not shares_prompts(torch.nn.Linear(2, 2))
+
+
+def test_a_model_that_leaves_the_cache_empty_is_one_line_naming_the_setting(tiny_gpt2_path):
+    tokenizer = load_tokenizer(tiny_gpt2_path)
+    model = load_causal_lm(tiny_gpt2_path, tokenizer)
+    batch = collate_comparisons(_pairs(tokenizer), tokenizer.pad_token_id)
+    original = model.forward
+
+    def forward_without_cache(*args, cache=None, **kwargs):
+        return original(*args, **kwargs)
+
+    model.forward = forward_without_cache
+    with pytest.raises(ConfigError, match="set share_prompts: false"):
+        forward_sharing_prompts(model, batch["shared_prompts"])
+
+
+def test_selected_scores_keep_their_shape():
+    assert select_rows(torch.tensor([0.5, -1.0, 2.0]), torch.tensor([2, 0, 2])).tolist() == [2.0, 0.5, 2.0]
