@@ -125,7 +125,7 @@ def test_models_that_take_a_key_value_cache_share_prompts(tiny_gpt2_path):
     assert not shares_prompts(torch.nn.Linear(2, 2))
 
 
-def test_a_model_that_leaves_the_cache_empty_is_one_line_naming_the_setting(tiny_gpt2_path):
+def test_a_model_that_cannot_share_prompts_is_one_line_naming_the_setting(tiny_gpt2_path):
     tokenizer = load_tokenizer(tiny_gpt2_path)
     model = load_causal_lm(tiny_gpt2_path, tokenizer)
     batch = collate_comparisons(_pairs(tokenizer), tokenizer.pad_token_id)
@@ -135,8 +135,10 @@ def test_a_model_that_leaves_the_cache_empty_is_one_line_naming_the_setting(tiny
         return original(*args, **kwargs)
 
     model.forward = forward_without_cache
-    with pytest.raises(ConfigError, match="set share_prompts: false"):
+    with pytest.raises(ConfigError, match="did not fill the key/value cache it was given.*set share_prompts: false"):
         forward_sharing_prompts(model, batch["shared_prompts"])
+    with pytest.raises(ConfigError, match="Linear takes no key/value cache.*set share_prompts: false"):
+        forward_sharing_prompts(torch.nn.Linear(2, 2), batch["shared_prompts"])
 
 
 def test_selected_scores_keep_their_shape():

@@ -54,11 +54,13 @@ def shares_prompts(model: torch.nn.Module) -> bool:
 def forward_sharing_prompts(model: torch.nn.Module, shared: SharedPrompts, **prompt_kwargs) -> tuple:
     """The model's outputs ``(on the prompts, on the responses)``: the prompts' forward fills a key/value cache,
     whose rows are then repeated for each response (``prompt_of``, :func:`select_rows`), and the responses' forward
-    attends to them.
-    Positions count only real tokens, so each response sees the positions it has in its whole sequence.
-    ``prompt_kwargs`` go to the prompts' forward only (``logits_to_keep=1``: a causal LM needs only the logits that
-    predict each response's first token)."""
+    attends to them. Positions count only real tokens, so each response sees the positions it has in its whole
+    sequence. ``prompt_kwargs`` go to the prompts' forward only (``logits_to_keep=1``: a causal LM needs only the
+    logits that predict each response's first token)."""
     argument = _cache_argument(model)
+    if argument is None:
+        raise ConfigError(f"{type(model).__name__} takes no key/value cache, so prompts cannot be shared: "
+                          "set share_prompts: false")
     cache = DynamicCache()
     prompt_outputs = model(
         input_ids=shared.prompt_ids,
