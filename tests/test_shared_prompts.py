@@ -1,6 +1,6 @@
 """Responses that share prompts: the batch layout, each prompt computed once, and the same log-probs, scores and
-gradients as whole sequences give, up to float rounding; deterministic gradients; DPO and the reward model trained
-either way alike."""
+gradients as whole sequences give, up to float rounding, for GPT-2, Llama and five more model families (two with a
+sliding window); deterministic gradients; one-line errors for a model that cannot share."""
 
 from __future__ import annotations
 
@@ -42,12 +42,12 @@ def test_each_distinct_prompt_and_response_gets_one_row():
     assert rows.tolist() == [0, 1, 2, 1, 3, 4]
 
 
-def _pairs(tokenizer) -> list[dict]:
+def _pairs(vocab_size: int) -> list[dict]:
     """Four pairs with prompts of 3 to 7 tokens; pairs 0 and 1 share their prompt and one answer."""
     generator = torch.Generator().manual_seed(0)
 
     def tokens(count: int) -> list[int]:
-        return torch.randint(3, len(tokenizer), (count,), generator=generator).tolist()
+        return torch.randint(3, vocab_size, (count,), generator=generator).tolist()
 
     prompts, answers = [tokens(7), tokens(3), tokens(5)], [tokens(n) for n in (4, 9, 1, 6, 5, 2)]
     pairs = [(0, 0, 1), (0, 2, 0), (1, 3, 4), (2, 5, 1)]
@@ -60,7 +60,7 @@ def test_shared_prompt_log_probs_and_gradients_equal_whole_sequences(architectur
     path = {"gpt2": tiny_gpt2_path, "llama": tiny_llama_path}[architecture]
     tokenizer = load_tokenizer(path)
     model = load_causal_lm(path, tokenizer)
-    batch = collate_comparisons(_pairs(tokenizer), tokenizer.pad_token_id)
+    batch = collate_comparisons(_pairs(len(tokenizer)), tokenizer.pad_token_id)
     positions = []
     model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: positions.append(output.shape[1]))
 
@@ -78,11 +78,48 @@ def test_shared_prompt_log_probs_and_gradients_equal_whole_sequences(architectur
         torch.testing.assert_close(parameter.grad, expected, rtol=1e-4, atol=1e-6)
 
 
+def _decoder(family: str) -> torch.nn.Module:
+    """A two-layer decoder of a model family, random weights; Mistral's and Gemma 3's attend over a 4-token sliding
+    window, shorter than the sequences, so the cache must respect it."""
+    from transformers import (
+        AutoModelForCausalLM,
+        Gemma3TextConfig,
+        GPTNeoXConfig,
+        MistralConfig,
+        OPTConfig,
+        Qwen3Config,
+    )
+
+    sizes = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=128, pad_token_id=0)
+    config = {
+        "mistral": lambda: MistralConfig(sliding_window=4, num_key_value_heads=2, **sizes),
+        "gemma3": lambda: Gemma3TextConfig(sliding_window=4, head_dim=8, num_key_value_heads=2, **sizes),
+        "qwen3": lambda: Qwen3Config(head_dim=8, num_key_value_heads=2, **sizes),
+        "gpt_neox": lambda: GPTNeoXConfig(**sizes),
+        "opt": lambda: OPTConfig(vocab_size=300, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                 max_position_embeddings=128, word_embed_proj_dim=32, pad_token_id=0),
+    }[family]()
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3", "qwen3", "gpt_neox", "opt"])
+def test_shared_prompts_give_whole_sequence_log_probs_across_model_families(family):
+    model = _decoder(family)
+    batch = collate_comparisons(_pairs(model.config.vocab_size), pad_id=0)
+    with torch.no_grad():
+        whole, _, _ = pair_logprobs(model, batch, average=False, share_prompts=False)
+        shared, _, _ = pair_logprobs(model, batch, average=False, share_prompts=True)
+    assert shares_prompts(model)
+    torch.testing.assert_close(shared, whole, rtol=0, atol=2e-5)
+
+
 def test_shared_prompt_log_probs_match_the_token_log_probs_of_whole_sequences(tiny_llama_path):
     """Per token, not only summed: each answer token's log-prob sits where model_token_logprobs puts it."""
     tokenizer = load_tokenizer(tiny_llama_path)
     model = load_causal_lm(tiny_llama_path, tokenizer)
-    batch = collate_comparisons(_pairs(tokenizer), tokenizer.pad_token_id)
+    batch = collate_comparisons(_pairs(len(tokenizer)), tokenizer.pad_token_id)
     with torch.no_grad():
         whole, whole_mask = model_token_logprobs(
             model, batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_response_mask"]
@@ -96,7 +133,7 @@ def test_shared_prompt_scores_equal_whole_sequence_scores(tiny_llama_path):
     tokenizer = load_tokenizer(tiny_llama_path)
     model = load_scalar_head_model(tiny_llama_path, tokenizer)
     torch.nn.init.normal_(model.score.weight)
-    batch = collate_comparisons(_pairs(tokenizer), tokenizer.pad_token_id)
+    batch = collate_comparisons(_pairs(len(tokenizer)), tokenizer.pad_token_id)
     with torch.no_grad():
         whole = scalar_scores(model, batch["chosen_input_ids"], batch["chosen_attention_mask"])
         shared = shared_prompt_scores(model, batch["shared_prompts"])
@@ -128,7 +165,7 @@ def test_models_that_take_a_key_value_cache_share_prompts(tiny_gpt2_path):
 def test_a_model_that_cannot_share_prompts_is_one_line_naming_the_setting(tiny_gpt2_path):
     tokenizer = load_tokenizer(tiny_gpt2_path)
     model = load_causal_lm(tiny_gpt2_path, tokenizer)
-    batch = collate_comparisons(_pairs(tokenizer), tokenizer.pad_token_id)
+    batch = collate_comparisons(_pairs(len(tokenizer)), tokenizer.pad_token_id)
     original = model.forward
 
     def forward_without_cache(*args, cache=None, **kwargs):
