@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 from lit_rlhf.data.collate import collate_comparisons, shared_prompts
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.models import (
+    AdaptersOff,
     SharedPrompts,
     forward_sharing_prompts,
     load_causal_lm,
@@ -129,14 +130,23 @@ def test_shared_prompt_log_probs_match_the_token_log_probs_of_whole_sequences(ti
         torch.testing.assert_close(shared[row][mask[row] == 1], whole[pair][whole_mask[pair] == 1], rtol=0, atol=1e-5)
 
 
-def test_shared_prompt_scores_equal_whole_sequence_scores(tiny_llama_path):
+def test_shared_prompt_scores_and_their_gradients_equal_whole_sequence_scores(tiny_llama_path):
     tokenizer = load_tokenizer(tiny_llama_path)
     model = load_scalar_head_model(tiny_llama_path, tokenizer)
     torch.nn.init.normal_(model.score.weight)
     batch = collate_comparisons(_pairs(len(tokenizer)), tokenizer.pad_token_id)
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0])  # a loss that weighs each pair's chosen score differently
+    whole = scalar_scores(model, batch["chosen_input_ids"], batch["chosen_attention_mask"])
+    (whole * weights).sum().backward()
+    whole_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    shared = select_rows(shared_prompt_scores(model, batch["shared_prompts"]), batch["chosen_row"])
+    (shared * weights).sum().backward()
+    for parameter, expected in zip(model.parameters(), whole_grads):
+        torch.testing.assert_close(parameter.grad, expected, rtol=1e-4, atol=1e-6)
     with torch.no_grad():
-        whole = scalar_scores(model, batch["chosen_input_ids"], batch["chosen_attention_mask"])
         shared = shared_prompt_scores(model, batch["shared_prompts"])
+        whole = whole.detach()
         empty = SharedPrompts(batch["shared_prompts"].prompt_ids[:1], batch["shared_prompts"].prompt_mask[:1],
                               torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long),
                               torch.tensor([0]))
@@ -158,7 +168,8 @@ def test_models_that_take_a_key_value_cache_share_prompts(tiny_gpt2_path):
     tokenizer = load_tokenizer(tiny_gpt2_path)
     model = load_causal_lm(tiny_gpt2_path, tokenizer)
     assert shares_prompts(model)
-    assert shares_prompts(get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"])))
+    adapted = get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"]))
+    assert shares_prompts(adapted) and shares_prompts(AdaptersOff(adapted))  # the LoRA policy and its reference
     assert not shares_prompts(torch.nn.Linear(2, 2))
 
 
@@ -176,6 +187,26 @@ def test_a_model_that_cannot_share_prompts_is_one_line_naming_the_setting(tiny_g
         forward_sharing_prompts(model, batch["shared_prompts"])
     with pytest.raises(ConfigError, match="Linear takes no key/value cache.*set share_prompts: false"):
         forward_sharing_prompts(torch.nn.Linear(2, 2), batch["shared_prompts"])
+
+
+def test_selected_rows_keep_their_values_and_dtype_under_autocast():
+    table = torch.tensor([[1.0 + 2**-20, 3.0], [-7.123456, 0.1]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        picked = select_rows(table, torch.tensor([1, 0, 1]))
+    assert picked.dtype == torch.float32 and torch.equal(picked, table[[1, 0, 1]])
+
+
+def test_shared_prompt_log_probs_stay_float32_under_bf16_autocast(tiny_llama_path):
+    """Mixed precision (the multi-device trainer configs' ``bf16-mixed``): the shared log-probs are float32 sums near
+    the whole sequences' (both run their matrix products in bf16), not sums rounded to bf16."""
+    tokenizer = load_tokenizer(tiny_llama_path)
+    model = load_causal_lm(tiny_llama_path, tokenizer)
+    batch = collate_comparisons(_pairs(len(tokenizer)), tokenizer.pad_token_id)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        whole, _, _ = pair_logprobs(model, batch, average=False, share_prompts=False)
+        shared, _, _ = pair_logprobs(model, batch, average=False, share_prompts=True)
+    assert shared.dtype == whole.dtype == torch.float32
+    torch.testing.assert_close(shared, whole, rtol=0, atol=0.1)
 
 
 def test_selected_scores_keep_their_shape():

@@ -43,7 +43,7 @@ def shared_prompt_scores(model: PreTrainedModel, shared: SharedPrompts) -> torch
     (:func:`~lit_rlhf.models.shared_prompts.forward_sharing_prompts`): the head read at each response's last token,
     what :func:`scalar_scores` gives for the whole sequences up to float rounding."""
     prompt_scores, response_scores = _head_outputs(model, lambda: forward_sharing_prompts(model, shared))
-    # Column 0 is the prompt's last token: where an empty response (one cut to nothing) is read.
+    # Column 0 is the prompt's last token, where a response of no tokens would be read.
     window = torch.cat([select_rows(prompt_scores[:, -1:], shared.prompt_of), response_scores], dim=1)
     return window[torch.arange(len(window), device=window.device), shared.response_mask.sum(dim=1)]
 

@@ -29,18 +29,37 @@ class SharedPrompts:
     prompt_of: torch.Tensor
 
 
+class _SelectRows(torch.autograd.Function):
+    """``tensor[rows]``, whose backward sums a repeated row's gradients as a product with one-hot rows: in a fixed
+    order. Indexing's own backward accumulates repeats in whatever order the threads run (on the CPU as on a GPU),
+    so that two runs of one training job would part in the last bits."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        ctx.table_rows = len(tensor)
+        return tensor.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (rows,) = ctx.saved_tensors
+        one_hot = torch.nn.functional.one_hot(rows, ctx.table_rows).to(grad.dtype)
+        with torch.autocast(grad.device.type, enabled=False):  # in the gradient's own precision, not bf16
+            summed = one_hot.T @ grad.reshape(len(rows), -1)
+        return summed.view(ctx.table_rows, *grad.shape[1:]), None
+
+
 def select_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``tensor[rows]`` computed as a product with one-hot rows: the same values exactly, and a backward pass that sums
-    a repeated row's gradients in a fixed order. Indexing's backward on the CPU accumulates repeats in whatever order
-    its threads run, so that two runs of one training job would part in the last bits."""
-    one_hot = torch.nn.functional.one_hot(rows, len(tensor)).to(tensor.dtype)
-    return (one_hot @ tensor.reshape(len(tensor), -1)).view(len(rows), *tensor.shape[1:])
+    """``tensor[rows]``: the same values in the same dtype (under autocast too), with a deterministic backward
+    (:class:`_SelectRows`)."""
+    return _SelectRows.apply(tensor, rows)
 
 
 def _cache_argument(model: torch.nn.Module) -> str | None:
     """The keyword under which the Hugging Face model inside ``model`` (under a PEFT or the package's wrapper)
     takes a key/value cache: ``cache`` since transformers 5 renamed it, ``past_key_values`` before; None for a
     model that takes none (a state-space model keeps a state, not keys and values)."""
+    model = getattr(model, "adapted", model)  # AdaptersOff holds the LoRA model without registering it
     inner = next((module for module in model.modules() if isinstance(module, PreTrainedModel)), None)
     parameters = inspect.signature(inner.forward).parameters if inner is not None else {}
     return next((name for name in ("cache", "past_key_values") if name in parameters), None)

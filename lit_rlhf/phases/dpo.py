@@ -69,6 +69,7 @@ class DPOModule(PreferenceModule):
         """What the loss needs: a reference, averaged log-probs, its own settings."""
 
     def _pair_logps(self, model: PreTrainedModel, batch: dict) -> tuple[torch.Tensor, ...]:
+        """:func:`pair_logprobs`, each prompt once where ``share_prompts`` is on and ``model`` takes a cache."""
         share = self.hparams.share_prompts and shares_prompts(model)
         return pair_logprobs(model, batch, self._average_logps, share)
 

@@ -27,12 +27,7 @@ from lit_rlhf.models import (
     with_lora,
     without_dropout,
 )
-from lit_rlhf.phases.dpo_logprobs import (
-    ReferenceLogpsCache,
-    model_sequence_logprobs,
-    pair_logprobs,
-    reference_fingerprint,
-)
+from lit_rlhf.phases.dpo_logprobs import ReferenceLogpsCache, model_sequence_logprobs, reference_fingerprint
 from lit_rlhf.phases.shared import (
     OptimizerConfig,
     adamw_with_warmup,
@@ -110,6 +105,11 @@ class PreferenceModule(LightningModule):
         """The loss of one batch and its metrics."""
         raise NotImplementedError
 
+    def _pair_logps(self, model: PreTrainedModel, batch: dict) -> tuple[torch.Tensor, ...]:
+        """A comparison batch's chosen then rejected log-probs under ``model`` (``(logps [2B], token_logps, mask)``):
+        what ``precompute_ref_logps`` stores, with the reference; a subclass that allows it defines this."""
+        raise NotImplementedError
+
     @property
     def _uses_reference(self) -> bool:
         """Whether the loss reads the reference's log-probs (SimPO's does not)."""
@@ -156,11 +156,6 @@ class PreferenceModule(LightningModule):
                                     lambda reference, batch: self._pair_logps(reference, batch)[0])
         if computed and cache.path is not None and self.trainer.is_global_zero:
             cache.save(keys)
-
-    def _pair_logps(self, model: PreTrainedModel, batch: dict) -> tuple[torch.Tensor, ...]:
-        """A comparison batch's chosen then rejected log-probs under ``model`` (:func:`pair_logprobs`): what
-        ``precompute_ref_logps`` stores, with the reference."""
-        return pair_logprobs(model, batch, self._average_logps, share_prompts=False)
 
     def _reference_logps(
         self, sequences: dict, live: Callable[[PreTrainedModel], torch.Tensor] | None = None
