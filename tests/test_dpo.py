@@ -354,10 +354,18 @@ def test_precomputed_reference_logps_give_the_live_reference_losses(world_sft_pa
     assert cache.exists()
 
 
-def test_sharing_prompts_trains_as_whole_sequences_do(world_sft_path, small_world_comparisons, tmp_path):
+def test_sharing_prompts_trains_as_whole_sequences_do(world_sft_path, small_world_comparisons, tmp_path, monkeypatch):
+    from lit_rlhf.phases import dpo_logprobs
+
+    shared_forwards = []
+    counted = dpo_logprobs.shared_prompt_logprobs
+    monkeypatch.setattr(dpo_logprobs, "shared_prompt_logprobs",
+                        lambda model, shared: shared_forwards.append(len(shared.prompt_ids)) or counted(model, shared))
     shared, shared_run = fit_few_steps(world_sft_path, small_world_comparisons, tmp_path / "shared")
+    shared_count = len(shared_forwards)
     whole, whole_run = fit_few_steps(world_sft_path, small_world_comparisons, tmp_path / "whole", share_prompts=False)
-    assert shared.hparams.share_prompts and not whole.hparams.share_prompts
+    # Policy and reference on every batch: 2 × (4 steps + 2 validation batches, run twice with the sanity check).
+    assert shared_count == 16 and len(shared_forwards) == shared_count
     assert shared_run.losses == pytest.approx(whole_run.losses, abs=1e-5)
     for name in ("val/loss", "val/rewards/margins", "val/logps/chosen", "val/logps/rejected"):
         assert shared.logged[name] == pytest.approx(whole.logged[name], abs=1e-4), name

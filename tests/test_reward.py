@@ -153,13 +153,18 @@ def test_score_statistics_are_finite_with_a_single_distinct_prompt(world_sft_pat
         RewardModelModule(model_name_or_path=world_sft_path, normalization_samples=1)
 
 
-def test_scoring_each_distinct_sequence_once_gives_the_same_scores(world_sft_path):
+@pytest.mark.parametrize("share_prompts, rows_run", [(True, [1, 3]), (False, [3])])
+def test_scoring_each_distinct_sequence_once_gives_the_same_scores(world_sft_path, share_prompts, rows_run):
+    """Three pairs of one prompt over three answers: whole, the three distinct sequences run once; sharing, the
+    prompt once and then the three answers."""
     from lit_rlhf.data.collate import collate_comparisons
     from lit_rlhf.models import scalar_scores
 
-    module = RewardModelModule(model_name_or_path=world_sft_path)
+    module = RewardModelModule(model_name_or_path=world_sft_path, share_prompts=share_prompts)
     module.configure_model()
     torch.nn.init.normal_(module.model.score.weight, std=1.0)
+    rows = []
+    hook = module.model.get_input_embeddings().register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
     tokenize = lambda text: module.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     prompt = tokenize("name two fruits .")
     responses = ["apple , pear .", "fig .", "dog , pear ."]
@@ -172,11 +177,13 @@ def test_scoring_each_distinct_sequence_once_gives_the_same_scores(world_sft_pat
     batch = collate_comparisons(examples, pad_id=module.tokenizer.pad_token_id)
     with torch.no_grad():
         chosen, rejected = module._scores(batch)
+        hook.remove()
         expected = [scalar_scores(module.model, batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"])
                     for side in ("chosen", "rejected")]
     torch.testing.assert_close(chosen, expected[0])
     torch.testing.assert_close(rejected, expected[1])
     assert chosen[0] == chosen[1] and rejected[0] == chosen[2] and rejected[1] == rejected[2]
+    assert rows == rows_run
 
 
 def test_models_outside_a_trainer_load_onto_the_inference_device(world_sft_path, world_rm_path):

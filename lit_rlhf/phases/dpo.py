@@ -14,7 +14,6 @@ from transformers import PreTrainedModel
 
 from lit_rlhf import losses
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.models import shares_prompts
 from lit_rlhf.phases.dpo_logprobs import concatenated, pair_logprobs
 from lit_rlhf.phases.preference import Metrics, PreferenceModule
 from lit_rlhf.phases.shared import check_settings
@@ -69,9 +68,7 @@ class DPOModule(PreferenceModule):
         """What the loss needs: a reference, averaged log-probs, its own settings."""
 
     def _pair_logps(self, model: PreTrainedModel, batch: dict) -> tuple[torch.Tensor, ...]:
-        """:func:`pair_logprobs`, each prompt once where ``share_prompts`` is on and ``model`` takes a cache."""
-        share = self.hparams.share_prompts and shares_prompts(model)
-        return pair_logprobs(model, batch, self._average_logps, share)
+        return pair_logprobs(model, batch, self._average_logps, self.hparams.share_prompts)
 
     @property
     def _uses_reference(self) -> bool:

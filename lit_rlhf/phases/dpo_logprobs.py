@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from transformers import PreTrainedModel
 
 from lit_rlhf import losses
-from lit_rlhf.models import model_token_logprobs, select_rows, shared_prompt_logprobs
+from lit_rlhf.models import model_token_logprobs, select_rows, shared_prompt_logprobs, shares_prompts
 
 SEQUENCE_FIELDS = ("input_ids", "attention_mask", "response_mask")
 
@@ -38,10 +38,11 @@ def pair_logprobs(
     model: PreTrainedModel, batch: dict, average: bool, share_prompts: bool
 ) -> tuple[torch.Tensor, ...]:
     """:func:`model_sequence_logprobs` of a comparison batch's chosen then rejected responses (``[2B]``, and the
-    per-token ``[2B, T]`` with their mask). With ``share_prompts`` each distinct prompt and response goes through
-    the model once (the batch's ``shared_prompts``, :func:`~lit_rlhf.models.shared_prompt_logprobs`): the same
-    values up to float rounding, the per-token ones over the response columns only."""
-    if not share_prompts:
+    per-token ``[2B, T]`` with their mask). With ``share_prompts``, for a model that takes a key/value cache, each
+    distinct prompt and response goes through the model once (the batch's ``shared_prompts``,
+    :func:`~lit_rlhf.models.shared_prompt_logprobs`): the same values up to float rounding, the per-token ones over
+    the response columns only."""
+    if not (share_prompts and shares_prompts(model)):
         return model_sequence_logprobs(model, concatenated(batch, "chosen_", "rejected_"), average)
     token_logps, mask = shared_prompt_logprobs(model, batch["shared_prompts"])
     rows = torch.cat([batch["chosen_row"], batch["rejected_row"]])
