@@ -1,5 +1,6 @@
-"""The models package: what the loader prints and warns while loading a model from another head's export, dropout
-switched off, the entropy that comes with a model's log-probs, and the response window those log-probs come from."""
+"""The models package: what the loader prints and warns while loading a model from another head's export, GPT-2's
+GELU run as one fused op, dropout switched off, the entropy that comes with a model's log-probs, and the response
+window those log-probs come from."""
 
 from __future__ import annotations
 
@@ -138,3 +139,24 @@ def test_training_forwards_build_no_generation_cache(tiny_gpt2_path):
     tokens = torch.tensor([[5, 6, 7, 8]])
     assert model(input_ids=tokens).past_key_values is not None  # what the model does unless told
     assert forward(model, tokens, torch.ones_like(tokens)).past_key_values is None
+
+
+def test_gpt2s_eight_op_gelu_runs_as_torchs_fused_one_with_the_same_outputs_and_gradients(tiny_gpt2_path, tmp_path):
+    tokenizer = load_tokenizer(tiny_gpt2_path)
+    as_saved = AutoModelForCausalLM.from_pretrained(tiny_gpt2_path)
+    for load in (load_causal_lm, load_scalar_head_model):
+        kinds = {type(module).__name__ for module in load(tiny_gpt2_path, tokenizer).modules()}
+        assert "GELUTanh" in kinds and "NewGELUActivation" not in kinds
+    model = load_causal_lm(tiny_gpt2_path, tokenizer)
+    assert {type(block.mlp.act).__name__ for block in as_saved.transformer.h} == {"NewGELUActivation"}
+
+    tokens = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    fused, eight_ops = model(input_ids=tokens).logits, as_saved(input_ids=tokens).logits
+    torch.testing.assert_close(fused, eight_ops, atol=1e-5, rtol=0)
+    fused.logsumexp(-1).sum().backward()
+    eight_ops.logsumexp(-1).sum().backward()
+    for (name, weight), reference in zip(model.named_parameters(), as_saved.parameters(), strict=True):
+        torch.testing.assert_close(weight.grad, reference.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+    export(model, tokenizer, tmp_path / "export")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "export").config.activation_function == "gelu_new"
