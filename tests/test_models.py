@@ -141,14 +141,21 @@ def test_training_forwards_build_no_generation_cache(tiny_gpt2_path):
     assert forward(model, tokens, torch.ones_like(tokens)).past_key_values is None
 
 
-def test_gpt2s_eight_op_gelu_runs_as_torchs_fused_one_with_the_same_outputs_and_gradients(tiny_gpt2_path, tmp_path):
+@pytest.mark.parametrize(("activation", "module"), [("gelu_new", "NewGELUActivation"),
+                                                  ("gelu_fast", "FastGELUActivation")])
+def test_gpt2s_eight_op_gelu_runs_as_torchs_fused_one_with_the_same_outputs_and_gradients(
+    activation, module, tiny_gpt2_path, tmp_path
+):
     tokenizer = load_tokenizer(tiny_gpt2_path)
-    as_saved = AutoModelForCausalLM.from_pretrained(tiny_gpt2_path)
+    path = tmp_path / activation
+    AutoModelForCausalLM.from_pretrained(tiny_gpt2_path, activation_function=activation).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    as_saved = AutoModelForCausalLM.from_pretrained(path)
+    assert {type(block.mlp.act).__name__ for block in as_saved.transformer.h} == {module}
     for load in (load_causal_lm, load_scalar_head_model):
-        kinds = {type(module).__name__ for module in load(tiny_gpt2_path, tokenizer).modules()}
-        assert "GELUTanh" in kinds and "NewGELUActivation" not in kinds
-    model = load_causal_lm(tiny_gpt2_path, tokenizer)
-    assert {type(block.mlp.act).__name__ for block in as_saved.transformer.h} == {"NewGELUActivation"}
+        kinds = {type(layer).__name__ for layer in load(str(path), tokenizer).modules()}
+        assert "GELUTanh" in kinds and module not in kinds
+    model = load_causal_lm(str(path), tokenizer)
 
     tokens = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
     fused, eight_ops = model(input_ids=tokens).logits, as_saved(input_ids=tokens).logits
@@ -159,4 +166,4 @@ def test_gpt2s_eight_op_gelu_runs_as_torchs_fused_one_with_the_same_outputs_and_
         torch.testing.assert_close(weight.grad, reference.grad, atol=1e-5, rtol=1e-4, msg=name)
 
     export(model, tokenizer, tmp_path / "export")
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "export").config.activation_function == "gelu_new"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "export").config.activation_function == activation
