@@ -4,8 +4,9 @@ whole sample-score-update iteration for PPO."""
 
 from __future__ import annotations
 
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from bench.timing import SteadyStateTimer, batch_work, write_result
@@ -26,8 +27,19 @@ class SteadyStateThroughput(Callback):
         self.timer.training_started()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        if pl_module.device.type == "cuda":  # the step's kernels run asynchronously: time them to their end
+            torch.cuda.synchronize(pl_module.device)
         self.timer.step_ended(batch_work(self.unit, batch, self.response_length))
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        versions = {name: version(name) for name in ("lit-rlhf", "torch", "transformers", "lightning")}
+        versions = {name: _installed(name) for name in ("lit-rlhf", "torch", "transformers", "lightning")}
         write_result(self.result_path, "lit-rlhf", self.phase, self.timer, versions)
+
+
+def _installed(name: str) -> str:
+    """A package's version; lit-rlhf itself may run uninstalled from the checkout (the GPU check in
+    bench/README.md, on a machine without a package index)."""
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"

@@ -47,10 +47,10 @@ LIT_CLI_OVERRIDES: dict[str, dict[str, str]] = {
         "--data.max_length": "{max_length}",
         "--data.max_prompt_length": "{max_prompt_length}",  # above every prompt: nothing is cut
         "--trainer.max_steps": "{lit_max_steps}",
-        # fp32 on the CPU, one process
-        "--trainer.accelerator": "cpu",
+        # one process; fp32 on the CPU unless --accelerator/--precision say otherwise
+        "--trainer.accelerator": "{accelerator}",
         "--trainer.devices": "1",
-        "--trainer.precision": "32-true",
+        "--trainer.precision": "{precision}",
         # nothing but training while the clock runs: no validation, logging, checkpoints or progress bar
         "--trainer.limit_val_batches": "0",
         "--trainer.logger": "false",
@@ -152,27 +152,34 @@ def flops_per_token(phase: Phase, assets: Assets) -> float:
 
 
 FLOPS_FOOTER = (
-    "MFU = model FLOP/s ÷ the CPU's fp32 peak. Model FLOPs = (6·N training, 2·N forward only) × non-padding tokens: "
+    "MFU = model FLOP/s ÷ the matmul peak. Model FLOPs = (6·N training, 2·N forward only) × non-padding tokens: "
     "SFT 6n, reward model 6s, DPO 6n + 2n (reference), DPO precomputed 6n, PPO 2n (sampling) + 2n (reference) + "
     "2s (reward) + 2s (values) + epochs·6(n + s); n = {n:,} causal-LM and s = {s:,} scalar-head parameters "
     "(position table out, tied embedding counted once as the LM head)."
 )
 
 
-def matmul_peak_gflops(threads: int) -> float:
-    """The best fp32 ``torch.mm`` rate of a few large square products at the bench's thread count: the ceiling
-    that MFU divides by."""
+def matmul_peak_gflops(threads: int, accelerator: str = "cpu", precision: str = "32-true") -> float:
+    """The best ``torch.mm`` rate of a few large square products, in the runs' compute dtype (bf16 under a bf16
+    precision, else fp32), on the CPU at the bench's thread count or on the GPU: the ceiling that MFU divides by."""
     import torch
 
     torch.set_num_threads(threads)
+    device = "cuda" if accelerator == "gpu" else "cpu"
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float32
+    sizes = (4096, 8192) if device == "cuda" else (2048, 3072)
     best = 0.0
-    for size in (2048, 3072):
-        a, b = torch.randn(size, size), torch.randn(size, size)
-        torch.mm(a, b)  # warm-up: first-call allocation and kernel selection
-        for _ in range(3):
+    for size in sizes:
+        a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+        for repeat in range(4):  # the first is a warm-up: first-call allocation and kernel selection
+            if device == "cuda":
+                torch.cuda.synchronize()
             started = time.perf_counter()
             torch.mm(a, b)
-            best = max(best, 2 * size**3 / (time.perf_counter() - started) / 1e9)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if repeat:
+                best = max(best, 2 * size**3 / (time.perf_counter() - started) / 1e9)
     return best
 
 
@@ -219,9 +226,12 @@ def peer_hyperparameters(phase: Phase) -> dict:
     return values
 
 
-def lit_arguments(phase: Phase, settings: dict[str, object]) -> list[str]:
-    """The ``lit-rlhf fit`` command line of one run: the phase's config file and :data:`LIT_CLI_OVERRIDES`."""
+def lit_arguments(phase: Phase, settings: dict[str, object], fsdp: bool = False) -> list[str]:
+    """The ``lit-rlhf fit`` command line of one run: the phase's config file, ``configs/trainer/fsdp.yaml`` with
+    ``fsdp`` (FSDP2 on the one device), and :data:`LIT_CLI_OVERRIDES`."""
     arguments = ["fit", "--config", str(CONFIGS_DIR / phase.config)]
+    if fsdp:
+        arguments += ["--config", str(CONFIGS_DIR / "trainer" / "fsdp.yaml")]
     for flag, template in {**LIT_CLI_OVERRIDES["every phase"], **LIT_CLI_OVERRIDES[phase.overrides_key]}.items():
         arguments.append(f"{flag}={template.format(**settings)}")
     return arguments
@@ -288,9 +298,9 @@ def run_side(side: str, phase: Phase, assets: Assets, options, pass_dir: Path) -
             # lit-rlhf's max_steps counts optimiser steps; a PPO iteration makes epochs × minibatches of them
             lit_max_steps=steps * (phase.ppo_epochs * minibatches if phase.is_ppo else 1),
             response_length=response_length, ppo_epochs=phase.ppo_epochs, scratch=scratch,
-            timing_callback=json.dumps(callback),
+            timing_callback=json.dumps(callback), accelerator=options.accelerator, precision=options.precision,
         )
-        command = [sys.executable, "-m", "lit_rlhf", *lit_arguments(phase, settings)]
+        command = [sys.executable, "-m", "lit_rlhf", *lit_arguments(phase, settings, options.fsdp)]
         env = subprocess_environment(options.threads) | {"LIT_RLHF_RUNS_DIR": str(scratch / "runs")}
     else:
         command = [
@@ -320,8 +330,9 @@ def describe(result: RunResult, unit: str) -> str:
         tail = result.log.read_text().strip().splitlines()[-1:] if result.log.exists() else []
         return f"FAILED ({tail[0][:160] if tail else 'no output'}; log: {result.log})"
     data = result.data
+    gpu = f", peak GPU memory {data['peak_gpu_mib']:,.0f} MiB" if data.get("peak_gpu_mib") else ""
     return (f"{data['throughput']:,.1f} {UNITS[unit]} ({data['timed_steps']} timed steps, {data['seconds']:.1f} s, "
-            f"peak RSS {data['peak_rss_mib']:,.0f} MiB)")
+            f"peak RSS {data['peak_rss_mib']:,.0f} MiB{gpu})")
 
 
 # --- the table ---------------------------------------------------------------------------------------------------
@@ -347,19 +358,40 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def compute_setting(options) -> str:
+    """The runs' precision and device in words: "fp32, CPU" by default."""
+    precision = "fp32" if options.precision == "32-true" else options.precision
+    device = "GPU" if options.accelerator == "gpu" else "CPU"
+    return f"{precision}, {device}" + (", FSDP2 on one device" if options.fsdp else "")
+
+
+def peers_comparable(options) -> bool:
+    """TRL runs only in the default setting: its venvs hold CPU builds of torch, and its trainers are given
+    lit-rlhf's fp32 (bench/README.md)."""
+    return options.accelerator == "cpu" and options.precision == "32-true" and not options.fsdp
+
+
+def _gpu_model() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+
+
 def table(results: list[RunResult], phases: list[Phase], assets: Assets, peak: float, options,
           load_averages: tuple[float, float]) -> str:
     by_key: dict[tuple[str, str], list[RunResult]] = {}
     for result in results:
         by_key.setdefault((result.phase, result.side), []).append(result)
     case = assets.case
+    on_gpu = options.accelerator == "gpu"
+    memory_key, memory_label = ("peak_gpu_mib", "peak GPU memory") if on_gpu else ("peak_rss_mib", "peak RSS")
     lines = [
         f"### lit-rlhf vs TRL: {case.name} case ({assets.parameters / 1e6:.1f}M-parameter GPT-2, "
         f"{case.vocab_size:,}-token vocabulary, {case.max_length}-token sequences), batch {options.batch_size}, "
-        f"fp32, CPU, {options.passes} pass(es)",
+        f"{compute_setting(options)}, {options.passes} pass(es)",
         "",
         "| phase | peer (TRL) | unit | lit-rlhf per pass | peer per pass | lit ÷ peer per pass | MFU lit | MFU peer "
-        "| peak RSS lit | peak RSS peer |",
+        f"| {memory_label} lit | {memory_label} peer |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for phase in phases:
@@ -376,15 +408,15 @@ def table(results: list[RunResult], phases: list[Phase], assets: Assets, peak: f
                 return "—"
             return f"{statistics.median(rates) * flops_per_token(phase, assets) / (peak * 1e9):.1%}"
 
-        def rss(runs: list[RunResult]) -> str:
-            values = [r.data["peak_rss_mib"] for r in runs if r.ok]
+        def memory(runs: list[RunResult]) -> str:
+            values = [r.data[memory_key] for r in runs if r.ok and r.data.get(memory_key)]
             return f"{max(values):,.0f} MiB" if values else "—"
 
         lines.append(
             f"| {phase.label} | {phase.peer_label} | {UNITS[phase.unit]} "
             f"| {_per_pass([_fmt_rate(v) if v else 'failed' for v in lit_rates])} "
             f"| {_per_pass([_fmt_rate(v) if v else 'failed' for v in peer_rates]) if peer else 'not run'} "
-            f"| {_per_pass(ratios)} | {mfu(lit)} | {mfu(peer)} | {rss(lit)} | {rss(peer)} |"
+            f"| {_per_pass(ratios)} | {mfu(lit)} | {mfu(peer)} | {memory(lit)} | {memory(peer)} |"
         )
     versions: dict[str, dict] = {}
     for result in results:
@@ -397,9 +429,12 @@ def table(results: list[RunResult], phases: list[Phase], assets: Assets, peak: f
         "",
         f"Throughput over steady-state steps: of each run's steps ({', '.join(f'{k} {v}' for k, v in steps.items())}; "
         f"PPO: iterations) the first {options.warmup_steps} are warm-up and not timed. Passes ran interleaved, "
-        "lit-rlhf then peer, each run in its own process. Peak RSS: ru_maxrss when training ends.",
+        "lit-rlhf then peer, each run in its own process. "
+        + ("Peak GPU memory: torch.cuda.max_memory_allocated" if on_gpu else "Peak RSS: ru_maxrss")
+        + " when training ends.",
         FLOPS_FOOTER.format(n=assets.causal_lm_flop_params, s=assets.scalar_head_flop_params)
-        + f" Peak: {peak:,.1f} GFLOP/s (best fp32 torch.mm, {options.threads} threads).",
+        + f" Peak: {peak:,.1f} GFLOP/s (best {'bf16' if options.precision.startswith('bf16') else 'fp32'} torch.mm, "
+        + (f"{_gpu_model()})." if on_gpu else f"{options.threads} threads)."),
         f"Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}. "
         f"Machine: {os.cpu_count()} cores ({options.threads} used; torch threads in the runs: "
         f"{', '.join(map(str, sorted(t for t in threads if t)))}), {_cpu_model()}, Python {platform.python_version()}; "
@@ -433,6 +468,13 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch threads of every run and of the peak measurement (default: the usable cores)")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached model, tokenizer and data")
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu",
+                        help="where lit-rlhf runs (default: cpu); TRL runs only on the CPU in fp32")
+    parser.add_argument("--precision", default="32-true",
+                        help="lit-rlhf's Lightning precision, e.g. bf16-mixed (default: 32-true); MFU is then "
+                        "against the bf16 matmul peak")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="lit-rlhf under FSDP2 on its one device (configs/trainer/fsdp.yaml)")
     options = parser.parse_args(argv)
     unknown = [key for key in options.phases.split(",") if key not in PHASES]
     if unknown:
@@ -448,13 +490,15 @@ def main(argv: list[str] | None = None) -> None:
     assets = load_or_build(CASES["large" if options.large else "small"], rebuild=options.rebuild)
 
     missing = sorted({phase.peer_venv for phase in phases if not peer_python(phase).exists()})
-    if missing:
+    if not peers_comparable(options):
+        print(f"{compute_setting(options)}: the lit-rlhf side only (TRL runs fp32 on the CPU)", flush=True)
+    elif missing:
         print(f"peer venvs missing ({', '.join('bench/' + name for name in missing)}): run `bash bench/setup_peers.sh`"
               "; running the lit-rlhf side only for their phases", flush=True)
 
     load_before = os.getloadavg()[0]
-    peak = matmul_peak_gflops(options.threads)
-    print(f"fp32 matmul peak: {peak:,.1f} GFLOP/s at {options.threads} threads", flush=True)
+    peak = matmul_peak_gflops(options.threads, options.accelerator, options.precision)
+    print(f"matmul peak ({compute_setting(options)}): {peak:,.1f} GFLOP/s at {options.threads} threads", flush=True)
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     runs_dir = CACHE_DIR / "runs" / f"{stamp}-{assets.case.name}"
@@ -462,7 +506,7 @@ def main(argv: list[str] | None = None) -> None:
     for pass_index in range(1, options.passes + 1):
         pass_dir = runs_dir / f"pass{pass_index}"
         for phase in phases:
-            sides = ["lit-rlhf"] + (["trl"] if peer_python(phase).exists() else [])
+            sides = ["lit-rlhf"] + (["trl"] if peers_comparable(options) and peer_python(phase).exists() else [])
             for side in sides:
                 started = time.perf_counter()
                 result = run_side(side, phase, assets, options, pass_dir)

@@ -6,7 +6,7 @@ peers', under transformers' Trainer.
 Each run writes one JSON result::
 
     {"side", "phase", "steps", "timed_steps", "seconds", "units", "tokens", "throughput", "peak_rss_mib",
-     "threads", "versions"}
+     "peak_gpu_mib", "threads", "versions"}
 
 ``units`` are what the phase's throughput counts (tokens, pairs or episodes) and ``tokens`` the non-padding tokens
 those steps ran through the policy, from which run.py estimates model FLOPs.
@@ -108,6 +108,7 @@ def write_result(path: str | Path, side: str, phase: str, timer: SteadyStateTime
         "phase": phase,
         **timer.result(),
         "peak_rss_mib": peak_rss_mib(),
+        "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else None,
         "threads": torch.get_num_threads(),
         "versions": versions,
     }

@@ -233,7 +233,7 @@ class RLHFCLI(LightningCLI):
                 callbacks.append(default())
         try:
             return super().instantiate_trainer(**kwargs, callbacks=callbacks)
-        except MisconfigurationException as error:
+        except (MisconfigurationException, ValueError) as error:  # Lightning raises both for settings it refuses
             raise ConfigError(f"trainer: {error}") from error
 
     def _remove_unused_log_dir(self) -> None:

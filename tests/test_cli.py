@@ -61,6 +61,10 @@ CONFIGS = Path(__file__).parents[1] / "configs"
         pytest.param(["--config", str(CONFIGS / "sft.yaml"), "--config", str(CONFIGS / "trainer" / "ddp.yaml")],
                      "trainer: No supported gpu backend found!",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPUs")),
+        (["--config", str(CONFIGS / "sft.yaml"), "--trainer.strategy", "fsdp3"],
+         "trainer: You selected an invalid strategy name: `strategy='fsdp3'`. It must be either a string or an "
+         "instance of `lightning.pytorch.strategies.Strategy`. Example choices: auto, ddp, ddp_spawn, deepspeed, ... "
+         "Find a complete list of options in our documentation at https://lightning.ai"),
     ],
 )
 def test_errors_while_building_a_phase_are_one_line_and_exit_2(args, message, tmp_path, monkeypatch, capsys):

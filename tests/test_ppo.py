@@ -176,7 +176,7 @@ class IterationMetrics(Callback):
 
 
 def fit_world(tmp_path, sft: str, reward: str, iterations: int, updates_per_iteration: int, ckpt_path=None,
-              callbacks=(), **kwargs):
+              callbacks=(), precision: str = "32-true", **kwargs):
     """PPO on the world with a plain Trainer; returns the per-iteration metrics and the trainer."""
     seed_everything(0)
     module = PPOModule(model_name_or_path=sft, reward_model=reward, sampling=SamplingConfig(12),
@@ -186,7 +186,7 @@ def fit_world(tmp_path, sft: str, reward: str, iterations: int, updates_per_iter
     trainer = Trainer(
         max_steps=iterations * updates_per_iteration, logger=False, enable_checkpointing=False, limit_val_batches=0,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-        callbacks=[recorder, *callbacks],
+        callbacks=[recorder, *callbacks], precision=precision,
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return recorder.rows, trainer
@@ -225,6 +225,16 @@ def test_ppo_steps_its_warmup_once_per_update(tmp_path, world_sft_path):
     fit_world(tmp_path, world_sft_path, "gold", 3, 2, callbacks=[rate], advantage_estimator="rloo", group_size=2,
               ppo_epochs=2, optimizer=OptimizerConfig(learning_rate=0.01, warmup_steps=4))
     assert rate.rates == pytest.approx([0.005, 0.01, 0.01], abs=1e-12)  # after 2, 4 and 6 of the 4 warm-up steps
+
+
+def test_ppo_clips_its_gradients_under_mixed_precision(tmp_path, world_sft_path, world_rm_path):
+    """Lightning's mixed-precision plugin refuses to clip the gradients of a fused optimizer, and PPO clips every
+    update (``max_grad_norm`` 1.0): under ``bf16-mixed`` the optimizer is the foreach kernel, in fp32 the fused one."""
+    rows, trainer = fit_world(tmp_path, world_sft_path, world_rm_path, 2, 2, precision="bf16-mixed", ppo_epochs=2)
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(row["loss/policy"])) for row in rows)
+    assert trainer.optimizers[0].defaults["fused"] is False
+    _, trainer = fit_world(tmp_path, world_sft_path, world_rm_path, 1, 2, ppo_epochs=2)
+    assert trainer.optimizers[0].defaults["fused"] is True
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])

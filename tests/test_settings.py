@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
 from helpers import run_cli
 from lit_rlhf.kl_control import AdaptiveKLController, FixedKLController, KLControlConfig
@@ -19,11 +20,15 @@ from lit_rlhf.phases.shared import OptimizerConfig, adamw_with_warmup
 CONFIGS = Path(__file__).parents[1] / "configs"
 
 
+def fake_trainer(total_steps: int, precision: Precision | None = None) -> SimpleNamespace:
+    return SimpleNamespace(estimated_stepping_batches=total_steps, precision_plugin=precision or Precision())
+
+
 def learning_rates(settings: OptimizerConfig, decay: bool, steps: int, total_steps: int = 10) -> list[list[float]]:
     """Each parameter group's rate before each of ``steps`` optimiser steps (a value group at twice the rate)."""
     groups = [{"params": [torch.nn.Parameter(torch.zeros(1))]},
               {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 2 * settings.learning_rate}]
-    configured = adamw_with_warmup(SimpleNamespace(estimated_stepping_batches=total_steps), groups, settings, decay)
+    configured = adamw_with_warmup(fake_trainer(total_steps), groups, settings, decay)
     optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
     rates = []
     for _ in range(steps):
@@ -41,10 +46,12 @@ def test_the_optimizer_group_sets_adamw_and_its_warmup_then_cosine_schedule():
                 0.5 * (1 + math.cos(3 * math.pi / 8)), 0.5]
     assert [rate[0] for rate in rates] == pytest.approx([0.01 * factor for factor in expected], abs=1e-12)
     assert [rate[1] for rate in rates] == pytest.approx([0.02 * factor for factor in expected], abs=1e-12)
-    configured = adamw_with_warmup(SimpleNamespace(estimated_stepping_batches=10), [torch.nn.Parameter(torch.ones(1))],
-                                   settings)
+    configured = adamw_with_warmup(fake_trainer(10), [torch.nn.Parameter(torch.ones(1))], settings)
     assert configured["optimizer"].param_groups[0]["weight_decay"] == 0.1
-    assert configured["optimizer"].defaults["fused"] is True  # one kernel for every parameter, as transformers
+    assert configured["optimizer"].defaults["fused"] is True  # one kernel for every parameter, as transformers'
+    under_bf16 = adamw_with_warmup(fake_trainer(10, MixedPrecision("bf16-mixed", "cpu")),
+                                   [torch.nn.Parameter(torch.ones(1))], settings)
+    assert under_bf16["optimizer"].defaults["fused"] is False  # Lightning clips only an optimizer that does not unscale
 
 
 def test_without_decay_the_rate_holds_after_the_warmup():

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torchmetrics import Metric
 from transformers import PreTrainedModel, get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
@@ -80,9 +81,12 @@ def adamw_with_warmup(
     """A ``configure_optimizers`` return value: AdamW with linear warm-up, then a cosine decay that spans
     ``trainer.estimated_stepping_batches`` (``decay=False``: a constant rate). ``parameter_groups``: parameters, or
     ``torch.optim`` groups (dicts) with their own ``lr``. The fused kernel (transformers' default too) updates every
-    parameter in one pass instead of a dozen small ops per tensor."""
+    parameter in one pass instead of a dozen small ops per tensor. Under a mixed precision (``bf16-mixed``,
+    ``16-mixed``) it is the multi-tensor (foreach) kernel instead: Lightning refuses to clip the gradients of an
+    optimizer that unscales them itself, as the fused one does, and PPO clips every update."""
     optimizer = torch.optim.AdamW(
-        parameter_groups, lr=settings.learning_rate, weight_decay=settings.weight_decay, fused=True
+        parameter_groups, lr=settings.learning_rate, weight_decay=settings.weight_decay,
+        fused=not isinstance(trainer.precision_plugin, MixedPrecision),
     )
     total_steps = max(int(trainer.estimated_stepping_batches), 1)
     warmup_steps = min(settings.warmup_steps, total_steps)
