@@ -160,13 +160,13 @@ FLOPS_FOOTER = (
 
 
 def matmul_peak_gflops(threads: int, accelerator: str = "cpu", precision: str = "32-true") -> float:
-    """The best ``torch.mm`` rate of a few large square products, in the runs' compute dtype (bf16 under a bf16
-    precision, else fp32), on the CPU at the bench's thread count or on the GPU: the ceiling that MFU divides by."""
+    """The best ``torch.mm`` rate of a few large square products, in the runs' compute dtype
+    (:func:`compute_dtype`), on the CPU at the bench's thread count or on the GPU: the ceiling that MFU divides by."""
     import torch
 
     torch.set_num_threads(threads)
     device = "cuda" if accelerator == "gpu" else "cpu"
-    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float32
+    dtype = getattr(torch, compute_dtype(precision))
     sizes = (4096, 8192) if device == "cuda" else (2048, 3072)
     best = 0.0
     for size in sizes:
@@ -180,7 +180,14 @@ def matmul_peak_gflops(threads: int, accelerator: str = "cpu", precision: str = 
                 torch.cuda.synchronize()
             if repeat:
                 best = max(best, 2 * size**3 / (time.perf_counter() - started) / 1e9)
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the runs are other processes: leave them the memory
     return best
+
+
+def compute_dtype(precision: str) -> str:
+    """The dtype the matrix products of a Lightning precision run in."""
+    return {"bf16": "bfloat16", "16": "float16"}.get(precision.split("-")[0], "float32")
 
 
 # --- reading the lit-rlhf config files ---------------------------------------------------------------------------
@@ -433,7 +440,7 @@ def table(results: list[RunResult], phases: list[Phase], assets: Assets, peak: f
         + ("Peak GPU memory: torch.cuda.max_memory_allocated" if on_gpu else "Peak RSS: ru_maxrss")
         + " when training ends.",
         FLOPS_FOOTER.format(n=assets.causal_lm_flop_params, s=assets.scalar_head_flop_params)
-        + f" Peak: {peak:,.1f} GFLOP/s (best {'bf16' if options.precision.startswith('bf16') else 'fp32'} torch.mm, "
+        + f" Peak: {peak:,.1f} GFLOP/s (best {compute_dtype(options.precision)} torch.mm, "
         + (f"{_gpu_model()})." if on_gpu else f"{options.threads} threads)."),
         f"Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}. "
         f"Machine: {os.cpu_count()} cores ({options.threads} used; torch threads in the runs: "
@@ -470,9 +477,9 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached model, tokenizer and data")
     parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu",
                         help="where lit-rlhf runs (default: cpu); TRL runs only on the CPU in fp32")
-    parser.add_argument("--precision", default="32-true",
-                        help="lit-rlhf's Lightning precision, e.g. bf16-mixed (default: 32-true); MFU is then "
-                        "against the bf16 matmul peak")
+    parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed", "bf16-true", "16-mixed"),
+                        help="lit-rlhf's Lightning precision (default: 32-true); MFU is against the matmul peak "
+                        "in its compute dtype")
     parser.add_argument("--fsdp", action="store_true",
                         help="lit-rlhf under FSDP2 on its one device (configs/trainer/fsdp.yaml)")
     options = parser.parse_args(argv)

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers.activations import FastGELUActivation, NewGELUActivation
 
 from lit_rlhf import losses
 from lit_rlhf.models import (
@@ -141,20 +142,39 @@ def test_training_forwards_build_no_generation_cache(tiny_gpt2_path):
     assert forward(model, tokens, torch.ones_like(tokens)).past_key_values is None
 
 
-@pytest.mark.parametrize(("activation", "module"), [("gelu_new", "NewGELUActivation"),
-                                                  ("gelu_fast", "FastGELUActivation")])
-def test_gpt2s_eight_op_gelu_runs_as_torchs_fused_one_with_the_same_outputs_and_gradients(
-    activation, module, tiny_gpt2_path, tmp_path
+def _tanh_gelu_config(family: str, vocab_size: int):
+    """Two-layer configs of the families whose MLP uses transformers' eight-op tanh GELU."""
+    from transformers import GPT2Config, GPTJConfig, GPTNeoConfig, PhiConfig
+
+    gpt2 = dict(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    return {
+        "gpt2": lambda: GPT2Config(**gpt2),
+        "gpt2-gelu_fast": lambda: GPT2Config(activation_function="gelu_fast", **gpt2),
+        "gptj": lambda: GPTJConfig(rotary_dim=8, **gpt2),
+        "gpt_neo": lambda: GPTNeoConfig(vocab_size=vocab_size, hidden_size=32, num_layers=2, num_heads=2,
+                                        attention_types=[[["global", "local"], 1]], window_size=4,
+                                        max_position_embeddings=64),
+        "phi": lambda: PhiConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=64),
+    }[family]()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt2-gelu_fast", "gptj", "gpt_neo", "phi"])
+def test_the_eight_op_tanh_gelu_runs_as_torchs_fused_one_with_the_same_outputs_and_gradients(
+    family, tiny_gpt2_path, tmp_path
 ):
     tokenizer = load_tokenizer(tiny_gpt2_path)
-    path = tmp_path / activation
-    AutoModelForCausalLM.from_pretrained(tiny_gpt2_path, activation_function=activation).save_pretrained(path)
+    torch.manual_seed(0)
+    path = tmp_path / family
+    AutoModelForCausalLM.from_config(_tanh_gelu_config(family, len(tokenizer))).save_pretrained(path)
     tokenizer.save_pretrained(path)
+    eight_op = (NewGELUActivation, FastGELUActivation)
     as_saved = AutoModelForCausalLM.from_pretrained(path)
-    assert {type(block.mlp.act).__name__ for block in as_saved.transformer.h} == {module}
+    assert sum(isinstance(layer, eight_op) for layer in as_saved.modules()) == 2  # one per MLP
     for load in (load_causal_lm, load_scalar_head_model):
-        kinds = {type(layer).__name__ for layer in load(str(path), tokenizer).modules()}
-        assert "GELUTanh" in kinds and module not in kinds
+        layers = list(load(str(path), tokenizer).modules())
+        assert sum(type(layer).__name__ == "GELUTanh" for layer in layers) == 2
+        assert not any(isinstance(layer, eight_op) for layer in layers)
     model = load_causal_lm(str(path), tokenizer)
 
     tokens = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
@@ -165,5 +185,6 @@ def test_gpt2s_eight_op_gelu_runs_as_torchs_fused_one_with_the_same_outputs_and_
     for (name, weight), reference in zip(model.named_parameters(), as_saved.parameters(), strict=True):
         torch.testing.assert_close(weight.grad, reference.grad, atol=1e-5, rtol=1e-4, msg=name)
 
-    export(model, tokenizer, tmp_path / "export")
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "export").config.activation_function == activation
+    export(model, tokenizer, tmp_path / "export")  # the config keeps its activation: the export loads as saved
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert sum(isinstance(layer, eight_op) for layer in exported.modules()) == 2

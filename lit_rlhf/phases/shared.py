@@ -82,8 +82,8 @@ def adamw_with_warmup(
     ``trainer.estimated_stepping_batches`` (``decay=False``: a constant rate). ``parameter_groups``: parameters, or
     ``torch.optim`` groups (dicts) with their own ``lr``. The fused kernel (transformers' default too) updates every
     parameter in one pass instead of a dozen small ops per tensor. Under a mixed precision (``bf16-mixed``,
-    ``16-mixed``) it is the multi-tensor (foreach) kernel instead: Lightning refuses to clip the gradients of an
-    optimizer that unscales them itself, as the fused one does, and PPO clips every update."""
+    ``16-mixed``) it is the unfused one (foreach on a GPU): Lightning refuses to clip the gradients of an optimizer
+    that unscales them itself, as the fused one does, and PPO clips every update."""
     optimizer = torch.optim.AdamW(
         parameter_groups, lr=settings.learning_rate, weight_decay=settings.weight_decay,
         fused=not isinstance(trainer.precision_plugin, MixedPrecision),
