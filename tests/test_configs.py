@@ -43,13 +43,15 @@ def _resolved(capsys, *args: str) -> dict:
     return yaml.safe_load(capsys.readouterr().out)
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 @pytest.mark.parametrize("config", PHASE_CONFIGS, ids=[config.name for config in PHASE_CONFIGS])
-def test_config_runs_a_step(config, world_sft_path, world_rm_path, tmp_path, monkeypatch):
+def test_config_runs_a_step(config, precision, world_sft_path, world_rm_path, tmp_path, monkeypatch):
+    """Also in ``bf16-mixed``, the precision of ``configs/trainer/fsdp.yaml`` and of most GPU runs."""
     monkeypatch.chdir(tmp_path)
     run_cli(
         "fit", "--config", str(config), *_overrides(config, world_sft_path, world_rm_path),
         "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "1",
-        "--data.num_eval_prompts", "4",
+        "--data.num_eval_prompts", "4", "--trainer.precision", precision,
     )
     assert list((tmp_path / "runs").glob("*/version_0/metrics.csv"))
 
