@@ -61,6 +61,9 @@ CONFIGS = Path(__file__).parents[1] / "configs"
         pytest.param(["--config", str(CONFIGS / "sft.yaml"), "--config", str(CONFIGS / "trainer" / "ddp.yaml")],
                      "trainer: No supported gpu backend found!",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPUs")),
+        # a hub id that cannot be fetched: the hub's message runs to several lines
+        (["--config", str(CONFIGS / "sft.yaml"), "--model.model_name_or_path", "org/no-such-model"],
+         "cannot load a tokenizer from org/no-such-model: "),
         (["--config", str(CONFIGS / "sft.yaml"), "--trainer.strategy", "fsdp3"],  # Lightning's ValueError
          "trainer: You selected an invalid strategy name: `strategy='fsdp3'`."),
     ],

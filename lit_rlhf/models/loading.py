@@ -74,7 +74,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as error:
-            raise ConfigError(f"cannot load a tokenizer from {name_or_path}: {error}") from error
+            raise ConfigError(f"cannot load a tokenizer from {name_or_path}: {_first_line(error)}") from error
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ConfigError(f"tokenizer {name_or_path} has neither a pad nor an EOS token")
