@@ -4,12 +4,10 @@ whole sample-score-update iteration for PPO."""
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from bench.timing import SteadyStateTimer, batch_work, write_result
+from bench.timing import SteadyStateTimer, batch_work, installed_versions, write_result
 
 
 class SteadyStateThroughput(Callback):
@@ -32,14 +30,6 @@ class SteadyStateThroughput(Callback):
         self.timer.step_ended(batch_work(self.unit, batch, self.response_length))
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        versions = {name: _installed(name) for name in ("lit-rlhf", "torch", "transformers", "lightning")}
+        versions = installed_versions("lit-rlhf", "torch", "transformers", "lightning")
         write_result(self.result_path, "lit-rlhf", self.phase, self.timer, versions)
 
-
-def _installed(name: str) -> str:
-    """A package's version; lit-rlhf itself may run uninstalled from the checkout (the GPU check in
-    bench/README.md, on a machine without a package index)."""
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"

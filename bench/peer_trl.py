@@ -16,14 +16,13 @@ import argparse
 import json
 import os
 from collections import deque
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from bench.timing import BatchWork, SteadyStateTimer, batch_work, write_result
+from bench.timing import BatchWork, SteadyStateTimer, batch_work, installed_versions, write_result
 
 PHASE_UNITS = {"sft": "tokens", "rm": "pairs", "dpo": "pairs", "dpo_precomputed": "pairs", "ppo": "episodes"}
 
@@ -60,7 +59,7 @@ class SteadyStateThroughput(TrainerCallback):
         self.timer.step_ended(self.works.popleft())
 
     def on_train_end(self, args, state, control, **kwargs):
-        versions = {name: version(name) for name in ("trl", "torch", "transformers", "accelerate")}
+        versions = installed_versions("trl", "torch", "transformers", "accelerate")
         write_result(self.result_path, "trl", self.phase, self.timer, versions)
 
 

@@ -18,6 +18,7 @@ import json
 import resource
 import time
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,18 @@ class SteadyStateTimer:
 def peak_rss_mib() -> float:
     """The process's peak resident memory so far (Linux reports ``ru_maxrss`` in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def installed_versions(*packages: str) -> dict[str, str]:
+    """Each package's version; lit-rlhf itself may run uninstalled from the checkout (the GPU check in
+    bench/README.md, on a machine without a package index)."""
+    versions = {}
+    for package in packages:
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
 
 
 def write_result(path: str | Path, side: str, phase: str, timer: SteadyStateTimer, versions: dict[str, str]) -> None:
