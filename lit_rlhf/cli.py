@@ -1,4 +1,4 @@
-"""The command line: ``lit-rlhf fit|validate|test --config configs/<phase>.yaml`` and a few extra commands.
+"""The command line: ``lit-rlhf fit|validate --config configs/<phase>.yaml`` and a few extra commands.
 
 The phase commands are LightningCLI (subclass mode for model and data, so a config names the classes).
 The extra commands (``world``, …) are thin argparse front-ends over library functions. Errors a user can
@@ -170,7 +170,14 @@ def _phase_name(model_config, runs_dir: str) -> str:
 
 class RLHFCLI(LightningCLI):
     """LightningCLI with CPU-friendly defaults, linked tokenizer and prompt length, and a validation pass
-    before training so the first logged row is the untrained model."""
+    before training so the first logged row is the untrained model. Its subcommands are ``fit`` and ``validate``:
+    the phases hold out a validation split and measure it (``val/`` and the held-out ``eval/`` metrics), which
+    ``validate`` runs on any checkpoint; they have no test split or predictions of their own, so Lightning's
+    ``test`` and ``predict`` would only fail after loading everything."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name in ("fit", "validate")}
 
     def __init__(self, args: list[str] | None = None, run: bool = True, runs_dir: str | None = None) -> None:
         runs_dir = runs_dir or os.environ.get(RUNS_DIR_VARIABLE) or RUNS_DIR
@@ -273,6 +280,14 @@ class RLHFCLI(LightningCLI):
             rank_zero_warn(f"resuming {ckpt_path} with changed model arguments: {', '.join(changed)}")
 
     def before_fit(self) -> None:
+        trainer = self.trainer
+        if not self.model.automatic_optimization and (trainer.accumulate_grad_batches != 1 or
+                                                      trainer.gradient_clip_val):
+            raise ConfigError(
+                f"{type(self.model).__name__} steps its optimiser itself, so trainer.accumulate_grad_batches and "
+                "trainer.gradient_clip_val do not apply: set its own model.gradient_accumulation_steps and "
+                "model.max_grad_norm"
+            )
         if self.config.fit.get("ckpt_path") is None:
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
 
@@ -337,6 +352,8 @@ def _collect_command(argv: list[str]) -> None:
     parser.add_argument("--temperature", type=float, default=stage["temperature"], help="(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.judge_model and args.reward_model:
+        raise ConfigError("--reward-model and --judge-model name the same thing: give one")
     summary = collect_comparisons(
         args.policy, args.out, k=args.k, judge=args.judge, judge_model=args.judge_model or args.reward_model,
         prompts_path=args.prompts, num_prompts=args.num_prompts,
@@ -346,7 +363,8 @@ def _collect_command(argv: list[str]) -> None:
     print(
         f"{summary.prompts} prompts x {summary.k} responses, judged by {summary.judge}: {summary.pairs} pairs "
         f"({summary.ties_dropped} ties dropped) in {summary.seconds:.1f}s -> {args.out}"
-        + (f"; agrees with gold on {summary.gold_agreement:.1%} of decided pairs" if summary.gold_agreement else "")
+        + (f"; agrees with gold on {summary.gold_agreement:.1%} of decided pairs"
+           if summary.gold_agreement is not None else "")
     )
 
 

@@ -19,10 +19,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lit_rlhf.data.collate import tokenize_prompts
-from lit_rlhf.data.datamodules import PromptDataModule
+from lit_rlhf.data.datamodules import PromptDataModule, subsample
 from lit_rlhf.data.formats import make_chat_renderer, normalize_rows, ranking_to_pairs
 from lit_rlhf.data.sources import read_rows
-from lit_rlhf.errors import ConfigError
+from lit_rlhf.errors import ConfigError, DataError
 from lit_rlhf.generation import Response, SamplingConfig, generate
 from lit_rlhf.judges import JUDGES_FOR_ANY_PROMPTS, WORLD_JUDGES, check_judge_options, make_judge, read_principles
 from lit_rlhf.models import inference_device, load_causal_lm, load_tokenizer
@@ -84,20 +84,24 @@ def collect_comparisons(
     """Sample ``k`` responses per prompt from ``policy``, rank them with ``judge``, write pairs and rankings.
 
     Prompts come from ``prompts_path`` (any format the data layer reads) or the embedded world's training prompts,
-    cut from the left to ``max_prompt_length`` tokens. ``judge`` defaults to the world's simulated raters, which
+    ``num_prompts`` of them drawn with ``seed`` where there are more, cut from the left to ``max_prompt_length``
+    tokens. ``judge`` defaults to the world's simulated raters, which
     exist only for the world's prompts: other prompts need a judge named (:func:`default_judge`). ``judge_model`` is
     the reward-model export (``judge="reward_model"``) or causal LM (``judge="llm"``), ``reward`` the
     ``"package.module:function"`` of ``judge="function"``, and ``principles_path`` a text file of the LLM judge's
     principles; the LLM judge's verdicts are cached in ``out_dir/judge_cache.json``.
     """
     started = time.perf_counter()
+    if k < 2 or num_prompts < 1:
+        raise ConfigError(f"collect needs k of at least 2 answers per prompt (to compare) and num_prompts of at least "
+                          f"1, got k={k}, num_prompts={num_prompts}")
     principles = read_principles(principles_path) if principles_path is not None else None
     prompt_data = PromptDataModule(
         path=prompts_path, tokenizer_name_or_path=policy, val_fraction=0.0, max_prompt_length=max_prompt_length,
         max_length=max_prompt_length + sampling.max_new_tokens,
     )
     prompt_data.setup("fit")
-    prompts = [record.prompt for record in prompt_data.train_records][:num_prompts]
+    prompts = [record.prompt for record in subsample(prompt_data.train_records, num_prompts, seed)]
     oracle = gold_scorer(prompts)
     on_world = oracle is not None
     judge = judge or default_judge(on_world)
@@ -128,6 +132,9 @@ def collect_comparisons(
                 if on_world and (gold_margin := gold[chosen] - gold[rejected]) != 0:
                     decided += 1
                     agree += gold_margin > 0
+    if not pairs:
+        raise DataError(f"{out_dir / 'comparisons.jsonl'}: no comparisons: the judge {judge!r} tied every pair of "
+                        f"{len(prompts)} prompts × {k} answers")
     summary = CollectionSummary(
         policy, judge, k, len(prompts), pairs, ties, time.perf_counter() - started,
         agree / decided if decided else None,

@@ -92,8 +92,11 @@ def evaluate_policy(
     ``baseline``, the reference policy's own evaluation, the drift and hacking metrics against it),
     ``response/eos_fraction`` and, given a ``reference``, ``objective/kl``: the mean over samples of
     Σ_t log π − log π_ref on the sampled response tokens (the k1 estimate of KL(π‖π_ref), both models at the
-    sampling temperature as in PPO). The global RNG is left untouched.
+    sampling temperature as in PPO). The global RNG is left untouched. No prompts (data of ``text`` rows has none to
+    hold out): no answers and no metrics.
     """
+    if not prompts:
+        return PolicyEvaluation([], [], [])
     temperature = sampling.temperature or 1.0  # greedy decoding: score with the untempered distributions
     responses: list[str] = []
     lengths: list[torch.Tensor] = []

@@ -242,18 +242,20 @@ class LLMJudge(Judge):
         context_ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
         for separator in (" ", ""):
             ids = [self._token_after(context, context_ids, separator + label) for label in self.labels]
-            if None not in ids:
+            if None not in ids and len(set(ids)) == len(ids):
                 return ids
         raise ConfigError(
             f"the judge {self.tokenizer.name_or_path!r} cannot score its answer labels "
             f"{' and '.join(map(repr, self.labels))}: after {VERDICT_PREFIX!r} its tokenizer does not read each as "
-            "one token, with or without a leading space; use another judge model"
+            "a token of its own (not the unknown token), with or without a leading space; use another judge model"
         )
 
     def _token_after(self, context: str, context_ids: list[int], label: str) -> int | None:
-        """The one token ``label`` adds after ``context``, or None if it adds more or retokenises the context."""
+        """The one token ``label`` adds after ``context``, or None if it adds more, retokenises the context, or is the
+        unknown token (which a word-level vocabulary gives any label it lacks)."""
         ids = self.tokenizer(context + label, add_special_tokens=False)["input_ids"]
-        return ids[-1] if len(ids) == len(context_ids) + 1 and ids[:-1] == context_ids else None
+        one_more = len(ids) == len(context_ids) + 1 and ids[:-1] == context_ids
+        return ids[-1] if one_more and ids[-1] != self.tokenizer.unk_token_id else None
 
 
 def _unfenced(text: str) -> str:

@@ -34,7 +34,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -42,10 +42,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from transformers import PreTrainedModel
 
 from lit_rlhf.collect import collect_comparisons, sample_responses
-from lit_rlhf.data.datamodules import DemonstrationDataModule, PromptDataModule
+from lit_rlhf.data.datamodules import DemonstrationDataModule, PromptDataModule, subsample
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.evaluation import PolicyEvaluation, evaluate_policy, measure_answers
 from lit_rlhf.generation import Response, SamplingConfig
@@ -150,7 +151,7 @@ def run_stages(run: PipelineRun, force: tuple[str, ...] = (), until: str | None 
     rerun: set[str] = set()
     for stage in run.spec.stages[: names.index(until) + 1 if until else None]:
         stage_dir = run.out_dir / stage.name
-        if _is_complete(stage, stage_dir, run.seed) and stage.name not in force and not stage.reads() & rerun:
+        if _is_complete(stage, stage_dir, run) and stage.name not in force and not stage.reads() & rerun:
             print(f"[pipeline] {stage.name}: complete, skipped")
             continue
         if stage_dir.exists():
@@ -161,12 +162,18 @@ def run_stages(run: PipelineRun, force: tuple[str, ...] = (), until: str | None 
         try:
             with output_to(stage_dir / LOG_FILE):
                 record = STAGE_RUNNERS[stage.kind](stage, stage_dir, run)
+        except SystemExit as stopped:  # the phase's command line refused an argument, its message in the log
+            print(f"failed, its output: {stage_dir / LOG_FILE}")
+            if stopped.code in (0, None):
+                raise
+            reason = last_line(stage_dir / LOG_FILE).removeprefix("error: ")
+            raise ConfigError(f"stage {stage.name!r}: {reason}") from None
         except BaseException:
             print(f"failed, its output: {stage_dir / LOG_FILE}")
             raise
         record["seconds"] = round(time.perf_counter() - started, 1)
         print(f"done in {record['seconds']} s")
-        record["spec"], record["seed"] = stage.as_record(), run.seed
+        record["spec"], record["seed"], record["inputs"] = stage.as_record(), run.seed, _stage_inputs(stage, run)
         write_atomically(stage_dir / DONE_FILE, json.dumps(record, indent=2) + "\n")
         rerun.add(stage.name)
 
@@ -224,6 +231,12 @@ def output_to(path: Path) -> Iterator[None]:
             os.close(original)
 
 
+def last_line(path: Path) -> str:
+    """The last line of a log with something on it (what a failed command said last)."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()] if path.is_file() else []
+    return lines[-1].strip() if lines else "no output"
+
+
 def _merged_with_earlier_summary(rows: list[dict[str, Any]], out_dir: Path, seed: int) -> list[dict[str, Any]]:
     """This run's rows, with the rows another pipeline file wrote into the same folder kept in their places when
     their stage is still there under the same seed: a variant run with ``--out`` on the main job's folder adds its
@@ -253,13 +266,54 @@ def _done_under(stage_dir: Path, seed: int) -> dict[str, Any] | None:
     return record if record is not None and record.get("seed", 0) == seed else None
 
 
-def _is_complete(stage: StageSpec, stage_dir: Path, seed: int) -> bool:
-    """Whether the stage finished before with the same settings, defaults included, and seed (otherwise it runs
-    again). A stage finished by a version that kept only the settings the file named, not every one, runs again; so
-    does a best-of-n stage from before its picks were kept (no ``samples``), since the summary measures them."""
-    record = _done_under(stage_dir, seed)
+def _is_complete(stage: StageSpec, stage_dir: Path, run: PipelineRun) -> bool:
+    """Whether the stage finished before with the same settings, defaults included, the same seed, and the files it
+    reads unchanged since (:func:`input_stamps`; otherwise it runs again). A stage finished by a version that kept
+    only the settings the file named, not every one, runs again, and one from before stamps were kept if it reads a
+    file; so does a best-of-n stage from before its picks were kept (no ``samples``), since the summary measures
+    them."""
+    record = _done_under(stage_dir, run.seed)
     outdated = record is not None and record.get("kind") == "best_of_n" and "samples" not in record
-    return record is not None and record.get("spec") == stage.as_record() and not outdated
+    return (record is not None and record.get("spec") == stage.as_record() and not outdated
+            and record.get("inputs", {}) == _stage_inputs(stage, run))
+
+
+def _stage_inputs(stage: StageSpec, run: PipelineRun) -> dict[str, int]:
+    """The stamps of the files a stage reads that no stage of the run writes: its phase config, data, prompts
+    (the file's top-level ``prompts`` where the stage has none of its own), paths among its ``args``."""
+    values = stage.reads() | {value for value in getattr(stage, "args", {}).values() if isinstance(value, str)}
+    if getattr(stage, "prompts", "") is None and run.spec.prompts:
+        values.add(run.spec.prompts)
+    return input_stamps(value for value in sorted(values) if value not in run.stage_names)
+
+
+def input_stamps(paths: Iterable[str]) -> dict[str, int]:
+    """When each file or model folder among ``paths`` was last written (``mtime_ns``; a model folder by its
+    ``config.json``); anything else (a hub name, a setting) is left out. A YAML file's ``config:`` (the file it
+    extends, as ``configs/kto.yaml`` does ``dpo.yaml``) is stamped too. A finished run is reused only while these
+    are unchanged, so an edited config, new data or a retrained model make it run again."""
+    stamps: dict[str, int] = {}
+    pending = [Path(path) for path in paths]
+    while pending:
+        path = pending.pop()
+        stamp = path / "config.json" if path.is_dir() else path
+        if str(path) in stamps or not stamp.is_file():
+            continue
+        stamps[str(path)] = stamp.stat().st_mtime_ns
+        if path.suffix in (".yaml", ".yml"):
+            pending += [path.parent / extended for extended in _extended_configs(path)]
+    return stamps
+
+
+def _extended_configs(path: Path) -> list[str]:
+    """The files a YAML config's top-level ``config:`` names (jsonargparse reads them first); none when unreadable."""
+    try:
+        extended = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    extended = extended.get("config") if isinstance(extended, dict) else None
+    names = extended if isinstance(extended, list) else [extended]
+    return [name for name in names if isinstance(name, str)]
 
 
 def _run_fit(stage: FitStage, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
@@ -307,12 +361,13 @@ def _prompts_path(stage: CollectStage | RejectionSampleStage, spec: PipelineSpec
 
 
 def _training_prompts(stage: RejectionSampleStage, spec: PipelineSpec, policy: str) -> list[str]:
-    """A sampling stage's prompts, chat prompts rendered with the template of the ``policy`` that answers them."""
+    """A sampling stage's prompts (``num_prompts`` of them drawn with the file's seed, when there are more), chat
+    prompts rendered with the template of the ``policy`` that answers them."""
     prompts = PromptDataModule(path=_prompts_path(stage, spec), tokenizer_name_or_path=policy, val_fraction=0.0,
                                max_prompt_length=stage.max_prompt_length,
                                max_length=stage.max_prompt_length + stage.max_new_tokens)
     prompts.setup("fit")
-    return [record.prompt for record in prompts.train_records][: stage.num_prompts]
+    return [record.prompt for record in subsample(prompts.train_records, stage.num_prompts, spec.seed)]
 
 
 def _run_rejection_sample(stage: RejectionSampleStage, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
@@ -332,7 +387,7 @@ def _run_self_play(stage: SelfPlayStage, stage_dir: Path, run: PipelineRun) -> d
     demonstrations = DemonstrationDataModule(path=stage.demonstrations, tokenizer_name_or_path=policy,
                                              val_fraction=0.0)
     demonstrations.setup("fit")
-    records = demonstrations.train_records[: stage.num_prompts]
+    records = subsample(demonstrations.train_records, stage.num_prompts, run.seed)
     torch.manual_seed(run.seed)
     prompts = [record.prompt for record in records]
     groups = sample_responses(policy, prompts, 1, _sampling(stage), stage.max_prompt_length, SAMPLING_BATCH_SIZE)

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin,
 import yaml
 
 from lit_rlhf.errors import ConfigError
+from lit_rlhf.judges import JUDGES
 
 Spec = TypeVar("Spec")
 RESERVED_NAME = "init"
@@ -34,6 +35,8 @@ class StageSpec:
     """What every stage has: a unique ``name``, its folder ``OUT/<name>/``; the class's ``kind`` picks it."""
 
     kind: ClassVar[str]
+    AT_LEAST: ClassVar[dict[str, float]] = {}
+    """Lower bounds of the class's own number settings (its bases add theirs): checked when a file is read."""
     name: str
 
     def as_record(self) -> dict[str, Any]:
@@ -64,6 +67,7 @@ class FitStage(StageSpec):
 class SamplingStage(StageSpec):
     """A stage that samples answers of ``policy``: its decoding settings and prompt length limit."""
 
+    AT_LEAST: ClassVar[dict[str, float]] = {"max_new_tokens": 1, "temperature": 0, "max_prompt_length": 1}
     policy: str
     max_new_tokens: int = 24
     temperature: float = 1.0
@@ -75,10 +79,11 @@ class CollectStage(SamplingStage):
     """k answers per training prompt, ranked by a judge, written as C(k,2) comparisons."""
 
     kind: ClassVar[str] = "collect"
+    AT_LEAST: ClassVar[dict[str, float]] = {"k": 2, "num_prompts": 1}
     k: int = 4
     num_prompts: int = 2000
     prompts: str | None = None
-    judge: str | None = None
+    judge: Literal[JUDGES] | None = None
     judge_model: str | None = None
     reward: str | None = None
     principles: str | None = None
@@ -89,6 +94,7 @@ class RejectionSampleStage(SamplingStage):
     """n answers per training prompt, the best ``keep`` by ``reward_model`` written as demonstrations."""
 
     kind: ClassVar[str] = "rejection_sample"
+    AT_LEAST: ClassVar[dict[str, float]] = {"n": 1, "keep": 1, "num_prompts": 1}
     reward_model: str
     n: int = 8
     keep: int = 1
@@ -102,6 +108,7 @@ class SelfPlayStage(SamplingStage):
     """SPIN's comparisons: each demonstration over ``policy``'s own answer to its prompt."""
 
     kind: ClassVar[str] = "self_play"
+    AT_LEAST: ClassVar[dict[str, float]] = {"num_prompts": 1}
     demonstrations: str | None = None
     num_prompts: int = 1000
 
@@ -111,6 +118,7 @@ class BestOfNStage(StageSpec):
     """The best-of-n baseline on the held-out prompts, with the evaluation's sampling; measured only."""
 
     kind: ClassVar[str] = "best_of_n"
+    AT_LEAST: ClassVar[dict[str, float]] = {"n": 1, "max_prompt_length": 1}
     policy: str
     reward_model: str
     n: int = 8
@@ -125,6 +133,7 @@ class BestOfNStage(StageSpec):
 class Rounds(StageSpec, ABC):
     """A shorthand: ``rounds`` rounds of plain stages, each starting from the previous round's policy."""
 
+    AT_LEAST: ClassVar[dict[str, float]] = {"rounds": 1}
     policy: str
     config: str
     rounds: int = 1
@@ -150,6 +159,7 @@ class RejectionSamplingRounds(Rounds):
     """Rejection-sampling fine-tuning: per round, ``rejection_sample`` → ``fit`` (SFT) on the picks."""
 
     kind: ClassVar[str] = "rejection_sampling"
+    AT_LEAST: ClassVar[dict[str, float]] = RejectionSampleStage.AT_LEAST | {"temperature": 0}
     reward_model: str
     n: int = RejectionSampleStage.n
     keep: int = RejectionSampleStage.keep
@@ -169,6 +179,7 @@ class SpinRounds(Rounds):
     """SPIN: per round, ``self_play`` → ``fit`` (DPO) on the pairs, referenced to the previous round's model."""
 
     kind: ClassVar[str] = "spin"
+    AT_LEAST: ClassVar[dict[str, float]] = SelfPlayStage.AT_LEAST | {"temperature": 0}
     demonstrations: str | None = SelfPlayStage.demonstrations
     num_prompts: int = SelfPlayStage.num_prompts
     temperature: float = SelfPlayStage.temperature
@@ -185,6 +196,7 @@ class IterativeRounds(Rounds):
     comparisons."""
 
     kind: ClassVar[str] = "iterative"
+    AT_LEAST: ClassVar[dict[str, float]] = CollectStage.AT_LEAST
     rm_config: str
     rm_args: dict[str, Any] = field(default_factory=dict)
     algorithm: Literal["ppo", "dpo"] = "ppo"
@@ -192,7 +204,7 @@ class IterativeRounds(Rounds):
     """``policy``: each round's reward model starts from the round's policy; ``previous``: continues the last one."""
     k: int = CollectStage.k
     num_prompts: int = CollectStage.num_prompts
-    judge: str | None = CollectStage.judge
+    judge: Literal[JUDGES] | None = CollectStage.judge
     judge_model: str | None = CollectStage.judge_model
     reward: str | None = CollectStage.reward
     principles: str | None = CollectStage.principles
@@ -228,6 +240,8 @@ class EvaluationSpec:
     """How the summary measures every policy: the same held-out prompts, each ``samples_per_prompt`` times, the same
     sampling noise, KL and the hacking metrics against ``reference``, the proxy reward by ``reward_model``."""
 
+    AT_LEAST: ClassVar[dict[str, float]] = {"num_prompts": 1, "samples_per_prompt": 1, "max_new_tokens": 1,
+                                            "temperature": 0, "max_prompt_length": 1}
     prompts: str | None = None
     """``None``: the file's ``prompts``, else the world's held-out prompts."""
     num_prompts: int = 64
@@ -257,12 +271,7 @@ class PipelineSpec:
 def load_pipeline(path: str | Path) -> PipelineSpec:
     """Read and check a pipeline file; shorthands are expanded and phase configs made absolute."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"pipeline file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    raw = read_yaml_file(path, "pipeline") or {}
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list) or not raw["stages"]:
         raise ConfigError(f"{path}: expected a mapping with a non-empty 'stages' list")
     stages: list[StageSpec] = []
@@ -273,6 +282,11 @@ def load_pipeline(path: str | Path) -> PipelineSpec:
     for name in names:
         if names.count(name) > 1 or name == RESERVED_NAME:
             raise ConfigError(f"{path}: stage name {name!r} is used twice (or is the reserved {RESERVED_NAME!r})")
+    for index, stage in enumerate(stages):
+        later = sorted(stage.reads() & set(names[index:]))
+        if later:
+            raise ConfigError(f"{path}: stage {stage.name!r} reads {later[0]!r}, which runs after it (or is itself): "
+                              "a stage reads only earlier stages")
     evaluation = build_spec(EvaluationSpec, raw.get("evaluation") or {}, f"{path}: evaluation")
     spec = build_spec(PipelineSpec, {**raw, "stages": stages, "evaluation": evaluation}, str(path))
     if not (evaluation.prompts or spec.prompts) and _reads_own_data(stages):
@@ -281,6 +295,20 @@ def load_pipeline(path: str | Path) -> PipelineSpec:
             "the summary (any file with a prompt column); the world's prompts only suit the world's models"
         )
     return spec
+
+
+def read_yaml_file(path: Path, what: str) -> Any:
+    """A YAML file's contents, or a one-line :class:`ConfigError`: the ``what`` file is not there, or where (line and
+    column) and why it is not valid YAML (PyYAML's own message runs to several lines)."""
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
 
 
 def _stage(raw: Any, index: int, path: Path) -> StageSpec:
@@ -332,7 +360,18 @@ def build_spec(spec_class: type[Spec], raw: Mapping[str, Any], where: str) -> Sp
             raise ConfigError(f"{where}: {key} must be {_describe(types_[key])}, got {value!r}")
         takes_float = float in (get_args(types_[key]) or (types_[key],))
         values[key] = float(value) if takes_float and value is not None else value
+    for key, bound in _lower_bounds(spec_class).items():
+        if values.get(key) is not None and values[key] < bound:
+            raise ConfigError(f"{where}: {key} must be at least {bound}, got {values[key]!r}")
     return spec_class(**values)
+
+
+def _lower_bounds(spec_class: type) -> dict[str, float]:
+    """The ``AT_LEAST`` bounds of a spec class and its bases."""
+    bounds: dict[str, float] = {}
+    for klass in reversed(spec_class.__mro__):
+        bounds |= vars(klass).get("AT_LEAST", {})
+    return bounds
 
 
 def _is_a(value: Any, expected: Any) -> bool:

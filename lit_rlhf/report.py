@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from matplotlib.figure import Figure
 
-from lit_rlhf.errors import ConfigError
+from lit_rlhf.errors import ConfigError, DataError
 from lit_rlhf.pipeline import EVAL_SAMPLES_FILE, SUMMARY_FILE, format_cell
 from lit_rlhf.sweep import SWEEP_FILE
 
@@ -103,8 +103,21 @@ def load_folder(path: str | Path) -> RunFolder:
     raise ConfigError(f"{path}: no summary.json or sweep.json (run lit-rlhf pipeline or lit-rlhf sweep first)")
 
 
+def _read_json(path: Path, expected: type) -> Any:
+    """A pipeline's or sweep's own JSON file, or a one-line error where it was cut short or edited into another
+    shape (a run killed while writing it, say): run the command again to rewrite it."""
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON ({error}): run the command that wrote it again") from None
+    if not isinstance(value, expected):
+        raise DataError(f"{path}: expected a JSON {'list' if expected is list else 'object'}: run the command that "
+                        "wrote it again")
+    return value
+
+
 def _load_pipeline(path: Path) -> RunFolder:
-    folder = RunFolder("pipeline", path.resolve().name, summary=json.loads((path / SUMMARY_FILE).read_text()))
+    folder = RunFolder("pipeline", path.resolve().name, summary=_read_json(path / SUMMARY_FILE, list))
     for row in folder.summary:
         stage = str(row.get("stage"))
         done = json.loads((path / stage / "done.json").read_text()) if (path / stage / "done.json").is_file() else {}
@@ -128,7 +141,7 @@ def _load_pipeline(path: Path) -> RunFolder:
 
 
 def _load_sweep(path: Path) -> RunFolder:
-    spec = json.loads((path / SWEEP_FILE).read_text())
+    spec = _read_json(path / SWEEP_FILE, dict)
     folder = RunFolder("sweep", str(spec.get("name") or path.resolve().name), phase=str(spec.get("phase", "")),
                        trials=spec.get("trials") or [], baselines=spec.get("baselines") or [],
                        reference=spec.get("reference"))

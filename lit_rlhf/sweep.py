@@ -35,8 +35,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lit_rlhf import RUNS_DIR_VARIABLE
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.pipeline import (
@@ -45,10 +43,13 @@ from lit_rlhf.pipeline import (
     HeldOutEvaluation,
     PipelineRun,
     format_table,
+    input_stamps,
+    last_line,
     run_stages,
     start_run,
     write_atomically,
 )
+from lit_rlhf.pipeline_spec import read_yaml_file
 from lit_rlhf.selection import best_of_n_kl
 
 METHODS = ("grid", "random", "bayes")
@@ -63,12 +64,7 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     """Read and check a W&B sweep file: a ``method``, ``parameters`` each with ``value``, ``values`` or a
     distribution, and a ``command`` (a list, with ``${args}`` where the parameters go)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file not found: {path}")
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    spec = read_yaml_file(path, "sweep")
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: expected a mapping (a W&B sweep configuration)")
     if spec.get("method") not in METHODS:
@@ -258,16 +254,10 @@ def run_offline(spec: dict[str, Any], path: Path, run: PipelineRun, out_dir: Pat
 
 
 def _inputs(command: list[str]) -> dict[str, int]:
-    """When each file or model folder a command names was last written (a model folder by its ``config.json``):
-    a trained trial is reused only while these are unchanged, so a retrained SFT policy, new comparisons or an
-    edited config make every trial train again."""
-    stamps = {}
-    for part in command:
-        path = Path(part.split("=", 1)[-1])  # --key=PATH or PATH
-        stamp = path / "config.json" if path.is_dir() else path
-        if stamp.is_file():
-            stamps[str(path)] = stamp.stat().st_mtime_ns
-    return stamps
+    """The stamps (:func:`~lit_rlhf.pipeline.input_stamps`) of every file or model folder a command names, as
+    ``PATH`` or ``--key=PATH``: a trained trial is reused only while these are unchanged, so a retrained SFT policy,
+    new comparisons or an edited config make every trial train again."""
+    return input_stamps(part.split("=", 1)[-1] for part in command)
 
 
 def _run_trial(
@@ -310,7 +300,7 @@ def _train(name: str, parameters: dict[str, Any], command: list[str], trial_dir:
         record |= {"status": "done", "export": str(exports[-1].parent.relative_to(trial_dir))}
     else:
         record["status"] = "failed"
-        print(f"[sweep] {name}: failed ({_last_line(trial_dir / 'log.txt')})")
+        print(f"[sweep] {name}: failed ({last_line(trial_dir / 'log.txt')})")
     return record
 
 
@@ -346,11 +336,6 @@ def _phase(spec: dict[str, Any]) -> str | None:
 
 def _brief(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{key} {value:.3f}" for key, value in metrics.items() if isinstance(value, float))
-
-
-def _last_line(path: Path) -> str:
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()] if path.is_file() else []
-    return lines[-1].strip() if lines else "no output"
 
 
 def format_trials(result: dict[str, Any]) -> str:

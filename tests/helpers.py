@@ -24,7 +24,7 @@ TWO_TURN_CHAT = [
 
 
 def run_cli(*args: str) -> None:
-    main([*args, *QUICK_TRAINER] if args and args[0] in ("fit", "validate", "test") else list(args))
+    main([*args, *QUICK_TRAINER] if args and args[0] in ("fit", "validate") else list(args))
 
 
 def latest_run(root: Path, phase: str) -> Path:

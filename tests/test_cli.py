@@ -66,6 +66,11 @@ CONFIGS = Path(__file__).parents[1] / "configs"
          "cannot load a tokenizer from org/no-such-model: "),
         (["--config", str(CONFIGS / "sft.yaml"), "--trainer.strategy", "fsdp3"],  # Lightning's ValueError
          "trainer: You selected an invalid strategy name: `strategy='fsdp3'`."),
+        # Lightning's refusal comes at fit's start, with a traceback: PPO optimises by hand
+        (["--config", str(CONFIGS / "ppo.yaml"), "--model.model_name_or_path", "world", "--model.reward_model", "gold",
+          "--trainer.accumulate_grad_batches", "2"],
+         "PPOModule steps its optimiser itself, so trainer.accumulate_grad_batches and trainer.gradient_clip_val do "
+         "not apply: set its own model.gradient_accumulation_steps and model.max_grad_norm"),
     ],
 )
 def test_errors_while_building_a_phase_are_one_line_and_exit_2(args, message, tmp_path, monkeypatch, capsys):

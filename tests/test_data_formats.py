@@ -391,10 +391,27 @@ def test_a_folder_of_split_files_reads_only_the_requested_split(tmp_path):
         list(read_rows(str(tmp_path), split="validation"))
 
 
+def test_splits_named_as_on_the_hub_are_told_apart_and_their_shards_read_together(tmp_path):
+    """ultrafeedback_binarized's layout: data/<split>-NNNNN-of-NNNNN.parquet, splits train_prefs, train_sft, ..."""
+    (tmp_path / "data").mkdir()
+    for name in ("train_prefs-00000-of-00002", "train_prefs-00001-of-00002", "train_sft-00000-of-00001",
+                 "test_prefs-00000-of-00001"):
+        (tmp_path / "data" / f"{name}.jsonl").write_text(json.dumps({"text": name}) + "\n")
+    texts = [row["text"] for _, _, row in read_rows(str(tmp_path), split="train_prefs")]
+    assert texts == ["train_prefs-00000-of-00002", "train_prefs-00001-of-00002"]
+    message = r"no files for split 'train' \(its files are named for the splits \['test_prefs', 'train_prefs', 'trai"
+    with pytest.raises(DataError, match=message):
+        list(read_rows(str(tmp_path)))  # train_prefs and train_sft are not mixed as "train"
+    (tmp_path / "shards").mkdir()
+    for shard in (1, 2):
+        (tmp_path / "shards" / f"train_{shard}.jsonl").write_text(json.dumps({"text": f"shard {shard}"}) + "\n")
+    assert [row["text"] for _, _, row in read_rows(str(tmp_path / "shards"))] == ["shard 1", "shard 2"]
+
+
 def test_a_folder_of_different_datasets_asks_for_one_file(tmp_path):
     for name in ("demonstrations", "prompts", "eval_prompts"):  # as `lit-rlhf world --out` writes
         (tmp_path / f"{name}.jsonl").write_text('{"prompt": "p", "completion": "c"}\n')
-    message = (r"no files for split 'train' \(its files are named for the splits \['eval'\]; pick one with "
+    message = (r"no files for split 'train' \(its files are named for the splits \['eval_prompts'\]; pick one with "
                r"data.split\); the others "
                r"\(demonstrations.jsonl, prompts.jsonl\) name no split: point data.path at one file$")
     with pytest.raises(DataError, match=message):

@@ -247,6 +247,19 @@ def test_demonstration_datamodule_splits_deterministically(tmp_path, tokenizer_p
     assert [b["prompt"] for b in first.val_dataloader()][0] == [r.prompt for r in first.val_records[:4]]
 
 
+def test_text_rows_are_held_out_one_by_one_and_one_prompt_data_warns_it_holds_none_out(tmp_path, tokenizer_path):
+    """Rows are held out by prompt; text rows have none, so each is its own group (all 20 in one group held out
+    nothing before). They also give the evaluation no prompt to answer."""
+    texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": f"apple pear {i} ."} for i in range(20)])
+    data = make(DemonstrationDataModule, texts, tokenizer_path, val_fraction=0.25)
+    assert len(data.train_records) == 15 and len(data.val_records) == 5
+    assert data.eval_prompts == []
+    one_prompt = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "name two fruits .", "completion": "apple ."}] * 4)
+    with pytest.warns(UserWarning, match=r"no validation rows: all 4 rows share one prompt"):
+        data = make(DemonstrationDataModule, one_prompt, tokenizer_path, val_fraction=0.25)
+    assert len(data.train_records) == 4 and data.val_records == []
+
+
 def test_bad_rows_stop_the_datamodule_or_are_skipped_and_counted(tmp_path, tokenizer_path):
     path = write_jsonl(tmp_path / "demos.jsonl", [*DEMONSTRATIONS[:5], {"prompt": "a", "completion": 3}, {"x": 1}])
     expected = rf"^{path}:6: field 'completion': must be a string or a list of messages, got int$"

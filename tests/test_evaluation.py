@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from lit_rlhf.evaluation import measure_answers
+from lit_rlhf.evaluation import evaluate_policy, measure_answers
+from lit_rlhf.generation import SamplingConfig
 from lit_rlhf.scoring import gold_scorer
 
 VIEW = "i think carrot is a fruit . name three fruits ."
@@ -40,3 +41,9 @@ def test_without_gold_rewards_there_is_no_gold_metric():
     evaluation = measure_answers([VIEW, PLAIN], ["apple , pear , plum .", "red , blue ."], [6, 4], proxy=[0.0, 1.0])
     assert evaluation.gold is None
     assert not any(name.startswith("gold/") for name in evaluation.metrics)
+
+
+def test_no_prompts_to_answer_give_no_answers_and_no_metrics():
+    """Text rows hold out no prompt: the phases' evaluation then has nothing to sample (no model is called)."""
+    evaluation = evaluate_policy(None, None, [], SamplingConfig(), max_prompt_length=32, seed=0)
+    assert (evaluation.responses, evaluation.metrics) == ([], {})

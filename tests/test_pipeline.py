@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -145,6 +146,14 @@ def test_the_console_shows_one_line_per_stage_and_each_stage_folder_the_rest(tmp
     assert "wandb:" in (out / "report" / pipeline.LOG_FILE).read_text()
 
 
+def test_a_phase_argument_refused_by_its_command_line_is_one_line_on_the_console(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"stages": [{"name": "sft", "kind": "fit", "config": str(CONFIGS / "sft.yaml"),
+                                                "args": {"trainer.max_stepz": 2}}]}))
+    with pytest.raises(ConfigError, match=r"^stage 'sft': unrecognized arguments: --trainer.max_stepz 2$"):
+        pipeline.run_pipeline(path, fit_phase, tmp_path / "out")
+
+
 def test_a_stage_that_fails_on_its_data_starts_no_wandb_run(tmp_path, wandb_offline, capfd):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "name one fruit .", "completion": 3}) + "\n")
@@ -207,6 +216,22 @@ def test_shorthands_wire_each_round_to_the_previous_one(tmp_path):
            "algorithm": "grpo"}], "algorithm must be one of ppo, dpo, got 'grpo'"),
         ([{"name": "rs", "kind": "rejection_sampling", "policy": "sft", "reward_model": "rm", "config": "sft.yaml",
            "prompts": "p.jsonl"}], r"stage 'rs' \(rejection_sampling\): unknown key 'prompts'"),
+        # numbers out of range, refused before anything runs rather than failing (or doing nothing) on the way
+        ([{"name": "s", "kind": "spin", "policy": "sft", "config": "dpo.yaml", "rounds": 0}],
+         r"stage 's' \(spin\): rounds must be at least 1, got 0$"),
+        ([{"name": "c", "kind": "collect", "policy": "sft", "k": 1}], "k must be at least 2, got 1$"),
+        ([{"name": "c", "kind": "collect", "policy": "sft", "num_prompts": -3}], "num_prompts must be at least 1"),
+        ([{"name": "r", "kind": "rejection_sample", "policy": "sft", "reward_model": "rm", "keep": 0}],
+         "keep must be at least 1, got 0$"),
+        ([{"name": "b", "kind": "best_of_n", "policy": "sft", "reward_model": "rm", "n": 0}], "n must be at least 1"),
+        ([{"name": "c", "kind": "collect", "policy": "sft", "temperature": -1}], "temperature must be at least 0"),
+        ([{"name": "it", "kind": "iterative", "policy": "sft", "config": "ppo.yaml", "rm_config": "rm.yaml", "k": 1}],
+         r"stage 'it' \(iterative\): k must be at least 2, got 1$"),
+        # names checked when the file is read, not when their stage's turn comes
+        ([{"name": "c", "kind": "collect", "policy": "sft", "judge": "human"}],
+         "judge must be one of raters, gold, reward_model, function, llm or null, got 'human'$"),
+        ([{"name": "c", "kind": "collect", "policy": "later"}, {"name": "later", "kind": "collect", "policy": "x"}],
+         r"stage 'c' reads 'later', which runs after it \(or is itself\): a stage reads only earlier stages$"),
     ],
 )
 def test_bad_pipeline_files_are_config_errors(stages, message, tmp_path):
@@ -225,6 +250,7 @@ def test_bad_pipeline_files_are_config_errors(stages, message, tmp_path):
         ({"evaluation": {"num_prompt": 4}}, r": evaluation: unknown key 'num_prompt'; expected one of prompts, "),
         ({"evaluation": {"reference": 3}}, "evaluation: reference must be text or null, got 3"),
         ({"evaluation": ["sft"]}, "evaluation: expected a mapping"),
+        ({"evaluation": {"samples_per_prompt": 0}}, "evaluation: samples_per_prompt must be at least 1, got 0$"),
     ],
 )
 def test_bad_file_and_evaluation_settings_are_config_errors(settings, message, tmp_path):
@@ -327,19 +353,49 @@ def test_a_second_pipeline_file_in_the_same_folder_adds_its_rows(tmp_path):
     assert pipeline._merged_with_earlier_summary(rows, tmp_path, seed=1) == rows
 
 
+def run_of(stage: StageSpec, seed: int, out_dir: Path) -> pipeline.PipelineRun:
+    """A run of one stage, to ask whether it is complete."""
+    return pipeline.PipelineRun(PipelineSpec(stages=[stage], seed=seed), out_dir, fit_phase)
+
+
 def test_a_done_file_without_a_seed_counts_as_seed_0(tmp_path):
-    stage = FitStage(name="sft", config="sft.yaml")
+    stage = FitStage(name="sft", config="sft.yaml")  # no such file here: nothing to stamp
     (tmp_path / pipeline.DONE_FILE).write_text(json.dumps({"kind": "fit", "spec": stage.as_record()}))
-    assert pipeline._is_complete(stage, tmp_path, 0)
-    assert not pipeline._is_complete(stage, tmp_path, 1)
-    assert not pipeline._is_complete(FitStage(name="sft", config="other.yaml"), tmp_path, 0)
+    assert pipeline._is_complete(stage, tmp_path, run_of(stage, 0, tmp_path))
+    assert not pipeline._is_complete(stage, tmp_path, run_of(stage, 1, tmp_path))
+    other = FitStage(name="sft", config="other.yaml")
+    assert not pipeline._is_complete(other, tmp_path, run_of(other, 0, tmp_path))
 
 
 def test_a_stage_done_before_its_spec_listed_every_setting_runs_again(tmp_path):
     """done.json used to keep only the keys the file named; now every setting, so a changed default reruns a stage."""
     as_written = {"name": "sft", "kind": "fit", "config": "sft.yaml"}
     (tmp_path / pipeline.DONE_FILE).write_text(json.dumps({"kind": "fit", "seed": 0, "spec": as_written}))
-    assert not pipeline._is_complete(FitStage(name="sft", config="sft.yaml"), tmp_path, 0)
+    stage = FitStage(name="sft", config="sft.yaml")
+    assert not pipeline._is_complete(stage, tmp_path, run_of(stage, 0, tmp_path))
+
+
+def test_an_edited_phase_config_the_config_it_extends_or_data_reruns_the_stage(tmp_path):
+    """The settings in the pipeline file are unchanged; the files they name are not. kto.yaml extends dpo.yaml."""
+    base, config, data = tmp_path / "dpo.yaml", tmp_path / "kto.yaml", tmp_path / "pairs.jsonl"
+    base.write_text("trainer: {max_steps: 2}\n")
+    config.write_text("config: dpo.yaml\nmodel: {init_args: {beta: 0.1}}\n")
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    stage = FitStage(name="kto", config=str(config), model="sft", data=str(data))
+    run = pipeline.PipelineRun(PipelineSpec(stages=[FitStage(name="sft", config=str(base)), stage]), tmp_path,
+                               fit_phase)
+    stage_dir = tmp_path / "kto"
+    stage_dir.mkdir()
+    done = {"kind": "fit", "seed": 0, "spec": stage.as_record(), "inputs": pipeline._stage_inputs(stage, run)}
+    (stage_dir / pipeline.DONE_FILE).write_text(json.dumps(done))
+    assert set(done["inputs"]) == {str(base), str(config), str(data)}  # not the stage name "sft"
+    assert pipeline._is_complete(stage, stage_dir, run)
+    for edited in (config, base, data):
+        stamp = edited.stat().st_mtime_ns
+        os.utime(edited, ns=(stamp + 10**9, stamp + 10**9))  # written again, a second later
+        assert not pipeline._is_complete(stage, stage_dir, run), edited.name
+        os.utime(edited, ns=(stamp, stamp))
+    assert pipeline._is_complete(stage, stage_dir, run)
 
 
 @pytest.mark.parametrize("setting, expected", [({}, 32), ({"max_prompt_length": 128}, 128)])

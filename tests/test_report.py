@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lit_rlhf.errors import ConfigError
+from lit_rlhf.errors import ConfigError, DataError
 from lit_rlhf.report import DASHBOARD_SECTIONS, build_report, log_report_to_wandb, publish_to_wandb, save_dashboard
 
 POLICY_ROW = {"gold_reward": 0.611, "proxy_reward": 0.14, "kl": 0.0, "length_mean": 6.9, "length_ratio": 1.0,
@@ -160,6 +160,17 @@ def test_figures_without_their_data_are_skipped_with_the_reason(pipeline_dir, tm
 def test_a_folder_without_results_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="no summary.json or sweep.json"):
         build_report([tmp_path])
+
+
+def test_a_damaged_summary_or_sweep_file_is_one_line(tmp_path):
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "summary.json").write_text('[{"stage": "sft", "gold_')
+    with pytest.raises(DataError, match=r"cut/summary.json: not valid JSON \(Unterminated string .*\): run the "):
+        build_report([tmp_path / "cut"])
+    (tmp_path / "edited").mkdir()
+    (tmp_path / "edited" / "sweep.json").write_text("[]")
+    with pytest.raises(DataError, match=r"edited/sweep.json: expected a JSON object: run the command that wrote it"):
+        build_report([tmp_path / "edited"])
 
 
 class RecordingRun:

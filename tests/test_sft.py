@@ -16,6 +16,7 @@ from helpers import (
     StopAfter,
     assert_resumed_like_uninterrupted,
     latest_run,
+    metric_rows,
     metric_series,
     run_cli,
     write_jsonl,
@@ -82,11 +83,17 @@ def test_sft_resumes_from_checkpoint(in_tmp):
     assert torch.load(checkpoint, weights_only=False)["global_step"] == 10
     # What the resuming command line says holds (Lightning alone would take the checkpoint's export_dir), and a
     # changed argument is named.
-    changed = r"changed model arguments: export_dir='resumed_hf' \(checkpoint: 'runs/sft/hf'\)$"
+    changed = r"changed model arguments: optimizer=.*'learning_rate': 0.001.*, export_dir='resumed_hf' \("
     with pytest.warns(UserWarning, match=changed):
         run_cli("fit", *common, "--trainer.max_steps", "20", "--ckpt_path", str(checkpoint),
-                "--model.export_dir", "resumed_hf")
+                "--model.export_dir", "resumed_hf", "--model.optimizer.learning_rate", "0.001",
+                "--trainer.callbacks+=LearningRateMonitor", "--trainer.log_every_n_steps", "1")
     assert (in_tmp / "resumed_hf" / "config.json").is_file()
+    # The new learning rate, on the schedule of the new step count (warm-up over sft.yaml's 20 steps): not the
+    # checkpoint's 0.003, nor its schedule's rate at step 10.
+    rates = {int(row["step"]): float(row["lr-AdamW"]) for row in metric_rows(latest_run(in_tmp, "sft"))
+             if row.get("lr-AdamW")}
+    assert rates == pytest.approx({step: 0.001 * step / 20 for step in range(10, 20)})
     resumed = next((latest_run(in_tmp, "sft") / "checkpoints").glob("*.ckpt"))
     assert torch.load(resumed, weights_only=False)["global_step"] == 20
     # A resumed run does not re-validate the untrained model first: one validation, at step 20.

@@ -89,6 +89,10 @@ def test_sweep_files_are_checked_at_the_edge(tmp_path):
         with pytest.raises(ConfigError, match=message):
             load(parameters)
     assert sweep._phase({"command": ["lit-rlhf", "fit", "--config", "configs/ipo.yaml", "${args}"]}) == "ipo"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("method: grid\nparameters:\n  beta: {values: [0.1, 0.2}\n")
+    with pytest.raises(ConfigError, match=rf"^{broken}:3:27: not valid YAML: expected ',' or ']', but got '}}'$"):
+        sweep.load_sweep(broken)
 
 
 def test_bayes_offline_is_one_line_and_exit_2(monkeypatch, capsys):

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from itertools import chain
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, TypeVar, get_args
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
@@ -76,6 +76,18 @@ def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[list[int], 
     if val_fraction > 0 and n >= 2:
         n_val = max(n_val, 1)
     return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+T = TypeVar("T")
+
+
+def subsample(items: list[T], n: int, seed: int) -> list[T]:
+    """``n`` of ``items`` drawn at random (seeded) and kept in their order; all of them when there are no more.
+    Training records come grouped by prompt (:meth:`RLHFDataModule._split`), so their first ``n`` would be a few
+    prompts, each as often as the data repeats it, rather than a sample of the prompts."""
+    if n >= len(items):
+        return list(items)
+    return [items[index] for index in sorted(random.Random(seed).sample(range(len(items)), n))]
 
 
 class EpochShuffle(DistributedSampler):
@@ -352,12 +364,17 @@ class RLHFDataModule(LightningDataModule):
         )
 
     def _split(self, records: list[Record]) -> tuple[list[Record], list[Record]]:
-        """Split by prompt, so that no prompt (and none of a ranking's pairs) is on both sides."""
-        by_prompt: dict[str, list[Record]] = {}
-        for record in records:
-            by_prompt.setdefault(record.prompt, []).append(record)
+        """Split by prompt, so that no prompt (and none of a ranking's pairs) is on both sides. Rows without a prompt
+        (``text`` rows) are each a group of their own. Where every row has one prompt nothing can be held out: that
+        is warned about, not left to Lightning's remark on an empty validation loader."""
+        by_prompt: dict[str | int, list[Record]] = {}
+        for index, record in enumerate(records):
+            by_prompt.setdefault(record.prompt or index, []).append(record)
         groups = list(by_prompt.values())
         train_indices, val_indices = train_val_split(len(groups), self.hparams.val_fraction, self.seed)
+        if self.hparams.val_fraction > 0 and not val_indices and len(records) > 1:
+            rank_zero_warn(f"no validation rows: all {len(records)} rows share one prompt, and rows are held out by "
+                           "prompt (so that none is on both sides); validation is skipped")
         return [r for i in train_indices for r in groups[i]], [r for i in val_indices for r in groups[i]]
 
     def _eval_prompts(self) -> list[str]:
@@ -365,7 +382,8 @@ class RLHFDataModule(LightningDataModule):
             world_eval = self._normalize(str(ensure_world(self.world_dir)["eval_prompts"]), "prompt")
             prompts = [record.prompt for record in world_eval.records]
         else:
-            prompts = list(dict.fromkeys(record.prompt for record in self.val_records or self.train_records))
+            prompts = list(dict.fromkeys(record.prompt for record in self.val_records or self.train_records
+                                         if record.prompt))  # a text row's empty prompt asks for nothing
         return prompts[: self.hparams.num_eval_prompts]
 
     def _require_setup(self) -> None:

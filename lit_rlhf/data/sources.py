@@ -10,8 +10,9 @@
 - a local **folder**: written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (read with
   ``datasets.load_from_disk``; ``split`` picks from a DatasetDict), or else every supported file in it and its
   subfolders, sorted by path, hidden ones left out. When the files are named by split (``train.jsonl``,
-  ``test-00000.parquet``, ``validation/part.jsonl``) only those of ``split`` are read, so that a folder holding
-  several splits is never read as one.
+  ``test-00000.parquet``, ``validation/part.jsonl``, ``train_prefs-00000-of-00001.parquet``) only those of
+  ``split`` are read, so that a folder holding several splits is never read as one (``train`` is not
+  ``train_prefs``).
 - otherwise a **datasets name**: ``datasets.load_dataset(path, split=split)``; its rows are labelled
   ``name[split]``. A path that looks local (``/``, ``.``, ``~`` or a known file suffix) never goes to the hub.
 
@@ -36,7 +37,10 @@ from lit_rlhf.data.formats import TEXT_FIELDS, RowProblem
 from lit_rlhf.errors import DataError
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-_SPLIT_NAME = re.compile(r"^(train|validation|valid|val|dev|test|eval)(?=$|[-_.])", re.IGNORECASE)
+_SPLIT_NAME = re.compile(r"^((?:train|validation|valid|val|dev|test|eval)(?:_[a-z]+)*)(?=$|[-.]|_?[0-9])",
+                         re.IGNORECASE)
+"""A split's name at the start of a file or folder name: a split word and any ``_word`` after it (``train``,
+``train_prefs``), ended by the name's end, ``-``, ``.`` or a shard number (``train-00000-of-00002``, ``train_1``)."""
 _SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _PARQUET_BATCH_ROWS = 1024
 

@@ -91,10 +91,27 @@ def adamw_with_warmup(
     total_steps = max(int(trainer.estimated_stepping_batches), 1)
     warmup_steps = min(settings.warmup_steps, total_steps)
     if decay:
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+        schedule = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     else:
-        scheduler = get_constant_schedule_with_warmup(optimizer, warmup_steps)
+        schedule = get_constant_schedule_with_warmup(optimizer, warmup_steps)
+    scheduler = ScheduleOfTheseSettings(optimizer, schedule.lr_lambdas)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class ScheduleOfTheseSettings(torch.optim.lr_scheduler.LambdaLR):
+    """transformers' schedule (its rate functions, ``lr_lambdas``) that keeps the rates it was built with when a
+    checkpoint is loaded. Lightning restores the optimizer's and the scheduler's saved state after
+    ``configure_optimizers``, rates included, so a run resumed with another learning rate would train at the
+    checkpoint's, and one resumed with more steps would start at the old schedule's last rate (0 after a cosine
+    decay). Here the command line holds: the restored step, at the rate these settings give it."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        configured = list(self.base_lrs)
+        super().load_state_dict(state_dict)
+        self.base_lrs = configured
+        self._last_lr = [base * rate(self.last_epoch) for base, rate in zip(configured, self.lr_lambdas)]
+        for group, base, lr in zip(self.optimizer.param_groups, configured, self._last_lr):
+            group["initial_lr"], group["lr"] = base, lr
 
 
 def check_settings(
