@@ -11,17 +11,19 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import shutil
 import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, ProgressBar, TQDMProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.logger import DummyExperiment
 from lightning.pytorch.utilities import rank_zero_warn
@@ -168,6 +170,33 @@ def _phase_name(model_config, runs_dir: str) -> str:
     return class_path.rsplit(".", 1)[0].rsplit(".", 1)[-1] if "." in class_path else "run"
 
 
+class OneLineErrorParser(LightningArgumentParser):
+    """LightningCLI's parser, whose refusal of a command line is one line on stderr and exit status 2. jsonargparse
+    prints the whole usage first, then for an option a module does not take seven lines on the union of types it
+    tried, the reason in the middle."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:  # jsonargparse trying the types of a union: it raises, to try the next
+            super().error(message, ex)
+        prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
+        print(f"lit-rlhf: error: {command_line_reason(message)} ({prog} --help lists the options)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def command_line_reason(message: str) -> str:
+    """jsonargparse's explanation of a refused command line in one line: the dotted key and the first reason given
+    for it. A value no type of a union took (a module's option) is explained as a tree, each level a ``Parser key``
+    and the types tried, down to the reason; any other explanation is its lines joined."""
+    lines = [line.strip().removeprefix("- ") for line in message.splitlines() if line.strip()]
+    keys: list[str] = []
+    for line in lines if re.match(r'Parser key "[^"]+":$', lines[0]) else []:
+        if key := re.match(r'Parser key "([^"]+)":$', line):
+            keys.append(key.group(1))
+        elif not line.startswith(("Does not validate against any", "Subtypes:", "Errors:", "Problem with given")):
+            return f"{'.'.join(keys)}: {line}" if keys else line
+    return " ".join(lines)
+
+
 class RLHFCLI(LightningCLI):
     """LightningCLI with CPU-friendly defaults, linked tokenizer and prompt length, and a validation pass
     before training so the first logged row is the untrained model. Its subcommands are ``fit`` and ``validate``:
@@ -200,6 +229,7 @@ class RLHFCLI(LightningCLI):
                 },
                 save_config_kwargs={"overwrite": True},
                 parser_kwargs={"prog": "lit-rlhf", "description": DESCRIPTION, "formatter_class": _KeepLineBreaks},
+                parser_class=OneLineErrorParser,
                 args=args,
                 run=run,
             )

@@ -166,7 +166,7 @@ def run_stages(run: PipelineRun, force: tuple[str, ...] = (), until: str | None 
             print(f"failed, its output: {stage_dir / LOG_FILE}")
             if stopped.code in (0, None):
                 raise
-            reason = last_line(stage_dir / LOG_FILE).removeprefix("error: ")
+            reason = last_line(stage_dir / LOG_FILE).removeprefix("lit-rlhf: error: ")
             raise ConfigError(f"stage {stage.name!r}: {reason}") from None
         except BaseException:
             print(f"failed, its output: {stage_dir / LOG_FILE}")

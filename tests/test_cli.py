@@ -82,6 +82,32 @@ def test_errors_while_building_a_phase_are_one_line_and_exit_2(args, message, tm
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"lit-rlhf: error: {message}")
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model.bogus_key", "3"], "model: Option 'bogus_key' is not accepted"),
+        (["--model.lora.r", "x"], "model.lora.r: Expected a <class 'int'>. Got value: x"),
+        (["--trainer.max_stepz", "3"], "unrecognized arguments: --trainer.max_stepz 3"),
+    ],
+)
+def test_a_command_line_the_parser_refuses_is_one_line_without_the_usage(args, message, capsys):
+    """jsonargparse printed the whole usage (about 70 lines), then for a module's option seven more on the types
+    it tried."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "sft.yaml"), *args])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"lit-rlhf: error: {message} (lit-rlhf fit --help lists the options)\n"
+
+
+@pytest.mark.parametrize("subcommand", ["test", "predict"])
+def test_lightnings_test_and_predict_are_not_offered(subcommand, capsys):
+    """The phases hold out a validation split, which `validate` measures; they have no test split or predictions."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([subcommand, "--config", str(CONFIGS / "sft.yaml")])
+    assert exit_info.value.code == 2
+    assert f"invalid choice: '{subcommand}' (choose from 'fit', 'validate')" in capsys.readouterr().err
+
+
 def test_each_fit_in_one_process_gets_its_own_wandb_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

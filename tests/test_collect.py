@@ -14,7 +14,7 @@ import lit_rlhf.judges
 from helpers import run_cli, write_jsonl
 from lit_rlhf.cli import fit_phase
 from lit_rlhf.collect import collect_comparisons
-from lit_rlhf.errors import ConfigError
+from lit_rlhf.errors import ConfigError, LitRLHFError
 from lit_rlhf.generation import SamplingConfig
 from lit_rlhf.judges import LLMJudge, ranks_from_scores
 from lit_rlhf.models import load_causal_lm, load_tokenizer
@@ -186,3 +186,36 @@ def test_principles_and_reward_functions_are_refused_where_no_judge_reads_them(t
     with pytest.raises(ConfigError, match=r"needs a reward function --reward MODULE:FUNCTION, got 'module'"):
         collect_comparisons("world", tmp_path, judge="function", reward="module")
 
+
+
+def test_counts_that_cannot_make_comparisons_are_refused_before_sampling(tmp_path, capsys):
+    for args, message in ((["--k", "1"], "k=1, num_prompts=2000"), (["--num-prompts", "0"], "k=4, num_prompts=0")):
+        with pytest.raises(SystemExit) as stopped:
+            run_cli("collect", "--policy", "world", "--out", str(tmp_path), *args)
+        assert stopped.value.code == 2
+        assert capsys.readouterr().err.strip() == (
+            "lit-rlhf: error: collect needs k of at least 2 answers per prompt (to compare) and num_prompts of at "
+            f"least 1, got {message}")
+    with pytest.raises(SystemExit):
+        run_cli("collect", "--policy", "world", "--out", str(tmp_path), "--reward-model", "a", "--judge-model", "b")
+    assert "--reward-model and --judge-model name the same thing" in capsys.readouterr().err
+
+
+def test_a_judge_that_ties_every_pair_writes_no_comparisons_and_says_so(tiny_llama_path, tmp_path, monkeypatch):
+    (tmp_path / "flat_reward.py").write_text("def flat(prompts, responses):\n    return [0.0] * len(responses)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Name a colour."}])
+    with pytest.raises(LitRLHFError, match=r"no comparisons: the judge 'function' tied every pair of 1 prompts × 3"):
+        collect_comparisons(tiny_llama_path, tmp_path / "out", k=3, judge="function", reward="flat_reward:flat",
+                            prompts_path=str(prompts), sampling=SamplingConfig(4))
+
+
+def test_labels_the_tokenizer_reads_as_its_unknown_token_are_refused():
+    """The world's word-level tokenizer has no "A" or "B": both would read as <unk>, every verdict a tie."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer("world")
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16,
+                                         num_hidden_layers=1, num_attention_heads=1))
+    with pytest.raises(ConfigError, match=r"does not read each as a token of its own \(not the unknown token\)"):
+        LLMJudge(model, tokenizer, principles=PRINCIPLES)

@@ -32,6 +32,7 @@ from lit_rlhf.data.datamodules import (
     PromptDataModule,
     UnpairedDataModule,
     default_world_dir,
+    subsample,
     train_val_split,
 )
 from lit_rlhf.data.formats import Comparison, Demonstration, PromptRecord, Unpaired, normalize_rows
@@ -221,6 +222,13 @@ def make(cls, path: str, tokenizer_path: str, **kwargs):
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
+
+
+def test_subsample_draws_rows_at_random_in_their_order_and_keeps_all_when_asked_for_as_many():
+    grouped = ["a1", "a2", "a3", "a4", "b1", "b2", "c1", "d1", "e1", "f1"]  # records come grouped by prompt
+    assert subsample(grouped, 5, seed=0) == ["a1", "a3", "b1", "c1", "f1"]  # rows 0, 2, 4, 6, 9: four prompts
+    assert subsample(grouped, 5, seed=1) != subsample(grouped, 5, seed=0)
+    assert subsample(grouped, 10, seed=0) == grouped == subsample(grouped, 99, seed=3)
 
 
 def test_without_a_split_seed_the_data_takes_the_runs_seed(tmp_path, tokenizer_path):

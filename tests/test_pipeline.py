@@ -150,7 +150,8 @@ def test_a_phase_argument_refused_by_its_command_line_is_one_line_on_the_console
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump({"stages": [{"name": "sft", "kind": "fit", "config": str(CONFIGS / "sft.yaml"),
                                                 "args": {"trainer.max_stepz": 2}}]}))
-    with pytest.raises(ConfigError, match=r"^stage 'sft': unrecognized arguments: --trainer.max_stepz 2$"):
+    message = r"^stage 'sft': unrecognized arguments: --trainer.max_stepz 2 \(lit-rlhf fit --help lists the options\)$"
+    with pytest.raises(ConfigError, match=message):
         pipeline.run_pipeline(path, fit_phase, tmp_path / "out")
 
 
