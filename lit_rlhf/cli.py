@@ -76,6 +76,10 @@ class DeferredWandbLogger(WandbLogger):
     def experiment(self):
         if self._experiment is None and not self._logged:
             return DummyExperiment()  # what Lightning's early request for the run gets
+        if self._experiment is None and os.environ.get("WANDB_MODE") == "disabled":
+            # A run's saved config.yaml (the command to resume it) says offline: true, which Lightning turns into
+            # WANDB_MODE=dryrun: the environment's disabled holds instead.
+            self._offline = False
         return super().experiment
 
     def log_hyperparams(self, params) -> None:

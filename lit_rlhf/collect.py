@@ -112,13 +112,13 @@ def collect_comparisons(
             f"{JUDGES_FOR_ANY_PROMPTS}"
         )
     torch.manual_seed(seed)
-    responses = [[sample.text for sample in group]
-                 for group in sample_responses(policy, prompts, k, sampling, max_prompt_length, batch_size)]
+    samples = sample_responses(policy, prompts, k, sampling, max_prompt_length, batch_size)
+    responses = [[sample.text for sample in group] for group in samples]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     requests = judge_requests(prompts_path, prompt_data.hparams.split, prompt_data.tokenizer) if judge == "llm" else {}
     ranker = make_judge(judge, judge_model, seed, out_dir / "judge_cache.json", reward, principles, requests)
-    ranks = ranker.rank(prompts, responses)
+    ranks = ranker.rank(prompts, responses, [[sample.ended for sample in group] for group in samples])
     pairs, ties, agree, decided = 0, 0, 0, 0
     with open(out_dir / "comparisons.jsonl", "w") as comparisons, open(out_dir / "rankings.jsonl", "w") as rankings:
         for prompt, group, group_ranks in zip(prompts, responses, ranks):

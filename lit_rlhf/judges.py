@@ -50,8 +50,12 @@ class Judge:
         """P(``firsts[i]`` is the better answer to ``prompts[i]`` than ``seconds[i]``); 0.5 is a tie."""
         raise NotImplementedError
 
-    def rank(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> list[list[int]]:
-        """Rank each prompt's responses; element [i][j] is the rank of response j to prompt i."""
+    def rank(
+        self, prompts: Sequence[str], responses: Sequence[Sequence[str]],
+        finished: Sequence[Sequence[bool]] | None = None,
+    ) -> list[list[int]]:
+        """Rank each prompt's responses; element [i][j] is the rank of response j to prompt i. ``finished`` marks
+        the responses that ended (default all), for a judge that reads it (:class:`ScoreJudge`)."""
         pairs = [(g, i, j) for g, group in enumerate(responses) for i, j in combinations(range(len(group)), 2)]
         asked = [(g, i, j) for g, i, j in pairs if responses[g][i] != responses[g][j]]  # a text ties with itself
         verdicts = dict(zip(asked, self.prefer(
@@ -80,7 +84,10 @@ class RaterJudge(Judge):
     def prefer(self, prompts: Sequence[str], firsts: Sequence[str], seconds: Sequence[str]) -> list[float]:
         return [float(self.rater.prefers_first(p, a, b, self.rng)) for p, a, b in zip(prompts, firsts, seconds)]
 
-    def rank(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> list[list[int]]:
+    def rank(
+        self, prompts: Sequence[str], responses: Sequence[Sequence[str]],
+        finished: Sequence[Sequence[bool]] | None = None,
+    ) -> list[list[int]]:
         return [self.rater.rank(prompt, list(group), self.rng) for prompt, group in zip(prompts, responses)]
 
 
@@ -95,10 +102,16 @@ class ScoreJudge(Judge):
         margin = self.scorer.score(prompts, firsts) - self.scorer.score(prompts, seconds)
         return torch.sigmoid(margin.float()).tolist()
 
-    def rank(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> list[list[int]]:
+    def rank(
+        self, prompts: Sequence[str], responses: Sequence[Sequence[str]],
+        finished: Sequence[Sequence[bool]] | None = None,
+    ) -> list[list[int]]:
+        """Each response scored once; a sample cut at ``max_new_tokens`` (not ``finished``) as the scorer scores
+        one in PPO and best-of-n (a reward model, without the EOS it reads after a finished answer)."""
         flat_prompts = [prompt for prompt, group in zip(prompts, responses) for _ in group]
         flat_responses = [response for group in responses for response in group]
-        scores = self.scorer.score(flat_prompts, flat_responses)
+        flat_finished = [ended for group in finished for ended in group] if finished is not None else None
+        scores = self.scorer.score(flat_prompts, flat_responses, flat_finished)
         ranks, start = [], 0
         for group in responses:
             ranks.append(ranks_from_scores(scores[start : start + len(group)].tolist(), group))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,17 @@ def test_each_fit_in_one_process_gets_its_own_wandb_run(tmp_path, monkeypatch):
         fit_phase(["--config", str(CONFIGS / "sft.yaml"), *quick], str(tmp_path / stage))
     first, second = (list((tmp_path / stage / "wandb").glob("offline-run-*")) for stage in ("first", "second"))
     assert len(first) == 1 and len(second) == 1  # the second stage did not log into the first one's run
+
+
+def test_wandb_disabled_holds_over_a_saved_configs_offline_logger(tmp_path, monkeypatch):
+    """A run's config.yaml, which resumes it, names the W&B logger with offline: true, as the first run chose."""
+    from lit_rlhf.cli import DeferredWandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    logger = DeferredWandbLogger(save_dir=str(tmp_path), project="lit-rlhf", offline=True)
+    logger.log_metrics({"train/loss": 1.0}, step=0)
+    logger.experiment.finish()
+    assert os.environ["WANDB_MODE"] == "disabled" and not list(tmp_path.rglob("offline-run-*"))
 
 
 def test_help_lists_the_extra_commands(capsys):

@@ -144,7 +144,7 @@ def test_a_pipeline_collect_stage_takes_a_reward_function_or_principles(
     sampling = {"k": 2, "max_new_tokens": 4}
     spec = {"prompts": str(prompts), "stages": [
         {"name": "by_function", "kind": "collect", "policy": tiny_llama_path, "judge": "function",
-         "reward": length_reward, **sampling},
+         "reward": length_reward, **sampling, "k": 4},  # k=2 drew two answers of one length: no pair to write
         {"name": "by_llm", "kind": "collect", "policy": tiny_llama_path, "judge": "llm",
          "judge_model": tiny_chat_llama_path, "principles": str(tmp_path / "principles.txt"), **sampling},
     ]}

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.judges import JUDGE_REQUEST, VERDICT_PREFIX, Judge, LLMJudge, RaterJudge, ScoreJudge, make_judge
@@ -141,3 +142,15 @@ def test_the_borda_ranking_ties_identical_responses_without_asking_about_them():
     judge = Recording(GoldScorer(), "gold")
     assert Judge.rank(judge, [PROMPT], [[BAD, GOOD, GOOD]]) == [[2, 0, 0]]  # the pairwise (Borda) path
     assert (GOOD, GOOD) not in judge.asked and len(judge.asked) == 2
+
+
+def test_a_score_judge_scores_an_unfinished_answer_as_unfinished():
+    """As PPO and best-of-n score samples: a reward model reads no EOS after an answer cut at max_new_tokens."""
+
+    class FinishedScorer:  # scores 1 for an answer that ended, 0 for one that was cut
+        def score(self, prompts, responses, finished=None):
+            return torch.tensor([float(ended) for ended in (finished or [True] * len(responses))])
+
+    judge = ScoreJudge(FinishedScorer(), "reward_model")
+    assert judge.rank([PROMPT, PROMPT], [[GOOD, BAD], [BAD, GOOD]], [[False, True], [True, True]]) == [[1, 0], [0, 0]]
+    assert judge.rank([PROMPT], [[GOOD, BAD]]) == [[0, 0]]  # without flags, every answer ended

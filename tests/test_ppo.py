@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.loggers import Logger
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
 
 from helpers import latest_run, metric_series, run_cli
 from lit_rlhf.cli import RLHFCLI
-from lit_rlhf.data.datamodules import PromptDataModule
+from lit_rlhf.data.datamodules import DataReport, PromptDataModule
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.generation import SamplingConfig
 from lit_rlhf.kl_control import KLControlConfig
@@ -176,7 +177,7 @@ class IterationMetrics(Callback):
 
 
 def fit_world(tmp_path, sft: str, reward: str, iterations: int, updates_per_iteration: int, ckpt_path=None,
-              callbacks=(), precision: str = "32-true", **kwargs):
+              callbacks=(), precision: str = "32-true", logger=False, **kwargs):
     """PPO on the world with a plain Trainer; returns the per-iteration metrics and the trainer."""
     seed_everything(0)
     module = PPOModule(model_name_or_path=sft, reward_model=reward, sampling=SamplingConfig(12),
@@ -184,12 +185,28 @@ def fit_world(tmp_path, sft: str, reward: str, iterations: int, updates_per_iter
     data = PromptDataModule(tokenizer_name_or_path=sft, batch_size=8, num_eval_prompts=8)
     recorder = IterationMetrics()
     trainer = Trainer(
-        max_steps=iterations * updates_per_iteration, logger=False, enable_checkpointing=False, limit_val_batches=0,
+        max_steps=iterations * updates_per_iteration, logger=logger, enable_checkpointing=False, limit_val_batches=0,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
         callbacks=[recorder, *callbacks], precision=precision,
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return recorder.rows, trainer
+
+
+class StepsLogged(Logger):
+    """The step each metric was logged at."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[tuple[str, int]] = []
+
+    name, version = "steps", 0
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        self.steps += [(name, step) for name in metrics]
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
 
 
 def test_ppo_resumes_mid_run_with_the_same_numbers(tmp_path, world_sft_path, world_rm_path):
@@ -198,9 +215,13 @@ def test_ppo_resumes_mid_run_with_the_same_numbers(tmp_path, world_sft_path, wor
     _, trainer = fit_world(tmp_path, world_sft_path, world_rm_path, 2, 4, **settings)
     checkpoint = tmp_path / "two-iterations.ckpt"
     trainer.save_checkpoint(checkpoint)
-    resumed, _ = fit_world(tmp_path, world_sft_path, world_rm_path, 3, 4, ckpt_path=str(checkpoint), **settings)
+    logged = StepsLogged()
+    resumed, _ = fit_world(tmp_path, world_sft_path, world_rm_path, 3, 4, ckpt_path=str(checkpoint), logger=logged,
+                           callbacks=[DataReport()], **settings)
 
     assert len(resumed) == 1
+    # the data counts at the step PPO's metrics take, the iteration (they took the optimiser's: 8, far ahead of 2)
+    assert {step for name, step in logged.steps if name.startswith("data/")} == {2}
     betas = [row["kl/beta"] for row in uninterrupted]
     assert len(set(betas)) == 3  # the adaptive controller moves β every iteration
     for name in ["kl/beta", "objective/scores", "objective/kl", "loss/policy", "loss/value", "policy/approxkl"]:

@@ -516,5 +516,8 @@ class DataReport(Callback):
             "data/truncated_rows": datamodule.truncated_rows,
             "data/ties_dropped": datamodule.ties_dropped,
         }
+        # The step self.log gives metrics, which Lightning's LearningRateMonitor takes too: under PPO the iteration,
+        # not the optimiser step.
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
-            logger.log_metrics(counts, step=trainer.global_step)
+            logger.log_metrics(counts, step=step)
