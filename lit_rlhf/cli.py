@@ -78,8 +78,9 @@ class DeferredWandbLogger(WandbLogger):
             return DummyExperiment()  # what Lightning's early request for the run gets
         if self._experiment is None and os.environ.get("WANDB_MODE") == "disabled":
             # A run's saved config.yaml (the command to resume it) says offline: true, which Lightning turns into
-            # WANDB_MODE=dryrun: the environment's disabled holds instead.
-            self._offline = False
+            # WANDB_MODE=dryrun: the environment's disabled holds instead, also over W&B's settings of an earlier
+            # run in this process.
+            self._offline, self._wandb_init["mode"] = False, "disabled"
         return super().experiment
 
     def log_hyperparams(self, params) -> None:

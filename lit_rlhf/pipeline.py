@@ -90,7 +90,7 @@ SUMMARY_FILE = "summary.json"
 EVAL_SAMPLES_FILE = "eval_samples.jsonl"
 SAMPLES_PER_STAGE = 4
 """Answers per policy written to ``eval_samples.jsonl`` for the report, each to another held-out prompt."""
-BOOKKEEPING_KEYS = ("kind", "role", "model", "data", "samples", "seconds", "spec", "seed")
+BOOKKEEPING_KEYS = ("kind", "role", "model", "data", "samples", "seconds", "spec", "seed", "inputs")
 """Keys of ``done.json`` that say where a stage's output is, not what it measured."""
 SAMPLING_BATCH_SIZE = 256
 """Prompts a sampling stage, or best-of-n, sends through the policy at once."""

@@ -38,8 +38,9 @@ def pick_best(
     threshold: float | None = None,
 ) -> list[Pick]:
     """The ``keep`` highest-scored responses of each prompt's group (best first), and of those only the ones
-    scoring at least ``threshold`` when given. Duplicate responses of one prompt count once. Each response is
-    scored as finished or not, as it was sampled."""
+    scoring at least ``threshold`` when given. Duplicate responses of one prompt count once, and an empty one (EOS
+    first) is no demonstration: the data edge refuses an empty completion. Each response is scored as finished or
+    not, as it was sampled."""
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
     flat_prompts = [prompt for prompt, group in zip(prompts, groups) for _ in group]
@@ -49,7 +50,8 @@ def pick_best(
     for prompt, group in zip(prompts, groups):
         group_scores = dict(zip(group, scores[start : start + len(group)]))
         start += len(group)
-        ranked = sorted(group_scores.items(), key=lambda item: -item[1])[:keep]
+        answers = {response: score for response, score in group_scores.items() if response.text.strip()}
+        ranked = sorted(answers.items(), key=lambda item: -item[1])[:keep]
         picks.extend(
             Pick(prompt, response.text, score, response.ended)
             for response, score in ranked
@@ -60,10 +62,11 @@ def pick_best(
 
 def self_play_pairs(prompts: Sequence[str], demonstrations: Sequence[str], generations: Sequence[str]) -> list[dict]:
     """SPIN's comparisons: the demonstration chosen over the model's own generation; pairs where the model already
-    reproduces the demonstration exactly carry no signal and are left out."""
+    reproduces the demonstration exactly carry no signal and are left out, as are empty generations (EOS first),
+    which the data edge refuses as an answer."""
     return [
         {"prompt": prompt, "chosen": demonstration, "rejected": generation}
         for prompt, demonstration, generation in zip(prompts, demonstrations, generations)
-        if demonstration.strip() != generation.strip()
+        if generation.strip() and demonstration.strip() != generation.strip()
     ]
 

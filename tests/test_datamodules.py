@@ -93,6 +93,27 @@ def test_prompts_are_cut_from_the_left_and_responses_keep_their_start(tokenizer)
     assert encoded.truncated_rows == 1
 
 
+def test_a_tokenizer_that_starts_texts_with_bos_gets_one_before_every_prompt_kept_through_the_cut(tmp_path):
+    """As Llama's and Gemma's do (a post-processor adds it): the models were pretrained with it. A prompt that brings
+    its own (a chat template that writes it) gets no second; a text row, with no prompt, is the BOS alone."""
+    from tokenizers.processors import TemplateProcessing
+
+    bos = len(WORDS) + 2
+    word_level = Tokenizer(models.WordLevel({"<pad>": PAD, "<eos>": EOS, **ID, "<bos>": bos}, unk_token="<pad>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    word_level.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="<pad>", eos_token="<eos>",
+                                        bos_token="<bos>")
+    records = [Demonstration("a b c d e", " f"), Demonstration("<bos> a", " b"), Demonstration("", " c d")]
+    long, own, text = encode_demonstrations(records, tokenizer, max_length=8, max_prompt_length=3).examples
+    assert long["prompt_ids"] == [bos, *ids("d e")]  # cut from the left, after the BOS
+    assert own["prompt_ids"] == [bos, *ids("a")]
+    assert text["prompt_ids"] == [bos] and text["response_ids"] == ids("c d") + [EOS]
+    prompt_ids, _ = tokenize_prompts(tokenizer, ["a b c d e", "a"], max_prompt_length=3)
+    assert prompt_ids.tolist() == [[bos, *ids("d e")], [PAD, bos, *ids("a")]]
+    assert tokenize_prompts(load_tokenizer(save_word_tokenizer(tmp_path)), ["a"], 3)[0].tolist() == [ids("a")]
+
+
 def test_a_completion_that_ends_with_eos_gets_no_second_one(tokenizer):
     # Chat templates such as Qwen's or Zephyr's write the EOS token into the rendered answer themselves.
     (example,) = encode_demonstrations([Demonstration("a", " b <eos>")], tokenizer, 8, 4).examples

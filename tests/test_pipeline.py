@@ -85,6 +85,7 @@ def test_the_pipeline_resumes_after_a_crash_without_redoing_completed_stages(tmp
     assert by_stage["best_of_n"]["kl"] == pytest.approx(math.log(8) - 7 / 8)
     assert 0.0 <= by_stage["rm"]["accuracy"] <= 1.0 and "gold_accuracy" in by_stage["rm"]
     assert by_stage["collect"]["pairs"] > 0
+    assert set(by_stage["collect"]) == {"stage", "pairs", "ties_dropped", "gold_agreement", "seconds"}  # no bookkeeping
     assert all(row["seconds"] >= 0 for row in rows)
 
     runs.clear()
@@ -296,12 +297,14 @@ def test_pick_best_keeps_the_top_scored_distinct_responses():
     ]
     assert [p.response for p in pick_best(prompts, groups, GoldScorer(), keep=2, threshold=0.9)] == ["apple , pear .",
                                                                                                     "fig ."]
+    empty_first = [[Response(" ", True), Response("fig .", True)]]  # an answer that was EOS at once: no demonstration
+    assert [p.response for p in pick_best(["name one fruit ."], empty_first, GoldScorer(), keep=2)] == ["fig ."]
 
 
 def test_best_of_n_kl_and_self_play_pairs():
     assert best_of_n_kl(1) == 0.0 and best_of_n_kl(8) == pytest.approx(2.0794415 - 0.875)
-    pairs = self_play_pairs(["p", "q"], ["good .", "same ."], ["bad .", "same ."])
-    assert pairs == [{"prompt": "p", "chosen": "good .", "rejected": "bad ."}]
+    pairs = self_play_pairs(["p", "q", "r"], ["good .", "same .", "fine ."], ["bad .", "same .", " "])
+    assert pairs == [{"prompt": "p", "chosen": "good .", "rejected": "bad ."}]  # no empty answer as rejected
 
 
 @pytest.mark.parametrize("path", PIPELINES, ids=[path.name for path in PIPELINES])

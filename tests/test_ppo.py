@@ -443,3 +443,33 @@ def test_rollout_scores_tell_the_reward_which_answers_were_cut(world_sft_path):
     eos_fraction = metrics["rollout/response/eos_fraction"].item()
     assert sum(Recorder.finished) / len(Recorder.finished) == pytest.approx(eos_fraction)
     assert [sample["score"] for sample in samples] == [0.0 if ended else -1.5 for ended in Recorder.finished]
+
+
+def test_micro_batches_add_up_to_the_gradient_of_their_whole_minibatch():
+    """Gradient accumulation: one row of 1 response token with advantage +1, one of 3 with advantage −1. The whole
+    minibatch's loss is the mean over its 4 tokens, (−1 + 3) / 4 = 0.5; equal weights of the two micro-batches'
+    means gave (−1 + 1) / 2 = 0 and counted the short row's token three times as much."""
+    from lit_rlhf.losses import ppo_policy_loss
+    from lit_rlhf.phases.ppo_buffer import Rollout, token_shares
+
+    mask = torch.tensor([[1.0, 0, 0], [1, 1, 1]])
+    advantages = torch.tensor([[1.0, 0, 0], [-1, -1, -1]])
+    old_logprobs = torch.full((2, 3), -1.0)
+    rollout = Rollout(torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4), torch.ones(2, 4), mask, old_logprobs,
+                      advantages)
+    micro_batches = [rollout.select(torch.tensor([0])), rollout.select(torch.tensor([1]))]
+    assert [share.item() for share in token_shares(micro_batches)] == [0.25, 0.75]
+
+    logprobs = old_logprobs.clone().requires_grad_()
+    whole, _ = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=0.2)
+    whole.backward()
+    whole_grad, logprobs.grad = logprobs.grad.clone(), None
+    accumulated = 0.0
+    for row, (micro_batch, share) in enumerate(zip(micro_batches, token_shares(micro_batches))):
+        loss, _ = ppo_policy_loss(logprobs[row : row + 1], micro_batch.logprobs, micro_batch.advantages,
+                                  micro_batch.mask, clip_range=0.2)
+        (share * loss).backward()
+        accumulated += (share * loss).item()
+    assert whole.item() == pytest.approx(0.5) and accumulated == pytest.approx(0.5)
+    torch.testing.assert_close(logprobs.grad, whole_grad)
+    assert logprobs.grad[0, 0].item() == pytest.approx(-0.25) and logprobs.grad[1].tolist() == [0.25] * 3

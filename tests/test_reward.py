@@ -198,6 +198,25 @@ def test_models_outside_a_trainer_load_onto_the_inference_device(world_sft_path,
     assert RewardModelScorer.from_pretrained(world_rm_path, device).model.device == device
 
 
+def test_gold_accuracy_is_a_mean_over_the_pairs_gold_does_not_tie():
+    """Two validation batches: gold ties 3 of the first's 4 pairs. Over the 5 pairs gold decides, 4 agree (0.8);
+    weighting each batch's accuracy by all its pairs read (1·4 + 0.75·4) / 8 = 0.875."""
+    from torchmetrics import MeanMetric
+
+    from lit_rlhf.phases.reward import preference_metrics
+
+    gold_accuracy = MeanMetric()
+    batches = [
+        (torch.tensor([1.0, 1, 1, 1]), torch.zeros(4), torch.tensor([1.0, 0, 0, 0]), torch.zeros(4)),
+        (torch.tensor([1.0, 1, 1, 0]), torch.zeros(4), torch.ones(4), torch.zeros(4)),
+    ]
+    for chosen, rejected, gold_chosen, gold_rejected in batches:
+        metrics = preference_metrics(chosen, rejected, gold_chosen, gold_rejected)
+        assert metrics["accuracy"][1] == 4
+        gold_accuracy.update(metrics["gold/accuracy"][0], weight=metrics["gold/accuracy"][1])
+    assert gold_accuracy.compute().item() == pytest.approx(0.8)
+
+
 def test_validation_means_leave_out_metrics_no_batch_updated_without_warning(recwarn):
     from torchmetrics import MeanMetric
 

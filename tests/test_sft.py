@@ -238,7 +238,8 @@ def test_sequences_longer_than_the_models_positions_are_refused_in_one_line(tiny
                 "--data.max_length", "200")
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().endswith(
-        f"sequences (data.max_length; PPO: max_prompt_length + sampling.max_new_tokens) of up to 200 tokens do not fit "
+        f"sequences (data.max_length; sampled answers: max_prompt_length + sampling.max_new_tokens) of up to 200 "
+        f"tokens do not fit "
         f"{tiny_gpt2_path}, which has 128 positions"
     )
 

@@ -98,9 +98,22 @@ def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[
 def _prompt_ids(
     tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_prompt_length: int
 ) -> tuple[list[list[int]], list[bool]]:
-    """Prompt ids cut from the left to ``max_prompt_length``, and which were cut."""
+    """Prompt ids cut from the left to ``max_prompt_length``, and which were cut. A tokenizer that starts every
+    text with BOS (Llama's, Gemma's: the models were pretrained so) has one in front of each prompt, kept through the
+    cut; a prompt that brings its own (a chat template that writes it) is not given a second."""
+    bos = _bos_of(tokenizer)
     ids = _tokenize(tokenizer, prompts)
-    return [seq[-max_prompt_length:] for seq in ids], [len(seq) > max_prompt_length for seq in ids]
+    if bos is None:
+        return [seq[-max_prompt_length:] for seq in ids], [len(seq) > max_prompt_length for seq in ids]
+    bodies = [seq[1:] if seq[:1] == [bos] else seq for seq in ids]
+    room = max_prompt_length - 1
+    return [[bos, *body[len(body) - room:]] if room else [bos] for body in bodies], [len(b) > room for b in bodies]
+
+
+def _bos_of(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The BOS token a tokenizer puts before every text it encodes with its special tokens, if it does."""
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else None
 
 
 def _response_ids(

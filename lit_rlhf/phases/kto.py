@@ -25,7 +25,8 @@ class KTOModule(PreferenceModule):
     rarer kind's); the settings shared with DPO are :class:`PreferenceModule`'s, except ``precompute_ref_logps``:
     the KL pairs are formed per batch, so their reference log-probs cannot be computed ahead.
 
-    Logs ``kl`` (the reference point) and, for the rows a batch has, ``rewards/chosen``, ``rewards/rejected``,
+    Logs ``kl`` (the KL estimate on the mismatched pairs, gathered over devices, as TRL logs it; the reference
+    point is its clamp at 0) and, for the rows a batch has, ``rewards/chosen``, ``rewards/rejected``,
     ``logps/chosen``, ``logps/rejected``; with both kinds ``rewards/margins`` and ``lengths/chosen_minus_rejected``.
     Rewards are β·(log π − log π_ref).
     """

@@ -57,7 +57,7 @@ from lit_rlhf.models import (
     with_lora,
     without_dropout,
 )
-from lit_rlhf.phases.ppo_buffer import Rollout, RolloutBuffer
+from lit_rlhf.phases.ppo_buffer import Rollout, RolloutBuffer, token_shares
 from lit_rlhf.phases.shared import (
     OptimizerConfig,
     adamw_with_warmup,
@@ -291,9 +291,9 @@ class PPOModule(LightningModule):
         stats = defaultdict(list)
         for _ in range(self.hparams.ppo_epochs):
             for micro_batches in buffer.minibatches():
-                for micro_batch in micro_batches:
-                    loss, micro_stats = self._loss(micro_batch)
-                    self.manual_backward(loss / len(micro_batches))
+                for micro_batch, share in zip(micro_batches, token_shares(micro_batches)):
+                    token_loss, ptx_loss, micro_stats = self._loss(micro_batch)
+                    self.manual_backward(share * token_loss + ptx_loss / len(micro_batches))
                     for name, value in micro_stats.items():
                         stats[name].append(value)
                 if self.hparams.max_grad_norm is not None:
@@ -303,7 +303,9 @@ class PPOModule(LightningModule):
                 self.lr_schedulers().step()
         return {name: torch.stack(values).mean() for name, values in stats.items()}
 
-    def _loss(self, batch: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _loss(self, batch: Rollout) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """A micro-batch's losses: the token means over its responses (policy, entropy bonus, value), and PPO-ptx's
+        over a batch of demonstrations of its own (0 without it), with their metrics."""
         hp = self.hparams
         logprobs, mask, entropy = model_token_logprobs(
             self.policy, batch.input_ids, batch.attention_mask, batch.response_mask, self.sampling.temperature,
@@ -320,15 +322,16 @@ class PPOModule(LightningModule):
             value_loss, value_stats = ppo_value_loss(values, batch.values, batch.returns, mask, hp.clip_range_value)
             loss = loss + hp.vf_coef * value_loss
             stats |= {"loss/value": value_loss.detach(), "value/clipfrac": value_stats["clipfrac"]}
+        ptx_loss = torch.zeros((), device=self.device)
         if self._demonstrations is not None:
             demos = self._demonstration_batch()
             logits, input_ids, response_mask, _ = response_logits(
                 self.policy, demos["input_ids"], demos["attention_mask"], demos["response_mask"]
             )
-            ptx_loss = sft_loss(logits, input_ids, response_mask)
-            loss = loss + hp.ptx_coef * ptx_loss
-            stats["loss/ptx"] = ptx_loss.detach()
-        return loss, stats
+            demonstrations_loss = sft_loss(logits, input_ids, response_mask)
+            ptx_loss = hp.ptx_coef * demonstrations_loss
+            stats["loss/ptx"] = demonstrations_loss.detach()
+        return loss, ptx_loss, stats
 
     # --- PPO-ptx: the SFT loss on demonstrations (the world's when ptx_data_path is unset) ---
 

@@ -41,7 +41,8 @@ class RolloutBuffer:
     """The experience of one PPO iteration, served for several passes as shuffled minibatches.
 
     Each minibatch is one optimiser step, split into ``gradient_accumulation_steps`` micro-batches whose gradients
-    add up (so a large minibatch fits in memory).
+    add up (so a large minibatch fits in memory), each micro-batch's token-mean losses weighted by its
+    :func:`token_shares`.
     """
 
     def __init__(self, rollout: Rollout, num_minibatches: int, gradient_accumulation_steps: int) -> None:
@@ -62,3 +63,11 @@ class RolloutBuffer:
         order = torch.randperm(len(self.rollout))
         for minibatch in order.tensor_split(self.num_minibatches):
             yield [self.rollout.select(rows) for rows in minibatch.tensor_split(self.gradient_accumulation_steps)]
+
+
+def token_shares(micro_batches: list[Rollout]) -> list[torch.Tensor]:
+    """Each micro-batch's share of its minibatch's response tokens: the weight of its token-mean losses, so that they
+    add up to the minibatch's own token mean, the loss of one forward over the whole minibatch, however the tokens
+    fall between micro-batches (equal weights would count a token of a short micro-batch more)."""
+    tokens = torch.stack([micro_batch.mask.sum() for micro_batch in micro_batches]).float()
+    return list(tokens / tokens.sum().clamp(min=1))

@@ -46,21 +46,22 @@ from lit_rlhf.scoring import LENGTH_KEYS, SCORE_MEAN_KEY, SCORE_STD_KEY, RewardM
 def preference_metrics(
     chosen: torch.Tensor, rejected: torch.Tensor, gold_chosen: torch.Tensor | None = None,
     gold_rejected: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """``accuracy`` (chosen scored higher), ``margin``, ``reward/mean``, ``reward/std`` and, with gold rewards,
-    ``gold/accuracy``: agreement with the gold preference on the pairs where gold is not tied."""
-    scores = torch.cat([chosen, rejected])
+) -> dict[str, tuple[torch.Tensor, int]]:
+    """Each metric with the number of pairs it is a mean over: ``accuracy`` (chosen scored higher), ``margin``,
+    ``reward/mean``, ``reward/std`` over all and, with gold rewards, ``gold/accuracy``: agreement with the gold
+    preference over the pairs where gold is not tied."""
+    scores, pairs = torch.cat([chosen, rejected]), len(chosen)
     metrics = {
-        "accuracy": (chosen > rejected).float().mean(),
-        "margin": (chosen - rejected).mean(),
-        "reward/mean": scores.mean(),
-        "reward/std": scores.std() if scores.numel() > 1 else torch.zeros(()),
+        "accuracy": ((chosen > rejected).float().mean(), pairs),
+        "margin": ((chosen - rejected).mean(), pairs),
+        "reward/mean": (scores.mean(), pairs),
+        "reward/std": (scores.std() if scores.numel() > 1 else torch.zeros(()), pairs),
     }
     if gold_chosen is not None:
         decided = gold_chosen != gold_rejected
         if decided.any():
             agree = (chosen > rejected) == (gold_chosen > gold_rejected)
-            metrics["gold/accuracy"] = agree[decided].float().mean()
+            metrics["gold/accuracy"] = (agree[decided].float().mean(), int(decided.sum()))
     return metrics
 
 
@@ -145,17 +146,16 @@ class RewardModelModule(LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, metrics, scores, lengths = self._step(batch)
-        metrics["reward/length_corr"] = length_correlation(scores, lengths)
         self.log("train/loss", loss, prog_bar=True)
-        self.log_dict({f"train/{name}": value for name, value in metrics.items()})
+        self.log_dict({f"train/{name}": value for name, (value, _) in metrics.items()})
+        self.log("train/reward/length_corr", length_correlation(scores, lengths))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, metrics, scores, lengths = self._step(batch)
-        batch_size = len(batch["prompt"])
-        for name, value in {"loss": loss, **metrics}.items():
-            if name in self.val_metrics:
-                self.val_metrics[name].update(value, weight=batch_size)
+        for name, (value, pairs) in {"loss": (loss, len(batch["prompt"])), **metrics}.items():
+            if name in self.val_metrics:  # each a mean over its own pairs: gold/accuracy's leave out gold's ties
+                self.val_metrics[name].update(value, weight=pairs)
         self.val_scores.update(scores)
         self.val_lengths.update(lengths)
 

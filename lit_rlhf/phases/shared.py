@@ -163,13 +163,16 @@ def validation_means(metrics: Mapping[str, Metric]) -> dict[str, torch.Tensor]:
 
 
 def check_context(module: LightningModule, model: PreTrainedModel, length: int | None = None) -> None:
-    """:func:`check_positions` for sequences of ``length`` tokens, by default the datamodule's ``max_length`` (no
-    check without a datamodule: a module used outside a Trainer)."""
+    """:func:`check_positions` for sequences of ``length`` tokens, by default the longest the module meets: the
+    datamodule's ``max_length``, or the answers it samples to held-out prompts (``max_prompt_length +
+    sampling.max_new_tokens``; the reward model's, for its score statistics, too). No check of ``max_length``
+    without a datamodule (a module used outside a Trainer)."""
+    what = "sequences (data.max_length; sampled answers: max_prompt_length + sampling.max_new_tokens)"
     if length is None:
         datamodule = module.trainer.datamodule if module._trainer is not None else None
-        length = getattr(getattr(datamodule, "hparams", None), "max_length", None)
-    if length is not None:
-        check_positions(model, length, "sequences (data.max_length; PPO: max_prompt_length + sampling.max_new_tokens)")
+        sampled = module.hparams.get("max_prompt_length", 0) + module.sampling.max_new_tokens
+        length = max(getattr(getattr(datamodule, "hparams", None), "max_length", None) or 0, sampled)
+    check_positions(model, length, what)
 
 
 def shard_networks(module: LightningModule, *networks: torch.nn.Module | None) -> None:
