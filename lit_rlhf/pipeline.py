@@ -377,7 +377,8 @@ def _run_rejection_sample(stage: RejectionSampleStage, stage_dir: Path, run: Pip
     groups = sample_responses(policy, prompts, stage.n, _sampling(stage), stage.max_prompt_length,
                               SAMPLING_BATCH_SIZE)
     scorer = make_scorer(run.resolve(stage.reward_model, "model"), device=inference_device())
-    picks = pick_best(prompts, groups, scorer, stage.keep, stage.threshold)
+    answers = [[response for response in group if response.text.strip()] for group in groups]  # EOS first: no answer
+    picks = pick_best(prompts, answers, scorer, stage.keep, stage.threshold)  # an empty completion is a bad row
     _write_jsonl(stage_dir / "demonstrations.jsonl", [{"prompt": p.prompt, "completion": p.response} for p in picks])
     return {"kind": "rejection_sample", "role": DATA, "data": "demonstrations.jsonl", "rows": len(picks)}
 

@@ -38,9 +38,8 @@ def pick_best(
     threshold: float | None = None,
 ) -> list[Pick]:
     """The ``keep`` highest-scored responses of each prompt's group (best first), and of those only the ones
-    scoring at least ``threshold`` when given. Duplicate responses of one prompt count once, and an empty one (EOS
-    first) is no demonstration: the data edge refuses an empty completion. Each response is scored as finished or
-    not, as it was sampled."""
+    scoring at least ``threshold`` when given. Duplicate responses of one prompt count once. Each response is
+    scored as finished or not, as it was sampled."""
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
     flat_prompts = [prompt for prompt, group in zip(prompts, groups) for _ in group]
@@ -50,8 +49,7 @@ def pick_best(
     for prompt, group in zip(prompts, groups):
         group_scores = dict(zip(group, scores[start : start + len(group)]))
         start += len(group)
-        answers = {response: score for response, score in group_scores.items() if response.text.strip()}
-        ranked = sorted(answers.items(), key=lambda item: -item[1])[:keep]
+        ranked = sorted(group_scores.items(), key=lambda item: -item[1])[:keep]
         picks.extend(
             Pick(prompt, response.text, score, response.ended)
             for response, score in ranked

@@ -297,8 +297,6 @@ def test_pick_best_keeps_the_top_scored_distinct_responses():
     ]
     assert [p.response for p in pick_best(prompts, groups, GoldScorer(), keep=2, threshold=0.9)] == ["apple , pear .",
                                                                                                     "fig ."]
-    empty_first = [[Response(" ", True), Response("fig .", True)]]  # an answer that was EOS at once: no demonstration
-    assert [p.response for p in pick_best(["name one fruit ."], empty_first, GoldScorer(), keep=2)] == ["fig ."]
 
 
 def test_best_of_n_kl_and_self_play_pairs():

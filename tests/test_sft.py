@@ -244,6 +244,21 @@ def test_sequences_longer_than_the_models_positions_are_refused_in_one_line(tiny
     )
 
 
+def test_answers_sampled_past_the_models_positions_are_refused_before_training(tiny_gpt2_path, tmp_path, capsys,
+                                                                               monkeypatch):
+    """data.max_length fits the 128 positions, but the held-out answers each validation samples run to
+    max_prompt_length + max_new_tokens = 96 + 48 tokens: an IndexError at the first validation until now."""
+    monkeypatch.chdir(tmp_path)
+    rows = [{"prompt": "name three fruits .", "completion": " apple , pear , plum ."}] * 8
+    path = str(write_jsonl(tmp_path / "rows.jsonl", rows))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", "--config", CONFIG, "--model.model_name_or_path", tiny_gpt2_path, "--data.path", path,
+                "--data.max_length", "128", "--data.max_prompt_length", "96", "--model.sampling.max_new_tokens", "48")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"of up to 144 tokens do not fit {tiny_gpt2_path}, which has 128 "
+                                                    "positions")
+
+
 def test_rotary_models_are_not_held_to_their_max_position_embeddings(tiny_llama_path, tiny_gpt2_path):
     from lit_rlhf.errors import ConfigError
     from lit_rlhf.models import check_positions, load_causal_lm, load_tokenizer

@@ -114,7 +114,7 @@ class RewardModelModule(LightningModule):
             hp = self.hparams
             model = load_scalar_head_model(hp.model_name_or_path, self.tokenizer, hp.trust_remote_code, hp.dtype)
             self.model = with_lora(model, self.lora, task_type="SEQ_CLS").train()  # from_pretrained: eval mode
-            check_context(self, model)
+            check_context(self, model, samples_after_fit=True)  # the score statistics' samples
             shard_networks(self, self.model)
 
     def _scores(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -162,17 +162,22 @@ def validation_means(metrics: Mapping[str, Metric]) -> dict[str, torch.Tensor]:
     return {name: value for name, value in means.items() if not value.isnan()}
 
 
-def check_context(module: LightningModule, model: PreTrainedModel, length: int | None = None) -> None:
-    """:func:`check_positions` for sequences of ``length`` tokens, by default the longest the module meets: the
-    datamodule's ``max_length``, or the answers it samples to held-out prompts (``max_prompt_length +
-    sampling.max_new_tokens``; the reward model's, for its score statistics, too). No check of ``max_length``
-    without a datamodule (a module used outside a Trainer)."""
-    what = "sequences (data.max_length; sampled answers: max_prompt_length + sampling.max_new_tokens)"
+def check_context(
+    module: LightningModule, model: PreTrainedModel, length: int | None = None, samples_after_fit: bool = False
+) -> None:
+    """:func:`check_positions` for sequences of ``length`` tokens, by default the longest a fit meets: the
+    datamodule's ``max_length``, and the answers sampled to held-out prompts at each validation (``max_prompt_length
+    + sampling.max_new_tokens``), or after fit (``samples_after_fit``: the reward model's score statistics). No
+    check outside a Trainer, where nothing is read or sampled yet."""
     if length is None:
-        datamodule = module.trainer.datamodule if module._trainer is not None else None
-        sampled = module.hparams.get("max_prompt_length", 0) + module.sampling.max_new_tokens
-        length = max(getattr(getattr(datamodule, "hparams", None), "max_length", None) or 0, sampled)
-    check_positions(model, length, what)
+        trainer = module._trainer
+        if trainer is None:
+            return
+        length = getattr(getattr(trainer.datamodule, "hparams", None), "max_length", None) or 0
+        if trainer.limit_val_batches != 0 or samples_after_fit:
+            length = max(length, module.hparams.get("max_prompt_length", 0) + module.sampling.max_new_tokens)
+    check_positions(model, length, "sequences (data.max_length; sampled answers: max_prompt_length + "
+                                   "sampling.max_new_tokens)")
 
 
 def shard_networks(module: LightningModule, *networks: torch.nn.Module | None) -> None:
