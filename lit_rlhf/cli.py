@@ -307,6 +307,9 @@ class RLHFCLI(LightningCLI):
         if saved.get("_class_path") not in (None, model.class_path):
             raise ConfigError(f"{ckpt_path} holds a {saved['_class_path']}, not the configured {model.class_path}")
         given = (model.get("init_args") or Namespace()).as_dict()  # settings groups as plain mappings, as saved
+        if "lora" in saved and "lora" in given and saved["lora"] != given["lora"]:
+            raise ConfigError(f"{ckpt_path} holds the weights of lora={saved['lora']!r}, which lora={given['lora']!r} "
+                              "cannot load: resume with the checkpoint's lora, or start from its export")
         changed = [
             f"{name}={given[name]!r} (checkpoint: {value!r})" for name, value in saved.items()
             if not name.startswith("_") and name in given and given[name] != value

@@ -252,6 +252,23 @@ def test_subsample_draws_rows_at_random_in_their_order_and_keeps_all_when_asked_
     assert subsample(grouped, 10, seed=0) == grouped == subsample(grouped, 99, seed=3)
 
 
+def test_a_resume_with_another_batch_size_skips_the_rows_done_not_as_many_batches_of_the_new_size(
+    tmp_path, tokenizer_path
+):
+    """Saved after 2 batches of 8 (rows 0–15 of the epoch's order); resumed in batches of 4, it goes on from row 16,
+    not from row 8 (2 batches of 4), which would train on rows 8–15 twice."""
+    path = write_jsonl(tmp_path / "demos.jsonl", DEMONSTRATIONS)
+
+    def rows(data) -> list[list[int]]:
+        return [row for batch in data.train_dataloader() for row in batch["input_ids"].tolist()]
+
+    epoch_order = rows(make(DemonstrationDataModule, path, tokenizer_path, val_fraction=0.0))
+    resumed = make(DemonstrationDataModule, path, tokenizer_path, val_fraction=0.0)
+    with pytest.warns(UserWarning, match="batches of 8 on 1 of 4: the rows done are skipped"):
+        resumed.load_state_dict({"epoch": 0, "batches": 2, "batch_size": 8, "world_size": 1, "seed": 0})
+    assert len(epoch_order) == 24 and rows(resumed) == epoch_order[16:]
+
+
 def test_without_a_split_seed_the_data_takes_the_runs_seed(tmp_path, tokenizer_path):
     path = write_jsonl(tmp_path / "demos.jsonl", DEMONSTRATIONS)
     assert make(DemonstrationDataModule, path, tokenizer_path).seed == 0  # no seed set: 0

@@ -226,6 +226,10 @@ def test_ppo_resumes_mid_run_with_the_same_numbers(tmp_path, world_sft_path, wor
     assert len(set(betas)) == 3  # the adaptive controller moves β every iteration
     for name in ["kl/beta", "objective/scores", "objective/kl", "loss/policy", "loss/value", "policy/approxkl"]:
         assert resumed[0][name] == pytest.approx(uninterrupted[2][name], rel=1e-5, abs=1e-6), name
+    # The command line holds: a β set anew on resuming is the β trained with (a warning names the change).
+    refixed, _ = fit_world(tmp_path, world_sft_path, world_rm_path, 3, 4, ckpt_path=str(checkpoint),
+                           **{**settings, "kl_control": KLControlConfig(0.02)})
+    assert refixed[0]["kl/beta"] == pytest.approx(0.02)
     saved = torch.load(checkpoint, weights_only=False)
     assert saved["ppo"]["iteration"] == 2
     assert not [key for key in saved["state_dict"] if key.startswith(("reference.", "reward_network."))]

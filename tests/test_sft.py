@@ -76,7 +76,7 @@ def test_sft_with_hf_model_by_path_and_jsonl(in_tmp, request, model_fixture):
     assert changed, "training did not change the weights"
 
 
-def test_sft_resumes_from_checkpoint(in_tmp):
+def test_sft_resumes_from_checkpoint(in_tmp, capsys):
     common = ["--config", CONFIG, "--trainer.val_check_interval", "10", "--data.num_eval_prompts", "8"]
     run_cli("fit", *common, "--trainer.max_steps", "10")
     checkpoint = next((latest_run(in_tmp, "sft") / "checkpoints").glob("*.ckpt"))
@@ -102,6 +102,11 @@ def test_sft_resumes_from_checkpoint(in_tmp):
     with pytest.raises(SystemExit) as exit_info:
         run_cli("fit", *common, "--trainer.max_steps", "20", "--ckpt_path", str(checkpoint), "--seed_everything", "1")
     assert exit_info.value.code == 2
+    # Adapters where the checkpoint holds the whole model cannot load its weights: one line, not a state-dict error.
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", *common, "--trainer.max_steps", "20", "--ckpt_path", str(checkpoint), "--model.lora.r", "4")
+    assert exit_info.value.code == 2
+    assert "holds the weights of lora=None, which lora={'r': 4," in capsys.readouterr().err
 
 
 def test_print_config_round_trips(in_tmp):

@@ -292,12 +292,14 @@ class RLHFDataModule(LightningDataModule):
         return self._loader(examples, sampler=self._train_order, generator=generator)
 
     def state_dict(self) -> dict[str, int]:
-        """Where training is in its data, for an exact mid-epoch resume: the epoch and the batches of it done."""
+        """Where training is in its data, for an exact mid-epoch resume: the epoch and the batches of it done, and
+        the batch size and replicas that say how many rows those were."""
         if self._train_order is None or self.trainer is None:
             return {}
         return {
             "epoch": max(self._train_order.epoch, 0),
             "batches": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+            "batch_size": self.hparams.batch_size,
             "world_size": self._replica()[0],
             "seed": self.seed,
         }
@@ -318,16 +320,18 @@ class RLHFDataModule(LightningDataModule):
                 f"resume with --seed_everything {saved_seed} (or the run's config.yaml)"
             )
         world_size = state_dict["world_size"]
-        if world_size != self._replica()[0]:
+        batch_size = state_dict.get("batch_size", self.hparams.batch_size)  # not saved before: taken as unchanged
+        if (world_size, batch_size) != (self._replica()[0], self.hparams.batch_size):
             rank_zero_warn(
-                f"resuming data saved with {world_size} data-parallel replicas on {self._replica()[0]}: the rows "
-                "done are skipped, but the batches after them differ from the uninterrupted run's"
+                f"resuming data saved with {world_size} data-parallel replicas of batches of {batch_size} on "
+                f"{self._replica()[0]} of {self.hparams.batch_size}: the rows done are skipped, but the batches after "
+                "them differ from the uninterrupted run's"
             )
         epoch, batches = state_dict["epoch"], state_dict["batches"]
         rows_per_rank = math.ceil(len(self._train.examples) / world_size) if self._train is not None else math.inf
-        if batches >= math.ceil(rows_per_rank / self.hparams.batch_size):
+        if batches >= math.ceil(rows_per_rank / batch_size):
             epoch, batches = epoch + 1, 0
-        self._resume_position = (epoch, batches * self.hparams.batch_size * world_size)
+        self._resume_position = (epoch, batches * batch_size * world_size)
 
     def val_dataloader(self) -> DataLoader:
         self._require_setup()

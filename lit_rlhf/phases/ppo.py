@@ -398,10 +398,16 @@ class PPOModule(LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """The loop's state as it was, so that the run continues exactly, except what the resuming command line
+        changed: other ``kl_control`` settings start their controller afresh (an adaptive β from its new start),
+        another ``seed`` draws from it."""
         restore_frozen(self, checkpoint, FROZEN_PREFIXES)
-        self.kl_controller.load_state_dict(checkpoint["ppo"]["kl_controller"])
+        saved_settings = checkpoint.get("hyper_parameters", {})
+        if saved_settings.get("kl_control", self.hparams.kl_control) == self.hparams.kl_control:
+            self.kl_controller.load_state_dict(checkpoint["ppo"]["kl_controller"])
+        if saved_settings.get("seed", self.hparams.seed) == self.hparams.seed:
+            self.seed = checkpoint["ppo"].get("seed", self.seed)
         self.iteration = checkpoint["ppo"]["iteration"]
-        self.seed = checkpoint["ppo"].get("seed", self.seed)
 
     def on_fit_end(self) -> None:
         export_trained(self, self.policy)
