@@ -282,8 +282,8 @@ def _stage_inputs(stage: StageSpec, run: PipelineRun) -> dict[str, int]:
     """The stamps of the files a stage reads that no stage of the run writes: its phase config, data, prompts
     (the file's top-level ``prompts`` where the stage has none of its own), paths among its ``args``."""
     values = stage.reads() | {value for value in getattr(stage, "args", {}).values() if isinstance(value, str)}
-    if getattr(stage, "prompts", "") is None and run.spec.prompts:
-        values.add(run.spec.prompts)
+    if isinstance(stage, (CollectStage, RejectionSampleStage)) and (prompts := _prompts_path(stage, run.spec)):
+        values.add(prompts)
     return input_stamps(value for value in sorted(values) if value not in run.stage_names)
 
 

@@ -30,6 +30,9 @@ def test_collect_command(world_sft_path, tmp_path, capsys):
     assert "10 prompts x 3 responses, judged by raters" in capsys.readouterr().out
     summary = json.loads((tmp_path / "c" / "collect.json").read_text())
     assert summary["pairs"] + summary["ties_dropped"] == 10 * 3
+    # 10 of the world's 2,000 prompt rows drawn at random: the first 10, grouped by prompt, held 2 distinct prompts
+    prompts = [json.loads(line)["prompt"] for line in (tmp_path / "c" / "rankings.jsonl").read_text().splitlines()]
+    assert len(set(prompts)) == 10
 
 
 def test_a_missing_model_is_one_line_and_exit_2(tmp_path):
