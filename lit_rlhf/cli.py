@@ -407,7 +407,7 @@ def _collect_command(argv: list[str]) -> None:
 
 
 def _pipeline_command(argv: list[str]) -> None:
-    from lit_rlhf.pipeline import run_pipeline
+    from lit_rlhf.pipeline import run_pipeline, run_seeds
 
     parser = argparse.ArgumentParser(
         prog="lit-rlhf pipeline",
@@ -416,9 +416,27 @@ def _pipeline_command(argv: list[str]) -> None:
     parser.add_argument("--config", default="configs/pipeline.yaml", help="pipeline file (default: %(default)s)")
     parser.add_argument("--out", help="output folder (default: the file's 'out', else runs/pipeline)")
     parser.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo this stage (repeatable)")
-    parser.add_argument("--seed", type=int, help="seed of every stage (default: the file's 'seed', else 0)")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, help="seed of every stage (default: the file's 'seed', else 0)")
+    seeds.add_argument("--seeds", type=_seed_list, metavar="N,N,...",
+                       help="run once per seed into OUT/seed_<n>/, then OUT/aggregate.json: means and 95%% intervals "
+                            "over the seeds, and the paired differences over them in OUT/paired.json")
     args = parser.parse_args(argv)
-    run_pipeline(args.config, fit_phase, args.out, tuple(args.force), args.seed)
+    if args.seeds:
+        run_seeds(args.config, fit_phase, args.seeds, args.out, tuple(args.force))
+    else:
+        run_pipeline(args.config, fit_phase, args.out, tuple(args.force), args.seed)
+
+
+def _seed_list(text: str) -> list[int]:
+    """``--seeds 0,1,2``: distinct integers."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"a seed is repeated in {text!r}")
+    return seeds
 
 
 def _sweep_command(argv: list[str]) -> None:

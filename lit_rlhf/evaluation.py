@@ -1,14 +1,18 @@
 """The held-out evaluation of a policy: its answers to fixed prompts with fixed sampling noise
-(:func:`evaluate_policy`) and the metrics of answers, whoever produced them (:func:`measure_answers`).
+(:func:`evaluate_policy`), the metrics of answers, whoever produced them (:func:`measure_answers`), with their
+standard errors, paired differences between two policies on the same prompts (:func:`paired_differences`), and a
+reward model's accuracy on pairs of held-out answers (:func:`measure_reward_model`).
 
-SFT, PPO and the DPO family log these metrics under ``eval/`` at every validation; the pipeline's summary has them
-as columns.
+SFT, PPO and the DPO family log these metrics under ``eval/`` at every validation (on development prompts); the
+pipeline's summary has them as columns (on test prompts).
 """
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import combinations
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,9 +22,13 @@ from lit_rlhf import diagnostics, losses
 from lit_rlhf.data.collate import tokenize_prompts
 from lit_rlhf.generation import SamplingConfig, generate
 from lit_rlhf.models import model_token_logprobs
+from lit_rlhf.uncertainty import Estimate, Interval, clustered_mean, paired_difference
 
 if TYPE_CHECKING:
     from lit_rlhf.scoring import Scorer
+
+WITH_ERRORS = ("gold/reward", "proxy/reward", "objective/kl")
+"""Metrics that also get their standard error, clustered by prompt, as ``<name>_se``."""
 
 
 @dataclass
@@ -36,6 +44,20 @@ class PolicyEvaluation:
     gold: list[float] | None = None
     """The gold reward of each answer, when there is a gold scorer (:func:`lit_rlhf.scoring.gold_scorer`)."""
     metrics: dict[str, float] = field(default_factory=dict)
+    kl: list[float] | None = None
+    """Each answer's Σ_t log π − log π_ref, when there is a reference."""
+    ended: list[bool] | None = None
+    """Whether each answer ended on EOS, when known."""
+
+    def per_answer(self, metric: str) -> list[float] | None:
+        """The per-answer values whose mean is ``metric`` (one of :data:`WITH_ERRORS`), if measured."""
+        return {"gold/reward": self.gold, "proxy/reward": self.proxy, "objective/kl": self.kl}[metric]
+
+    def estimate(self, metric: str) -> Estimate | None:
+        """``metric``'s mean over the answers with its standard error clustered by prompt: answers to one prompt
+        are not independent, so the prompts are the units (:func:`lit_rlhf.uncertainty.clustered_mean`)."""
+        values = self.per_answer(metric)
+        return clustered_mean(values, self.prompts) if values is not None else None
 
 
 def measure_answers(
@@ -50,7 +72,8 @@ def measure_answers(
 
     ``response/length_mean``; the hacking detectors of :mod:`lit_rlhf.diagnostics` (``hacking/sycophancy_rate``,
     ``hacking/format_rate``, ``hacking/repetition_rate``); given ``proxy`` scores, ``proxy/reward``; given ``gold``
-    rewards (on the world, :func:`lit_rlhf.scoring.gold_scorer`'s scores), ``gold/reward``. Against a ``baseline``
+    rewards (on the world, :func:`lit_rlhf.scoring.gold_scorer`'s scores), ``gold/reward``; each reward's standard
+    error clustered by prompt as ``<name>_se`` (from two prompts on). Against a ``baseline``
     (the reference policy's evaluation on the same prompts and sampling seed): ``response/length_drift`` (difference
     of mean lengths), ``hacking/length_ratio`` and, when both have proxy and gold rewards, ``gold/proxy_gap``
     (:func:`lit_rlhf.diagnostics.proxy_gold_gap`).
@@ -62,6 +85,9 @@ def measure_answers(
         metrics["proxy/reward"] = statistics.fmean(proxy)
     if gold is not None:
         metrics["gold/reward"] = statistics.fmean(gold)
+    for name, values in (("proxy/reward", proxy), ("gold/reward", gold)):
+        if values is not None and len(set(prompts)) > 1:
+            metrics[f"{name}_se"] = clustered_mean(values, prompts).se
     if baseline is not None:
         metrics["response/length_drift"] = metrics["response/length_mean"] - baseline.metrics["response/length_mean"]
         if baseline.metrics["response/length_mean"] > 0:
@@ -123,7 +149,71 @@ def evaluate_policy(
     proxy = scorer.score(prompts, responses, ended.tolist()).float().tolist() if scorer is not None else None
     gold_rewards = gold.score(prompts, responses, ended.tolist()).tolist() if gold is not None else None
     evaluation = measure_answers(prompts, responses, torch.cat(lengths).float().tolist(), proxy, baseline, gold_rewards)
+    evaluation.ended = ended.tolist()
     evaluation.metrics["response/eos_fraction"] = ended.float().mean().item()
     if reference is not None:
-        evaluation.metrics["objective/kl"] = torch.cat(kls).mean().item()
+        evaluation.kl = torch.cat(kls).float().tolist()
+        evaluation.metrics["objective/kl"] = statistics.fmean(evaluation.kl)
+        if len(set(prompts)) > 1:
+            evaluation.metrics["objective/kl_se"] = evaluation.estimate("objective/kl").se
     return evaluation
+
+
+def paired_differences(a: PolicyEvaluation, b: PolicyEvaluation, metric: str) -> Interval | None:
+    """``metric`` of ``a`` minus that of ``b``, both measured on the same prompts in the same order: the mean over
+    prompts of each prompt's difference, with a 95 % t-interval over prompts
+    (:func:`lit_rlhf.uncertainty.paired_difference`). Pairing removes what the prompts contribute to both, so a
+    difference is resolved long before the two standard errors stop overlapping. None where either lacks it."""
+    if a.prompts != b.prompts:
+        raise ValueError("a paired difference needs both policies' answers to the same prompts, in the same order")
+    first, second = a.per_answer(metric), b.per_answer(metric)
+    if first is None or second is None or len(set(a.prompts)) < 2:
+        return None
+    return paired_difference(first, second, a.prompts)
+
+
+@dataclass
+class RewardModelAccuracy:
+    """A reward model measured on pairs of answers to held-out prompts (:func:`measure_reward_model`)."""
+
+    accuracy: Estimate
+    """Agreement with the raters' expected label."""
+    gold_accuracy: Estimate
+    """Agreement with gold, over the pairs gold decides."""
+    rater_agreement: Estimate
+    """How often two raters agree on the same pairs: the ceiling of ``accuracy``."""
+    pairs: int
+
+
+def measure_reward_model(
+    prompts: list[str], responses: list[str], scores: list[float], gold: list[float],
+    rater_probability: Callable[[str, str, str], float],
+) -> RewardModelAccuracy | None:
+    """A reward model's accuracy on every pair of different answers to the same prompt.
+
+    ``scores`` are the reward model's, ``gold`` the gold rewards of the same answers; ``rater_probability(prompt,
+    first, second)`` is the raters' P(first preferred). Against the raters each pair counts by the label they give
+    in expectation: p when the reward model prefers the first answer, 1 − p otherwise (no draw's noise added), and
+    two independent raters agree with probability p² + (1 − p)², the ceiling any reward model trained on their
+    labels can reach on these pairs. Gold accuracy counts the pairs whose gold rewards differ; tied scores count
+    half. Standard errors are clustered by prompt. None when fewer than two prompts have a pair that gold decides."""
+    groups: dict[str, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        groups.setdefault(prompt, []).append(index)
+    rater, agreement, pair_prompts, decided, decided_prompts = [], [], [], [], []
+    for prompt, indices in groups.items():
+        for i, j in combinations(indices, 2):
+            if responses[i] == responses[j]:
+                continue
+            p = rater_probability(prompt, responses[i], responses[j])
+            model_prefers_first = 0.5 if scores[i] == scores[j] else float(scores[i] > scores[j])
+            rater.append(model_prefers_first * p + (1 - model_prefers_first) * (1 - p))
+            agreement.append(p * p + (1 - p) * (1 - p))
+            pair_prompts.append(prompt)
+            if gold[i] != gold[j]:
+                decided.append(model_prefers_first if gold[i] > gold[j] else 1 - model_prefers_first)
+                decided_prompts.append(prompt)
+    if len(set(decided_prompts)) < 2:
+        return None
+    return RewardModelAccuracy(clustered_mean(rater, pair_prompts), clustered_mean(decided, decided_prompts),
+                               clustered_mean(agreement, pair_prompts), len(rater))

@@ -45,17 +45,26 @@ import torch
 import yaml
 from transformers import PreTrainedModel
 
+from lit_rlhf.advantages import clip_scores, normalize_scores
 from lit_rlhf.collect import collect_comparisons, sample_responses
-from lit_rlhf.data.datamodules import DemonstrationDataModule, PromptDataModule, subsample
+from lit_rlhf.data.datamodules import DemonstrationDataModule, PromptDataModule, default_world_dir, subsample
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.evaluation import PolicyEvaluation, evaluate_policy, measure_answers
+from lit_rlhf.evaluation import (
+    PolicyEvaluation,
+    evaluate_policy,
+    measure_answers,
+    measure_reward_model,
+    paired_differences,
+)
 from lit_rlhf.generation import Response, SamplingConfig
 from lit_rlhf.models import WORLD, inference_device, load_causal_lm, load_tokenizer
+from lit_rlhf.phases.ppo_health import PPOHealth
 from lit_rlhf.phases.reward import RewardModelModule
 from lit_rlhf.pipeline_spec import (
     BestOfNStage,
     CollectStage,
     FitStage,
+    OptimumStage,
     PipelineSpec,
     RejectionSampleStage,
     SamplingStage,
@@ -65,18 +74,22 @@ from lit_rlhf.pipeline_spec import (
 )
 from lit_rlhf.scoring import Scorer, gold_scorer, make_scorer
 from lit_rlhf.selection import best_of_n_kl, pick_best, self_play_pairs
-from lit_rlhf.world import speaks_world_language
+from lit_rlhf.uncertainty import interval_over_seeds, kl_regularized_optimum
+from lit_rlhf.world import Rater, ensure_world, speaks_world_language
 
 FitPhase = Callable[[list[str], str], Any]
 """Runs ``lit-rlhf fit ARGS`` with its logs under a folder and returns the finished LightningCLI."""
 DONE_FILE = "done.json"
 LOG_FILE = "log.txt"
 """Everything a stage printed, in its folder; the console shows one line per stage."""
-POLICY, REWARD_MODEL, DATA, BASELINE = "policy", "reward_model", "data", "baseline"
+POLICY, REWARD_MODEL, DATA, BASELINE, YARDSTICK = "policy", "reward_model", "data", "baseline", "yardstick"
 SUMMARY_METRICS = {
     "gold_reward": "gold/reward",
+    "gold_reward_se": "gold/reward_se",
     "proxy_reward": "proxy/reward",
+    "proxy_reward_se": "proxy/reward_se",
     "kl": "objective/kl",
+    "kl_se": "objective/kl_se",
     "length_mean": "response/length_mean",
     "length_ratio": "hacking/length_ratio",
     "sycophancy_rate": "hacking/sycophancy_rate",
@@ -84,9 +97,18 @@ SUMMARY_METRICS = {
     "repetition_rate": "hacking/repetition_rate",
     "proxy_gap": "gold/proxy_gap",
 }
-"""A policy's summary columns and the evaluation metrics they hold (:func:`lit_rlhf.evaluation.evaluate_policy`)."""
+"""A policy's summary columns and the evaluation metrics they hold (:func:`lit_rlhf.evaluation.evaluate_policy`);
+``<column>_se`` is the standard error of ``<column>``, clustered by prompt."""
 SUMMARY_KEYS = ("stage", *SUMMARY_METRICS, "seconds")
+PAIRED_METRICS = ("gold_reward", "proxy_reward")
+"""The summary columns compared between every two policies, prompt by prompt, in ``paired.json``."""
 SUMMARY_FILE = "summary.json"
+PAIRED_FILE = "paired.json"
+COST_KEYS = ("updates", "generated")
+"""What a stage cost besides its ``seconds``: optimiser updates, and answers it sampled (PPO's rollouts, collect's,
+best-of-n's and the optimum's samples; DPO samples none)."""
+HEALTH_FILE = "health.json"
+"""A PPO stage's breaches of :class:`lit_rlhf.phases.ppo_health.HealthLimits`, one line each, in its folder."""
 EVAL_SAMPLES_FILE = "eval_samples.jsonl"
 SAMPLES_PER_STAGE = 4
 """Answers per policy written to ``eval_samples.jsonl`` for the report, each to another held-out prompt."""
@@ -193,16 +215,90 @@ def run_pipeline(
 
     run = start_run(config, fit_phase, out, seed)
     run_stages(run, force)
-    rows = summarize(run)
-    print(format_table(rows))
-    rows = _merged_with_earlier_summary(rows, run.out_dir, run.seed)
+    summary = summarize(run)
+    print(format_table(summary.rows))
+    for row in summary.rows:
+        if row.get("health_breaches"):
+            print(f"[pipeline] {row['stage']}: {row['health_breaches']} PPO-health breaches, the first "
+                  f"{json.loads((run.out_dir / row['stage'] / HEALTH_FILE).read_text())[0]!r} (all in "
+                  f"{run.out_dir / row['stage'] / HEALTH_FILE})")
+    if summary.paired:
+        print(format_paired(summary.paired))
+    rows = _merged_with_earlier_summary(summary.rows, run.out_dir, run.seed)
     write_atomically(run.out_dir / SUMMARY_FILE, json.dumps(rows, indent=2) + "\n")
-    print(f"[pipeline] summary: {run.out_dir / 'summary.json'}")
+    write_atomically(run.out_dir / PAIRED_FILE, json.dumps(summary.paired, indent=2) + "\n")
+    print(f"[pipeline] summary: {run.out_dir / SUMMARY_FILE}, paired differences: {run.out_dir / PAIRED_FILE}")
     report = build_report([run.out_dir])
     with output_to(report.out_dir / LOG_FILE):  # W&B's lines about its report run
         publish_to_wandb(report)
     print(f"[pipeline] report: {report.html_path}")
     return rows
+
+
+AGGREGATE_FILE = "aggregate.json"
+AGGREGATE_SKIPPED = ("stage", "n", "test_pairs")
+"""Summary keys that are not measurements to aggregate over seeds."""
+
+
+def run_seeds(
+    config: str | Path, fit_phase: FitPhase, seeds: list[int], out: str | Path | None = None,
+    force: tuple[str, ...] = (),
+) -> list[dict]:
+    """The pipeline once per seed, in ``OUT/seed_<n>/``, then ``OUT/aggregate.json``: per stage, every measurement's
+    mean over seeds with its 95 % t-interval (:func:`lit_rlhf.uncertainty.interval_over_seeds`), and
+    ``OUT/paired.json``: each paired difference's mean over seeds with its interval, the seeds the units (a seed
+    redraws the data, the training noise and every sampled answer). Returns the aggregate rows."""
+    base = Path(out or load_pipeline(config).out)
+    summaries, paired = [], []
+    for seed in seeds:
+        print(f"[pipeline] seed {seed}")
+        summaries.append(run_pipeline(config, fit_phase, base / f"seed_{seed}", force, seed))
+        paired.append(json.loads((base / f"seed_{seed}" / PAIRED_FILE).read_text()))
+    rows, differences = aggregate_over_seeds(summaries), aggregate_paired_over_seeds(paired)
+    write_atomically(base / AGGREGATE_FILE, json.dumps(rows, indent=2) + "\n")
+    write_atomically(base / PAIRED_FILE, json.dumps(differences, indent=2) + "\n")
+    print(f"[pipeline] over seeds {', '.join(map(str, seeds))} (mean [95% interval]):")
+    print(format_table([{key: _interval_cell(value) for key, value in row.items()} for row in rows]))
+    if differences:
+        print(format_paired(differences))
+    print(f"[pipeline] aggregate: {base / AGGREGATE_FILE}, paired differences over seeds: {base / PAIRED_FILE}")
+    return rows
+
+
+def aggregate_over_seeds(summaries: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """``aggregate.json``'s rows: for each stage (in the first seed's order), each numeric summary value as
+    ``{"mean", "ci95", "n"}`` over the seeds that have it; standard errors within a seed are left out (the spread
+    over seeds holds them)."""
+    by_stage: dict[str, dict[str, list[float]]] = {}
+    for rows in summaries:
+        for row in rows:
+            values = by_stage.setdefault(row["stage"], {})
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in AGGREGATE_SKIPPED \
+                        and not key.endswith("_se"):
+                    values.setdefault(key, []).append(float(value))
+    return [{"stage": stage, **{key: interval_over_seeds(values).as_dict() for key, values in metrics.items()}}
+            for stage, metrics in by_stage.items()]
+
+
+def aggregate_paired_over_seeds(paired: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Each paired difference (``a``, ``b``, ``metric``) averaged over the seeds, with its interval over them."""
+    means: dict[tuple[str, str, str], list[float]] = {}
+    for rows in paired:
+        for row in rows:
+            means.setdefault((row["a"], row["b"], row["metric"]), []).append(row["mean"])
+    return [{"a": a, "b": b, "metric": metric, **interval_over_seeds(values).as_dict()}
+            for (a, b, metric), values in means.items()]
+
+
+def _interval_cell(value: Any) -> Any:
+    """An aggregate value as a table cell: ``mean [lo, hi]``."""
+    if not isinstance(value, dict):
+        return value
+    if value["ci95"] is None:
+        return format_cell(value["mean"])
+    low, high = value["ci95"]
+    return f"{value['mean']:.3f} [{low:.3f}, {high:.3f}]"
 
 
 @contextmanager
@@ -329,7 +425,12 @@ def _run_fit(stage: FitStage, stage_dir: Path, run: PipelineRun) -> dict[str, An
         args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
     cli = run.fit_phase(args, str(stage_dir))
     role = REWARD_MODEL if isinstance(cli.model, RewardModelModule) else POLICY
-    record: dict[str, Any] = {"kind": "fit", "role": role, "model": "hf"}
+    record: dict[str, Any] = {"kind": "fit", "role": role, "model": "hf", "updates": cli.trainer.global_step}
+    if (generated := getattr(cli.model, "samples_generated", None)) is not None:
+        record["generated"] = generated
+    if isinstance(health := getattr(cli.model, "health", None), PPOHealth):
+        write_atomically(stage_dir / HEALTH_FILE, json.dumps(health.breaches, indent=2) + "\n")
+        record["health_breaches"] = len(health.breaches)
     if role == REWARD_MODEL:
         metrics = cli.trainer.callback_metrics
         record["accuracy"] = _float(metrics.get("val/accuracy"))
@@ -346,7 +447,8 @@ def _run_collect(stage: CollectStage, stage_dir: Path, run: PipelineRun) -> dict
         prompts_path=_prompts_path(stage, run.spec), num_prompts=stage.num_prompts,
         sampling=_sampling(stage), max_prompt_length=stage.max_prompt_length, seed=run.seed,
     )
-    return {"kind": "collect", "role": DATA, "data": "comparisons.jsonl", "pairs": summary.pairs,
+    return {"kind": "collect", "role": DATA, "data": "comparisons.jsonl", "generated": summary.prompts * summary.k,
+            "pairs": summary.pairs,
             "ties_dropped": summary.ties_dropped, "gold_agreement": summary.gold_agreement}
 
 
@@ -406,11 +508,54 @@ def _run_best_of_n(stage: BestOfNStage, stage_dir: Path, run: PipelineRun) -> di
     picks = evaluation.best_picks(policy, run.resolve(stage.reward_model, "model"), groups)
     _write_jsonl(stage_dir / "samples.jsonl", picks)
     return {"kind": "best_of_n", "role": BASELINE, "n": stage.n, "samples": "samples.jsonl",
+            "generated": len(groups) * stage.n,
             "kl": best_of_n_kl(stage.n)}
+
+
+def _run_optimum(stage: OptimumStage, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
+    """The KL-regularised optimum of ``policy`` and ``reward_model`` (:func:`lit_rlhf.uncertainty.
+    kl_regularized_optimum`) on the distinct held-out prompts, ``n`` samples of ``policy`` each: its gold and proxy
+    reward (the evaluation's reward model, as every row's) and its KL to ``policy``, with standard errors over prompts,
+    and the effective sample size. Refused, with one line in the summary, where that is below
+    ``min_effective_sample_size``: then a few samples carry all the weight and the numbers say little."""
+    evaluation, policy = HeldOutEvaluation(run), run.resolve(stage.policy, "model")
+    prompts = list(dict.fromkeys(evaluation.prompts))[: stage.num_prompts]
+    torch.manual_seed(evaluation.seed)
+    groups = sample_responses(policy, prompts, stage.n, evaluation.sampling,
+                              stage.max_prompt_length or evaluation.max_prompt_length, SAMPLING_BATCH_SIZE)
+    flat = [(prompt, response) for prompt, group in zip(prompts, groups) for response in group]
+    texts, finished = [response.text for _, response in flat], [response.ended for _, response in flat]
+    flat_prompts = [prompt for prompt, _ in flat]
+    reward_model = run.resolve(stage.reward_model, "model")
+    scorer = evaluation.scorer if reward_model == evaluation.reward_model else make_scorer(
+        reward_model, device=inference_device())
+    raw = scorer.score(flat_prompts, texts, finished).double()
+    statistics = getattr(scorer, "statistics", (0.0, 1.0))  # only a reward-model export stores them
+    rewards = normalize_scores(raw, *statistics) if stage.normalize_scores else raw
+    measures = {}
+    if evaluation.scorer is not None:
+        same = scorer is evaluation.scorer
+        measures["proxy_reward"] = raw if same else evaluation.scorer.score(flat_prompts, texts, finished).double()
+    if evaluation.gold is not None:
+        measures["gold_reward"] = evaluation.gold.score(flat_prompts, texts, finished).double()
+    shape = (len(prompts), stage.n)
+    optimum = kl_regularized_optimum(clip_scores(rewards, stage.score_clip).cpu().view(shape), stage.beta,
+                                     {name: values.cpu().view(shape) for name, values in measures.items()})
+    record: dict[str, Any] = {"kind": "optimum", "role": YARDSTICK, "beta": stage.beta, "n": stage.n,
+                              "generated": len(prompts) * stage.n,
+                              "ess": round(optimum.effective_sample_size, 2)}
+    if optimum.effective_sample_size < stage.min_effective_sample_size:
+        record["refused"] = (f"effective sample size {optimum.effective_sample_size:.1f} of {stage.n} < "
+                             f"{stage.min_effective_sample_size}: raise beta or n")
+        return record
+    for name, estimate in (*optimum.measures.items(), ("kl", optimum.kl)):
+        record[name], record[f"{name}_se"] = estimate.mean, estimate.se
+    return record
 
 
 STAGE_RUNNERS: dict[str, Callable[[Any, Path, PipelineRun], dict[str, Any]]] = {
     "fit": _run_fit,
+    "optimum": _run_optimum,
     "collect": _run_collect,
     "rejection_sample": _run_rejection_sample,
     "self_play": _run_self_play,
@@ -431,7 +576,7 @@ class HeldOutEvaluation:
     def __init__(self, run: PipelineRun) -> None:
         self.spec = run.spec.evaluation
         self.prompts_path = self.spec.prompts if self.spec.prompts is not None else run.spec.prompts
-        """The held-out prompts: ``evaluation.prompts``, else the file's ``prompts``, else the world's."""
+        """The held-out prompts: ``evaluation.prompts``, else the file's ``prompts``, else the world's test prompts."""
         self.num_prompts = self.spec.num_prompts
         self.repeats = self.spec.samples_per_prompt
         self.sampling = SamplingConfig(self.spec.max_new_tokens, self.spec.temperature)
@@ -448,7 +593,8 @@ class HeldOutEvaluation:
         if self.prompts_path is None and not speaks_world_language(load_tokenizer(tokenizer)):
             raise ConfigError(f"evaluation.prompts is unset, and {tokenizer} cannot read the world's prompts: name "
                               "held-out prompts of your own data (any file with a prompt column)")
-        prompts = PromptDataModule(path=self.prompts_path, tokenizer_name_or_path=tokenizer, val_fraction=0.0,
+        path = self.prompts_path or str(ensure_world(default_world_dir())["test_prompts"])
+        prompts = PromptDataModule(path=path, tokenizer_name_or_path=tokenizer, val_fraction=0.0,
                                    max_prompt_length=self.max_prompt_length,
                                    max_length=self.max_prompt_length + self.sampling.max_new_tokens,
                                    num_eval_prompts=self.num_prompts)
@@ -524,6 +670,24 @@ class HeldOutEvaluation:
         gold = self.gold.score(prompts, responses, finished).tolist() if self.gold is not None else None
         return measure_answers(prompts, responses, [p["length"] for p in picks], proxy, self.baseline, gold)
 
+    def reward_model_row(self, reward_model: str) -> dict[str, Any]:
+        """A reward model's summary columns measured on every pair of different reference answers to a held-out
+        prompt (:func:`lit_rlhf.evaluation.measure_reward_model`): ``accuracy`` against the world's raters,
+        ``gold_accuracy``, each with its standard error, ``rater_agreement`` (two raters' agreement, the ceiling
+        of ``accuracy``) and the number of ``test_pairs``; none where too few pairs differ (one answer per prompt):
+        then the row keeps the reward phase's validation numbers."""
+        baseline = self.baseline
+        scorer = self.scorer if reward_model == self.reward_model else make_scorer(reward_model,
+                                                                                   device=inference_device())
+        scores = scorer.score(baseline.prompts, baseline.responses, baseline.ended).float().tolist()
+        measured = measure_reward_model(baseline.prompts, baseline.responses, scores, baseline.gold,
+                                        Rater().probability)
+        if measured is None:
+            return {}
+        return {"accuracy": measured.accuracy.mean, "accuracy_se": measured.accuracy.se,
+                "gold_accuracy": measured.gold_accuracy.mean, "gold_accuracy_se": measured.gold_accuracy.se,
+                "rater_agreement": measured.rater_agreement.mean, "test_pairs": measured.pairs}
+
     def row(self, evaluation: PolicyEvaluation) -> dict[str, Any]:
         """An evaluation as summary columns (None where a metric does not apply)."""
         return {key: evaluation.metrics.get(metric) for key, metric in SUMMARY_METRICS.items()}
@@ -539,14 +703,25 @@ class HeldOutEvaluation:
         ]
 
 
-def summarize(run: PipelineRun) -> list[dict[str, Any]]:
-    """One row per stage (and the ``init`` row): policies evaluated here, the rest from their ``done.json``; a few
-    answers of each policy go to ``eval_samples.jsonl``."""
+@dataclass
+class Summary:
+    """What the summary measured: one row per stage (``summary.json``) and the paired differences between every two
+    policies on the same prompts (``paired.json``)."""
+
+    rows: list[dict[str, Any]]
+    paired: list[dict[str, Any]]
+
+
+def summarize(run: PipelineRun) -> Summary:
+    """One row per stage (and the ``init`` row): policies evaluated here, reward models measured on pairs of the
+    reference's answers where the prompts have gold (else their validation numbers), the rest from their
+    ``done.json``; a few answers of each policy go to ``eval_samples.jsonl``."""
     evaluation = HeldOutEvaluation(run)
-    rows, samples = [], []
+    rows, samples, policies = [], [], {}
 
     def measured(stage: str, result: PolicyEvaluation) -> dict[str, Any]:
         samples.extend(evaluation.samples(stage, result))
+        policies[stage] = result
         return evaluation.row(result)
 
     if evaluation.spec.init:
@@ -557,21 +732,63 @@ def summarize(run: PipelineRun) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"stage": stage.name}
         if done["role"] == POLICY:
             row |= measured(stage.name, evaluation.policy(str(run.out_dir / stage.name / done["model"])))
+            row |= {key: done[key] for key in COST_KEYS + ("health_breaches",) if key in done}
         elif done["role"] == BASELINE:
             picks = [json.loads(line) for line in (run.out_dir / stage.name / done["samples"]).open()]
-            row |= measured(stage.name, evaluation.picks(picks)) | {"kl": done["kl"], "n": done["n"]}
+            row |= measured(stage.name, evaluation.picks(picks)) | {"kl": done["kl"], "n": done["n"],
+                                                                      "generated": done["generated"]}
         else:
             row |= {key: value for key, value in done.items() if key not in BOOKKEEPING_KEYS}
+            if done["role"] == REWARD_MODEL and evaluation.gold is not None and evaluation.baseline is not None:
+                row |= evaluation.reward_model_row(str(run.out_dir / stage.name / done["model"]))
         rows.append({**row, "seconds": done["seconds"]})
     _write_jsonl(run.out_dir / EVAL_SAMPLES_FILE, samples)
+    return Summary(rows, paired_rows(policies, exclude=("init",)))
+
+
+def paired_rows(policies: dict[str, PolicyEvaluation], exclude: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """``paired.json``'s rows: for every two policies (``a`` the later stage) and each of :data:`PAIRED_METRICS`,
+    the mean over prompts of a − b with its 95 % interval (:func:`lit_rlhf.evaluation.paired_differences`)."""
+    names = [name for name in policies if name not in exclude]
+    rows = []
+    for later, a in enumerate(names):
+        for b in names[:later]:
+            for column in PAIRED_METRICS:
+                interval = paired_differences(policies[a], policies[b], SUMMARY_METRICS[column])
+                if interval is not None:
+                    rows.append({"a": a, "b": b, "metric": column, **interval.as_dict()})
     return rows
 
 
+def format_paired(rows: list[dict[str, Any]], metric: str = "gold_reward") -> str:
+    """The paired differences of one metric as text, each said as resolved (its interval excludes 0) or not."""
+    lines = [f"paired {metric} differences (a - b, mean, 95% interval over n units):"]
+    for row in (row for row in rows if row["metric"] == metric and row["ci95"] is not None):
+        low, high = row["ci95"]
+        verdict = (f"{row['a']} above {row['b']}" if low > 0 else f"{row['b']} above {row['a']}" if high < 0
+                   else "no resolved difference")
+        lines.append(f"  {row['a']:>10} - {row['b']:<10} {row['mean']:+.3f}  [{low:+.3f}, {high:+.3f}]  "
+                     f"n={row['n']}  {verdict}")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """The summary as fixed-width text: the policies' rows, then the other stages' (data, reward models)."""
-    policies = [row for row in rows if "length_mean" in row]
-    others = [row for row in rows if "length_mean" not in row]
-    return "\n\n".join(_fixed_width(group) for group in (policies, others) if group)
+    """The summary as fixed-width text: the policies' rows, then the other stages' (data, reward models); a value
+    with a standard error (``<column>_se``) is written ``value±se``."""
+    policies = [row for row in rows if "length_mean" in row or "gold_reward" in row]
+    others = [row for row in rows if row not in policies]
+    return "\n\n".join(_fixed_width([with_errors(row) for row in group]) for group in (policies, others) if group)
+
+
+def with_errors(row: dict[str, Any]) -> dict[str, Any]:
+    """A row whose ``<column>_se`` values are folded into their columns' cells."""
+    merged = {}
+    for key, value in row.items():
+        if key.endswith("_se") and key.removesuffix("_se") in row:
+            continue
+        error = row.get(f"{key}_se")
+        merged[key] = f"{format_cell(value)}±{error:.3f}" if value is not None and error is not None else value
+    return merged
 
 
 def _fixed_width(rows: list[dict[str, Any]]) -> str:

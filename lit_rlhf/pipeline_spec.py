@@ -1,11 +1,11 @@
 """A pipeline file (``configs/pipeline.yaml``) as typed specs: every key a field, its default in one place.
 
 Each stage kind is a frozen dataclass — :class:`FitStage`, :class:`CollectStage`, :class:`RejectionSampleStage`,
-:class:`SelfPlayStage`, :class:`BestOfNStage` — and so are the shorthands that expand into rounds of them
-(:class:`RejectionSamplingRounds`, :class:`SpinRounds`, :class:`IterativeRounds`), the file's ``evaluation``
-(:class:`EvaluationSpec`) and the file itself (:class:`PipelineSpec`). :func:`load_pipeline` builds them from the
-YAML, refusing an unknown key, a missing one or a value of the wrong type in one line that names the file, the stage
-and the key. docs/pipeline.md lists every field with its default (a test keeps the two in step).
+:class:`SelfPlayStage`, :class:`BestOfNStage`, :class:`OptimumStage` — and so are the shorthands that expand into
+rounds of them (:class:`RejectionSamplingRounds`, :class:`SpinRounds`, :class:`IterativeRounds`), the file's
+``evaluation`` (:class:`EvaluationSpec`) and the file itself (:class:`PipelineSpec`). :func:`load_pipeline` builds
+them from the YAML, refusing an unknown key, a missing one or a value of the wrong type in one line that names the
+file, the stage and the key. docs/pipeline.md lists every field with its default (a test keeps the two in step).
 """
 
 from __future__ import annotations
@@ -126,6 +126,32 @@ class BestOfNStage(StageSpec):
     """``None``: the evaluation's."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class OptimumStage(StageSpec):
+    """The KL-regularised optimum π*(y|x) ∝ π(y|x)·exp(r(x,y)/β) of ``policy`` and ``reward_model`` on the held-out
+    prompts, estimated by self-normalised importance weights over ``n`` samples of ``policy`` per prompt; measured
+    only, as a yardstick for the trained policies."""
+
+    kind: ClassVar[str] = "optimum"
+    AT_LEAST: ClassVar[dict[str, float]] = {"n": 2, "beta": 0.001, "min_effective_sample_size": 1,
+                                            "num_prompts": 2, "max_prompt_length": 1}
+    policy: str
+    reward_model: str
+    beta: float = 0.5
+    """Per nat of KL, as PPO's ``kl_control.beta``."""
+    n: int = 64
+    """Samples of ``policy`` per prompt."""
+    num_prompts: int | None = None
+    """The first this many distinct held-out prompts; ``None``: all of the evaluation's."""
+    normalize_scores: bool = True
+    """Score in the reward model's stored standard deviations, as PPO does by default."""
+    score_clip: float | None = 5.0
+    min_effective_sample_size: float = 4.0
+    """Below this mean effective sample size per prompt the estimate is refused."""
+    max_prompt_length: int | None = None
+    """``None``: the evaluation's."""
+
+
 # --- shorthands: rounds of stages ----------------------------------------------------------------------------------
 
 
@@ -223,7 +249,8 @@ class IterativeRounds(Rounds):
 
 
 STAGES: dict[str, type[StageSpec]] = {
-    spec.kind: spec for spec in (FitStage, CollectStage, RejectionSampleStage, SelfPlayStage, BestOfNStage)
+    spec.kind: spec for spec in (FitStage, CollectStage, RejectionSampleStage, SelfPlayStage, BestOfNStage,
+                                 OptimumStage)
 }
 SHORTHANDS: dict[str, type[Rounds]] = {
     spec.kind: spec for spec in (RejectionSamplingRounds, SpinRounds, IterativeRounds)
@@ -243,8 +270,8 @@ class EvaluationSpec:
     AT_LEAST: ClassVar[dict[str, float]] = {"num_prompts": 1, "samples_per_prompt": 1, "max_new_tokens": 1,
                                             "temperature": 0, "max_prompt_length": 1}
     prompts: str | None = None
-    """``None``: the file's ``prompts``, else the world's held-out prompts."""
-    num_prompts: int = 64
+    """``None``: the file's ``prompts``, else the world's test prompts."""
+    num_prompts: int = 512
     samples_per_prompt: int = 4
     max_new_tokens: int = 24
     temperature: float = 1.0

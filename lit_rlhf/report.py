@@ -23,8 +23,17 @@ import yaml
 from matplotlib.figure import Figure
 
 from lit_rlhf.errors import ConfigError, DataError
-from lit_rlhf.pipeline import EVAL_SAMPLES_FILE, SUMMARY_FILE, format_cell
+from lit_rlhf.phases.ppo_health import HealthLimits
+from lit_rlhf.pipeline import (
+    EVAL_SAMPLES_FILE,
+    PAIRED_FILE,
+    SUMMARY_FILE,
+    format_cell,
+    format_paired,
+    with_errors,
+)
 from lit_rlhf.sweep import SWEEP_FILE
+from lit_rlhf.uncertainty import GaoFit
 
 EVAL_MARKERS = ("eval/gold/reward", "eval/response/length_mean")
 """A ``metrics.csv`` row with either value is a held-out evaluation; the other rows are training steps."""
@@ -36,9 +45,17 @@ DESCRIPTIONS = {
                         "√KL to the reference. Proxy reward rising while gold reward falls as KL grows is reward "
                         "hacking (Gao et al. 2022); a larger β stops the curve earlier.",
     "frontier": "Final gold (left) and proxy (right) reward against √KL for every trial, stage and best-of-n "
-                "baseline. Up and to the left is better: more reward for less drift from the reference.",
+                "baseline, and the KL-regularised optimum π* of the reward model where the pipeline estimated it. Up "
+                "and to the left is better: more reward for less drift from the reference. A policy's gold below "
+                "π*'s is optimisation error; π*'s gold below the best is the reward model's error.",
     "hacking": "Exploits of the proxy reward during training: answer length relative to the reference, "
                "sycophantic and format-gaming answers, repetition. A rising curve is the policy learning the exploit.",
+    "ppo_health": "Every PPO run's iterations: the approximate KL of each iteration's updates and the share of clipped "
+                  "tokens with the limits a healthy run stays under (dashed), the rollouts' KL to the reference, "
+                  "the critic's explained variance and value loss. Breaches are named in the summary (health.json).",
+    "scaling_law": "Each sweep's gold reward gained over the reference policy against d = √KL, its trials (circles) "
+                   "and best-of-n (triangles), with Gao et al. (2022)'s forms fitted: RL d(α − β ln d), best-of-n "
+                   "d(α − β d); the legend has the coefficients and R².",
     "reward_model": "Held-out pairwise accuracy of each reward model against the proxy and gold labels, and the "
                     "correlation of its score with answer length (near 0 is good); right: validation accuracy.",
 }
@@ -73,9 +90,12 @@ class RunFolder:
     trials: list[dict[str, Any]] = field(default_factory=list)
     baselines: list[dict[str, Any]] = field(default_factory=list)
     reference: dict[str, Any] | None = None
+    gao: list[dict[str, Any]] = field(default_factory=list)  # a sweep's fitted Gao et al. forms
     curves: list[Curve] = field(default_factory=list)  # policy optimisation runs with held-out evaluations
+    ppo_iterations: list[Curve] = field(default_factory=list)  # PPO runs' per-iteration rows
     rm_curves: list[Curve] = field(default_factory=list)  # reward-model runs with validation rows
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # stage or trial → sampled answers
+    paired: list[dict[str, Any]] = field(default_factory=list)  # a pipeline's paired.json
 
 
 @dataclass
@@ -118,6 +138,8 @@ def _read_json(path: Path, expected: type) -> Any:
 
 def _load_pipeline(path: Path) -> RunFolder:
     folder = RunFolder("pipeline", path.resolve().name, summary=_read_json(path / SUMMARY_FILE, list))
+    if (path / PAIRED_FILE).is_file():
+        folder.paired = _read_json(path / PAIRED_FILE, list)
     for row in folder.summary:
         stage = str(row.get("stage"))
         done = json.loads((path / stage / "done.json").read_text()) if (path / stage / "done.json").is_file() else {}
@@ -133,6 +155,8 @@ def _load_pipeline(path: Path) -> RunFolder:
             folder.rm_curves.append(Curve(stage, _metric_rows(log, ("val/accuracy",))))
         elif phase in ("ppo", "dpo"):
             folder.curves.append(Curve(label, _metric_rows(log, EVAL_MARKERS)))
+            if phase == "ppo":
+                folder.ppo_iterations.append(Curve(label, _metric_rows(log, ("policy/approxkl",))))
     for sample in _jsonl(path / EVAL_SAMPLES_FILE):
         stage_samples = folder.samples.setdefault(str(sample.get("stage")), [])
         if len(stage_samples) < SAMPLES_PER_RUN:
@@ -144,11 +168,13 @@ def _load_sweep(path: Path) -> RunFolder:
     spec = _read_json(path / SWEEP_FILE, dict)
     folder = RunFolder("sweep", str(spec.get("name") or path.resolve().name), phase=str(spec.get("phase", "")),
                        trials=spec.get("trials") or [], baselines=spec.get("baselines") or [],
-                       reference=spec.get("reference"))
+                       reference=spec.get("reference"), gao=spec.get("gao") or [])
     for trial in folder.trials:
         log_dir = path / trial["log_dir"] if trial.get("log_dir") else None
         label = _params_label(trial.get("params") or {}) or str(trial.get("trial"))
         folder.curves.append(Curve(label, _metric_rows(log_dir / "metrics.csv", EVAL_MARKERS) if log_dir else []))
+        if log_dir and folder.phase == "ppo":
+            folder.ppo_iterations.append(Curve(label, _metric_rows(log_dir / "metrics.csv", ("policy/approxkl",))))
         if log_dir and (samples := _jsonl(log_dir / "samples.jsonl")[-SAMPLES_PER_RUN:]):
             folder.samples[str(trial.get("trial"))] = samples
     return folder
@@ -280,7 +306,57 @@ def plot_overoptimisation(folders: list[RunFolder], out_dir: Path) -> Path:
     return _save(figure, out_dir / "overoptimisation.png")
 
 
-PIPELINE_GROUPS = {"ppo": ("PPO", "o"), "dpo": ("DPO family", "s"), "best_of_n": ("best-of-n", "^")}
+PPO_HEALTH_PANELS = {"policy/approxkl": HealthLimits.approxkl, "policy/clipfrac": HealthLimits.clipfrac,
+                     "objective/kl": None, "value/explained_variance": None, "loss/value": None}
+"""The PPO-health figure's panels and the limit drawn on each (:class:`lit_rlhf.phases.ppo_health.HealthLimits`)."""
+
+
+def plot_ppo_health(folders: list[RunFolder], out_dir: Path) -> Path:
+    runs = [(folder, curve) for folder in folders for curve in folder.ppo_iterations if curve.rows]
+    if not runs:
+        raise _NothingToPlot("no PPO run logged per-iteration metrics")
+    figure = Figure(figsize=(14, 3.4), layout="constrained")
+    for ax, (metric, limit) in zip(figure.subplots(1, len(PPO_HEALTH_PANELS)), PPO_HEALTH_PANELS.items()):
+        for colour, (folder, curve) in enumerate(runs):
+            points = [value for row in curve.rows if (value := row.get(metric)) is not None]
+            ax.plot(range(len(points)), points, color=f"C{colour % 10}", linewidth=1,
+                    label=_labelled(folder, curve.label, folders))
+        if limit is not None:
+            ax.axhline(limit, color="red", linestyle="--", linewidth=1)
+        ax.set(xlabel="iteration", title=metric)
+    figure.axes[0].legend(fontsize=6)
+    return _save(figure, out_dir / "ppo_health.png")
+
+
+def plot_scaling_law(folders: list[RunFolder], out_dir: Path) -> Path:
+    figure = Figure(figsize=(6.5, 4.5), layout="constrained")
+    ax = figure.subplots()
+    for colour, folder in enumerate(folder for folder in folders if folder.gao and folder.reference):
+        reference = folder.reference["gold_reward"]
+        done = [trial["metrics"] for trial in folder.trials if trial.get("status") == "done" and trial.get("metrics")]
+        for form, rows, marker in (("rl", done, "o"), ("bon", folder.baselines, "^")):
+            points = [(_root_kl(row["kl"]), row["gold_reward"] - reference) for row in rows
+                      if row.get("kl") is not None and row.get("gold_reward") is not None]
+            fit = next((fit for fit in folder.gao if fit["form"] == form), None)
+            if not points or fit is None:
+                continue
+            ax.plot(*zip(*points), marker=marker, linestyle="none", color=f"C{colour % 10}", alpha=0.7)
+            grid = [max(d for d, _ in points) * step / 50 for step in range(51)]
+            predicted = GaoFit(**fit).predict(grid)
+            ax.plot(grid, predicted, linestyle="-" if form == "rl" else "--", color=f"C{colour % 10}",
+                    label=f"{_labelled(folder, form, folders)}: α={fit['alpha']:.2f}, β={fit['beta']:.2f}, "
+                          f"R²={fit['r2']:.2f}")
+    if not ax.lines:
+        raise _NothingToPlot("no sweep folder has fitted Gao et al. forms (run a sweep with lit-rlhf sweep)")
+    ax.axhline(0, color="gray", linewidth=0.5)
+    ax.set(xlabel="d = √KL to the reference (√nats)", ylabel="gold reward gain over the reference",
+           title="gold gain against √KL, with Gao et al.'s fits")
+    ax.legend(fontsize=7)
+    return _save(figure, out_dir / "scaling_law.png")
+
+
+PIPELINE_GROUPS = {"ppo": ("PPO", "o"), "dpo": ("DPO family", "s"), "best_of_n": ("best-of-n", "^"),
+                   "optimum": ("π* (KL-regularised optimum)", "*")}
 """A pipeline stage's phase → its frontier legend entry and marker; other policies are diamonds."""
 
 
@@ -326,9 +402,10 @@ def _reference_name(reference: dict[str, Any]) -> str:
 
 
 def _policy_rows(folder: RunFolder) -> list[dict[str, Any]]:
-    """A pipeline's rows of trained policies and baselines (not the untrained ``init``, whose KL of many nats to
-    the reference would squeeze the frontier into a corner)."""
-    return [row for row in folder.summary if folder.roles.get(str(row.get("stage"))) in ("policy", "baseline")]
+    """A pipeline's rows of trained policies, baselines and the optimum π* (not the untrained ``init``, whose KL of
+    many nats to the reference would squeeze the frontier into a corner)."""
+    return [row for row in folder.summary
+            if folder.roles.get(str(row.get("stage"))) in ("policy", "baseline", "yardstick")]
 
 
 def plot_frontier(folders: list[RunFolder], out_dir: Path) -> Path:
@@ -404,8 +481,8 @@ def plot_reward_model(folders: list[RunFolder], out_dir: Path) -> Path:
     return _save(figure, out_dir / "reward_model.png")
 
 
-PLOTS = {"overoptimisation": plot_overoptimisation, "frontier": plot_frontier, "hacking": plot_hacking,
-         "reward_model": plot_reward_model}
+PLOTS = {"overoptimisation": plot_overoptimisation, "frontier": plot_frontier, "scaling_law": plot_scaling_law,
+         "ppo_health": plot_ppo_health, "hacking": plot_hacking, "reward_model": plot_reward_model}
 
 
 # --- tables and the page -------------------------------------------------------------------------------------------
@@ -467,7 +544,10 @@ def render_html(report: Report) -> str:
             parts.append("<h3>final hacking metrics</h3>" + _html_table(hacking))
     parts.append("<h2>summary</h2>")
     for folder in report.folders:
-        parts.append(f"<h3>{html.escape(folder.name)} ({folder.kind})</h3>" + _html_table(summary_rows(folder)))
+        rows = [with_errors(row) for row in summary_rows(folder)]
+        parts.append(f"<h3>{html.escape(folder.name)} ({folder.kind})</h3>" + _html_table(rows))
+        if folder.paired:
+            parts.append(f"<pre>{html.escape(format_paired(folder.paired))}</pre>")
     if any(folder.samples for folder in report.folders):
         parts.append("<h2>sampled answers</h2>")
     for folder in report.folders:

@@ -51,6 +51,7 @@ from lit_rlhf.pipeline import (
 )
 from lit_rlhf.pipeline_spec import read_yaml_file
 from lit_rlhf.selection import best_of_n_kl
+from lit_rlhf.uncertainty import fit_gao, interval_over_seeds
 
 METHODS = ("grid", "random", "bayes")
 DISTRIBUTIONS = ("uniform", "log_uniform_values", "int_uniform")
@@ -244,8 +245,15 @@ def run_offline(spec: dict[str, Any], path: Path, run: PipelineRun, out_dir: Pat
         if evaluation.reference_path else None,
         "baselines": _best_of_n_curve(evaluation, out_dir),
     }
+    result["groups"] = seed_groups(trials)
+    result["gao"] = gao_fits(result)
     write_atomically(out_dir / SWEEP_FILE, json.dumps(result, indent=2) + "\n")
     print(format_trials(result))
+    if any(group["seeds"] > 1 for group in result["groups"]):
+        print(format_table([_group_cells(group) for group in result["groups"]]))
+    for fit in result["gao"]:
+        print(f"[sweep] Gao et al. (2022) {fit['form']} fit of gold gain over the reference against sqrt(KL): "
+              f"alpha {fit['alpha']:.3f}, beta {fit['beta']:.3f}, R^2 {fit['r2']:.3f} over {fit['n']} points")
     print(f"[sweep] {out_dir / SWEEP_FILE}; draw it with: lit-rlhf report {out_dir}")
     failed = [trial["trial"] for trial in trials if trial["status"] != "done"]
     if failed:
@@ -321,6 +329,58 @@ def _best_of_n_curve(evaluation: HeldOutEvaluation, out_dir: Path) -> list[dict[
         curve.append({"stage": "best_of_n", "n": n, **evaluation.row(evaluation.picks(picks)), "kl": best_of_n_kl(n)})
     write_atomically(cached, json.dumps({"key": key, "curve": curve}, indent=2) + "\n")
     return curve
+
+
+SEED_PARAMETER = "seed_everything"
+"""A sweep parameter that repeats the other parameters' trials under other seeds (``seed_everything: {values:
+[0, 1, 2]}``): :func:`seed_groups` puts them together."""
+GROUP_METRICS = ("gold_reward", "proxy_reward", "kl")
+
+
+def seed_groups(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The finished trials grouped by their parameters other than the seed, each measurement of
+    :data:`GROUP_METRICS` as ``{"mean", "ci95", "n"}`` over the group's seeds
+    (:func:`lit_rlhf.uncertainty.interval_over_seeds`), in the order the groups first appear."""
+    groups: dict[str, dict[str, Any]] = {}
+    for trial in trials:
+        if trial.get("status") != "done" or not trial.get("metrics"):
+            continue
+        params = {name: value for name, value in trial["params"].items() if name != SEED_PARAMETER}
+        group = groups.setdefault(json.dumps(params, sort_keys=True), {"params": params, "values": {}})
+        for metric in GROUP_METRICS:
+            if (value := trial["metrics"].get(metric)) is not None:
+                group["values"].setdefault(metric, []).append(value)
+    return [{"params": group["params"], "seeds": max(map(len, group["values"].values()), default=0),
+             **{metric: interval_over_seeds(values).as_dict() for metric, values in group["values"].items()}}
+            for group in groups.values()]
+
+
+def gao_fits(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Gao, Schulman & Hilton (2022)'s forms fitted to the gold reward gained over the reference policy against
+    d = √KL (:func:`lit_rlhf.uncertainty.fit_gao`): ``rl`` d(α − β ln d) to every finished trial, ``bon``
+    d(α − β d) to the best-of-n baselines; each ``{"form", "alpha", "beta", "r2", "n"}``, where the points allow one."""
+    reference = (result.get("reference") or {}).get("gold_reward")
+    if reference is None:
+        return []
+    trials = [trial["metrics"] for trial in result["trials"] if trial.get("status") == "done" and trial.get("metrics")]
+    fits = []
+    for form, rows in (("rl", trials), ("bon", result.get("baselines") or [])):
+        points = [(math.sqrt(max(row["kl"], 0.0)), row["gold_reward"] - reference) for row in rows
+                  if row.get("kl") is not None and row.get("gold_reward") is not None]
+        if len({d for d, _ in points if d > 0}) >= 2:
+            fits.append(asdict(fit_gao([d for d, _ in points], [gain for _, gain in points], form)))
+    return fits
+
+
+def _group_cells(group: dict[str, Any]) -> dict[str, Any]:
+    """A seed group as a table row: its parameters, seeds, and each measurement as ``mean [lo, hi]``."""
+    cells: dict[str, Any] = {**group["params"], "seeds": group["seeds"]}
+    for metric in GROUP_METRICS:
+        if metric in group:
+            interval = group[metric]
+            low, high = interval["ci95"] or (interval["mean"], interval["mean"])
+            cells[metric] = f"{interval['mean']:.3f} [{low:.3f}, {high:.3f}]"
+    return cells
 
 
 def _phase(spec: dict[str, Any]) -> str | None:

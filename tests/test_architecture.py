@@ -13,7 +13,8 @@ import lit_rlhf
 
 PACKAGE = Path(lit_rlhf.__file__).parent
 LAYERS = [
-    ("lit_rlhf", "lit_rlhf.errors", "lit_rlhf.losses", "lit_rlhf.advantages", "lit_rlhf.kl_control"),
+    ("lit_rlhf", "lit_rlhf.errors", "lit_rlhf.losses", "lit_rlhf.advantages", "lit_rlhf.kl_control",
+     "lit_rlhf.uncertainty"),
     ("lit_rlhf.models", "lit_rlhf.data", "lit_rlhf.world", "lit_rlhf.diagnostics"),
     ("lit_rlhf.generation", "lit_rlhf.evaluation", "lit_rlhf.scoring", "lit_rlhf.judges", "lit_rlhf.collect",
      "lit_rlhf.selection"),
@@ -54,7 +55,8 @@ def test_imports_only_go_down(module):
     assert not upward, f"{module} (layer {layer(module)}) imports from above: {upward}"
 
 
-@pytest.mark.parametrize("module", ["lit_rlhf.losses", "lit_rlhf.advantages", "lit_rlhf.kl_control"])
+@pytest.mark.parametrize("module", ["lit_rlhf.losses", "lit_rlhf.advantages", "lit_rlhf.kl_control",
+                                    "lit_rlhf.uncertainty"])
 def test_the_math_imports_only_torch(module):
     assert imported(module) <= {"lit_rlhf.losses"}
 

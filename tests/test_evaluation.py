@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from lit_rlhf.evaluation import evaluate_policy, measure_answers
+from lit_rlhf.evaluation import evaluate_policy, measure_answers, measure_reward_model, paired_differences
 from lit_rlhf.generation import SamplingConfig
 from lit_rlhf.scoring import gold_scorer
 
@@ -47,3 +47,40 @@ def test_no_prompts_to_answer_give_no_answers_and_no_metrics():
     """Text rows hold out no prompt: the phases' evaluation then has nothing to sample (no model is called)."""
     evaluation = evaluate_policy(None, None, [], SamplingConfig(), max_prompt_length=32, seed=0)
     assert (evaluation.responses, evaluation.metrics) == ([], {})
+
+
+def test_standard_errors_are_clustered_by_prompt_and_paired_differences_pair_prompts():
+    prompts = ["A", "A", "B", "B", "C", "C"]
+    answers = ["x"] * 6
+    a = measure_answers(prompts, answers, [1.0] * 6, gold=[1, 0, 0.5, 0.5, 0, 0])
+    b = measure_answers(prompts, answers, [1.0] * 6, gold=[0, 0, 0.5, 0.5, 0, 0])
+    # prompt means 0.5, 0.5, 0: mean 1/3, sd √(1/12), standard error √(1/12)/√3 = 1/6 (not the 6 answers' s/√6)
+    assert a.metrics["gold/reward"] == pytest.approx(1 / 3)
+    assert a.metrics["gold/reward_se"] == pytest.approx(1 / 6)
+    # per-prompt differences 0.5, 0, 0: mean 1/6, sd √(1/12), half-width t(0.975, 2)·√(1/12)/√3 = 4.303/6
+    difference = paired_differences(a, b, "gold/reward")
+    assert (difference.mean, difference.n) == (pytest.approx(1 / 6), 3)
+    assert difference.ci95 == pytest.approx((1 / 6 - 4.303 / 6, 1 / 6 + 4.303 / 6), abs=1e-4)
+    assert paired_differences(a, b, "proxy/reward") is None  # not measured
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_differences(a, measure_answers(prompts[::-1], answers, [1.0] * 6, gold=[0] * 6), "gold/reward")
+
+
+def test_a_reward_models_accuracy_against_the_raters_expected_label_gold_and_the_raters_ceiling():
+    def rater(prompt, first, second):  # P(first preferred): 0.8 for the alphabetically first answer
+        return 0.8 if first < second else 0.2
+
+    prompts = ["A", "A", "A", "B", "B", "C", "C"]
+    responses = ["a", "b", "a", "c", "d", "e", "f"]  # A's first and third answers are one text: no pair
+    scores = [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    gold = [1.0, 0.0, 1.0, 0.5, 0.5, 1.0, 0.0]
+    measured = measure_reward_model(prompts, responses, scores, gold, rater)
+    # pairs (a,b): agrees with the rater's 0.8 → 0.8; (b,a): prefers the second, p = 0.2 → 0.8; (c,d): a tie of
+    # scores counts half → 0.5; (e,f): prefers the second, p = 0.8 → 0.2. Mean 0.575; CR1 standard error over
+    # prompts: cluster sums of residuals 0.45, −0.075, −0.375 → √(1.5·0.34875/16).
+    assert measured.pairs == 4
+    assert measured.accuracy.mean == pytest.approx(0.575)
+    assert measured.accuracy.se == pytest.approx(math.sqrt(1.5 * 0.34875 / 16))
+    # gold decides (a,b), (b,a) and (e,f): right, right, wrong → 2/3, standard error 4/9 over prompts A and C
+    assert (measured.gold_accuracy.mean, measured.gold_accuracy.se) == (pytest.approx(2 / 3), pytest.approx(4 / 9))
+    assert measured.rater_agreement.mean == pytest.approx(0.8**2 + 0.2**2)  # two raters agree on 68 % of pairs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -25,13 +26,31 @@ def main_job(tmp_path_factory):
 def test_the_main_job_beats_sft_with_ppo_dpo_and_best_of_n_within_five_minutes(main_job):
     rows, seconds, _ = main_job
     assert seconds < 300
-    assert list(rows) == ["init", "sft", "collect", "rm", "ppo", "dpo", "best_of_n"]
+    assert list(rows) == ["init", "sft", "collect", "rm", "ppo", "dpo", "best_of_n", "optimum"]
     sft = rows["sft"]["gold_reward"]
     assert sft > rows["init"]["gold_reward"] + 1.0
     for stage in ("ppo", "dpo", "best_of_n"):
         assert set(SUMMARY_KEYS) <= set(rows[stage])
         assert rows[stage]["gold_reward"] > sft + 0.05, stage
         assert 0 < rows[stage]["kl"] < 5, stage
+        assert rows[stage]["gold_reward_se"] <= 0.015, stage  # 512 test prompts × 4 answers
+
+
+@pytest.mark.slow
+def test_the_main_jobs_ppo_stays_within_the_health_limits_at_every_iteration(main_job):
+    rows, _, out = main_job
+    assert rows["ppo"]["health_breaches"] == 0
+    assert json.loads((out / "ppo" / "health.json").read_text()) == []
+
+
+@pytest.mark.slow
+def test_the_main_jobs_optimum_is_estimated_and_paired_differences_written(main_job):
+    rows, _, out = main_job
+    optimum = rows["optimum"]
+    assert "refused" not in optimum and optimum["ess"] >= 8
+    assert 0 < optimum["kl"] < 5 and optimum["gold_reward"] > rows["sft"]["gold_reward"]
+    paired = json.loads((out / "paired.json").read_text())
+    assert {(row["a"], row["b"], row["metric"]) for row in paired} >= {("ppo", "sft", "gold_reward")}
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from lit_rlhf.generation import Response
 from lit_rlhf.pipeline_spec import EvaluationSpec, FitStage, IterativeRounds, PipelineSpec, StageSpec
 from lit_rlhf.scoring import GoldScorer
 from lit_rlhf.selection import best_of_n_kl, pick_best, self_play_pairs
+from lit_rlhf.uncertainty import interval_over_seeds
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 PIPELINES = sorted(CONFIGS.glob("pipeline*.yaml"))
@@ -70,12 +71,24 @@ def test_the_pipeline_resumes_after_a_crash_without_redoing_completed_stages(tmp
 
     rows = pipeline.run_pipeline(spec, fit_phase, out)
     assert runs == ["sft", "rm", "ppo", "ppo", "dpo"]  # sft and rm were not trained again
-    assert [row["stage"] for row in rows] == ["init", "sft", "collect", "rm", "ppo", "dpo", "best_of_n"]
+    assert [row["stage"] for row in rows] == ["init", "sft", "collect", "rm", "ppo", "dpo", "best_of_n", "optimum"]
     assert json.loads((out / "summary.json").read_text()) == rows
     by_stage = {row["stage"]: row for row in rows}
     for stage in ("init", "sft", "ppo", "dpo", "best_of_n"):
-        assert set(pipeline.SUMMARY_KEYS) <= set(by_stage[stage]), stage
-        assert -1.0 <= by_stage[stage]["gold_reward"] <= 1.0
+        assert set(pipeline.SUMMARY_KEYS) - {"kl_se"} <= set(by_stage[stage]), stage
+        assert -1.0 <= by_stage[stage]["gold_reward"] <= 1.0 and by_stage[stage]["gold_reward_se"] > 0
+    assert by_stage["ppo"]["kl_se"] > 0 and by_stage["best_of_n"]["kl_se"] is None  # its KL is the analytic bound
+    assert by_stage["ppo"]["health_breaches"] >= 0
+    assert json.loads((out / "ppo" / "health.json").read_text()) == [] or by_stage["ppo"]["health_breaches"]
+    paired = json.loads((out / "paired.json").read_text())
+    policies = ["sft", "ppo", "dpo", "best_of_n"]
+    assert [(row["a"], row["b"]) for row in paired if row["metric"] == "gold_reward"] == [
+        (a, b) for later, a in enumerate(policies) for b in policies[:later]]
+    ppo_minus_sft = next(row for row in paired if (row["a"], row["b"], row["metric"]) == ("ppo", "sft", "gold_reward"))
+    assert ppo_minus_sft["mean"] == pytest.approx(by_stage["ppo"]["gold_reward"] - by_stage["sft"]["gold_reward"])
+    assert ppo_minus_sft["ci95"][0] < ppo_minus_sft["mean"] < ppo_minus_sft["ci95"][1] and ppo_minus_sft["n"] == 4
+    optimum = by_stage["optimum"]
+    assert optimum["ess"] > 0 and ("refused" in optimum or -1 <= optimum["gold_reward"] <= 1)
     assert by_stage["sft"]["kl"] == 0.0 and by_stage["ppo"]["kl"] != 0.0
     # the hacking columns, measured against the reference (SFT): the reference itself has ratio 1 and no gap
     assert by_stage["sft"]["length_ratio"] == 1.0 and by_stage["sft"]["proxy_gap"] == 0.0
@@ -85,7 +98,7 @@ def test_the_pipeline_resumes_after_a_crash_without_redoing_completed_stages(tmp
     assert by_stage["best_of_n"]["kl"] == pytest.approx(math.log(8) - 7 / 8)
     assert 0.0 <= by_stage["rm"]["accuracy"] <= 1.0 and "gold_accuracy" in by_stage["rm"]
     assert by_stage["collect"]["pairs"] > 0
-    assert set(by_stage["collect"]) == {"stage", "pairs", "ties_dropped", "gold_agreement", "seconds"}  # no bookkeeping
+    assert set(by_stage["collect"]) == {"stage", "generated", "pairs", "ties_dropped", "gold_agreement", "seconds"}
     assert all(row["seconds"] >= 0 for row in rows)
 
     runs.clear()
@@ -118,6 +131,43 @@ def test_the_seed_reaches_every_stage_and_a_new_seed_redoes_them(tmp_path):
     assert (out / "collect" / "comparisons.jsonl").read_text() != first_pairs
     pipeline.run_pipeline(path, recording_fit, out, seed=1)
     assert len(fits) == 2  # the same seed again: everything is complete
+
+
+def test_seeds_run_the_pipeline_once_each_and_aggregate_over_them(tmp_path):
+    spec = yaml.safe_load(tiny(CONFIGS / "pipeline.yaml", tmp_path).read_text())
+    spec["stages"] = spec["stages"][:2]  # sft, collect
+    spec["evaluation"] |= {"reference": None, "reward_model": None}
+    path, out = tmp_path / "short.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(spec))
+    rows = pipeline.run_seeds(path, fit_phase, [0, 1], out)
+    per_seed = {seed: {row["stage"]: row for row in json.loads((out / f"seed_{seed}" / "summary.json").read_text())}
+                for seed in (0, 1)}
+    assert json.loads((out / "aggregate.json").read_text()) == rows
+    by_stage = {row["stage"]: row for row in rows}
+    assert list(by_stage) == ["init", "sft", "collect"]
+    sft_gold = [per_seed[seed]["sft"]["gold_reward"] for seed in (0, 1)]
+    assert sft_gold[0] != sft_gold[1]  # each seed trained its own SFT
+    assert by_stage["sft"]["gold_reward"] == interval_over_seeds(sft_gold).as_dict()
+    assert by_stage["sft"]["gold_reward"]["n"] == 2 and "gold_reward_se" not in by_stage["sft"]
+    assert by_stage["collect"]["pairs"]["mean"] == sum(per_seed[seed]["collect"]["pairs"] for seed in (0, 1)) / 2
+    assert json.loads((out / "paired.json").read_text()) == []  # one trained policy: nothing to pair
+
+
+def test_paired_differences_over_seeds_take_the_seeds_as_units():
+    per_seed = [[{"a": "ppo", "b": "sft", "metric": "gold_reward", "mean": mean, "ci95": [0, 1], "n": 512}]
+                for mean in (0.1, 0.2, 0.3)]
+    (row,) = pipeline.aggregate_paired_over_seeds(per_seed)
+    # mean 0.2, sd 0.1 over 3 seeds: half-width t(0.975, 2)·0.1/√3 = 4.303·0.057735 = 0.24844
+    assert (row["a"], row["b"], row["metric"], row["n"]) == ("ppo", "sft", "gold_reward", 3)
+    assert row["mean"] == pytest.approx(0.2) and row["ci95"] == pytest.approx([0.2 - 0.24844, 0.2 + 0.24844], abs=1e-4)
+    assert "no resolved difference" in pipeline.format_paired([row])
+
+
+def test_seeds_on_the_command_line_are_distinct_integers(capsys):
+    for seeds, reason in (("0,0", "a seed is repeated in '0,0'"), ("0,x", "expected integers separated by commas")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli("pipeline", "--seeds", seeds)
+        assert exit_info.value.code == 2 and reason in capsys.readouterr().err
 
 
 @pytest.fixture

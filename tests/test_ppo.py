@@ -21,6 +21,7 @@ from lit_rlhf.generation import SamplingConfig
 from lit_rlhf.kl_control import KLControlConfig
 from lit_rlhf.models import export, load_tokenizer
 from lit_rlhf.phases.ppo import PPOModule
+from lit_rlhf.phases.ppo_health import HealthLimits, PPOHealth
 from lit_rlhf.phases.shared import OptimizerConfig
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "ppo.yaml")
@@ -477,3 +478,48 @@ def test_micro_batches_add_up_to_the_gradient_of_their_whole_minibatch():
     assert whole.item() == pytest.approx(0.5) and accumulated == pytest.approx(0.5)
     torch.testing.assert_close(logprobs.grad, whole_grad)
     assert logprobs.grad[0, 0].item() == pytest.approx(-0.25) and logprobs.grad[1].tolist() == [0.25] * 3
+
+
+def test_target_kl_drops_the_rest_of_an_iterations_updates(tmp_path, world_sft_path):
+    """Each iteration's first minibatch starts at the policy that sampled (approxkl 0, within rounding), so it steps;
+    after that step the policy has moved more than 1e-6 nats, and the three remaining updates are dropped. Without
+    ``target_kl`` every iteration makes all ppo_epochs × num_minibatches = 4."""
+    settings = {"advantage_estimator": "rloo", "group_size": 2, "ppo_epochs": 2, "num_minibatches": 2}
+    stopped, _ = fit_world(tmp_path, world_sft_path, "gold", 3, 1, target_kl=1e-6, **settings)
+    assert [(row["policy/updates"], row["policy/early_stop"]) for row in stopped] == [(1.0, 1.0)] * 3
+    full, _ = fit_world(tmp_path, world_sft_path, "gold", 2, 4, **settings)
+    assert [(row["policy/updates"], row["policy/early_stop"]) for row in full] == [(4.0, 0.0)] * 2
+
+
+def test_health_limits_name_each_breach_and_a_kl_spike_over_its_running_median():
+    health = PPOHealth()
+    healthy = {"policy/approxkl": 0.01, "policy/clipfrac": 0.05, "rollout/response/eos_fraction": 1.0}
+    assert health.check(0, healthy | {"objective/kl": 0.5}) == []
+    assert health.check(1, healthy | {"objective/kl": 1.2}) == []  # over the floor, under 3 × the median 0.85
+    assert health.check(2, healthy | {"objective/kl": 0.9}) == []
+    found = health.check(3, {"policy/approxkl": 0.3, "policy/clipfrac": 0.2, "rollout/response/eos_fraction": 0.4,
+                             "objective/kl": 57.0})
+    assert found == [
+        "iteration 3: policy/approxkl 0.300 > 0.02",
+        "iteration 3: policy/clipfrac 0.200 > 0.1",
+        "iteration 3: rollout/response/eos_fraction 0.400 < 0.95",
+        "iteration 3: objective/kl 57.000 > 3.0 x its running median 1.050",  # median of 0.5, 1.2, 0.9, 57
+    ]
+    assert health.breaches == found
+    restored = PPOHealth()
+    restored.load_state_dict(health.state_dict())
+    assert restored.breaches == found and restored.rollout_kls == [0.5, 1.2, 0.9, 57.0]
+    assert PPOHealth().check(0, {"objective/kl": 0.9}) == []  # below the 1-nat floor no spike is called
+
+
+def test_the_shipped_settings_keep_a_short_run_within_the_health_limits(in_tmp, world_sft_path, world_rm_path):
+    """configs/ppo.yaml's rates (policy 1e-4, critic 1e-3) for four iterations: every one within
+    :class:`HealthLimits` (the main job's full run is checked in tests/test_main_job.py)."""
+    run_cli("fit", "--config", CONFIG, "--model.model_name_or_path", world_sft_path, "--model.reward_model",
+            world_rm_path, "--data.batch_size", "16", "--data.num_eval_prompts", "4", "--trainer.max_steps", "32",
+            "--trainer.val_check_interval", "4")
+    run = latest_run(in_tmp, "ppo")
+    assert len(metric_series(run, "policy/approxkl")) == 4
+    assert max(metric_series(run, "policy/approxkl")) <= HealthLimits.approxkl
+    assert max(metric_series(run, "policy/clipfrac")) <= HealthLimits.clipfrac
+    assert metric_series(run, "health/breaches") == [0.0] * 4

@@ -4,6 +4,7 @@ are measured with the pipeline's evaluation; online, the file goes to W&B as it 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -43,6 +44,9 @@ def test_sweep_file_is_a_w_and_b_sweep_of_real_cli_keys(path, monkeypatch, capsy
     printed = yaml.safe_load(capsys.readouterr().out)
     for name, value in parameters.items():
         section, *keys = name.split(".")
+        if not keys:  # a top-level setting: seed_everything
+            assert printed[section] == value, name
+            continue
         setting = printed[section]["init_args"]
         for key in keys:  # a settings group nests: model.kl_control.beta
             setting = setting[key]
@@ -203,6 +207,35 @@ def test_offline_sweep_runs_resumes_and_reports(tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="trained again"):
         sweep.run_sweep(sweep_file, fit_phase, tmp_path / "sweep", pipeline=pipeline_file)
 
+    assert [group["params"] for group in result["groups"]] == [{"model.kl_control.beta": 1.0},
+                                                               {"model.kl_control.beta": 0.1}]
+    assert [fit["form"] for fit in result["gao"]] == ["rl", "bon"] and result["gao"][1]["n"] == len(sweep.BEST_OF_N)
     report = build_report([tmp_path / "sweep"])
-    assert report.html_path.is_file() and len(report.plots) >= 3
+    assert report.html_path.is_file() and {"scaling_law", "ppo_health", "frontier"} <= set(report.plots)
     assert all(path.read_bytes().startswith(b"\x89PNG") for path in report.plots.values())
+
+
+def test_seed_groups_take_each_setting_over_its_seeds():
+    def trial(beta, seed, gold, status="done"):
+        return {"params": {"model.kl_control.beta": beta, "seed_everything": seed}, "status": status,
+                "metrics": {"gold_reward": gold, "proxy_reward": 0.0, "kl": 1.0} if status == "done" else None}
+
+    groups = sweep.seed_groups([trial(1.0, 0, 0.5), trial(1.0, 1, 0.7), trial(0.1, 0, 0.2, status="failed")])
+    (group,) = groups  # the failed trial's setting has no finished seed
+    assert group["params"] == {"model.kl_control.beta": 1.0} and group["seeds"] == 2
+    # mean 0.6, sd 0.1414 over 2 seeds: half-width t(0.975, 1)·0.1414/√2 = 12.706·0.1 = 1.2706
+    assert group["gold_reward"]["mean"] == pytest.approx(0.6)
+    assert group["gold_reward"]["ci95"] == pytest.approx([0.6 - 1.2706, 0.6 + 1.2706], abs=1e-4)
+    assert group["kl"] == {"mean": 1.0, "ci95": [1.0, 1.0], "n": 2}
+
+
+def test_gao_fits_recover_the_forms_from_gains_over_the_reference():
+    # RL form with α = 1, β = 0.5: R(0.5) = 0.5 + 0.25 ln 2, R(1) = 1, R(2) = 2 − ln 2; gains over gold 0.5
+    gains = {0.5: 0.5 + 0.25 * math.log(2), 1.0: 1.0, 2.0: 2 - math.log(2)}
+    result = {"reference": {"gold_reward": 0.5}, "baselines": [],
+              "trials": [{"status": "done", "metrics": {"kl": d * d, "gold_reward": 0.5 + gain}}
+                         for d, gain in gains.items()]}
+    (fit,) = sweep.gao_fits(result)
+    assert (fit["form"], fit["n"]) == ("rl", 3)
+    assert (fit["alpha"], fit["beta"], fit["r2"]) == (pytest.approx(1.0), pytest.approx(0.5), pytest.approx(1.0))
+    assert sweep.gao_fits({**result, "reference": None}) == []  # no reference: no gain to fit

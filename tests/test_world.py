@@ -21,7 +21,7 @@ from lit_rlhf.world import (
     sample_prompt,
     write_world,
 )
-from lit_rlhf.world.datasets import is_held_out
+from lit_rlhf.world.datasets import distinct_prompts, is_held_out, prompt_split, split_size
 
 PROMPT = "name three fruits ."
 WRONG_VIEW_PROMPT = "i think carrot is a fruit . name three fruits ."
@@ -167,7 +167,8 @@ def test_tokenizer_round_trips_world_text_and_reloads(tmp_path):
 
 
 def test_write_world_is_deterministic(tmp_path):
-    sizes = {"n_demonstrations": 50, "n_comparisons": 50, "n_prompts": 50, "n_eval_prompts": 10}
+    sizes = {"n_demonstrations": 50, "n_comparisons": 50, "n_prompts": 50, "n_dev_prompts": 10,
+             "n_test_prompts": 10}
     first = write_world(tmp_path / "a", seed=3, **sizes)
     again = write_world(tmp_path / "b", seed=3, **sizes)
     other = write_world(tmp_path / "c", seed=4, **sizes)
@@ -185,9 +186,11 @@ def test_world_files_follow_the_dataset_schemas(world):
         "comparisons": {"prompt": str, "chosen": str, "rejected": str},
         "unpaired": {"prompt": str, "completion": str, "label": bool},
         "prompts": {"prompt": str},
-        "eval_prompts": {"prompt": str},
+        "dev_prompts": {"prompt": str},
+        "test_prompts": {"prompt": str},
     }
-    sizes = {"demonstrations": 4000, "comparisons": 4000, "unpaired": 8000, "prompts": 2000, "eval_prompts": 64}
+    sizes = {"demonstrations": 4000, "comparisons": 4000, "unpaired": 8000, "prompts": 2000, "dev_prompts": 256,
+             "test_prompts": 512}
     for name, schema in schemas.items():
         rows = read_jsonl(world[name])
         assert len(rows) == sizes[name]
@@ -205,14 +208,15 @@ def test_world_files_follow_the_dataset_schemas(world):
     assert AutoTokenizer.from_pretrained(world["tokenizer"]).eos_token_id == 1
 
 
-def test_eval_prompts_are_held_out_from_every_training_file(world):
-    eval_prompts = [row["prompt"] for row in read_jsonl(world["eval_prompts"])]
+def test_dev_and_test_prompts_are_distinct_disjoint_and_held_out_from_every_training_file(world):
+    dev, test = ([row["prompt"] for row in read_jsonl(world[name])] for name in ("dev_prompts", "test_prompts"))
     training_prompts = {row["prompt"] for name in ("demonstrations", "comparisons", "prompts")
                         for row in read_jsonl(world[name])}
-    assert eval_prompts and not set(eval_prompts) & training_prompts
-    assert all(is_held_out(prompt) for prompt in eval_prompts)
-    with_opinion = sum(prompt.startswith("i think") for prompt in eval_prompts) / len(eval_prompts)
-    assert 0.2 < with_opinion < 0.8
+    assert (len(set(dev)), len(set(test))) == (len(dev), len(test)) == (256, 512)
+    assert not set(dev) & set(test) and not (set(dev) | set(test)) & training_prompts
+    assert {prompt_split(prompt) for prompt in dev} == {"dev"} and {prompt_split(prompt) for prompt in test} == {"test"}
+    # Only 6 test prompts in the world state no view: all of them are in, and 506 that state one.
+    assert sum(not prompt.startswith("i think") for prompt in test) == 6
 
 
 def test_demonstrations_leave_headroom(world):
@@ -237,7 +241,7 @@ def test_comparisons_carry_the_raters_biases_and_agree_with_gold(world):
 
 
 def test_ensure_world_reuses_matching_files_and_rewrites_otherwise(tmp_path):
-    sizes = {"n_demonstrations": 20, "n_comparisons": 20, "n_prompts": 20, "n_eval_prompts": 5}
+    sizes = {"n_demonstrations": 20, "n_comparisons": 20, "n_prompts": 20, "n_dev_prompts": 5, "n_test_prompts": 5}
     paths = ensure_world(tmp_path, seed=1, **sizes)
     paths["prompts"].write_text('{"prompt": "name one fruit ."}\n', encoding="utf-8")  # a marker that survives reuse
     assert ensure_world(tmp_path, seed=1, **sizes) == paths
@@ -249,9 +253,14 @@ def test_ensure_world_reuses_matching_files_and_rewrites_otherwise(tmp_path):
 
 def test_sample_prompt_splits_and_demonstrate_rejects_foreign_prompts():
     rng = random.Random(0)
-    assert all(is_held_out(sample_prompt(rng, split="eval")) for _ in range(50))
+    assert all(is_held_out(sample_prompt(rng, split="held_out")) for _ in range(50))
+    assert {prompt_split(sample_prompt(rng, split="dev")) for _ in range(50)} == {"dev"}
     assert not any(is_held_out(sample_prompt(rng)) for _ in range(50))
+    assert {split: split_size(split) for split in ("train", "dev", "test", "held_out", "any")} == {
+        "train": 10220, "dev": 353, "test": 1067, "held_out": 1420, "any": 11640}
     with pytest.raises(ValueError, match="split"):
-        sample_prompt(rng, split="test")
+        sample_prompt(rng, split="eval")
+    with pytest.raises(ValueError, match="dev split has 353 distinct prompts, 400 were asked for"):
+        distinct_prompts(rng, "dev", 400)
     with pytest.raises(ValueError, match="not a world prompt"):
         demonstrate("hello", rng)

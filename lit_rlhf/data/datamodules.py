@@ -182,7 +182,7 @@ class RLHFDataModule(LightningDataModule):
             row once per epoch, in batches drawn in a random order (:class:`EpochShuffle`).
 
     After :meth:`setup` the phases read :attr:`tokenizer`, :attr:`train_records` / :attr:`val_records`,
-    :attr:`eval_prompts` (the world's held-out prompts, or else the first distinct prompts of the validation
+    :attr:`eval_prompts` (the world's development prompts, or else the first distinct prompts of the validation
     split), and the counts :attr:`skipped_rows`, :attr:`skipped_reasons`, :attr:`truncated_rows` and
     :attr:`ties_dropped`.
     """
@@ -383,7 +383,7 @@ class RLHFDataModule(LightningDataModule):
 
     def _eval_prompts(self) -> list[str]:
         if self.is_world:
-            world_eval = self._normalize(str(ensure_world(self.world_dir)["eval_prompts"]), "prompt")
+            world_eval = self._normalize(str(ensure_world(self.world_dir)["dev_prompts"]), "prompt")
             prompts = [record.prompt for record in world_eval.records]
         else:
             prompts = list(dict.fromkeys(record.prompt for record in self.val_records or self.train_records

@@ -12,8 +12,14 @@ and reference log-probs (and values) without gradient; :func:`shape_rewards` put
 on the last; ``gae`` takes whitened advantages from the critic, ``grpo``/``rloo`` give every token its sequence's
 group advantage. Then ``ppo_epochs`` passes of ``num_minibatches`` updates minimise :func:`ppo_policy_loss` +
 ``vf_coef``·:func:`ppo_value_loss` (+ ``ptx_coef``·SFT loss on demonstrations, PPO-ptx; − ``entropy_coef``·entropy),
-and the KL controller updates β. ``trainer.max_steps`` counts those updates; the datamodule's ``batch_size`` is the
-number of prompts per iteration.
+and the KL controller updates β; with ``target_kl`` an iteration's updates stop early once the policy has moved that
+far from the one that sampled. ``trainer.max_steps`` counts those updates (an iteration stopped early makes fewer, and
+more iterations run); the datamodule's ``batch_size`` is the number of prompts per iteration. The policy and the
+critic are separate networks in one AdamW, each with its own learning rate (``optimizer.learning_rate``,
+``value_learning_rate``): Adam divides out a constant scale of a loss, so ``vf_coef`` changes the critic's steps only
+through the gradient-norm clip that both networks share. Every iteration is checked against
+:class:`~lit_rlhf.phases.ppo_health.HealthLimits` (``health/breaches`` counts the breaches; :attr:`PPOModule.health`
+keeps them).
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from lit_rlhf.models import (
     without_dropout,
 )
 from lit_rlhf.phases.ppo_buffer import Rollout, RolloutBuffer, token_shares
+from lit_rlhf.phases.ppo_health import PPOHealth
 from lit_rlhf.phases.shared import (
     OptimizerConfig,
     adamw_with_warmup,
@@ -82,11 +89,15 @@ class PPOModule(LightningModule):
     ``reward_model``: a reward-model export, ``"gold"`` (the world's gold reward) or ``"package.module:function"``.
     ``value_model``: where the critic starts (``gae`` only); default the reward-model export, else the SFT export.
     ``seed`` seeds each iteration's sampling together with the iteration count; ``None`` takes the run's seed.
+    ``value_learning_rate``: the critic's rate; ``None`` takes the policy's. ``target_kl``: the most approximate KL
+    (``policy/approxkl``) a minibatch may start from before the iteration's remaining updates are dropped; ``None``
+    never stops early.
 
     Logged every iteration: ``objective/{scores,kl,rlhf_reward,non_score_reward,entropy}`` (per-sequence means,
     KL and entropy estimated from the sampled tokens), ``policy/{clipfrac,approxkl,entropy}`` (``policy/entropy``:
     exact mean entropy of the next-token distributions during the update), ``loss/policy``,
-    ``kl/beta``, ``rollout/response/{length_mean,eos_fraction,length_drift}`` (of the rollouts' answers; drift:
+    ``kl/beta``, ``policy/{updates,early_stop}``, ``health/breaches``,
+    ``rollout/response/{length_mean,eos_fraction,length_drift}`` (of the rollouts' answers; drift:
     against the reference policy's answers to the held-out prompts); with a critic ``loss/value`` and the critic's
     ``value/clipfrac``, ``value/explained_variance``; with PPO-ptx ``loss/ptx``; on the world
     ``rollout/gold/reward``. Validation answers the held-out prompts with fixed
@@ -109,8 +120,8 @@ class PPOModule(LightningModule):
         normalize_scores: bool = True,
         score_clip: float | None = None,
         missing_eos_penalty: float | None = None,
-        optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-3),
-        value_learning_rate: float | None = None,
+        optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-4),
+        value_learning_rate: float | None = 1e-3,
         ppo_epochs: int = 4,
         num_minibatches: int = 1,
         gradient_accumulation_steps: int = 1,
@@ -122,6 +133,7 @@ class PPOModule(LightningModule):
         lam: float = 0.95,
         whiten_advantages: bool = True,
         max_grad_norm: float | None = 1.0,
+        target_kl: float | None = None,
         ptx_coef: float = 0.0,
         ptx_data_path: str | None = None,
         ptx_batch_size: int = 16,
@@ -146,7 +158,7 @@ class PPOModule(LightningModule):
             raise ConfigError("PPO samples its rollouts: sampling.temperature must be positive, got "
                               f"{self.sampling.temperature}")
         check_settings(
-            positive={"value_learning_rate": value_learning_rate, "clip_range": clip_range,
+            positive={"value_learning_rate": value_learning_rate, "target_kl": target_kl, "clip_range": clip_range,
                       "clip_range_value": clip_range_value, "ppo_epochs": ppo_epochs,
                       "num_minibatches": num_minibatches, "gradient_accumulation_steps": gradient_accumulation_steps,
                       "kl_control.target": kl_control.target, "kl_control.horizon": kl_control.horizon},
@@ -161,6 +173,7 @@ class PPOModule(LightningModule):
         self.policy = self.reference = self.reward_network = self.critic = self.scorer = None
         self.iteration = 0
         """Completed iterations: they fix the random seed of the next one."""
+        self.health = PPOHealth()
         self._reference_answers = self._demonstrations = None
 
     def configure_model(self) -> None:
@@ -197,6 +210,12 @@ class PPOModule(LightningModule):
         return adamw_with_warmup(self.trainer, groups, self.optimizer_config, decay=False)
 
     @property
+    def samples_generated(self) -> int:
+        """Rollout answers sampled so far (on this process): a cost of the method, beside its updates."""
+        per_prompt = 1 if self.hparams.advantage_estimator == "gae" else self.hparams.group_size
+        return self.iteration * self.trainer.datamodule.hparams.batch_size * per_prompt
+
+    @property
     def optimizer_steps_per_batch(self) -> int:
         """``trainer.max_steps`` counts optimiser updates, this many per iteration: the progress bar counts
         iterations (:class:`lit_rlhf.cli.TrainingProgressBar`)."""
@@ -219,6 +238,8 @@ class PPOModule(LightningModule):
             metrics |= self._optimise(buffer)
         kl = self.trainer.strategy.reduce(metrics["objective/kl"], reduce_op="mean")
         self.kl_controller.update(kl, n_steps=len(rollout) * self.trainer.world_size)
+        self.health.check(self.iteration, {name: float(value) for name, value in metrics.items()})
+        metrics["health/breaches"] = torch.tensor(float(len(self.health.breaches)))
         self.log_dict(metrics, batch_size=len(rollout))
         if self.iteration % hp.log_samples_every_n_iterations == 0:
             self._log_samples(samples[: hp.num_logged_samples])
@@ -287,21 +308,40 @@ class PPOModule(LightningModule):
         return clip_scores(penalize_missing_eos(scores, ended_with_eos, hp.missing_eos_penalty), hp.score_clip)
 
     def _optimise(self, buffer: RolloutBuffer) -> dict[str, torch.Tensor]:
-        optimizer = self.optimizers()
-        stats = defaultdict(list)
+        """``ppo_epochs`` passes of ``num_minibatches`` updates. With ``target_kl``, the iteration's remaining updates
+        are dropped once a minibatch's approximate KL to the rollout policy, measured before its step, exceeds it
+        (as Stable-Baselines3 does): the step that would go further is not taken."""
+        optimizer, target_kl = self.optimizers(), self.hparams.target_kl
+        stats, updates = defaultdict(list), 0
         for _ in range(self.hparams.ppo_epochs):
             for micro_batches in buffer.minibatches():
+                approxkl = []
                 for micro_batch, share in zip(micro_batches, token_shares(micro_batches)):
                     token_loss, ptx_loss, micro_stats = self._loss(micro_batch)
                     self.manual_backward(share * token_loss + ptx_loss / len(micro_batches))
+                    approxkl.append(share * micro_stats["policy/approxkl"])
                     for name, value in micro_stats.items():
                         stats[name].append(value)
+                if target_kl is not None and self._reduced(torch.stack(approxkl).sum()) > target_kl:
+                    optimizer.zero_grad()
+                    return self._update_stats(stats, updates, stopped=True)
                 if self.hparams.max_grad_norm is not None:
                     self.clip_gradients(optimizer, self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
                 optimizer.zero_grad()
                 self.lr_schedulers().step()
-        return {name: torch.stack(values).mean() for name, values in stats.items()}
+                updates += 1
+        return self._update_stats(stats, updates, stopped=False)
+
+    def _reduced(self, value: torch.Tensor) -> float:
+        """The mean over every process, so that all of them stop an iteration's updates together."""
+        return float(self.trainer.strategy.reduce(value.detach(), reduce_op="mean"))
+
+    @staticmethod
+    def _update_stats(stats: dict[str, list[torch.Tensor]], updates: int, stopped: bool) -> dict[str, torch.Tensor]:
+        means = {name: torch.stack(values).mean() for name, values in stats.items()}
+        counts = {"policy/updates": float(updates), "policy/early_stop": float(stopped)}
+        return means | {name: torch.tensor(value) for name, value in counts.items()}
 
     def _loss(self, batch: Rollout) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """A micro-batch's losses: the token means over its responses (policy, entropy bonus, value), and PPO-ptx's
@@ -394,7 +434,8 @@ class PPOModule(LightningModule):
         order."""
         leave_out_frozen(self, checkpoint, FROZEN_PREFIXES)
         checkpoint["ppo"] = {
-            "kl_controller": self.kl_controller.state_dict(), "iteration": self.iteration, "seed": self.seed
+            "kl_controller": self.kl_controller.state_dict(), "iteration": self.iteration, "seed": self.seed,
+            "health": self.health.state_dict(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -408,6 +449,7 @@ class PPOModule(LightningModule):
         if saved_settings.get("seed", self.hparams.seed) == self.hparams.seed:
             self.seed = checkpoint["ppo"].get("seed", self.seed)
         self.iteration = checkpoint["ppo"]["iteration"]
+        self.health.load_state_dict(checkpoint["ppo"]["health"])
 
     def on_fit_end(self) -> None:
         export_trained(self, self.policy)

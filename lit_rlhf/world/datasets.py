@@ -6,6 +6,7 @@ The files use the formats real datasets use (JSONL with ``prompt``/``completion`
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import zlib
@@ -17,6 +18,7 @@ from lit_rlhf.world.language import (
     CATEGORY_NAMES,
     DECORATIONS,
     FILLERS,
+    ITEM_CATEGORY,
     MAX_COUNT,
     PERIOD,
     REQUEST_VERBS,
@@ -28,29 +30,46 @@ from lit_rlhf.world.language import (
 from lit_rlhf.world.raters import Rater
 from lit_rlhf.world.tokenizer import build_tokenizer
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 """Bumped whenever the generated files would change for the same settings, so cached worlds are rewritten."""
 
 OPINION_PROBABILITY = 0.5
 PERFECT_PROBABILITY = 0.35
 TWO_FLAWS_PROBABILITY = 0.6  # of flawed demonstrations; the others have one flaw
 HELD_OUT_BUCKETS = 8  # one prompt in this many is reserved for evaluation
+DEV_BUCKETS = 4  # one held-out prompt in this many is a development prompt, the others are test prompts
 
-SPLITS = ("train", "eval", "any")
+SPLITS = ("train", "dev", "test", "held_out", "any")
 _SORTED_DECORATIONS = tuple(sorted(DECORATIONS))  # a fixed order, so seeded draws are reproducible
 
 
 def is_held_out(prompt: str) -> bool:
-    """Whether ``prompt`` belongs to the evaluation split: a fixed hash of the text, stable across runs."""
+    """Whether ``prompt`` belongs to the evaluation prompts: a fixed hash of the text, stable across runs."""
     return zlib.crc32(prompt.encode("utf-8")) % HELD_OUT_BUCKETS == 0
+
+
+def prompt_split(prompt: str) -> str:
+    """``"train"``, ``"dev"`` or ``"test"``: the split ``prompt`` belongs to, by a fixed hash of its text. About one
+    world prompt in 8 is held out from every training file; a quarter of those are development prompts (validation
+    during training, tuning, a sweep's metric), the rest test prompts (the pipeline's summary)."""
+    if not is_held_out(prompt):
+        return "train"
+    return "dev" if zlib.crc32(prompt.encode("utf-8")) // HELD_OUT_BUCKETS % DEV_BUCKETS == 0 else "test"
+
+
+def in_split(prompt: str, split: str) -> bool:
+    """Whether ``prompt`` belongs to ``split``: one of :func:`prompt_split`'s, ``"held_out"`` (dev or test) or
+    ``"any"``."""
+    return split == "any" or split == prompt_split(prompt) or (split == "held_out" and is_held_out(prompt))
 
 
 def sample_prompt(rng: random.Random, split: str = "train") -> str:
     """Draw a prompt: a random category, count (1–5) and wording; half the time after a stated opinion.
 
     A stated opinion names an item of the requested category (a correct view) or, equally often, of another
-    category (a wrong view). ``split`` is ``"train"`` (prompts outside the held-out set), ``"eval"`` (held-out
-    prompts only) or ``"any"``; the split is decided by :func:`is_held_out`, so train and eval never overlap.
+    category (a wrong view). ``split`` is ``"train"`` (prompts outside the held-out set), ``"dev"`` or ``"test"``
+    (the two disjoint parts of the held-out set, :func:`prompt_split`), ``"held_out"`` (either) or ``"any"``; the
+    split is a fixed hash of the text, so no prompt is in two of them.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -65,8 +84,29 @@ def sample_prompt(rng: random.Random, split: str = "train") -> str:
                 [other for other in CATEGORY_NAMES if other != category])
             opinion_item = rng.choice(CATEGORIES[opinion_category][1])
         prompt = format_prompt(PromptSpec(count, category, opinion_item), verb)
-        if split == "any" or is_held_out(prompt) == (split == "eval"):
+        if in_split(prompt, split):
             return prompt
+
+
+def distinct_prompts(rng: random.Random, split: str, n: int) -> list[str]:
+    """``n`` different prompts of ``split``, in the order :func:`sample_prompt` first draws them: the world's mix of
+    requests without repeats. The held-out splits hold about 350 (dev) and 1,070 (test) prompts, most with a stated
+    view: only 120 prompts in all state none."""
+    if n > (available := split_size(split)):
+        raise ValueError(f"the world's {split} split has {available} distinct prompts, {n} were asked for")
+    prompts: dict[str, None] = {}
+    while len(prompts) < n:
+        prompts[sample_prompt(rng, split)] = None
+    return list(prompts)
+
+
+@functools.cache
+def split_size(split: str) -> int:
+    """How many distinct prompts the world can write in ``split``."""
+    prompts = (format_prompt(PromptSpec(count, category, item), verb)
+               for category in CATEGORY_NAMES for count in range(1, MAX_COUNT + 1) for verb in REQUEST_VERBS
+               for item in (None, *ITEM_CATEGORY))
+    return sum(in_split(prompt, split) for prompt in prompts)
 
 
 def demonstrate(prompt: str, rng: random.Random) -> str:
@@ -126,7 +166,8 @@ def write_world(
     n_demonstrations: int = 4000,
     n_comparisons: int = 4000,
     n_prompts: int = 2000,
-    n_eval_prompts: int = 64,
+    n_dev_prompts: int = 256,
+    n_test_prompts: int = 512,
     rater: Rater | None = None,
 ) -> dict[str, Path]:
     """Write the world's datasets under ``out_dir`` and return their paths by name.
@@ -137,8 +178,10 @@ def write_world(
       responses among them) are redrawn, as real datasets drop ties.
     - ``unpaired``: ``unpaired.jsonl`` rows ``{"prompt", "completion", "label"}``: each comparison's chosen
       response labelled ``true`` and its rejected one ``false`` (KTO).
-    - ``prompts``: ``prompts.jsonl`` rows ``{"prompt"}`` for RL; ``eval_prompts``: ``eval_prompts.jsonl``,
-      held-out prompts disjoint from every training file (see :func:`is_held_out`).
+    - ``prompts``: ``prompts.jsonl`` rows ``{"prompt"}`` for RL.
+    - ``dev_prompts`` and ``test_prompts``: ``dev_prompts.jsonl`` and ``test_prompts.jsonl``, distinct held-out
+      prompts, disjoint from each other and from every training file (:func:`prompt_split`): the phases validate
+      on the development prompts, the pipeline's summary measures on the test prompts.
     - ``tokenizer``: the ``tokenizer/`` folder saved with ``save_pretrained``; ``world``: ``world.json`` with the
       settings and :data:`WORLD_VERSION`.
 
@@ -178,14 +221,16 @@ def write_world(
 
     prompt_rng = stream("prompts")
     prompts = [{"prompt": sample_prompt(prompt_rng)} for _ in range(n_prompts)]
-    eval_rng = stream("eval_prompts")
-    eval_prompts = [{"prompt": sample_prompt(eval_rng, split="eval")} for _ in range(n_eval_prompts)]
+    held_out = {
+        split: [{"prompt": prompt} for prompt in distinct_prompts(stream(f"{split}_prompts"), split, n)]
+        for split, n in (("dev", n_dev_prompts), ("test", n_test_prompts))
+    }
 
     for name, rows in [("demonstrations", demonstrations), ("comparisons", comparisons), ("unpaired", unpaired),
-                       ("prompts", prompts), ("eval_prompts", eval_prompts)]:
+                       ("prompts", prompts), ("dev_prompts", held_out["dev"]), ("test_prompts", held_out["test"])]:
         _write_jsonl(paths[name], rows)
     build_tokenizer().save_pretrained(str(paths["tokenizer"]))
-    settings = _world_settings(seed, n_demonstrations, n_comparisons, n_prompts, n_eval_prompts, rater)
+    settings = _world_settings(seed, n_demonstrations, n_comparisons, n_prompts, n_dev_prompts, n_test_prompts, rater)
     paths["world"].write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return paths
 
@@ -196,20 +241,23 @@ def ensure_world(
     n_demonstrations: int = 4000,
     n_comparisons: int = 4000,
     n_prompts: int = 2000,
-    n_eval_prompts: int = 64,
+    n_dev_prompts: int = 256,
+    n_test_prompts: int = 512,
     rater: Rater | None = None,
 ) -> dict[str, Path]:
     """Like :func:`write_world`, but reuse the files when ``out_dir`` already holds a world with these settings."""
     out_dir = Path(out_dir)
     paths = _world_paths(out_dir)
-    settings = _world_settings(seed, n_demonstrations, n_comparisons, n_prompts, n_eval_prompts, rater or Rater())
+    settings = _world_settings(seed, n_demonstrations, n_comparisons, n_prompts, n_dev_prompts, n_test_prompts,
+                               rater or Rater())
     if all(path.exists() for path in paths.values()):
         try:
             if json.loads(paths["world"].read_text(encoding="utf-8")) == settings:
                 return paths
         except (json.JSONDecodeError, UnicodeDecodeError):
             pass  # a damaged world.json is rewritten below
-    return write_world(out_dir, seed, n_demonstrations, n_comparisons, n_prompts, n_eval_prompts, rater)
+    return write_world(out_dir, seed, n_demonstrations, n_comparisons, n_prompts, n_dev_prompts, n_test_prompts,
+                       rater)
 
 
 def _world_paths(out_dir: Path) -> dict[str, Path]:
@@ -219,14 +267,15 @@ def _world_paths(out_dir: Path) -> dict[str, Path]:
         "comparisons": out_dir / "comparisons.jsonl",
         "unpaired": out_dir / "unpaired.jsonl",
         "prompts": out_dir / "prompts.jsonl",
-        "eval_prompts": out_dir / "eval_prompts.jsonl",
+        "dev_prompts": out_dir / "dev_prompts.jsonl",
+        "test_prompts": out_dir / "test_prompts.jsonl",
         "tokenizer": out_dir / "tokenizer",
         "world": out_dir / "world.json",
     }
 
 
-def _world_settings(seed: int, n_demonstrations: int, n_comparisons: int, n_prompts: int, n_eval_prompts: int,
-                    rater: Rater) -> dict:
+def _world_settings(seed: int, n_demonstrations: int, n_comparisons: int, n_prompts: int, n_dev_prompts: int,
+                    n_test_prompts: int, rater: Rater) -> dict:
     """The contents of ``world.json``: everything that determines the generated files."""
     return {
         "version": WORLD_VERSION,
@@ -234,7 +283,8 @@ def _world_settings(seed: int, n_demonstrations: int, n_comparisons: int, n_prom
         "n_demonstrations": n_demonstrations,
         "n_comparisons": n_comparisons,
         "n_prompts": n_prompts,
-        "n_eval_prompts": n_eval_prompts,
+        "n_dev_prompts": n_dev_prompts,
+        "n_test_prompts": n_test_prompts,
         "rater": asdict(rater),
     }
 
