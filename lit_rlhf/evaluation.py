@@ -59,6 +59,14 @@ class PolicyEvaluation:
         values = self.per_answer(metric)
         return clustered_mean(values, self.prompts) if values is not None else None
 
+    def add_standard_errors(self) -> None:
+        """``<metric>_se`` in :attr:`metrics` for each of :data:`WITH_ERRORS` measured, from two prompts on."""
+        if len(set(self.prompts)) < 2:
+            return
+        for metric in WITH_ERRORS:
+            if (estimate := self.estimate(metric)) is not None:
+                self.metrics[f"{metric}_se"] = estimate.se
+
 
 def measure_answers(
     prompts: list[str],
@@ -85,16 +93,15 @@ def measure_answers(
         metrics["proxy/reward"] = statistics.fmean(proxy)
     if gold is not None:
         metrics["gold/reward"] = statistics.fmean(gold)
-    for name, values in (("proxy/reward", proxy), ("gold/reward", gold)):
-        if values is not None and len(set(prompts)) > 1:
-            metrics[f"{name}_se"] = clustered_mean(values, prompts).se
     if baseline is not None:
         metrics["response/length_drift"] = metrics["response/length_mean"] - baseline.metrics["response/length_mean"]
         if baseline.metrics["response/length_mean"] > 0:
             metrics["hacking/length_ratio"] = diagnostics.length_ratio(lengths, baseline.lengths)
         if None not in (proxy, gold, baseline.proxy, baseline.gold):
             metrics["gold/proxy_gap"] = diagnostics.proxy_gold_gap(proxy, gold, baseline.proxy, baseline.gold)
-    return PolicyEvaluation(prompts, responses, lengths, proxy, gold, metrics)
+    evaluation = PolicyEvaluation(prompts, responses, lengths, proxy, gold, metrics)
+    evaluation.add_standard_errors()
+    return evaluation
 
 
 @torch.no_grad()
@@ -154,8 +161,7 @@ def evaluate_policy(
     if reference is not None:
         evaluation.kl = torch.cat(kls).float().tolist()
         evaluation.metrics["objective/kl"] = statistics.fmean(evaluation.kl)
-        if len(set(prompts)) > 1:
-            evaluation.metrics["objective/kl_se"] = evaluation.estimate("objective/kl").se
+        evaluation.add_standard_errors()
     return evaluation
 
 
@@ -180,8 +186,10 @@ class RewardModelAccuracy:
     """Agreement with the raters' expected label."""
     gold_accuracy: Estimate
     """Agreement with gold, over the pairs gold decides."""
+    rater_ceiling: Estimate
+    """The most ``accuracy`` any scorer reaches on these pairs: always siding with the raters' likelier label."""
     rater_agreement: Estimate
-    """How often two raters agree on the same pairs: the ceiling of ``accuracy``."""
+    """How often two independent raters agree on the same pairs."""
     pairs: int
 
 
@@ -193,14 +201,14 @@ def measure_reward_model(
 
     ``scores`` are the reward model's, ``gold`` the gold rewards of the same answers; ``rater_probability(prompt,
     first, second)`` is the raters' P(first preferred). Against the raters each pair counts by the label they give
-    in expectation: p when the reward model prefers the first answer, 1 − p otherwise (no draw's noise added), and
-    two independent raters agree with probability p² + (1 − p)², the ceiling any reward model trained on their
-    labels can reach on these pairs. Gold accuracy counts the pairs whose gold rewards differ; tied scores count
+    in expectation: p when the reward model prefers the first answer, 1 − p otherwise (no draw's noise added); no
+    scorer beats max(p, 1 − p) on a pair (the ceiling), and two independent raters agree with probability
+    p² + (1 − p)². Gold accuracy counts the pairs whose gold rewards differ; tied scores count
     half. Standard errors are clustered by prompt. None when fewer than two prompts have a pair that gold decides."""
     groups: dict[str, list[int]] = {}
     for index, prompt in enumerate(prompts):
         groups.setdefault(prompt, []).append(index)
-    rater, agreement, pair_prompts, decided, decided_prompts = [], [], [], [], []
+    rater, ceiling, agreement, pair_prompts, decided, decided_prompts = [], [], [], [], [], []
     for prompt, indices in groups.items():
         for i, j in combinations(indices, 2):
             if responses[i] == responses[j]:
@@ -208,6 +216,7 @@ def measure_reward_model(
             p = rater_probability(prompt, responses[i], responses[j])
             model_prefers_first = 0.5 if scores[i] == scores[j] else float(scores[i] > scores[j])
             rater.append(model_prefers_first * p + (1 - model_prefers_first) * (1 - p))
+            ceiling.append(max(p, 1 - p))
             agreement.append(p * p + (1 - p) * (1 - p))
             pair_prompts.append(prompt)
             if gold[i] != gold[j]:
@@ -216,4 +225,5 @@ def measure_reward_model(
     if len(set(decided_prompts)) < 2:
         return None
     return RewardModelAccuracy(clustered_mean(rater, pair_prompts), clustered_mean(decided, decided_prompts),
-                               clustered_mean(agreement, pair_prompts), len(rater))
+                               clustered_mean(ceiling, pair_prompts), clustered_mean(agreement, pair_prompts),
+                               len(rater))

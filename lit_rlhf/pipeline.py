@@ -30,13 +30,14 @@ At the end every policy is evaluated on the same held-out prompts with the same 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -195,7 +196,7 @@ def run_stages(run: PipelineRun, force: tuple[str, ...] = (), until: str | None 
             raise
         record["seconds"] = round(time.perf_counter() - started, 1)
         print(f"done in {record['seconds']} s")
-        record["spec"], record["seed"], record["inputs"] = stage.as_record(), run.seed, _stage_inputs(stage, run)
+        record |= {"spec": _stage_record(stage, run), "seed": run.seed, "inputs": _stage_inputs(stage, run)}
         write_atomically(stage_dir / DONE_FILE, json.dumps(record, indent=2) + "\n")
         rerun.add(stage.name)
 
@@ -225,8 +226,9 @@ def run_pipeline(
     if summary.paired:
         print(format_paired(summary.paired))
     rows = _merged_with_earlier_summary(summary.rows, run.out_dir, run.seed)
+    paired = _merged_with_earlier_paired(summary.paired, run.out_dir, run.seed)
     write_atomically(run.out_dir / SUMMARY_FILE, json.dumps(rows, indent=2) + "\n")
-    write_atomically(run.out_dir / PAIRED_FILE, json.dumps(summary.paired, indent=2) + "\n")
+    write_atomically(run.out_dir / PAIRED_FILE, json.dumps(paired, indent=2) + "\n")
     print(f"[pipeline] summary: {run.out_dir / SUMMARY_FILE}, paired differences: {run.out_dir / PAIRED_FILE}")
     report = build_report([run.out_dir])
     with output_to(report.out_dir / LOG_FILE):  # W&B's lines about its report run
@@ -238,6 +240,10 @@ def run_pipeline(
 AGGREGATE_FILE = "aggregate.json"
 AGGREGATE_SKIPPED = ("stage", "n", "test_pairs")
 """Summary keys that are not measurements to aggregate over seeds."""
+AGGREGATE_PRINTED = ("stage", "gold_reward", "proxy_reward", "kl", "length_ratio", "sycophancy_rate", "format_rate",
+                     "proxy_gap", "health_breaches", "ess", "pairs", "gold_agreement", "accuracy", "gold_accuracy",
+                     "rater_ceiling")
+"""The aggregate's columns the console shows."""
 
 
 def run_seeds(
@@ -247,7 +253,9 @@ def run_seeds(
     """The pipeline once per seed, in ``OUT/seed_<n>/``, then ``OUT/aggregate.json``: per stage, every measurement's
     mean over seeds with its 95 % t-interval (:func:`lit_rlhf.uncertainty.interval_over_seeds`), and
     ``OUT/paired.json``: each paired difference's mean over seeds with its interval, the seeds the units (a seed
-    redraws the data, the training noise and every sampled answer). Returns the aggregate rows."""
+    redraws the data, the initialisation, the training noise and the comparisons; the test prompts and the
+    evaluation's sampling seed stay the same, so the intervals are about training runs, measured alike). Returns the
+    aggregate rows."""
     base = Path(out or load_pipeline(config).out)
     summaries, paired = [], []
     for seed in seeds:
@@ -257,8 +265,9 @@ def run_seeds(
     rows, differences = aggregate_over_seeds(summaries), aggregate_paired_over_seeds(paired)
     write_atomically(base / AGGREGATE_FILE, json.dumps(rows, indent=2) + "\n")
     write_atomically(base / PAIRED_FILE, json.dumps(differences, indent=2) + "\n")
-    print(f"[pipeline] over seeds {', '.join(map(str, seeds))} (mean [95% interval]):")
-    print(format_table([{key: _interval_cell(value) for key, value in row.items()} for row in rows]))
+    print(f"[pipeline] over seeds {', '.join(map(str, seeds))} (mean [95% interval]; all columns: {AGGREGATE_FILE}):")
+    print(format_table([{key: interval_cell(value) for key, value in row.items() if key in AGGREGATE_PRINTED}
+                        for row in rows]))
     if differences:
         print(format_paired(differences))
     print(f"[pipeline] aggregate: {base / AGGREGATE_FILE}, paired differences over seeds: {base / PAIRED_FILE}")
@@ -291,8 +300,8 @@ def aggregate_paired_over_seeds(paired: list[list[dict[str, Any]]]) -> list[dict
             for (a, b, metric), values in means.items()]
 
 
-def _interval_cell(value: Any) -> Any:
-    """An aggregate value as a table cell: ``mean [lo, hi]``."""
+def interval_cell(value: Any) -> Any:
+    """An aggregate value (``{"mean", "ci95", "n"}``) as a table cell: ``mean [lo, hi]``; anything else as it is."""
     if not isinstance(value, dict):
         return value
     if value["ci95"] is None:
@@ -354,6 +363,22 @@ def _merged_with_earlier_summary(rows: list[dict[str, Any]], out_dir: Path, seed
     return kept + list(new.values())
 
 
+def _merged_with_earlier_paired(rows: list[dict[str, Any]], out_dir: Path, seed: int) -> list[dict[str, Any]]:
+    """This run's paired differences, after the earlier ones in the same folder whose two stages are still there
+    under the same seed and that this run did not measure again (as :func:`_merged_with_earlier_summary` keeps
+    rows)."""
+    path = out_dir / PAIRED_FILE
+    try:
+        earlier = json.loads(path.read_text()) if path.is_file() else []
+    except json.JSONDecodeError:
+        earlier = []
+    new = {(row["a"], row["b"], row["metric"]) for row in rows}
+    kept = [row for row in earlier if isinstance(row, dict)
+            and (row.get("a"), row.get("b"), row.get("metric")) not in new
+            and all(_done_under(out_dir / str(row.get(side)), seed) is not None for side in ("a", "b"))]
+    return kept + rows
+
+
 def _done_under(stage_dir: Path, seed: int) -> dict[str, Any] | None:
     """The stage's ``done.json`` if it finished under ``seed``; one from before seeds were recorded counts as seed
     0, the only seed fit stages had then."""
@@ -370,8 +395,17 @@ def _is_complete(stage: StageSpec, stage_dir: Path, run: PipelineRun) -> bool:
     them."""
     record = _done_under(stage_dir, run.seed)
     outdated = record is not None and record.get("kind") == "best_of_n" and "samples" not in record
-    return (record is not None and record.get("spec") == stage.as_record() and not outdated
+    return (record is not None and record.get("spec") == _stage_record(stage, run) and not outdated
             and record.get("inputs", {}) == _stage_inputs(stage, run))
+
+
+def _stage_record(stage: StageSpec, run: PipelineRun) -> dict[str, Any]:
+    """The settings a stage's output depends on: its own, and for the stages that sample the held-out prompts
+    (best-of-n, the optimum) the file's ``evaluation`` too, so that new evaluation settings redraw them."""
+    record = stage.as_record()
+    if isinstance(stage, (BestOfNStage, OptimumStage)):
+        record["evaluation"] = asdict(run.spec.evaluation)
+    return record
 
 
 def _stage_inputs(stage: StageSpec, run: PipelineRun) -> dict[str, int]:
@@ -526,9 +560,7 @@ def _run_optimum(stage: OptimumStage, stage_dir: Path, run: PipelineRun) -> dict
     flat = [(prompt, response) for prompt, group in zip(prompts, groups) for response in group]
     texts, finished = [response.text for _, response in flat], [response.ended for _, response in flat]
     flat_prompts = [prompt for prompt, _ in flat]
-    reward_model = run.resolve(stage.reward_model, "model")
-    scorer = evaluation.scorer if reward_model == evaluation.reward_model else make_scorer(
-        reward_model, device=inference_device())
+    scorer = evaluation.scorer_for(run.resolve(stage.reward_model, "model"))
     raw = scorer.score(flat_prompts, texts, finished).double()
     statistics = getattr(scorer, "statistics", (0.0, 1.0))  # only a reward-model export stores them
     rewards = normalize_scores(raw, *statistics) if stage.normalize_scores else raw
@@ -543,13 +575,14 @@ def _run_optimum(stage: OptimumStage, stage_dir: Path, run: PipelineRun) -> dict
                                      {name: values.cpu().view(shape) for name, values in measures.items()})
     record: dict[str, Any] = {"kind": "optimum", "role": YARDSTICK, "beta": stage.beta, "n": stage.n,
                               "generated": len(prompts) * stage.n,
-                              "ess": round(optimum.effective_sample_size, 2)}
+                              "ess": round(optimum.effective_sample_size, 2),
+                              "ess_min": round(optimum.min_effective_sample_size, 2)}
     if optimum.effective_sample_size < stage.min_effective_sample_size:
         record["refused"] = (f"effective sample size {optimum.effective_sample_size:.1f} of {stage.n} < "
                              f"{stage.min_effective_sample_size}: raise beta or n")
         return record
     for name, estimate in (*optimum.measures.items(), ("kl", optimum.kl)):
-        record[name], record[f"{name}_se"] = estimate.mean, estimate.se
+        record[name], record[f"{name}_se"] = estimate.mean, None if math.isnan(estimate.se) else estimate.se
     return record
 
 
@@ -573,8 +606,11 @@ class HeldOutEvaluation:
     to ``max_prompt_length`` tokens (by default the world's; set it to the phases' own on other data). Sweeps
     measure their trials with it too, so a sweep's numbers and a pipeline's summary are on the same axes."""
 
-    def __init__(self, run: PipelineRun) -> None:
+    def __init__(self, run: PipelineRun, split: str = "test") -> None:
         self.spec = run.spec.evaluation
+        self.split = split
+        """The world's held-out prompts it reads where the file names none: ``test`` (the summary) or ``dev``
+        (a sweep's trials, which choose settings)."""
         self.prompts_path = self.spec.prompts if self.spec.prompts is not None else run.spec.prompts
         """The held-out prompts: ``evaluation.prompts``, else the file's ``prompts``, else the world's test prompts."""
         self.num_prompts = self.spec.num_prompts
@@ -593,7 +629,7 @@ class HeldOutEvaluation:
         if self.prompts_path is None and not speaks_world_language(load_tokenizer(tokenizer)):
             raise ConfigError(f"evaluation.prompts is unset, and {tokenizer} cannot read the world's prompts: name "
                               "held-out prompts of your own data (any file with a prompt column)")
-        path = self.prompts_path or str(ensure_world(default_world_dir())["test_prompts"])
+        path = self.prompts_path or str(ensure_world(default_world_dir())[f"{self.split}_prompts"])
         prompts = PromptDataModule(path=path, tokenizer_name_or_path=tokenizer, val_fraction=0.0,
                                    max_prompt_length=self.max_prompt_length,
                                    max_length=self.max_prompt_length + self.sampling.max_new_tokens,
@@ -655,8 +691,7 @@ class HeldOutEvaluation:
     def best_picks(self, policy: str, reward_model: str, groups: list[list[Response]]) -> list[dict]:
         """The best sample of each prompt's group by ``reward_model``: ``{"prompt", "response", "score", "ended",
         "length"}`` (length in tokens of ``policy``'s tokenizer)."""
-        same = reward_model == self.reward_model
-        scorer = self.scorer if same else make_scorer(reward_model, device=inference_device())
+        scorer = self.scorer_for(reward_model)
         tokenizer = load_tokenizer(policy)
         return [{**vars(pick), "length": len(tokenizer(pick.response, add_special_tokens=False)["input_ids"])}
                 for pick in pick_best(self.prompts, groups, scorer)]
@@ -670,15 +705,20 @@ class HeldOutEvaluation:
         gold = self.gold.score(prompts, responses, finished).tolist() if self.gold is not None else None
         return measure_answers(prompts, responses, [p["length"] for p in picks], proxy, self.baseline, gold)
 
+    def scorer_for(self, reward_model: str) -> Scorer:
+        """The scorer of ``reward_model``: the evaluation's own when it is the evaluation's reward model."""
+        return self.scorer if reward_model == self.reward_model else make_scorer(reward_model,
+                                                                                 device=inference_device())
+
     def reward_model_row(self, reward_model: str) -> dict[str, Any]:
         """A reward model's summary columns measured on every pair of different reference answers to a held-out
         prompt (:func:`lit_rlhf.evaluation.measure_reward_model`): ``accuracy`` against the world's raters,
-        ``gold_accuracy``, each with its standard error, ``rater_agreement`` (two raters' agreement, the ceiling
-        of ``accuracy``) and the number of ``test_pairs``; none where too few pairs differ (one answer per prompt):
-        then the row keeps the reward phase's validation numbers."""
+        ``gold_accuracy``, each with its standard error, ``rater_ceiling`` (the most ``accuracy`` any scorer
+        reaches on these pairs), ``rater_agreement`` (two raters' agreement) and the number of ``test_pairs``;
+        none where too few pairs differ (one answer per prompt): then the row keeps the reward phase's validation
+        numbers."""
         baseline = self.baseline
-        scorer = self.scorer if reward_model == self.reward_model else make_scorer(reward_model,
-                                                                                   device=inference_device())
+        scorer = self.scorer_for(reward_model)
         scores = scorer.score(baseline.prompts, baseline.responses, baseline.ended).float().tolist()
         measured = measure_reward_model(baseline.prompts, baseline.responses, scores, baseline.gold,
                                         Rater().probability)
@@ -686,7 +726,8 @@ class HeldOutEvaluation:
             return {}
         return {"accuracy": measured.accuracy.mean, "accuracy_se": measured.accuracy.se,
                 "gold_accuracy": measured.gold_accuracy.mean, "gold_accuracy_se": measured.gold_accuracy.se,
-                "rater_agreement": measured.rater_agreement.mean, "test_pairs": measured.pairs}
+                "rater_ceiling": measured.rater_ceiling.mean, "rater_agreement": measured.rater_agreement.mean,
+                "test_pairs": measured.pairs}
 
     def row(self, evaluation: PolicyEvaluation) -> dict[str, Any]:
         """An evaluation as summary columns (None where a metric does not apply)."""

@@ -32,7 +32,7 @@ from lit_rlhf.pipeline import (
     format_paired,
     with_errors,
 )
-from lit_rlhf.sweep import SWEEP_FILE
+from lit_rlhf.sweep import SWEEP_FILE, gao_points
 from lit_rlhf.uncertainty import GaoFit
 
 EVAL_MARKERS = ("eval/gold/reward", "eval/response/length_mean")
@@ -332,11 +332,10 @@ def plot_scaling_law(folders: list[RunFolder], out_dir: Path) -> Path:
     figure = Figure(figsize=(6.5, 4.5), layout="constrained")
     ax = figure.subplots()
     for colour, folder in enumerate(folder for folder in folders if folder.gao and folder.reference):
-        reference = folder.reference["gold_reward"]
-        done = [trial["metrics"] for trial in folder.trials if trial.get("status") == "done" and trial.get("metrics")]
-        for form, rows, marker in (("rl", done, "o"), ("bon", folder.baselines, "^")):
-            points = [(_root_kl(row["kl"]), row["gold_reward"] - reference) for row in rows
-                      if row.get("kl") is not None and row.get("gold_reward") is not None]
+        points_by_form = gao_points({"trials": folder.trials, "baselines": folder.baselines},
+                                    folder.reference["gold_reward"])
+        for form, marker in (("rl", "o"), ("bon", "^")):
+            points = points_by_form[form]
             fit = next((fit for fit in folder.gao if fit["form"] == form), None)
             if not points or fit is None:
                 continue
@@ -601,6 +600,9 @@ def publish_to_wandb(report: Report, project: str = "lit-rlhf") -> None:
     mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
     with wandb.init(project=project, job_type="report", mode=mode, dir=str(report.out_dir)) as run:
         log_report_to_wandb(report, run)
+    # The run's settings outlive it in W&B's process-wide state: without a teardown the next phase's offline
+    # WandbLogger in this process (`pipeline --seeds`' next seed) asks for an API key.
+    wandb.teardown()
 
 
 def save_dashboard(project: str, entity: str | None = None, name: str = "lit-rlhf") -> str:

@@ -15,8 +15,9 @@ same file runs two ways:
 A sweep's trials start from the main job's SFT policy and reward model: the command names them under the
 pipeline's output folder (``runs/pipeline/sft/hf``), and the sweep first runs, or reuses, the pipeline stages it
 names, and those the pipeline's evaluation needs. Offline, every trained trial's policy is then measured with the
-pipeline's held-out evaluation (:class:`lit_rlhf.pipeline.HeldOutEvaluation`: the same prompts, sampling noise,
-reference and reward model as the pipeline's summary), and so is best-of-n from the reference at n = 1…16, the
+pipeline's held-out evaluation (:class:`lit_rlhf.pipeline.HeldOutEvaluation`: the same sampling noise, reference
+and reward model as the pipeline's summary, on the world's development prompts, since a sweep chooses settings and
+the test prompts are for reporting), and so is best-of-n from the reference at n = 1…16, the
 baseline of the reward–KL frontier. ``OUT/sweep.json`` holds it all and ``lit-rlhf report OUT`` draws it.
 """
 
@@ -44,6 +45,7 @@ from lit_rlhf.pipeline import (
     PipelineRun,
     format_table,
     input_stamps,
+    interval_cell,
     last_line,
     run_stages,
     start_run,
@@ -233,7 +235,7 @@ def run_offline(spec: dict[str, Any], path: Path, run: PipelineRun, out_dir: Pat
     """Train each trial not yet trained as a subprocess, measure every trial's policy with the pipeline's held-out
     evaluation (a few seconds each, so the numbers always come from the current evaluation), and write
     ``OUT/sweep.json``."""
-    evaluation = HeldOutEvaluation(run)
+    evaluation = HeldOutEvaluation(run, split="dev")  # a sweep chooses settings: never on the test prompts
     out_dir.mkdir(parents=True, exist_ok=True)
     trials = [_run_trial(spec, trial_name(index, parameters), parameters, out_dir, evaluation)
               for index, parameters in enumerate(trial_parameters(spec, count), start=1)]
@@ -362,25 +364,26 @@ def gao_fits(result: dict[str, Any]) -> list[dict[str, Any]]:
     reference = (result.get("reference") or {}).get("gold_reward")
     if reference is None:
         return []
-    trials = [trial["metrics"] for trial in result["trials"] if trial.get("status") == "done" and trial.get("metrics")]
     fits = []
-    for form, rows in (("rl", trials), ("bon", result.get("baselines") or [])):
-        points = [(math.sqrt(max(row["kl"], 0.0)), row["gold_reward"] - reference) for row in rows
-                  if row.get("kl") is not None and row.get("gold_reward") is not None]
+    for form, points in gao_points(result, reference).items():
         if len({d for d, _ in points if d > 0}) >= 2:
             fits.append(asdict(fit_gao([d for d, _ in points], [gain for _, gain in points], form)))
     return fits
 
 
+def gao_points(result: dict[str, Any], reference_gold: float) -> dict[str, list[tuple[float, float]]]:
+    """``(√KL, gold gain over the reference)`` of a sweep's finished trials (``rl``) and best-of-n baselines
+    (``bon``), where both are measured."""
+    trials = [trial["metrics"] for trial in result["trials"] if trial.get("status") == "done" and trial.get("metrics")]
+    return {form: [(math.sqrt(max(row["kl"], 0.0)), row["gold_reward"] - reference_gold) for row in rows
+                   if row.get("kl") is not None and row.get("gold_reward") is not None]
+            for form, rows in (("rl", trials), ("bon", result.get("baselines") or []))}
+
+
 def _group_cells(group: dict[str, Any]) -> dict[str, Any]:
     """A seed group as a table row: its parameters, seeds, and each measurement as ``mean [lo, hi]``."""
-    cells: dict[str, Any] = {**group["params"], "seeds": group["seeds"]}
-    for metric in GROUP_METRICS:
-        if metric in group:
-            interval = group[metric]
-            low, high = interval["ci95"] or (interval["mean"], interval["mean"])
-            cells[metric] = f"{interval['mean']:.3f} [{low:.3f}, {high:.3f}]"
-    return cells
+    return {**group["params"], "seeds": group["seeds"],
+            **{metric: interval_cell(group[metric]) for metric in GROUP_METRICS if metric in group}}
 
 
 def _phase(spec: dict[str, Any]) -> str | None:

@@ -18,7 +18,7 @@ from lit_rlhf.cli import fit_phase, main
 def test_world_command_writes_the_datasets(tmp_path, capsys):
     run_cli("world", "--out", str(tmp_path / "world"))
     printed = capsys.readouterr().out
-    for name in ["demonstrations", "comparisons", "unpaired", "prompts", "eval_prompts", "tokenizer"]:
+    for name in ["demonstrations", "comparisons", "unpaired", "prompts", "dev_prompts", "test_prompts", "tokenizer"]:
         assert f"{name}: " in printed
     first = json.loads((tmp_path / "world" / "comparisons.jsonl").read_text().splitlines()[0])
     assert set(first) == {"prompt", "chosen", "rejected"}

@@ -147,9 +147,9 @@ def test_bandit_dpo_module_with_ipo_loss_converges_to_the_ipo_optimum(tmp_path):
 
 
 def mean_gold_reward(policy_path: str, world_dir: Path, seeds: int = 16) -> float:
-    """Gold reward on the world's 64 held-out prompts, averaged over several sampling seeds (one seed's
+    """Gold reward on the world's first 64 development prompts, averaged over several sampling seeds (one seed's
     standard error is about 0.09 on this SFT policy, too coarse to compare two policies)."""
-    prompts = [json.loads(line)["prompt"] for line in (world_dir / "eval_prompts.jsonl").read_text().splitlines()]
+    prompts = [json.loads(line)["prompt"] for line in (world_dir / "dev_prompts.jsonl").read_text().splitlines()][:64]
     tokenizer = load_tokenizer(policy_path)
     model = load_causal_lm(policy_path, tokenizer)
     evaluations = [

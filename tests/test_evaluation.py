@@ -84,3 +84,4 @@ def test_a_reward_models_accuracy_against_the_raters_expected_label_gold_and_the
     # gold decides (a,b), (b,a) and (e,f): right, right, wrong → 2/3, standard error 4/9 over prompts A and C
     assert (measured.gold_accuracy.mean, measured.gold_accuracy.se) == (pytest.approx(2 / 3), pytest.approx(4 / 9))
     assert measured.rater_agreement.mean == pytest.approx(0.8**2 + 0.2**2)  # two raters agree on 68 % of pairs
+    assert measured.rater_ceiling.mean == pytest.approx(0.8)  # siding with the likelier label every time

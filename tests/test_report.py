@@ -19,19 +19,22 @@ POLICY_ROW = {"gold_reward": 0.611, "proxy_reward": 0.14, "kl": 0.0, "length_mea
 
 
 def write_metrics_csv(log_dir: Path, hparams: str, evals: int = 4) -> None:
-    """A CSVLogger ``metrics.csv``: training rows with only ``train/loss`` between evaluation rows where KL grows,
-    proxy reward keeps rising and gold reward rises then falls (over-optimisation)."""
+    """A CSVLogger ``metrics.csv``: training rows with ``train/loss`` and PPO's per-iteration metrics between
+    evaluation rows where KL grows, proxy reward keeps rising and gold reward rises then falls (over-optimisation)."""
     log_dir.mkdir(parents=True)
     (log_dir / "hparams.yaml").write_text(hparams)
     columns = ["epoch", "step", "train/loss", "eval/gold/reward", "eval/proxy/reward", "eval/objective/kl",
                "eval/response/length_mean", "eval/hacking/length_ratio", "eval/hacking/sycophancy_rate",
-               "eval/hacking/format_rate", "eval/hacking/repetition_rate", "eval/gold/proxy_gap"]
+               "eval/hacking/format_rate", "eval/hacking/repetition_rate", "eval/gold/proxy_gap", "policy/approxkl",
+               "policy/clipfrac", "objective/kl", "value/explained_variance", "loss/value"]
     with open(log_dir / "metrics.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, columns, restval="")
         writer.writeheader()
         for index in range(evals):
             step = 10 * index
-            writer.writerow({"epoch": 0, "step": step, "train/loss": 1.0 / (index + 1)})
+            writer.writerow({"epoch": 0, "step": step, "train/loss": 1.0 / (index + 1), "policy/approxkl": 0.01,
+                             "policy/clipfrac": 0.05, "objective/kl": 0.3 * index, "value/explained_variance": 0.4,
+                             "loss/value": 0.2})
             gold, proxy = 0.5 + 0.1 * index - 0.05 * index**2, 0.1 + 0.2 * index
             writer.writerow({"epoch": 0, "step": step, "eval/gold/reward": gold, "eval/proxy/reward": proxy,
                              "eval/objective/kl": 0.3 * index - 0.01, "eval/response/length_mean": 7 + index,
@@ -114,7 +117,7 @@ def test_pipeline_report_has_every_figure_the_summary_and_escaped_samples(pipeli
     report = build_report([pipeline_dir])
     assert report.html_path == pipeline_dir / "report" / "index.html"
     page = assert_self_contained_page(report.html_path)
-    assert set(report.plots) == {"overoptimisation", "frontier", "hacking", "reward_model"}
+    assert set(report.plots) == {"overoptimisation", "frontier", "ppo_health", "hacking", "reward_model"}
     labels = [curve.label for curve in report.folders[0].curves]
     assert labels == ["ppo (β=0.5)", "dpo (β=0.1)"]  # the newest version_N; SFT is not a β-run
     assert report.folders[0].rm_curves[0].rows[-1]["val/accuracy"] == pytest.approx(0.71)
@@ -123,7 +126,8 @@ def test_pipeline_report_has_every_figure_the_summary_and_escaped_samples(pipeli
     assert "<td>-</td>" in page  # ppo's null proxy reward
     assert "&lt;b&gt;bold&lt;/b&gt; answer" in page and "<b>bold</b>" not in page
     assert page.count("question ") == 4  # at most 4 samples per stage
-    assert "Skipped" not in page
+    assert report.skipped == {"scaling_law": "no sweep folder has fitted Gao et al. forms (run a sweep with lit-rlhf "
+                                             "sweep)"}  # a sweep's figure
 
 
 def test_sweep_report_reads_trials_baselines_and_the_last_samples(sweep_dir, tmp_path):

@@ -138,7 +138,7 @@ def test_online_hands_the_file_to_w_and_b_and_runs_its_agent(monkeypatch, tmp_pa
     assert uploaded == [(yaml.safe_load((ROOT / "sweeps" / "ppo_beta.yaml").read_text()), "rlhf", "me")]
     assert agents[0] == [sys.executable, "-m", "wandb", "agent", "--count", "3", "me/rlhf/abc123"]
     assert agents[1][:4] == ["lit-rlhf", "fit", "--config", "configs/ppo.yaml"]
-    assert agents[1][-1] == "--model.kl_control.beta=5.0"
+    assert agents[1][-2:] == ["--model.kl_control.beta=2.0", "--seed_everything=0"]
     assert prepared == [(Path("runs/pipeline"), "rm")]  # the SFT policy and reward model the trials start from
 
     def failing_sweep(sweep, project, entity):
@@ -179,7 +179,7 @@ def test_offline_sweep_runs_resumes_and_reports(tmp_path, monkeypatch):
                     f"--model.model_name_or_path={out}/sft/hf", f"--model.reward_model={out}/rm/hf",
                     "--model.export_dir=null", "--trainer.max_steps=2", "--trainer.val_check_interval=1",
                     "--model.ppo_epochs=1", "--data.batch_size=4", "--data.num_eval_prompts=2",
-                    "--model.sampling.max_new_tokens=8", "${args}"],
+                    "--model.sampling.max_new_tokens=8", "--model.optimizer.learning_rate=1e-3", "${args}"],
     }
     sweep_file = tmp_path / "beta.yaml"
     sweep_file.write_text(yaml.safe_dump(spec))

@@ -211,9 +211,9 @@ class PPOModule(LightningModule):
 
     @property
     def samples_generated(self) -> int:
-        """Rollout answers sampled so far (on this process): a cost of the method, beside its updates."""
+        """Rollout answers sampled so far, on every process: a cost of the method, beside its updates."""
         per_prompt = 1 if self.hparams.advantage_estimator == "gae" else self.hparams.group_size
-        return self.iteration * self.trainer.datamodule.hparams.batch_size * per_prompt
+        return self.iteration * self.trainer.datamodule.hparams.batch_size * per_prompt * self.trainer.world_size
 
     @property
     def optimizer_steps_per_batch(self) -> int:
@@ -310,7 +310,8 @@ class PPOModule(LightningModule):
     def _optimise(self, buffer: RolloutBuffer) -> dict[str, torch.Tensor]:
         """``ppo_epochs`` passes of ``num_minibatches`` updates. With ``target_kl``, the iteration's remaining updates
         are dropped once a minibatch's approximate KL to the rollout policy, measured before its step, exceeds it
-        (as Stable-Baselines3 does): the step that would go further is not taken."""
+        (as Stable-Baselines3 does): the step that would go further is not taken. The first update is always taken,
+        so that every iteration moves the policy and ``trainer.max_steps`` is reached."""
         optimizer, target_kl = self.optimizers(), self.hparams.target_kl
         stats, updates = defaultdict(list), 0
         for _ in range(self.hparams.ppo_epochs):
@@ -322,7 +323,7 @@ class PPOModule(LightningModule):
                     approxkl.append(share * micro_stats["policy/approxkl"])
                     for name, value in micro_stats.items():
                         stats[name].append(value)
-                if target_kl is not None and self._reduced(torch.stack(approxkl).sum()) > target_kl:
+                if target_kl is not None and updates and self._reduced(torch.stack(approxkl).sum()) > target_kl:
                     optimizer.zero_grad()
                     return self._update_stats(stats, updates, stopped=True)
                 if self.hparams.max_grad_norm is not None:
@@ -449,7 +450,8 @@ class PPOModule(LightningModule):
         if saved_settings.get("seed", self.hparams.seed) == self.hparams.seed:
             self.seed = checkpoint["ppo"].get("seed", self.seed)
         self.iteration = checkpoint["ppo"]["iteration"]
-        self.health.load_state_dict(checkpoint["ppo"]["health"])
+        if "health" in checkpoint["ppo"]:  # a checkpoint from before the health limits starts their record afresh
+            self.health.load_state_dict(checkpoint["ppo"]["health"])
 
     def on_fit_end(self) -> None:
         export_trained(self, self.policy)

@@ -1,7 +1,8 @@
 """PPO's health: limits that a well-behaved run stays within at every iteration, and the breaches of a run.
 
-Well-tuned PPO takes small steps: the approximate KL between the policy before and after an iteration's updates
-stays near 0.01–0.02 and few tokens hit the clip (Schulman et al. 2017; the 37 implementation details of
+Well-tuned PPO takes small steps: the approximate KL between the policy that sampled an iteration's rollouts and the
+policy at each of its updates (``policy/approxkl``, averaged over the updates) stays near 0.01–0.02 and few tokens hit
+the clip (Schulman et al. 2017; the 37 implementation details of
 Huang et al. 2022). A policy that stops ending its answers, or whose KL to the reference jumps, has collapsed.
 """
 
@@ -20,8 +21,8 @@ class HealthLimits:
         approxkl: most ``policy/approxkl`` (the mean over the iteration's updates)
         clipfrac: most ``policy/clipfrac``
         eos_fraction: least ``rollout/response/eos_fraction``, the share of rollouts that end
-        kl_spike: most ``objective/kl`` (the rollouts' KL to the reference) as a multiple of its running median over
-            the iterations so far, once it exceeds ``kl_floor`` nats (a KL growing from 0 is no spike)
+        kl_spike: most ``objective/kl`` (the rollouts' KL to the reference) as a multiple of its median over the
+            earlier iterations, once it exceeds ``kl_floor`` nats (a KL growing from 0 is no spike)
         kl_floor: nats of rollout KL below which no spike is called
     """
 
@@ -50,11 +51,11 @@ class PPOHealth:
         if (value := metrics.get("rollout/response/eos_fraction")) is not None and value < limits.eos_fraction:
             found.append(f"iteration {iteration}: rollout/response/eos_fraction {value:.3f} < {limits.eos_fraction}")
         if (kl := metrics.get("objective/kl")) is not None:
+            median = statistics.median(self.rollout_kls) if self.rollout_kls else None
+            if median is not None and kl > limits.kl_floor and kl > limits.kl_spike * median:
+                found.append(f"iteration {iteration}: objective/kl {kl:.3f} > {limits.kl_spike} x the earlier "
+                             f"iterations' median {median:.3f}")
             self.rollout_kls.append(kl)
-            median = statistics.median(self.rollout_kls)
-            if kl > limits.kl_floor and kl > limits.kl_spike * median:
-                found.append(f"iteration {iteration}: objective/kl {kl:.3f} > {limits.kl_spike} x its running "
-                             f"median {median:.3f}")
         self.breaches.extend(found)
         return found
 
