@@ -344,7 +344,7 @@ def plot_scaling_law(folders: list[RunFolder], out_dir: Path) -> Path:
             predicted = GaoFit(**fit).predict(grid)
             ax.plot(grid, predicted, linestyle="-" if form == "rl" else "--", color=f"C{colour % 10}",
                     label=f"{_labelled(folder, form, folders)}: α={fit['alpha']:.2f}, β={fit['beta']:.2f}, "
-                          f"R²={fit['r2']:.2f}")
+                          f"R²={format_cell(fit['r2'])}")
     if not ax.lines:
         raise _NothingToPlot("no sweep folder has fitted Gao et al. forms (run a sweep with lit-rlhf sweep)")
     ax.axhline(0, color="gray", linewidth=0.5)

