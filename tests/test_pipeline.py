@@ -50,6 +50,17 @@ def tiny(spec_path: Path, tmp_path: Path) -> Path:
     return path
 
 
+def short_pipeline(tmp_path: Path) -> Path:
+    """The tiny main job cut to its first two stages, SFT and collect, measured without a reference or reward
+    model."""
+    spec = yaml.safe_load(tiny(CONFIGS / "pipeline.yaml", tmp_path).read_text())
+    spec["stages"] = spec["stages"][:2]
+    spec["evaluation"] |= {"reference": None, "reward_model": None}
+    path = tmp_path / "short.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
 def test_the_pipeline_resumes_after_a_crash_without_redoing_completed_stages(tmp_path, monkeypatch):
     spec, out = tiny(CONFIGS / "pipeline.yaml", tmp_path), tmp_path / "out"
     runs: list[str] = []
@@ -110,11 +121,7 @@ def test_the_pipeline_resumes_after_a_crash_without_redoing_completed_stages(tmp
 
 
 def test_the_seed_reaches_every_stage_and_a_new_seed_redoes_them(tmp_path):
-    spec = yaml.safe_load(tiny(CONFIGS / "pipeline.yaml", tmp_path).read_text())
-    spec["stages"] = spec["stages"][:2]  # sft, collect
-    spec["evaluation"] |= {"reference": None, "reward_model": None}
-    path, out = tmp_path / "short.yaml", tmp_path / "out"
-    path.write_text(yaml.safe_dump(spec))
+    path, out = short_pipeline(tmp_path), tmp_path / "out"
     fits = []
 
     def recording_fit(args, runs_dir):
@@ -134,11 +141,7 @@ def test_the_seed_reaches_every_stage_and_a_new_seed_redoes_them(tmp_path):
 
 
 def test_seeds_run_the_pipeline_once_each_and_aggregate_over_them(tmp_path):
-    spec = yaml.safe_load(tiny(CONFIGS / "pipeline.yaml", tmp_path).read_text())
-    spec["stages"] = spec["stages"][:2]  # sft, collect
-    spec["evaluation"] |= {"reference": None, "reward_model": None}
-    path, out = tmp_path / "short.yaml", tmp_path / "out"
-    path.write_text(yaml.safe_dump(spec))
+    path, out = short_pipeline(tmp_path), tmp_path / "out"
     rows = pipeline.run_seeds(path, fit_phase, [0, 1], out)
     per_seed = {seed: {row["stage"]: row for row in json.loads((out / f"seed_{seed}" / "summary.json").read_text())}
                 for seed in (0, 1)}
@@ -178,11 +181,7 @@ def wandb_offline(monkeypatch):
 
 
 def test_the_console_shows_one_line_per_stage_and_each_stage_folder_the_rest(tmp_path, wandb_offline, capfd):
-    spec = yaml.safe_load(tiny(CONFIGS / "pipeline.yaml", tmp_path).read_text())
-    spec["stages"] = spec["stages"][:2]  # sft, collect
-    spec["evaluation"] |= {"reference": None, "reward_model": None}
-    path, out = tmp_path / "short.yaml", tmp_path / "out"
-    path.write_text(yaml.safe_dump(spec))
+    path, out = short_pipeline(tmp_path), tmp_path / "out"
     rows = pipeline.run_pipeline(path, fit_phase, out)
 
     printed = capfd.readouterr()
