@@ -604,7 +604,8 @@ class HeldOutEvaluation:
     repeated ``samples_per_prompt`` times, the same sampling noise, the ``reference`` policy that KL and the hacking
     metrics are measured against, and the ``reward_model`` that gives the proxy reward; prompts are cut from the left
     to ``max_prompt_length`` tokens (by default the world's; set it to the phases' own on other data). Sweeps
-    measure their trials with it too, so a sweep's numbers and a pipeline's summary are on the same axes."""
+    measure their trials with it too, on the world's development prompts (``split``), so a sweep's numbers and a
+    pipeline's summary are measured alike, on different prompts."""
 
     def __init__(self, run: PipelineRun, split: str = "test") -> None:
         self.spec = run.spec.evaluation

@@ -55,13 +55,17 @@ def test_the_main_jobs_optimum_is_estimated_and_paired_differences_written(main_
 
 @pytest.mark.slow
 def test_the_main_jobs_reward_model_reaches_the_accuracy_bar(main_job):
-    """The bar at what the world's model learns (issue 3's evidence), as one run measures it: 0.62 against the
-    raters' labels, 0.65 against gold. Held-out accuracy is measured on about 100 prompts (a standard error of
-    about 0.02), and six runs (seeds 0–2, before and after the world model's fused GELU) gave 0.618–0.682
-    against the raters, 0.671–0.718 against gold: a single run's 0.64 was within that noise."""
+    """The bar at what the world's model learns (issue 3's evidence), as the main job (seed 0) measures it: 0.62
+    against the raters' labels, 0.65 against gold. Measured on the ~3,070 pairs of SFT answers to the test prompts
+    (standard error about 0.007), seed 0 gives 0.625 and 0.665 (the same on every run here); seeds 1 and 2 gave
+    0.600 and 0.634 against the raters, 0.609 and 0.641 against gold, so the bar holds for this seed, not for every
+    seed (README: over three seeds)."""
     rows, _, _ = main_job
     assert rows["rm"]["accuracy"] >= 0.62
     assert rows["rm"]["gold_accuracy"] >= 0.65
+    # measured on every pair of different SFT answers to the 512 test prompts, against the raters' ceiling
+    assert rows["rm"]["test_pairs"] >= 3000 and rows["rm"]["accuracy_se"] <= 0.01
+    assert rows["rm"]["accuracy"] < rows["rm"]["rater_ceiling"] < 1
 
 
 @pytest.mark.slow
