@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -65,12 +66,40 @@ def default_loggers(runs_dir: str = RUNS_DIR) -> list[dict]:
     return loggers
 
 
+LIBRARY_NOTICES = ("💡 Tip:",)
+"""Lightning's advertisements of its own cloud services, printed at every fit."""
+LIBRARY_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+"""Deprecations inside Lightning, not in anything a user of this package can change."""
+
+
+def quiet_library_notices() -> None:
+    """Keep a run's log to what it is about: drop :data:`LIBRARY_NOTICES` from Lightning's info log and
+    :data:`LIBRARY_WARNINGS` (W&B's end-of-run history is quieted by :class:`DeferredWandbLogger`)."""
+    for message in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(found, _DropNotices) for found in rank_zero_log.filters):
+        rank_zero_log.addFilter(_DropNotices())
+
+
+class _DropNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(LIBRARY_NOTICES)
+
+
 class DeferredWandbLogger(WandbLogger):
     """Lightning's W&B logger, whose run starts with the first thing logged (the hyperparameters, once the data and
     the model are set up) instead of before the data is read: a run stopped by bad data or settings starts none."""
 
     _logged = False
     """Whether Lightning has logged anything: until then the run is not started."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._wandb_init.pop("anonymous", None)  # Lightning passes W&B a setting W&B warns it ignores
+        # W&B's essential lines (where the run is) stay; its end-of-run history and summary go.
+        if self._wandb_init.get("settings") is None:  # the command line passes every wandb.init argument, unset
+            self._wandb_init["settings"] = {"quiet": True}
 
     @property
     def experiment(self):
@@ -216,6 +245,7 @@ class RLHFCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True, runs_dir: str | None = None) -> None:
         runs_dir = runs_dir or os.environ.get(RUNS_DIR_VARIABLE) or RUNS_DIR
         self.runs_dir = runs_dir
+        quiet_library_notices()
         try:
             super().__init__(
                 LightningModule,
@@ -388,6 +418,8 @@ def _collect_command(argv: list[str]) -> None:
     parser.add_argument("--max-prompt-length", type=int, default=stage["max_prompt_length"],
                         help="prompts are cut from the left to this (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=stage["temperature"], help="(default: %(default)s)")
+    parser.add_argument("--on-bad-row", choices=("error", "skip"), default="error",
+                        help="a bad prompt row stops the run, or is left out and counted (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.judge_model and args.reward_model:
@@ -396,7 +428,7 @@ def _collect_command(argv: list[str]) -> None:
         args.policy, args.out, k=args.k, judge=args.judge, judge_model=args.judge_model or args.reward_model,
         prompts_path=args.prompts, num_prompts=args.num_prompts,
         sampling=SamplingConfig(args.max_new_tokens, args.temperature), max_prompt_length=args.max_prompt_length,
-        seed=args.seed, reward=args.reward, principles_path=args.principles,
+        seed=args.seed, reward=args.reward, principles_path=args.principles, on_bad_row=args.on_bad_row,
     )
     print(
         f"{summary.prompts} prompts x {summary.k} responses, judged by {summary.judge}: {summary.pairs} pairs "

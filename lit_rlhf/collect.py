@@ -1,8 +1,9 @@
 """Comparison collection: k sampled responses per prompt, ranked by a judge, written as C(k, 2) pairs.
 
 The seed's data-efficiency point: one ranking of k responses yields k(k−1)/2 comparisons. Output, in the
-formats the data layer reads: ``comparisons.jsonl`` (``prompt``/``chosen``/``rejected``; tied pairs dropped and
-counted), ``rankings.jsonl`` (``prompt``/``responses``/``ranks``, the full ranking per prompt) and
+formats the data layer reads: ``comparisons.jsonl`` (``prompt``/``chosen``/``rejected``, and ``chosen_ended``/
+``rejected_ended``, whether each answer ended or ran out of ``max_new_tokens``; tied pairs dropped and counted),
+``rankings.jsonl`` (``prompt``/``responses``/``ranks``/``responses_ended``, the full ranking per prompt) and
 ``collect.json`` (what was done, with the counts).
 
 The judge defaults to the world's simulated raters on the world's prompts; other prompts have no default judge.
@@ -20,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_rlhf.data.collate import tokenize_prompts
 from lit_rlhf.data.datamodules import PromptDataModule, subsample
-from lit_rlhf.data.formats import make_chat_renderer, normalize_rows, ranking_to_pairs
+from lit_rlhf.data.formats import OnBadRow, make_chat_renderer, normalize_rows, ranking_to_pairs
 from lit_rlhf.data.sources import read_rows
 from lit_rlhf.errors import ConfigError, DataError
 from lit_rlhf.generation import Response, SamplingConfig, generate
@@ -80,6 +81,7 @@ def collect_comparisons(
     seed: int = 0,
     reward: str | None = None,
     principles_path: str | Path | None = None,
+    on_bad_row: OnBadRow = "error",
 ) -> CollectionSummary:
     """Sample ``k`` responses per prompt from ``policy``, rank them with ``judge``, write pairs and rankings.
 
@@ -89,7 +91,8 @@ def collect_comparisons(
     exist only for the world's prompts: other prompts need a judge named (:func:`default_judge`). ``judge_model`` is
     the reward-model export (``judge="reward_model"``) or causal LM (``judge="llm"``), ``reward`` the
     ``"package.module:function"`` of ``judge="function"``, and ``principles_path`` a text file of the LLM judge's
-    principles; the LLM judge's verdicts are cached in ``out_dir/judge_cache.json``.
+    principles; the LLM judge's verdicts are cached in ``out_dir/judge_cache.json``. ``on_bad_row`` is the data
+    layer's: ``"skip"`` leaves bad prompt rows out (counted in a warning) where ``"error"`` stops at the first.
     """
     started = time.perf_counter()
     if k < 2 or num_prompts < 1:
@@ -98,7 +101,7 @@ def collect_comparisons(
     principles = read_principles(principles_path) if principles_path is not None else None
     prompt_data = PromptDataModule(
         path=prompts_path, tokenizer_name_or_path=policy, val_fraction=0.0, max_prompt_length=max_prompt_length,
-        max_length=max_prompt_length + sampling.max_new_tokens,
+        max_length=max_prompt_length + sampling.max_new_tokens, on_bad_row=on_bad_row,
     )
     prompt_data.setup("fit")
     prompts = [record.prompt for record in subsample(prompt_data.train_records, num_prompts, seed)]
@@ -121,13 +124,17 @@ def collect_comparisons(
     ranks = ranker.rank(prompts, responses, [[sample.ended for sample in group] for group in samples])
     pairs, ties, agree, decided = 0, 0, 0, 0
     with open(out_dir / "comparisons.jsonl", "w") as comparisons, open(out_dir / "rankings.jsonl", "w") as rankings:
-        for prompt, group, group_ranks in zip(prompts, responses, ranks):
-            rankings.write(json.dumps({"prompt": prompt, "responses": group, "ranks": group_ranks}) + "\n")
+        for prompt, group, group_samples, group_ranks in zip(prompts, responses, samples, ranks):
+            group_ended = [sample.ended for sample in group_samples]
+            rankings.write(json.dumps({"prompt": prompt, "responses": group, "ranks": group_ranks,
+                                       "responses_ended": group_ended}) + "\n")
+            ended = dict(zip(group, group_ended))
             group_pairs, group_ties = ranking_to_pairs(group, group_ranks)
             ties += group_ties
             gold = dict(zip(group, oracle.score([prompt] * len(group), group).tolist())) if on_world else {}
             for chosen, rejected in group_pairs:
-                comparisons.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
+                comparisons.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                                              "chosen_ended": ended[chosen], "rejected_ended": ended[rejected]}) + "\n")
                 pairs += 1
                 if on_world and (gold_margin := gold[chosen] - gold[rejected]) != 0:
                     decided += 1

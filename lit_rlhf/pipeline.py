@@ -35,6 +35,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, replace
@@ -49,7 +50,7 @@ from transformers import PreTrainedModel
 from lit_rlhf.advantages import clip_scores, normalize_scores
 from lit_rlhf.collect import collect_comparisons, sample_responses
 from lit_rlhf.data.datamodules import DemonstrationDataModule, PromptDataModule, default_world_dir, subsample
-from lit_rlhf.errors import ConfigError
+from lit_rlhf.errors import ConfigError, LitRLHFError
 from lit_rlhf.evaluation import (
     PolicyEvaluation,
     evaluate_policy,
@@ -71,6 +72,7 @@ from lit_rlhf.pipeline_spec import (
     SamplingStage,
     SelfPlayStage,
     StageSpec,
+    check_data_files,
     load_pipeline,
 )
 from lit_rlhf.scoring import Scorer, gold_scorer, make_scorer
@@ -102,6 +104,9 @@ SUMMARY_METRICS = {
 ``<column>_se`` is the standard error of ``<column>``, clustered by prompt."""
 SUMMARY_KEYS = ("stage", *SUMMARY_METRICS, "seconds")
 PAIRED_METRICS = ("gold_reward", "proxy_reward")
+PROXY_SCORER = "proxy_scorer"
+"""The summary column naming what gave ``proxy_reward`` (the evaluation's reward model), which a policy's training
+reward need not be (PPO may train on a function)."""
 """The summary columns compared between every two policies, prompt by prompt, in ``paired.json``."""
 SUMMARY_FILE = "summary.json"
 PAIRED_FILE = "paired.json"
@@ -171,6 +176,7 @@ def run_stages(run: PipelineRun, force: tuple[str, ...] = (), until: str | None 
     unknown = [name for name in (*force, *([until] if until else [])) if name not in names]
     if unknown:
         raise ConfigError(f"--force {unknown[0]}: no such stage (stages: {', '.join(names)})")
+    check_data_files(run.spec)
     rerun: set[str] = set()
     for stage in run.spec.stages[: names.index(until) + 1 if until else None]:
         stage_dir = run.out_dir / stage.name
@@ -191,8 +197,9 @@ def run_stages(run: PipelineRun, force: tuple[str, ...] = (), until: str | None 
                 raise
             reason = last_line(stage_dir / LOG_FILE).removeprefix("lit-rlhf: error: ")
             raise ConfigError(f"stage {stage.name!r}: {reason}") from None
-        except BaseException:
+        except BaseException as error:
             print(f"failed, its output: {stage_dir / LOG_FILE}")
+            _log_failure(stage_dir / LOG_FILE, error)
             raise
         record["seconds"] = round(time.perf_counter() - started, 1)
         print(f"done in {record['seconds']} s")
@@ -218,6 +225,8 @@ def run_pipeline(
     run_stages(run, force)
     summary = summarize(run)
     print(format_table(summary.rows))
+    if scorer_line := proxy_scorers(summary.rows):
+        print(scorer_line)
     for row in summary.rows:
         if row.get("health_breaches"):
             print(f"[pipeline] {row['stage']}: {row['health_breaches']} PPO-health breaches, the first "
@@ -334,6 +343,14 @@ def output_to(path: Path) -> Iterator[None]:
         for fd, original in zip((1, 2), console):
             os.dup2(original, fd)
             os.close(original)
+
+
+def _log_failure(log: Path, error: BaseException) -> None:
+    """Why a stage failed, at the end of its log: the one line of an error of ours (bad data or settings), the
+    traceback of anything else."""
+    reason = str(error) if isinstance(error, LitRLHFError) else "".join(traceback.format_exception(error)).rstrip()
+    with open(log, "a") as handle:
+        handle.write(f"[pipeline] failed: {reason}\n")
 
 
 def last_line(path: Path) -> str:
@@ -455,6 +472,8 @@ def _run_fit(stage: FitStage, stage_dir: Path, run: PipelineRun) -> dict[str, An
                                    (stage.data, "data.init_args.path", "data")):
         if reference:
             args += [f"--{key}", run.resolve(reference, output)]
+    if not {"data.on_bad_row", "data.init_args.on_bad_row"} & set(stage.args):
+        args += ["--data.init_args.on_bad_row", run.spec.on_bad_row]
     for key, value in stage.args.items():
         args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
     cli = run.fit_phase(args, str(stage_dir))
@@ -480,6 +499,7 @@ def _run_collect(stage: CollectStage, stage_dir: Path, run: PipelineRun) -> dict
         reward=stage.reward, principles_path=stage.principles,
         prompts_path=_prompts_path(stage, run.spec), num_prompts=stage.num_prompts,
         sampling=_sampling(stage), max_prompt_length=stage.max_prompt_length, seed=run.seed,
+        on_bad_row=_on_bad_row(stage, run.spec),
     )
     return {"kind": "collect", "role": DATA, "data": "comparisons.jsonl", "generated": summary.prompts * summary.k,
             "pairs": summary.pairs,
@@ -489,6 +509,11 @@ def _run_collect(stage: CollectStage, stage_dir: Path, run: PipelineRun) -> dict
 def _sampling(stage: SamplingStage) -> SamplingConfig:
     """A sampling stage's decoding settings."""
     return SamplingConfig(stage.max_new_tokens, stage.temperature)
+
+
+def _on_bad_row(stage: SamplingStage, spec: PipelineSpec) -> str:
+    """A sampling stage's ``on_bad_row``, else the file's."""
+    return stage.on_bad_row or spec.on_bad_row
 
 
 def _prompts_path(stage: CollectStage | RejectionSampleStage, spec: PipelineSpec) -> str | None:
@@ -501,7 +526,8 @@ def _training_prompts(stage: RejectionSampleStage, spec: PipelineSpec, policy: s
     prompts rendered with the template of the ``policy`` that answers them."""
     prompts = PromptDataModule(path=_prompts_path(stage, spec), tokenizer_name_or_path=policy, val_fraction=0.0,
                                max_prompt_length=stage.max_prompt_length,
-                               max_length=stage.max_prompt_length + stage.max_new_tokens)
+                               max_length=stage.max_prompt_length + stage.max_new_tokens,
+                               on_bad_row=_on_bad_row(stage, spec))
     prompts.setup("fit")
     return [record.prompt for record in subsample(prompts.train_records, stage.num_prompts, spec.seed)]
 
@@ -515,21 +541,21 @@ def _run_rejection_sample(stage: RejectionSampleStage, stage_dir: Path, run: Pip
     scorer = make_scorer(run.resolve(stage.reward_model, "model"), device=inference_device())
     answers = [[response for response in group if response.text.strip()] for group in groups]  # EOS first: no answer
     picks = pick_best(prompts, answers, scorer, stage.keep, stage.threshold)  # an empty completion is a bad row
-    _write_jsonl(stage_dir / "demonstrations.jsonl", [{"prompt": p.prompt, "completion": p.response} for p in picks])
+    _write_jsonl(stage_dir / "demonstrations.jsonl",
+                 [{"prompt": p.prompt, "completion": p.response, "completion_ended": p.ended} for p in picks])
     return {"kind": "rejection_sample", "role": DATA, "data": "demonstrations.jsonl", "rows": len(picks)}
 
 
 def _run_self_play(stage: SelfPlayStage, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
     policy = run.resolve(stage.policy, "model")
     demonstrations = DemonstrationDataModule(path=stage.demonstrations, tokenizer_name_or_path=policy,
-                                             val_fraction=0.0)
+                                             val_fraction=0.0, on_bad_row=_on_bad_row(stage, run.spec))
     demonstrations.setup("fit")
     records = subsample(demonstrations.train_records, stage.num_prompts, run.seed)
     torch.manual_seed(run.seed)
     prompts = [record.prompt for record in records]
     groups = sample_responses(policy, prompts, 1, _sampling(stage), stage.max_prompt_length, SAMPLING_BATCH_SIZE)
-    generations = [group[0].text for group in groups]
-    pairs = self_play_pairs(prompts, [record.completion for record in records], generations)
+    pairs = self_play_pairs(prompts, [record.completion for record in records], [group[0] for group in groups])
     _write_jsonl(stage_dir / "comparisons.jsonl", pairs)
     return {"kind": "self_play", "role": DATA, "data": "comparisons.jsonl", "pairs": len(pairs)}
 
@@ -634,7 +660,7 @@ class HeldOutEvaluation:
         prompts = PromptDataModule(path=path, tokenizer_name_or_path=tokenizer, val_fraction=0.0,
                                    max_prompt_length=self.max_prompt_length,
                                    max_length=self.max_prompt_length + self.sampling.max_new_tokens,
-                                   num_eval_prompts=self.num_prompts)
+                                   num_eval_prompts=self.num_prompts, on_bad_row=self.run.spec.on_bad_row)
         prompts.setup("fit")
         return [p for p in prompts.eval_prompts for _ in range(self.repeats)]
 
@@ -764,7 +790,8 @@ def summarize(run: PipelineRun) -> Summary:
     def measured(stage: str, result: PolicyEvaluation) -> dict[str, Any]:
         samples.extend(evaluation.samples(stage, result))
         policies[stage] = result
-        return evaluation.row(result)
+        row = evaluation.row(result)
+        return row | ({PROXY_SCORER: evaluation.spec.reward_model} if "proxy_reward" in row else {})
 
     if evaluation.spec.init:
         rows.append({"stage": "init", **measured("init", evaluation.policy(evaluation.spec.init)),
@@ -802,8 +829,11 @@ def paired_rows(policies: dict[str, PolicyEvaluation], exclude: tuple[str, ...] 
     return rows
 
 
-def format_paired(rows: list[dict[str, Any]], metric: str = "gold_reward") -> str:
-    """The paired differences of one metric as text, each said as resolved (its interval excludes 0) or not."""
+def format_paired(rows: list[dict[str, Any]], metric: str | None = None) -> str:
+    """The paired differences of one metric as text, each said as resolved (its interval excludes 0) or not; by
+    default the first of :data:`PAIRED_METRICS` the rows have (gold where there is gold, else the proxy)."""
+    metric = metric or next((name for name in PAIRED_METRICS if any(row["metric"] == name for row in rows)),
+                            PAIRED_METRICS[0])
     lines = [f"paired {metric} differences (a - b, mean, 95% interval over n units):"]
     for row in (row for row in rows if row["metric"] == metric and row["ci95"] is not None):
         low, high = row["ci95"]
@@ -816,10 +846,18 @@ def format_paired(rows: list[dict[str, Any]], metric: str = "gold_reward") -> st
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The summary as fixed-width text: the policies' rows, then the other stages' (data, reward models); a value
-    with a standard error (``<column>_se``) is written ``value±se``."""
+    with a standard error (``<column>_se``) is written ``value±se``; which scorer gave ``proxy_reward`` is said once,
+    under the table."""
+    rows = [{key: value for key, value in row.items() if key != PROXY_SCORER} for row in rows]
     policies = [row for row in rows if "length_mean" in row or "gold_reward" in row]
     others = [row for row in rows if row not in policies]
     return "\n\n".join(_fixed_width([with_errors(row) for row in group]) for group in (policies, others) if group)
+
+
+def proxy_scorers(rows: list[dict[str, Any]]) -> str | None:
+    """One line naming the scorer of the rows' ``proxy_reward``, or ``None`` where none has one."""
+    scorers = sorted({str(row[PROXY_SCORER]) for row in rows if row.get(PROXY_SCORER)})
+    return f"proxy_reward: the score of {' and '.join(scorers)} (evaluation.reward_model)" if scorers else None
 
 
 def with_errors(row: dict[str, Any]) -> dict[str, Any]:
@@ -843,10 +881,13 @@ def _fixed_width(rows: list[dict[str, Any]]) -> str:
 
 
 def format_cell(value: Any) -> str:
-    """A table cell: floats to three decimals, ``-`` for a missing value."""
+    """A table cell: floats to three decimals, or three significant digits where that would show a small one as
+    0.000 (a learning rate of 3e-05), ``-`` for a missing value."""
     if value is None:
         return "-"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.3g}" if 0 < abs(value) < 5e-4 else f"{value:.3f}"
 
 
 def _float(value: Any) -> float | None:

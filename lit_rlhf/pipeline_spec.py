@@ -10,6 +10,7 @@ file, the stage and the key. docs/pipeline.md lists every field with its default
 
 from __future__ import annotations
 
+import importlib
 import types
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -19,7 +20,9 @@ from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin,
 
 import yaml
 
-from lit_rlhf.errors import ConfigError
+from lit_rlhf.data.formats import normalize_rows
+from lit_rlhf.data.sources import is_local, read_rows
+from lit_rlhf.errors import ConfigError, DataError
 from lit_rlhf.judges import JUDGES
 
 Spec = TypeVar("Spec")
@@ -72,6 +75,8 @@ class SamplingStage(StageSpec):
     max_new_tokens: int = 24
     temperature: float = 1.0
     max_prompt_length: int = 32
+    on_bad_row: Literal["error", "skip"] | None = None
+    """What a bad row of the prompts (or demonstrations) it reads does: ``None``, the file's ``on_bad_row``."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -256,6 +261,9 @@ SHORTHANDS: dict[str, type[Rounds]] = {
     spec.kind: spec for spec in (RejectionSamplingRounds, SpinRounds, IterativeRounds)
 }
 CONFIG_KEYS = ("config", "rm_config")
+PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+"""The package's phase configs, where a pipeline file's ``config`` is looked up when it is not beside the file (a
+copied ``pipeline_hf.yaml`` still finds ``sft.yaml``)."""
 """Phase configs, relative to the pipeline file."""
 
 
@@ -293,6 +301,9 @@ class PipelineSpec:
     """Training prompts of the sampling stages that name none, and the held-out ones without
     ``evaluation.prompts``; ``None``: the world's."""
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+    on_bad_row: Literal["error", "skip"] = "error"
+    """What a bad row of any data file does, in every stage (a fit stage's ``data.on_bad_row``, a sampling stage's
+    own ``on_bad_row``, the held-out prompts): ``error`` stops the run naming it, ``skip`` leaves it out, counted."""
 
 
 def load_pipeline(path: str | Path) -> PipelineSpec:
@@ -324,6 +335,66 @@ def load_pipeline(path: str | Path) -> PipelineSpec:
     return spec
 
 
+def check_data_files(spec: PipelineSpec) -> None:
+    """Read every local data file the stages and the evaluation will read, as the stage reading it will, before the
+    first stage runs: a bad row (under ``on_bad_row: error``), a missing file or a file without a usable row stops
+    the run here, in one line, rather than after the stages before its reader have trained. Chat rows are rendered
+    with the default template here (the model whose template a stage uses may not exist yet); hub datasets are
+    read by their stage."""
+    for path, kind, on_bad_row in sorted(set(data_files(spec))):
+        if not is_local(path):
+            continue
+        rows = normalize_rows(read_rows(path), kind, path, on_bad_row=on_bad_row)
+        if not rows.records:
+            raise DataError(f"{path}: no usable {kind} rows ({rows.rows} read, {rows.skipped_rows} skipped)")
+
+
+def data_files(spec: PipelineSpec) -> list[tuple[str, str, str]]:
+    """``(path, record kind, on_bad_row)`` of every data file the run reads that no stage writes."""
+    names = {stage.name for stage in spec.stages}
+    files = []
+    for stage in spec.stages:
+        on_bad_row = getattr(stage, "on_bad_row", None) or spec.on_bad_row
+        if isinstance(stage, FitStage):
+            on_bad_row = stage.args.get("data.on_bad_row", stage.args.get("data.init_args.on_bad_row", on_bad_row))
+            paths = [stage.data, stage.args.get("data.path"), stage.args.get("data.init_args.path")]
+            files += [(path, _fit_data_kind(stage), on_bad_row) for path in paths
+                      if isinstance(path, str) and path not in names]
+        elif isinstance(stage, (CollectStage, RejectionSampleStage)):
+            prompts = stage.prompts if stage.prompts is not None else spec.prompts
+            files += [(prompts, "prompt", on_bad_row)] if prompts else []
+        elif isinstance(stage, SelfPlayStage) and stage.demonstrations:
+            files.append((stage.demonstrations, "demonstration", on_bad_row))
+    if held_out := spec.evaluation.prompts if spec.evaluation.prompts is not None else spec.prompts:
+        files.append((held_out, "prompt", spec.on_bad_row))
+    return files
+
+
+def _fit_data_kind(stage: FitStage) -> str:
+    """The record kind a fit stage's data module reads (its ``kind``), from ``data.class_path`` in its ``args`` or
+    its phase config (or a config that one extends)."""
+    class_path = stage.args.get("data.class_path") or _data_class_path(Path(stage.config))
+    module, _, name = (class_path or "").rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name).kind
+    except (ImportError, AttributeError, ValueError):
+        raise ConfigError(f"stage {stage.name!r}: {stage.config} names no data module with a record kind "
+                          f"(data.class_path {class_path!r})") from None
+
+
+def _data_class_path(config: Path) -> str | None:
+    """``data.class_path`` of a phase config: its own, else that of the file its ``config:`` extends, as jsonargparse
+    reads them."""
+    raw = read_yaml_file(config, "phase config") or {}
+    data = raw.get("data")
+    own = raw.get("data.class_path") or (data.get("class_path") if isinstance(data, dict) else None)
+    extended = raw.get("config")
+    for name in ([] if own else extended if isinstance(extended, list) else [extended]):
+        if isinstance(name, str) and (found := _data_class_path(config.parent / name)):
+            return found
+    return own
+
+
 def read_yaml_file(path: Path, what: str) -> Any:
     """A YAML file's contents, or a one-line :class:`ConfigError`: the ``what`` file is not there, or where (line and
     column) and why it is not valid YAML (PyYAML's own message runs to several lines)."""
@@ -339,7 +410,8 @@ def read_yaml_file(path: Path, what: str) -> Any:
 
 
 def _stage(raw: Any, index: int, path: Path) -> StageSpec:
-    """One entry of ``stages`` as its spec, its phase configs found relative to the pipeline file."""
+    """One entry of ``stages`` as its spec, its phase configs found relative to the pipeline file, else among the
+    package's (:data:`PACKAGE_CONFIGS`)."""
     if not isinstance(raw, dict) or "name" not in raw or "kind" not in raw:
         raise ConfigError(f"{path}: stage {index} needs a 'name' and a 'kind'")
     spec_class = {**STAGES, **SHORTHANDS}.get(raw["kind"]) if isinstance(raw["kind"], str) else None
@@ -348,10 +420,12 @@ def _stage(raw: Any, index: int, path: Path) -> StageSpec:
                           f"{', '.join([*STAGES, *SHORTHANDS])}")
     where = f"{path}: stage {raw['name']!r} ({raw['kind']})"
     stage = build_spec(spec_class, {key: value for key, value in raw.items() if key != "kind"}, where)
-    configs = {key: str((path.parent / getattr(stage, key)).resolve()) for key in CONFIG_KEYS if hasattr(stage, key)}
-    for config in configs.values():
-        if not Path(config).is_file():
-            raise ConfigError(f"{where}: config not found: {config}")
+    configs = {}
+    for key in (key for key in CONFIG_KEYS if hasattr(stage, key)):
+        beside, packaged = (path.parent / getattr(stage, key)).resolve(), PACKAGE_CONFIGS / getattr(stage, key)
+        if not beside.is_file() and not packaged.is_file():
+            raise ConfigError(f"{where}: config not found: {beside} (nor among the package's, {PACKAGE_CONFIGS})")
+        configs[key] = str(beside if beside.is_file() else packaged.resolve())
     return replace(stage, **configs)
 
 

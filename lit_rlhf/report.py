@@ -27,6 +27,7 @@ from lit_rlhf.phases.ppo_health import HealthLimits
 from lit_rlhf.pipeline import (
     EVAL_SAMPLES_FILE,
     PAIRED_FILE,
+    PROXY_SCORER,
     SUMMARY_FILE,
     format_cell,
     format_paired,
@@ -41,10 +42,12 @@ HACKING = {"length_ratio": "length ratio", "sycophancy_rate": "sycophancy rate",
            "repetition_rate": "repetition rate"}
 SAMPLES_PER_RUN = 4
 DESCRIPTIONS = {
-    "overoptimisation": "Gold (left) and proxy (right) reward of the held-out evaluations during training against "
-                        "√KL to the reference. Proxy reward rising while gold reward falls as KL grows is reward "
-                        "hacking (Gao et al. 2022); a larger β stops the curve earlier.",
-    "frontier": "Final gold (left) and proxy (right) reward against √KL for every trial, stage and best-of-n "
+    "overoptimisation": "Gold (left) and training reward (right: the score of what each run was trained on, its "
+                        "reward model or function, named in the legend) of the held-out evaluations during training "
+                        "against √KL to the reference. Training reward rising while gold reward falls as KL grows is "
+                        "reward hacking (Gao et al. 2022); a larger β stops the curve earlier.",
+    "frontier": "Final gold (left) and proxy (right: the evaluation's reward model, named on the axis) reward "
+                "against √KL for every trial, stage and best-of-n "
                 "baseline, and the KL-regularised optimum π* of the reward model where the pipeline estimated it. Up "
                 "and to the left is better: more reward for less drift from the reference. A policy's gold below "
                 "π*'s is optimisation error; π*'s gold below the best is the reward model's error.",
@@ -75,6 +78,9 @@ class Curve:
 
     label: str
     rows: list[dict[str, float]]
+    reward: str | None = None
+    """What a PPO run was trained on (its ``reward_model``: an export, ``gold`` or ``module:function``), which its
+    logged ``eval/proxy/reward`` is the score of."""
 
 
 @dataclass
@@ -154,7 +160,7 @@ def _load_pipeline(path: Path) -> RunFolder:
         if phase == "reward" or done.get("role") == "reward_model":
             folder.rm_curves.append(Curve(stage, _metric_rows(log, ("val/accuracy",))))
         elif phase in ("ppo", "dpo"):
-            folder.curves.append(Curve(label, _metric_rows(log, EVAL_MARKERS)))
+            folder.curves.append(Curve(label, _metric_rows(log, EVAL_MARKERS), _reward_of(hparams)))
             if phase == "ppo":
                 folder.ppo_iterations.append(Curve(label, _metric_rows(log, ("policy/approxkl",))))
     for sample in _jsonl(path / EVAL_SAMPLES_FILE):
@@ -172,7 +178,9 @@ def _load_sweep(path: Path) -> RunFolder:
     for trial in folder.trials:
         log_dir = path / trial["log_dir"] if trial.get("log_dir") else None
         label = _params_label(trial.get("params") or {}) or str(trial.get("trial"))
-        folder.curves.append(Curve(label, _metric_rows(log_dir / "metrics.csv", EVAL_MARKERS) if log_dir else []))
+        reward = _reward_of(_read_hparams(log_dir / "hparams.yaml")) if log_dir else None
+        folder.curves.append(Curve(label, _metric_rows(log_dir / "metrics.csv", EVAL_MARKERS) if log_dir else [],
+                                   reward))
         if log_dir and folder.phase == "ppo":
             folder.ppo_iterations.append(Curve(label, _metric_rows(log_dir / "metrics.csv", ("policy/approxkl",))))
         if log_dir and (samples := _jsonl(log_dir / "samples.jsonl")[-SAMPLES_PER_RUN:]):
@@ -216,6 +224,15 @@ def _beta_of(hparams: dict[str, Any]) -> float | None:
     candidates = (kl_control.get("beta") if isinstance(kl_control, dict) else None, hparams.get("init_kl_coef"),
                   hparams.get("beta"))
     return next((value for value in candidates if isinstance(value, (int, float))), None)
+
+
+def _reward_of(hparams: dict[str, Any]) -> str | None:
+    """A PPO run's ``reward_model`` as a short name: an export's last two path parts (``rm/hf``), else as given."""
+    reward = hparams.get("reward_model")
+    if not isinstance(reward, str):
+        return None
+    parts = Path(reward).parts
+    return "/".join(parts[-2:]) if len(parts) > 1 and ":" not in reward else reward
 
 
 def _phase_of(hparams: dict[str, Any]) -> str:
@@ -293,17 +310,27 @@ def plot_overoptimisation(folders: list[RunFolder], out_dir: Path) -> Path:
         for metric, ax in axes.items():
             points = [(_root_kl(row["eval/objective/kl"]), row[metric]) for row in curve.rows
                       if "eval/objective/kl" in row and metric in row]
+            if metric == "eval/proxy/reward" and curve.reward:
+                label = f"{label} · {curve.reward}"
             if points:  # in training order; the final evaluation larger
                 ax.plot(*zip(*points), marker=".", color=colour, label=label, linewidth=1, alpha=0.8)
                 ax.plot(*points[-1], marker="o", color=colour)
                 drawn = True
     if not drawn:
         raise _NothingToPlot("no metrics.csv has evaluation rows with eval/objective/kl and a reward")
-    for (metric, ax), title in zip(axes.items(), ("gold reward", "proxy reward")):
-        ax.set(xlabel="√KL to the reference (√nats)", ylabel=title, title=f"{title} over training")
+    for (metric, ax), title in zip(axes.items(), ("gold reward", "training reward (each run's own, in the legend)")):
+        ax.set(xlabel="√KL to the reference (√nats)", ylabel=title.partition(" (")[0], title=f"{title} over training")
         if ax.lines:
             ax.legend(fontsize=7)
+    _drop_empty_axes(figure)
     return _save(figure, out_dir / "overoptimisation.png")
+
+
+def _drop_empty_axes(figure: Figure) -> None:
+    """Take out the panels nothing was drawn on (the gold panels of runs on your own data, which has no gold)."""
+    for ax in list(figure.axes):
+        if not ax.lines and not ax.patches:
+            figure.delaxes(ax)
 
 
 PPO_HEALTH_PANELS = {"policy/approxkl": HealthLimits.approxkl, "policy/clipfrac": HealthLimits.clipfrac,
@@ -428,10 +455,13 @@ def plot_frontier(folders: list[RunFolder], out_dir: Path) -> Path:
                 ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     if not gold_ax.lines and not proxy_ax.lines:
         raise _NothingToPlot("no trial, stage or baseline has a final KL with a gold or proxy reward")
-    for ax, title in ((gold_ax, "gold reward"), (proxy_ax, "proxy reward")):
+    scorers = sorted({str(row[PROXY_SCORER]) for folder in folders for row in folder.summary if row.get(PROXY_SCORER)})
+    proxy = f"proxy reward ({' and '.join(scorers)})" if scorers else "proxy reward"
+    for ax, title in ((gold_ax, "gold reward"), (proxy_ax, proxy)):
         ax.set(xlabel="√KL to the reference (√nats)", ylabel=f"final {title}", title=f"{title}–KL frontier")
         if ax.lines:
             ax.legend(fontsize=7)
+    _drop_empty_axes(figure)
     return _save(figure, out_dir / "frontier.png")
 
 
@@ -514,7 +544,9 @@ def _hacking_rows(folders: list[RunFolder]) -> list[dict[str, Any]]:
 
 
 def _html_table(rows: list[dict[str, Any]]) -> str:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
+    """Rows as an HTML table of the columns that have a value in some row (no column of dashes)."""
+    columns = [column for column in dict.fromkeys(key for row in rows for key in row)
+               if any(row.get(column) is not None for row in rows)]
     head = "".join(f"<th>{html.escape(column)}</th>" for column in columns)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(format_cell(row.get(column)))}</td>" for column in columns) + "</tr>"
@@ -528,11 +560,32 @@ table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}td,th{border:1
 td{white-space:pre-wrap;vertical-align:top}.skip{color:#a33}.note{color:#555}"""
 
 
+GOLD_PANELS = {
+    "overoptimisation": "The training reward of the held-out evaluations during training (each run's own reward model "
+                        "or function, named in the legend) against √KL to the reference. These runs have no gold "
+                        "reward (only the embedded world has one), so whether the policy gamed its reward is not "
+                        "measured here: the hacking metrics below are the signs to read.",
+    "frontier": "Final proxy reward (the evaluation's reward model, named on the axis) against √KL for every stage and "
+                "best-of-n baseline. These runs have no gold reward, so the frontier shows what the reward model "
+                "gave for each nat of drift, not what was gained.",
+}
+"""The captions of the figures with gold panels, for runs without gold (your own data): the panels are left out."""
+
+
+def _has_gold(folder: RunFolder) -> bool:
+    rows = [*folder.summary, *(trial.get("metrics") or {} for trial in folder.trials), *folder.baselines]
+    curves = [row for curve in folder.curves for row in curve.rows]
+    return any(row.get("gold_reward") is not None for row in rows) or any("eval/gold/reward" in r for r in curves)
+
+
 def render_html(report: Report) -> str:
     names = ", ".join(folder.name for folder in report.folders)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>lit-rlhf report: {html.escape(names)}"
              f"</title><style>{STYLE}</style></head><body><h1>lit-rlhf report: {html.escape(names)}</h1>"]
+    has_gold = any(_has_gold(folder) for folder in report.folders)
     for name, description in DESCRIPTIONS.items():
+        if not has_gold and name in GOLD_PANELS:
+            description = GOLD_PANELS[name]
         parts.append(f"<h2>{name.replace('_', ' ')}</h2><p class='note'>{html.escape(description)}</p>")
         if name in report.plots:
             data = base64.b64encode(report.plots[name].read_bytes()).decode("ascii")

@@ -92,14 +92,14 @@ class RewardModelScorer:
     def score(
         self, prompts: Sequence[str], responses: Sequence[str], finished: Sequence[bool] | None = None
     ) -> torch.Tensor:
-        records = [Demonstration(prompt, response) for prompt, response in zip(prompts, responses)]
-        finished = [True] * len(records) if finished is None else list(finished)
+        finished = [True] * len(prompts) if finished is None else finished
+        records = [Demonstration(prompt, response, ended=ended)
+                   for prompt, response, ended in zip(prompts, responses, finished, strict=True)]
         device = next(self.model.parameters()).device
         scores = []
         for start in range(0, len(records), self.batch_size):
             chunk = records[start : start + self.batch_size]
-            encoded = encode_demonstrations(chunk, self.tokenizer, self.max_length, self.max_prompt_length,
-                                            finished[start : start + self.batch_size])
+            encoded = encode_demonstrations(chunk, self.tokenizer, self.max_length, self.max_prompt_length)
             batch = collate_demonstrations(encoded.examples, self.tokenizer.pad_token_id)
             scores.append(
                 scalar_scores(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu()

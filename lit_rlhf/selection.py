@@ -58,13 +58,15 @@ def pick_best(
     return picks
 
 
-def self_play_pairs(prompts: Sequence[str], demonstrations: Sequence[str], generations: Sequence[str]) -> list[dict]:
-    """SPIN's comparisons: the demonstration chosen over the model's own generation; pairs where the model already
-    reproduces the demonstration exactly carry no signal and are left out, as are empty generations (EOS first),
-    which the data edge refuses as an answer."""
+def self_play_pairs(
+    prompts: Sequence[str], demonstrations: Sequence[str], generations: Sequence[Response]
+) -> list[dict]:
+    """SPIN's comparisons: the demonstration chosen over the model's own generation (``rejected_ended`` says whether
+    it ended); pairs where the model already reproduces the demonstration exactly carry no signal and are left out,
+    as are empty generations (EOS first), which teach nothing to push away from."""
     return [
-        {"prompt": prompt, "chosen": demonstration, "rejected": generation}
+        {"prompt": prompt, "chosen": demonstration, "rejected": generation.text, "rejected_ended": generation.ended}
         for prompt, demonstration, generation in zip(prompts, demonstrations, generations)
-        if generation.strip() and demonstration.strip() != generation.strip()
+        if generation.text.strip() and demonstration.strip() != generation.text.strip()
     ]
 

@@ -132,8 +132,32 @@ def test_collect_ranks_by_a_reward_function(tiny_llama_path, length_reward, tmp_
     for line in (out / "rankings.jsonl").read_text().splitlines():
         row = json.loads(line)
         assert row["ranks"] == ranks_from_scores([len(response) for response in row["responses"]], row["responses"])
+        assert len(row["responses_ended"]) == 3 and all(isinstance(e, bool) for e in row["responses_ended"])
     pairs = [json.loads(line) for line in (out / "comparisons.jsonl").read_text().splitlines()]
     assert pairs and all(len(pair["chosen"]) > len(pair["rejected"]) for pair in pairs)
+    ended = {(row["prompt"], response): end for line in (out / "rankings.jsonl").read_text().splitlines()
+             for row in [json.loads(line)] for response, end in zip(row["responses"], row["responses_ended"])}
+    assert all(pair["chosen_ended"] == ended[pair["prompt"], pair["chosen"]]
+               and pair["rejected_ended"] == ended[pair["prompt"], pair["rejected"]] for pair in pairs)
+    assert not all(ended.values())  # 6 new tokens cut some answers short: those are marked
+
+
+def test_collect_takes_on_bad_row_for_its_prompts(tiny_llama_path, length_reward, tmp_path, capsys):
+    rows = [{"messages": [{"role": "system", "content": ""}, {"role": "user", "content": "Name a colour."}]},
+            {"messages": [{"role": "user", "content": " "}]},
+            {"prompt": "Write a haiku about rain."}]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    collect = ["collect", "--policy", tiny_llama_path, "--prompts", str(prompts), "--judge", "function",
+               "--reward", length_reward, "--k", "2", "--max-new-tokens", "4"]
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(*collect, "--out", str(tmp_path / "stopped"))
+    assert stopped.value.code == 2 and capsys.readouterr().err.startswith(
+        f"lit-rlhf: error: {prompts}:2: field 'messages': message 1 (user): content is empty")
+    with pytest.warns(UserWarning, match=r"skipped 1 of 3 rows: field 'messages': empty user message \(1, first at "
+                                         rf"{prompts}:2\)"):
+        run_cli(*collect, "--on-bad-row", "skip", "--out", str(tmp_path / "out"))
+    rankings = [json.loads(line) for line in (tmp_path / "out" / "rankings.jsonl").read_text().splitlines()]
+    assert len(rankings) == 2  # the empty system message is rendered, not a bad row
 
 
 def test_a_pipeline_collect_stage_takes_a_reward_function_or_principles(

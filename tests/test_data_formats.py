@@ -146,10 +146,20 @@ def test_prompt_chosen_rejected_as_messages():
     ]
 
 
-def test_hh_rlhf_strings_split_after_the_last_assistant_marker():
+def test_hh_rlhf_strings_are_dialogues_rendered_with_the_chat_template():
     dialogue = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: name a fruit\n\nAssistant:"
     row = {"chosen": dialogue + " Sure, a pear.", "rejected": dialogue + " Sure, no."}
-    assert only([row], "comparison") == [Comparison(dialogue, " Sure, a pear.", " Sure, no.")]
+    prompt = "User: hi\nAssistant: hello\nUser: name a fruit\nAssistant:"
+    assert only([row], "comparison") == [Comparison(prompt, " Sure, a pear.\n", " Sure, no.\n")]
+    chatml_renderer = make_chat_renderer(tokenizer_with_template(CHATML_TEMPLATE))
+    chatml = only([row], "unpaired", chat_renderer=chatml_renderer)  # KTO's rows: the same template
+    assert chatml[0].prompt == ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n"
+                                "<|im_start|>user\nname a fruit<|im_end|>\n<|im_start|>assistant\n")
+    assert [(r.completion, r.label) for r in chatml] == [("Sure, a pear.<|im_end|>\n", True),
+                                                         ("Sure, no.<|im_end|>\n", False)]
+    assert only([row], "prompt") == [PromptRecord(prompt)]
+    assert only([{"chosen": "Human: hi Assistant: a", "rejected": "Human: hi Assistant: b"}], "comparison") == [
+        Comparison("Human: hi Assistant:", " a", " b")]  # not hh-rlhf's form: split at the shared text
 
 
 def test_hh_rlhf_strings_without_marker_back_off_to_whitespace():
@@ -311,6 +321,51 @@ def test_skip_leaves_bad_rows_out_and_counts_them_by_reason():
         {"field 'rejected': identical to chosen": 1, "field 'rejected': missing": 2, "wrong format": 1}
     )
     assert result.skipped_rows == 4 and result.rows == 5
+
+
+def test_an_empty_system_message_is_rendered_as_the_template_renders_it():
+    row = {"messages": [{"role": "system", "content": ""}, user("hi"), assistant("hello")]}
+    (record,) = normalize_rows([row], "demonstration").records
+    assert record == Demonstration("System: \nUser: hi\nAssistant:", " hello\n")
+
+
+def test_an_empty_message_stops_the_run_naming_row_message_and_role(tmp_path):
+    file = tmp_path / "chats.jsonl"
+    rows = [{"messages": [user("hi"), assistant("hello")]}, {"messages": [user(""), assistant("hello")]}]
+    file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(DataError, match=rf"^{file}:2: field 'messages': message 1 \(user\): content is empty "
+                                        r"\(data.on_bad_row: skip drops it where the conversation stays valid\)$"):
+        normalize_rows(read_rows(str(file)), "demonstration")
+
+
+def test_skip_drops_an_empty_message_where_the_conversation_stays_valid_and_names_the_first_row():
+    rows = [
+        {"messages": [user("hi"), assistant("hello")]},
+        # the empty user turn goes, leaving user → assistant
+        {"messages": [user("a"), user(" "), assistant("b")]},
+        # dropping it would join two assistant turns: the whole row goes
+        {"messages": [user("a"), assistant("b"), user(""), assistant("c")]},
+        # an empty answer to learn from: the row goes, named by its reason
+        {"messages": [user("a"), assistant("")]},
+        {"messages": [user("x"), assistant("y"), user("z"), assistant("")]},
+    ]
+    result = normalize_rows(rows, "demonstration", source="chats.jsonl", on_bad_row="skip")
+    assert [record.completion for record in result.records] == [" hello\n", " b\n"]
+    assert result.dropped_messages == Counter({"field 'messages': empty user message": 1})
+    assert result.skipped == Counter({"field 'messages': empty user message": 1,
+                                      "field 'messages': empty assistant message": 2})
+    assert result.problems("chats.jsonl") == [
+        "chats.jsonl: skipped 3 of 5 rows: field 'messages': empty assistant message (2, first at chats.jsonl:4), "
+        "field 'messages': empty user message (1, first at chats.jsonl:3)",
+        "chats.jsonl: dropped 1 messages: field 'messages': empty user message (1, first at chats.jsonl:2)",
+    ]
+    assert normalize_rows(rows[:1], "demonstration", on_bad_row="skip").problems("chats.jsonl") == []
+
+
+def test_an_empty_sampled_answer_in_a_message_response_is_kept():
+    row = {"prompt": [user("q")], "chosen": [assistant("good")], "rejected": [assistant("")]}
+    (record,) = normalize_rows([row], "comparison").records
+    assert record.chosen == " good\n" and record.rejected == " \n"
 
 
 # --- sources -----------------------------------------------------------------------------------------------------

@@ -175,6 +175,24 @@ def test_comparison_batches_share_one_length(tokenizer):
     assert both.shape == (4, 5)
 
 
+def test_answers_that_did_not_end_are_trained_without_the_end_token(tokenizer):
+    a, b, c, d = ids("a b c d")
+    rows = [{"prompt": "a", "chosen": " b", "rejected": " c d", "chosen_ended": True, "rejected_ended": False},
+            {"prompt": "a", "responses": [" b", " c"], "ranks": [0, 1], "responses_ended": [False, True]}]
+    records = normalize_rows(rows, "comparison").records
+    batch = collate_comparisons(encode_comparisons(records, tokenizer, 8, 4).examples, pad_id=PAD)
+    assert batch["chosen_input_ids"].tolist() == [[a, b, EOS], [a, b, PAD]]
+    assert batch["rejected_input_ids"].tolist() == [[a, c, d], [a, c, EOS]]
+    unpaired = normalize_rows(rows[:1], "unpaired").records  # KTO on the same pairs
+    assert [(record.completion, record.ended) for record in unpaired] == [(" b", True), (" c d", False)]
+    assert [e["response_ids"] for e in encode_unpaired(unpaired, tokenizer, 8, 4).examples] == [[b, EOS], [c, d]]
+    (demonstration,) = normalize_rows([{"prompt": "a", "completion": " b", "completion_ended": False}],
+                                      "demonstration").records
+    assert encode_demonstrations([demonstration], tokenizer, 8, 4).examples[0]["response_ids"] == [b]
+    with pytest.raises(DataError, match="field 'chosen_ended': must be true or false, got 'no'"):
+        normalize_rows([{**rows[0], "chosen_ended": "no"}], "comparison")
+
+
 def test_prompts_alone_have_no_max_length_to_exceed():
     """PPO's sequences are max_prompt_length + max_new_tokens: a long prompt limit must not trip on data.max_length,
     which only responses need."""

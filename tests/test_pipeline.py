@@ -15,7 +15,7 @@ import yaml
 from helpers import run_cli
 from lit_rlhf import pipeline, pipeline_spec
 from lit_rlhf.cli import fit_phase
-from lit_rlhf.errors import ConfigError, LitRLHFError
+from lit_rlhf.errors import ConfigError, DataError, LitRLHFError
 from lit_rlhf.generation import Response
 from lit_rlhf.pipeline_spec import EvaluationSpec, FitStage, IterativeRounds, PipelineSpec, StageSpec
 from lit_rlhf.scoring import GoldScorer
@@ -109,6 +109,9 @@ def test_the_pipeline_resumes_after_a_crash_without_redoing_completed_stages(tmp
     assert by_stage["best_of_n"]["kl"] == pytest.approx(math.log(8) - 7 / 8)
     assert 0.0 <= by_stage["rm"]["accuracy"] <= 1.0 and "gold_accuracy" in by_stage["rm"]
     assert by_stage["collect"]["pairs"] > 0
+    assert {by_stage[stage].get("proxy_scorer") for stage in policies} == {"rm"}  # the evaluation's reward model
+    assert "proxy_scorer" not in pipeline.format_table(rows)
+    assert pipeline.proxy_scorers(rows) == "proxy_reward: the score of rm (evaluation.reward_model)"
     assert set(by_stage["collect"]) == {"stage", "generated", "pairs", "ties_dropped", "gold_agreement", "seconds"}
     assert all(row["seconds"] >= 0 for row in rows)
 
@@ -193,7 +196,8 @@ def test_the_console_shows_one_line_per_stage_and_each_stage_folder_the_rest(tmp
                          f"[pipeline] summary: {out / 'summary.json'}, paired differences: {out / 'paired.json'}",
                          f"[pipeline] report: {out / 'report' / 'index.html'}"]
     log = (out / "sft" / pipeline.LOG_FILE).read_text()
-    assert "wandb: Run summary:" in log
+    assert "wandb: Run data is saved locally" in log  # where the W&B run is, and not the library notices:
+    assert not any(noise in log for noise in ("wandb: Run summary:", "anonymous setting", "💡 Tip", "LeafSpec"))
     assert "wandb:" in (out / "report" / pipeline.LOG_FILE).read_text()
 
 
@@ -206,7 +210,8 @@ def test_a_phase_argument_refused_by_its_command_line_is_one_line_on_the_console
         pipeline.run_pipeline(path, fit_phase, tmp_path / "out")
 
 
-def test_a_stage_that_fails_on_its_data_starts_no_wandb_run(tmp_path, wandb_offline, capfd):
+def test_a_stage_that_fails_on_its_data_starts_no_wandb_run(tmp_path, wandb_offline, capfd, monkeypatch):
+    monkeypatch.setattr(pipeline, "check_data_files", lambda spec: None)  # as a hub dataset, read by its stage only
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "name one fruit .", "completion": 3}) + "\n")
     path, out = tmp_path / "bad.yaml", tmp_path / "out"
@@ -218,7 +223,32 @@ def test_a_stage_that_fails_on_its_data_starts_no_wandb_run(tmp_path, wandb_offl
         pipeline.run_pipeline(path, fit_phase, out)
     log = out / "sft" / pipeline.LOG_FILE
     assert capfd.readouterr().out == f"[pipeline] sft: running (fit) ... failed, its output: {log}\n"
+    assert pipeline.last_line(log).startswith(f"[pipeline] failed: {bad}:1: field 'completion'")  # the reason too
     assert sorted(path.name for path in (out / "sft").iterdir()) == [pipeline.LOG_FILE]  # no W&B run, no run folder
+
+
+def test_every_data_file_is_read_before_the_first_stage_runs(tmp_path, capfd):
+    good, bad = tmp_path / "prompts.jsonl", tmp_path / "held_out.jsonl"
+    good.write_text(json.dumps({"prompt": "name one fruit ."}) + "\n")
+    bad.write_text(json.dumps({"prompt": "name one fruit ."}) + "\n" + json.dumps({"prompt": ""}) + "\n")
+    stages = [{"name": "sft", "kind": "fit", "config": str(CONFIGS / "sft.yaml")},
+              {"name": "collect", "kind": "collect", "policy": "sft", "prompts": str(good)},
+              {"name": "kto", "kind": "fit", "config": str(CONFIGS / "kto.yaml"), "data": "collect"}]
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"stages": stages, "evaluation": {"prompts": str(bad)}}))
+    with pytest.raises(DataError, match=rf"^{bad}:2: field 'prompt': must not be empty$"):
+        pipeline.run_pipeline(path, fit_phase, tmp_path / "out")
+    assert capfd.readouterr().out == "" and not (tmp_path / "out").exists()  # no stage started
+    assert sorted(pipeline_spec.data_files(pipeline_spec.load_pipeline(path))) == [
+        (str(bad), "prompt", "error"), (str(good), "prompt", "error")]  # kto reads the collect stage's output
+    path.write_text(yaml.safe_dump({"stages": stages, "evaluation": {"prompts": str(bad)}, "on_bad_row": "skip"}))
+    pipeline_spec.check_data_files(pipeline_spec.load_pipeline(path))  # the bad row is skipped: nothing to stop
+    stages[2]["data"] = str(tmp_path / "missing.jsonl")
+    path.write_text(yaml.safe_dump({"stages": stages, "evaluation": {"prompts": str(good)}}))
+    assert (str(tmp_path / "missing.jsonl"), "unpaired", "error") in pipeline_spec.data_files(
+        pipeline_spec.load_pipeline(path))  # kto.yaml's data module, through the dpo.yaml it extends
+    with pytest.raises(DataError, match=r"dataset not found: .*missing.jsonl"):
+        pipeline.run_pipeline(path, fit_phase, tmp_path / "out")
 
 
 @pytest.mark.parametrize("variant", ["rejection_sampling", "spin", "iterative"])
@@ -297,7 +327,7 @@ def test_bad_pipeline_files_are_config_errors(stages, message, tmp_path):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"seeds": 1}, r"unknown key 'seeds'; expected one of stages, out, seed, prompts, evaluation$"),
+        ({"seeds": 1}, r"unknown key 'seeds'; expected one of stages, out, seed, prompts, evaluation, on_bad_row$"),
         ({"seed": "zero"}, "seed must be an integer, got 'zero'"),
         ({"evaluation": {"num_prompt": 4}}, r": evaluation: unknown key 'num_prompt'; expected one of prompts, "),
         ({"evaluation": {"reference": 3}}, "evaluation: reference must be text or null, got 3"),
@@ -351,8 +381,20 @@ def test_pick_best_keeps_the_top_scored_distinct_responses():
 
 def test_best_of_n_kl_and_self_play_pairs():
     assert best_of_n_kl(1) == 0.0 and best_of_n_kl(8) == pytest.approx(2.0794415 - 0.875)
-    pairs = self_play_pairs(["p", "q", "r"], ["good .", "same .", "fine ."], ["bad .", "same .", " "])
-    assert pairs == [{"prompt": "p", "chosen": "good .", "rejected": "bad ."}]  # no empty answer as rejected
+    pairs = self_play_pairs(["p", "q", "r", "s"], ["good .", "same .", "fine .", "ok ."],
+                            [Response("bad .", True), Response("same .", True), Response(" ", True),
+                             Response("cut", False)])
+    assert pairs == [{"prompt": "p", "chosen": "good .", "rejected": "bad .", "rejected_ended": True},
+                     {"prompt": "s", "chosen": "ok .", "rejected": "cut", "rejected_ended": False}]
+
+
+def test_a_copied_pipeline_file_finds_the_packages_phase_configs(tmp_path):
+    copy = tmp_path / "mine.yaml"
+    copy.write_text((CONFIGS / "pipeline_hf.yaml").read_text())
+    spec = pipeline.load_pipeline(copy)
+    assert spec.stages[0].config == str((CONFIGS / "sft.yaml").resolve())
+    (tmp_path / "sft.yaml").write_text((CONFIGS / "sft.yaml").read_text())  # one of your own beside it wins
+    assert pipeline.load_pipeline(copy).stages[0].config == str(tmp_path / "sft.yaml")
 
 
 @pytest.mark.parametrize("path", PIPELINES, ids=[path.name for path in PIPELINES])
@@ -512,3 +554,8 @@ def test_the_world_prompts_are_refused_to_a_model_that_cannot_read_them(tiny_lla
     evaluation = pipeline.HeldOutEvaluation(pipeline.start_run(path, fit_phase, tmp_path / "out"))
     with pytest.raises(ConfigError, match=f"evaluation.prompts is unset, and {tiny_llama_path} cannot read the world"):
         evaluation.prompts
+
+
+def test_table_cells_show_small_settings_and_missing_values():
+    assert [pipeline.format_cell(value) for value in (3e-05, 0.0001, 0.7456, 0.0, -2.0, None, 8, "rm")] == [
+        "3e-05", "0.0001", "0.746", "0.000", "-2.000", "-", "8", "rm"]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lit_rlhf import report
 from lit_rlhf.errors import ConfigError, DataError
 from lit_rlhf.report import DASHBOARD_SECTIONS, build_report, log_report_to_wandb, publish_to_wandb, save_dashboard
 
@@ -264,3 +265,34 @@ def test_save_dashboard_needs_an_api_key_and_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb_workspaces", None)
     with pytest.raises(ConfigError, match=r'pip install "lit-rlhf\[sweeps\]"'):
         save_dashboard("rlhf", entity="team")
+
+
+def test_a_training_curve_is_labelled_by_the_reward_it_was_trained_on():
+    assert report._reward_of({"reward_model": "runs/pipeline/rm/hf"}) == "rm/hf"
+    assert report._reward_of({"reward_model": "gold"}) == "gold"
+    assert report._reward_of({"reward_model": "my_rewards.length:score"}) == "my_rewards.length:score"
+    assert report._reward_of({}) is None
+
+
+def test_runs_without_gold_get_no_gold_panels_or_columns(pipeline_dir, tmp_path, monkeypatch):
+    panels, save = {}, report._save
+    monkeypatch.setattr(report, "_save", lambda figure, path: panels.setdefault(path.stem, len(figure.axes))
+                        and save(figure, path))
+    summary = json.loads((pipeline_dir / "summary.json").read_text())
+    for row in summary:
+        for key in ("gold_reward", "gold_accuracy", "gold_agreement", "proxy_gap"):
+            row.pop(key, None)
+        row["proxy_scorer"] = "rm" if "proxy_reward" in row else None
+    (pipeline_dir / "summary.json").write_text(json.dumps(summary))
+    for metrics in pipeline_dir.glob("*/*/version_*/metrics.csv"):
+        rows = list(csv.DictReader(metrics.open()))
+        with open(metrics, "w", newline="") as handle:
+            columns = [column for column in rows[0] if "gold" not in column]
+            writer = csv.DictWriter(handle, columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    built = build_report([pipeline_dir], tmp_path / "report")
+    page = built.html_path.read_text()
+    assert "gold_reward" not in page and "These runs have no gold reward" in page
+    assert "proxy_scorer" in page and "Gold (left)" not in page
+    assert panels["overoptimisation"] == 1 and panels["frontier"] == 1  # the training or proxy panel alone

@@ -230,8 +230,8 @@ def test_validation_means_leave_out_metrics_no_batch_updated_without_warning(rec
 
 
 def test_the_readmes_transformers_recipe_scores_chat_data_as_the_scorer_does(tiny_chat_llama_path, tmp_path):
-    """The README's plain-transformers recipe, run as printed, on ChatML comparisons rendered as the data layer
-    renders them: the same scores as RewardModelScorer (one <|im_end|>, read at it)."""
+    """The README's plain-transformers recipe, run as printed, on a batch of ChatML comparisons rendered as the data
+    layer renders them: the same scores as RewardModelScorer (one <|im_end|>, read at it, not at the padding)."""
     import re
 
     from lit_rlhf.data.formats import make_chat_renderer, normalize_rows
@@ -252,7 +252,7 @@ def test_the_readmes_transformers_recipe_scores_chat_data_as_the_scorer_does(tin
     exec(recipe, namespace)
     scorer = RewardModelScorer.from_pretrained(tmp_path / "rm", max_length=200, max_prompt_length=150)
     expected = scorer.score([comparison.prompt] * 2, [comparison.chosen, comparison.rejected]).tolist()
-    recipe_scores = [namespace["score"](comparison.prompt, response) for response in (comparison.chosen,
-                                                                                       comparison.rejected)]
-    assert recipe_scores == pytest.approx(expected, abs=1e-5)
+    recipe_scores = namespace["score"]([comparison.prompt] * 2, [comparison.chosen, comparison.rejected])
+    assert recipe_scores == pytest.approx(expected, abs=1e-5)  # a batch of two lengths, padded
+    assert namespace["score"]([comparison.prompt], [comparison.chosen]) == pytest.approx(expected[:1], abs=1e-5)
     assert abs(expected[0] - expected[1]) > 1e-3

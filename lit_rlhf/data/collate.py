@@ -4,7 +4,8 @@ A sequence is ``prompt_ids + completion_ids + [eos]``, prompt and completion tok
 special tokens, so the boundary between them is exact whatever the tokenizer merges. Truncation first cuts the
 prompt to ``max_prompt_length`` from the **left** (its end, next to the response, is what matters), then cuts
 the response so that the whole is at most ``max_length``, keeping its **start**; a cut response loses its EOS,
-so the model is never taught to stop where the text did not.
+so the model is never taught to stop where the text did not, and so does a sample that ran out of
+``max_new_tokens`` (a record's ``ended`` false).
 
 A demonstration whose earlier assistant turns are trained too (``Demonstration.prompt_segments``) has for its
 prompt the context before its **first** assistant turn; from that turn on, everything is its response: each turn,
@@ -121,7 +122,7 @@ def _response_ids(
     prompt_ids: list[list[int]],
     completions: Sequence[str],
     max_length: int,
-    finished: Sequence[bool] | None = None,
+    finished: Sequence[bool],
 ) -> tuple[list[list[int]], list[bool]]:
     """``completion + [eos]`` cut at the end to fit after each prompt within ``max_length``, and which were cut.
     A completion that already ends with EOS (a chat template that writes it, perhaps with a newline after: Qwen,
@@ -130,7 +131,6 @@ def _response_ids(
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to end responses with")
-    finished = [True] * len(completions) if finished is None else finished
     texts = [c.rstrip() if c.rstrip().endswith(tokenizer.eos_token) else c for c in completions]
     full = [
         seq if seq[-1:] == [eos] or not ends else seq + [eos]
@@ -154,11 +154,10 @@ def encode_demonstrations(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     max_prompt_length: int,
-    finished: Sequence[bool] | None = None,
 ) -> Encoded:
     """Demonstrations as ``prompt_ids``, ``response_ids`` and the ``response_mask`` of the trained response
     tokens (all of them but a multi-turn demonstration's user turns and template text, see the module docstring);
-    ``finished`` marks completions that ended (default all), the others get no EOS (see :func:`_response_ids`)."""
+    a completion that did not end gets no EOS (see :func:`_response_ids`)."""
     check_lengths(max_length, max_prompt_length)
     first_contexts = [record.prompt_segments[0] if record.prompt_segments else record.prompt for record in records]
     prompt_ids, prompt_cut = _prompt_ids(tokenizer, first_contexts, max_prompt_length)
@@ -169,7 +168,8 @@ def encode_demonstrations(
     earlier_masks = [mask[:room] for mask, room in zip(earlier_masks, rooms)]
     before_last = [prompt + earlier for prompt, earlier in zip(prompt_ids, earlier_ids)]
     last_ids, last_cut = _response_ids(
-        tokenizer, before_last, [record.completion for record in records], max_length, finished
+        tokenizer, before_last, [record.completion for record in records], max_length,
+        [record.ended for record in records],
     )
     examples = [
         {
@@ -221,10 +221,12 @@ def encode_comparisons(
     check_lengths(max_length, max_prompt_length)
     prompt_ids, prompt_cut = _prompt_ids(tokenizer, [record.prompt for record in records], max_prompt_length)
     chosen_ids, chosen_cut = _response_ids(
-        tokenizer, prompt_ids, [record.chosen for record in records], max_length
+        tokenizer, prompt_ids, [record.chosen for record in records], max_length,
+        [record.chosen_ended for record in records],
     )
     rejected_ids, rejected_cut = _response_ids(
-        tokenizer, prompt_ids, [record.rejected for record in records], max_length
+        tokenizer, prompt_ids, [record.rejected for record in records], max_length,
+        [record.rejected_ended for record in records],
     )
     examples = [
         {
@@ -255,7 +257,8 @@ def encode_unpaired(
     check_lengths(max_length, max_prompt_length)
     prompt_ids, prompt_cut = _prompt_ids(tokenizer, [record.prompt for record in records], max_prompt_length)
     response_ids, response_cut = _response_ids(
-        tokenizer, prompt_ids, [record.completion for record in records], max_length
+        tokenizer, prompt_ids, [record.completion for record in records], max_length,
+        [record.ended for record in records],
     )
     examples = [
         {

@@ -173,7 +173,8 @@ class RLHFDataModule(LightningDataModule):
         val_fraction: Share of the rows held out for validation, in [0, 1).
         split_seed: Seeds the train/val split and the training shuffle; ``None`` takes the run's seed
             (:func:`global_seed`), so ``--seed_everything`` reseeds the data with everything else.
-        on_bad_row: ``"error"`` stops at the first bad row; ``"skip"`` leaves bad rows out and counts them.
+        on_bad_row: ``"error"`` stops at the first bad row; ``"skip"`` leaves bad rows out and counts them, and
+            drops an empty message where its conversation stays valid without it (warned, with the first row).
         num_workers: DataLoader worker processes.
         split: The split of a ``datasets`` name, a saved DatasetDict, or a folder whose files are named by split.
         num_eval_prompts: How many prompts :attr:`eval_prompts` holds.
@@ -265,9 +266,8 @@ class RLHFDataModule(LightningDataModule):
         normalized = self._normalize(source, self.kind)
         self.skipped_rows, self.skipped_reasons = normalized.skipped_rows, normalized.skipped
         self.ties_dropped = normalized.ties
-        if normalized.skipped_rows:
-            reasons = ", ".join(f"{reason} ({count})" for reason, count in normalized.skipped.most_common())
-            rank_zero_warn(f"{source}: skipped {normalized.skipped_rows} of {normalized.rows} rows: {reasons}")
+        for problem in normalized.problems(source):
+            rank_zero_warn(problem)
         if not normalized.records:
             raise DataError(
                 f"{source}: no usable {self.kind} rows ({normalized.rows} read, {normalized.skipped_rows} skipped)"

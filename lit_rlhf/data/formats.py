@@ -18,11 +18,17 @@ keys                format                                      record
 ``prompt``          prompt only                                 :class:`PromptRecord`
 ==================  ==========================================  =========================================
 
+hh-rlhf's text dialogues (``\n\nHuman: …\n\nAssistant: …``) are read as messages and rendered with the chat
+template, as every chat is, so that every phase and the evaluation see them alike; other pairs of texts are split
+at the prefix they share.
+
 A prompt may be a string or a list of messages (rendered with ``add_generation_prompt=True``); a response
 (``completion``, ``chosen``, ``rejected``, an item of ``responses``) is a string or, after a message-list
 prompt, a list holding exactly one assistant message. String prompts and responses are concatenated as they
 are: the data owns its separators. Prompts, completions and message contents must be non-empty (a prompt-less
-demonstration is a ``text`` row). ``label`` is a bool; the integers 0 and 1 are accepted too, as many datasets
+demonstration is a ``text`` row), except a system message, which templates render empty too, and a sampled answer
+in a comparison or ranking; with ``on_bad_row="skip"`` another empty message is dropped where the conversation stays
+valid without it. ``label`` is a bool; the integers 0 and 1 are accepted too, as many datasets
 store booleans that way.
 
 Which formats each kind takes: ``demonstration`` chat, prompt/completion and text; ``comparison`` preference
@@ -81,7 +87,8 @@ DEFAULT_CHAT_TEMPLATE = (
 "hello"]`` becomes the prompt ``"User: hi\\nAssistant:"`` and the completion ``" hello\\n"``."""
 
 _ASSISTANT_MARKER = "Assistant:"
-"""Where an hh-rlhf dialogue hands over to the model: the shared prompt of two dialogues ends right after it."""
+"""Where a text dialogue not in hh-rlhf's form hands over to the model: the shared prompt of two such dialogues
+ends right after it."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,9 @@ class Demonstration:
     prompt_segments: tuple[str, ...] = ()
     """Where earlier assistant turns are trained too: the prompt cut into context and assistant turn alternately,
     context first and last (``"".join(prompt_segments) == prompt``). Empty when the whole prompt is context."""
+    ended: bool = True
+    """Whether the completion ended (a sample cut at ``max_new_tokens`` did not): an unfinished one is trained and
+    scored without the end token, as the unfinished text it is."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,9 @@ class Comparison:
     chosen: str
     rejected: str
     margin: float | None = None
+    chosen_ended: bool = True
+    """Whether each answer ended (see :attr:`Demonstration.ended`)."""
+    rejected_ended: bool = True
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,8 @@ class Unpaired:
     prompt: str
     completion: str
     label: bool
+    ended: bool = True
+    """Whether the completion ended (see :attr:`Demonstration.ended`)."""
 
 
 Record = Demonstration | Comparison | PromptRecord | Unpaired
@@ -139,10 +154,14 @@ class RowProblem(Exception):
 
 @dataclass
 class NormalizedRows:
-    """The records of a source, with every row that did not make it counted by reason."""
+    """The records of a source, with every row that did not make it, and every message dropped from a row that
+    did, counted by reason, each reason with the first row it happened in."""
 
     records: list[Record] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
+    dropped_messages: Counter[str] = field(default_factory=Counter)
+    first_row: dict[tuple[str, str], str] = field(default_factory=dict)
+    """``("skipped" or "dropped", reason)`` → ``source:row`` where it first happened."""
     ties: int = 0
     """Pairs of equally ranked responses that ranking rows could not turn into comparisons."""
     rows: int = 0
@@ -151,6 +170,23 @@ class NormalizedRows:
     @property
     def skipped_rows(self) -> int:
         return sum(self.skipped.values())
+
+    def problems(self, source: str) -> list[str]:
+        """One warning line each for the skipped rows and the dropped messages of ``source``; none when clean."""
+        lines = []
+        for kind, counts, what in (
+            ("skipped", self.skipped, f"skipped {self.skipped_rows} of {self.rows} rows"),
+            ("dropped", self.dropped_messages, f"dropped {sum(self.dropped_messages.values())} messages"),
+        ):
+            if counts:
+                reasons = ", ".join(f"{reason} ({count}, first at {self.first_row[kind, reason]})"
+                                    for reason, count in counts.most_common())
+                lines.append(f"{source}: {what}: {reasons}")
+        return lines
+
+    def _count(self, kind: Literal["skipped", "dropped"], reason: str, where: str) -> None:
+        (self.skipped if kind == "skipped" else self.dropped_messages)[reason] += 1
+        self.first_row.setdefault((kind, reason), where)
 
 
 def ranking_to_pairs(responses: list[str], ranks: list[int]) -> tuple[list[tuple[str, str]], int]:
@@ -210,8 +246,9 @@ def normalize_rows(
     ``rows`` are dicts, numbered from 1 under ``source``, or the ``(source, row, dict)`` triples that
     :func:`lit_rlhf.data.sources.read_rows` yields, which carry their own location. With ``on_bad_row="error"``
     the first bad row raises :class:`DataError`; with ``"skip"`` bad rows are left out and counted by reason in
-    ``.skipped``. ``assistant_turns`` picks the turns of a ``messages`` demonstration that are trained on (see the
-    module docstring).
+    ``.skipped``, and an empty message is dropped where its conversation stays valid without it (counted in
+    ``.dropped_messages``; see :func:`_messages`). ``assistant_turns`` picks the turns of a ``messages``
+    demonstration that are trained on (see the module docstring).
     """
     if kind not in get_args(Kind):
         raise ValueError(f"unknown record kind {kind!r}; expected one of {get_args(Kind)}")
@@ -219,7 +256,7 @@ def normalize_rows(
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     if assistant_turns not in get_args(AssistantTurns):
         raise ValueError(f"assistant_turns must be 'all' or 'last', got {assistant_turns!r}")
-    parser = _RowParser(chat_renderer or make_chat_renderer(), assistant_turns)
+    parser = _RowParser(chat_renderer or make_chat_renderer(), assistant_turns, drop_empty=on_bad_row == "skip")
     result = NormalizedRows()
     for number, item in enumerate(rows, start=1):
         row_source, row_number, row = item if isinstance(item, tuple) else (source, number, item)
@@ -229,8 +266,10 @@ def normalize_rows(
         except RowProblem as problem:
             if on_bad_row == "error":
                 raise DataError(problem.located(row_source, row_number)) from None
-            result.skipped[problem.counted_as] += 1
+            result._count("skipped", problem.counted_as, f"{row_source}:{row_number}")
             continue
+        for reason in parser.dropped:
+            result._count("dropped", reason, f"{row_source}:{row_number}")
         result.records.extend(records)
         result.ties += ties
     return result
@@ -262,12 +301,18 @@ def _string(row: Mapping[str, Any], name: str) -> str:
     return _non_empty(value, name)
 
 
-def _messages(value: list[Any], name: str) -> list[dict[str, str]]:
-    """A validated chat: non-empty, each message a dict with a known role and non-empty string content.
-    Extra keys are dropped so templates see only what was checked."""
+def _messages(value: list[Any], name: str, drop_empty: bool = False) -> tuple[list[dict[str, str]], list[str]]:
+    """A validated chat and the reasons of the messages dropped from it: non-empty, each message a dict with a known
+    role and string content. Extra keys are dropped so templates see only what was checked.
+
+    An empty system message is kept: chat templates render one, and exports of real chats carry them. An empty
+    assistant message in a response field (``chosen``, ``rejected``, ``responses``) is kept too: a sampled answer
+    can be empty. Any other empty message makes the row bad, unless ``drop_empty`` (``on_bad_row="skip"``) and the
+    conversation stays valid without it (the messages either side of it, system messages aside, are not of one
+    role, and it is not the last message), in which case it is dropped and its reason returned."""
     if not value:
         raise RowProblem(name, "empty", "must not be an empty list of messages")
-    messages = []
+    messages, empty = [], []
     for index, message in enumerate(value, start=1):
         if not isinstance(message, Mapping):
             raise RowProblem(
@@ -285,10 +330,37 @@ def _messages(value: list[Any], name: str) -> list[dict[str, str]]:
             raise RowProblem(
                 name, "malformed message", f"message {index}: content must be a string, got {_type_name(content)}"
             )
-        if not content.strip():
-            raise RowProblem(name, "malformed message", f"message {index}: content must not be empty")
-        messages.append({"role": role, "content": content})
-    return messages
+        kept_empty = role == "system" or (role == "assistant" and name in _RESPONSE_FIELDS)
+        if not content.strip() and not kept_empty:
+            empty.append(index)
+        messages.append({"role": role, "content": content, "index": index})
+    dropped = []
+    for index in empty:
+        position = next(i for i, message in enumerate(messages) if message["index"] == index)
+        role = messages[position]["role"]
+        if not (drop_empty and _droppable(messages, position)):
+            hint = " (data.on_bad_row: skip drops it where the conversation stays valid)" if not drop_empty else ""
+            raise RowProblem(name, f"empty {role} message", f"message {index} ({role}): content is empty{hint}")
+        del messages[position]
+        dropped.append(f"field '{name}': empty {role} message")
+    return [{"role": m["role"], "content": m["content"]} for m in messages], dropped
+
+
+_RESPONSE_FIELDS = ("chosen", "rejected", "responses")
+
+
+def _droppable(messages: list[dict[str, Any]], position: int) -> bool:
+    """Whether the conversation stays valid without ``messages[position]``: it is not the last message (the turn
+    that is trained on or answered), and the turns either side of it (system messages aside) are not of one role,
+    which would join two user or two assistant turns."""
+    if position == len(messages) - 1:
+        return False
+    others = [m["role"] for i, m in enumerate(messages) if i != position and m["role"] != "system"]
+    before = [m["role"] for m in messages[:position] if m["role"] != "system"]
+    if not others:
+        return False
+    after = others[len(before):]
+    return not (before and after and before[-1] == after[0])
 
 
 def _label(row: Mapping[str, Any]) -> bool:
@@ -307,6 +379,26 @@ def _margin(row: Mapping[str, Any]) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise RowProblem("margin", "not a number", f"must be a finite number, got {value!r}")
     return float(value)
+
+
+def _ended(row: Mapping[str, Any], name: str) -> bool:
+    """``{name}_ended``: whether that answer ended; absent or null, it did."""
+    value = row.get(f"{name}_ended")
+    if value is None:
+        return True
+    if not isinstance(value, bool):
+        raise RowProblem(f"{name}_ended", "not a bool", f"must be true or false, got {value!r}")
+    return value
+
+
+def _ended_list(row: Mapping[str, Any], count: int) -> list[bool]:
+    """``responses_ended``: whether each ranked answer ended; absent or null, all did."""
+    value = row.get("responses_ended")
+    if value is None:
+        return [True] * count
+    if not isinstance(value, list) or len(value) != count or not all(isinstance(v, bool) for v in value):
+        raise RowProblem("responses_ended", "wrong type", f"must be a list of {count} true/false, got {value!r}")
+    return value
 
 
 def _ranks(row: Mapping[str, Any], count: int) -> list[int]:
@@ -328,12 +420,16 @@ class _Prompt:
 class _RowParser:
     """Recognises a row's format and reads it into records, raising :class:`RowProblem` for a bad row."""
 
-    def __init__(self, render: ChatRenderer, assistant_turns: AssistantTurns = "all"):
+    def __init__(self, render: ChatRenderer, assistant_turns: AssistantTurns = "all", drop_empty: bool = False):
         self._render_chat = render
         self._assistant_turns = assistant_turns
+        self._drop_empty = drop_empty
+        self.dropped: list[str] = []
+        """The reasons of the messages dropped from the row parsed last."""
 
     def parse(self, row: Any, kind: Kind) -> tuple[list[Record], int]:
         """The row's records for ``kind`` and the ties it dropped."""
+        self.dropped = []
         if isinstance(row, RowProblem):
             raise row
         if not isinstance(row, Mapping):
@@ -347,21 +443,28 @@ class _RowParser:
             return [self._chat_demonstration(row)], 0
         if format_name == "prompt_completion":
             prompt = self._prompt(row, chat=isinstance(row.get("completion"), list))
-            return [Demonstration(prompt.text, self._response(row, "completion", prompt))], 0
+            completion = self._response(row, "completion", prompt)
+            return [Demonstration(prompt.text, completion, ended=_ended(row, "completion"))], 0
         if format_name == "text":
             return [Demonstration("", _string(row, "text"))], 0
         if format_name == "unpaired":
             prompt = self._prompt(row, chat=isinstance(row.get("completion"), list))
-            return [Unpaired(prompt.text, self._response(row, "completion", prompt), _label(row))], 0
+            completion = self._response(row, "completion", prompt)
+            return [Unpaired(prompt.text, completion, _label(row), _ended(row, "completion"))], 0
         if format_name == "ranking":
             return self._ranking(row)
         comparison = self._preference(row)
         if kind == "unpaired":
             return [
-                Unpaired(comparison.prompt, comparison.chosen, True),
-                Unpaired(comparison.prompt, comparison.rejected, False),
+                Unpaired(comparison.prompt, comparison.chosen, True, comparison.chosen_ended),
+                Unpaired(comparison.prompt, comparison.rejected, False, comparison.rejected_ended),
             ], 0
         return [comparison], 0
+
+    def _messages(self, value: list[Any], name: str) -> list[dict[str, str]]:
+        messages, dropped = _messages(value, name, self._drop_empty)
+        self.dropped += dropped
+        return messages
 
     # --- chat rendering ---
 
@@ -382,7 +485,8 @@ class _RowParser:
                 "the chat template's render of the whole conversation does not start with its render of the "
                 "prompt, so the response cannot be split off",
             )
-        return _non_empty(full[len(prefix) :], name)
+        response = full[len(prefix) :]
+        return response if name in _RESPONSE_FIELDS else _non_empty(response, name)
 
     # --- fields ---
 
@@ -394,7 +498,7 @@ class _RowParser:
         if isinstance(value, str):
             return _Prompt(_non_empty(value, "prompt"), None)
         if isinstance(value, list):
-            messages = _messages(value, "prompt")
+            messages = self._messages(value, "prompt")
             return _Prompt(self._render(messages, True, "prompt"), messages)
         raise RowProblem(
             "prompt", "wrong type", f"must be a string or a list of messages, got {_type_name(value)}"
@@ -409,7 +513,7 @@ class _RowParser:
             raise RowProblem(
                 name, "wrong type", f"must be a string or a list of messages, got {_type_name(value)}"
             )
-        messages = _messages(value, name)
+        messages = self._messages(value, name)
         if len(messages) != 1 or messages[0]["role"] != "assistant":
             roles = [message["role"] for message in messages]
             raise RowProblem(
@@ -426,7 +530,7 @@ class _RowParser:
         value = _require(row, "messages")
         if not isinstance(value, list):
             raise RowProblem("messages", "wrong type", f"must be a list of messages, got {_type_name(value)}")
-        messages = _messages(value, "messages")
+        messages = self._messages(value, "messages")
         if messages[-1]["role"] != "assistant":
             raise RowProblem(
                 "messages",
@@ -467,7 +571,7 @@ class _RowParser:
             prompt, chosen, rejected = self._shared_prompt_dialogues(row)
         else:
             if isinstance(row.get("chosen"), list):  # checked first, so a bad 'chosen' is not blamed on 'rejected'
-                _messages(row["chosen"], "chosen")
+                _messages(row["chosen"], "chosen", self._drop_empty)
             _same_kind(row.get("chosen"), "rejected", row.get("rejected"))
             prompt_value = self._prompt(row, chat=isinstance(row.get("chosen"), list))
             prompt = prompt_value.text
@@ -475,7 +579,7 @@ class _RowParser:
             rejected = self._response(row, "rejected", prompt_value)
         if chosen == rejected:
             raise RowProblem("rejected", "identical to chosen", "identical to 'chosen'")
-        return Comparison(prompt, chosen, rejected, _margin(row))
+        return Comparison(prompt, chosen, rejected, _margin(row), _ended(row, "chosen"), _ended(row, "rejected"))
 
     def _shared_prompt_dialogues(self, row: Mapping[str, Any]) -> tuple[str, str, str]:
         """hh-rlhf style: two whole dialogues; the prompt is what they share, the responses what follows."""
@@ -487,7 +591,10 @@ class _RowParser:
                 )
             if chosen == rejected:
                 raise RowProblem("rejected", "identical to chosen", "identical to 'chosen'")
-            return _split_shared_prompt(_non_empty(chosen, "chosen"), _non_empty(rejected, "rejected"))
+            chosen_turns, rejected_turns = _hh_turns(chosen), _hh_turns(rejected)
+            if chosen_turns is None or rejected_turns is None:
+                return _split_shared_prompt(_non_empty(chosen, "chosen"), _non_empty(rejected, "rejected"))
+            chosen, rejected = chosen_turns, rejected_turns  # rendered with the chat template, as messages are
         if not isinstance(chosen, list):
             raise RowProblem(
                 "chosen", "wrong type", f"must be a string or a list of messages, got {_type_name(chosen)}"
@@ -496,7 +603,7 @@ class _RowParser:
             raise RowProblem(
                 "rejected", "wrong type", f"must be a list of messages like 'chosen', got {_type_name(rejected)}"
             )
-        chosen_messages, rejected_messages = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+        chosen_messages, rejected_messages = self._messages(chosen, "chosen"), self._messages(rejected, "rejected")
         if chosen_messages == rejected_messages:
             raise RowProblem("rejected", "identical to chosen", "identical to 'chosen'")
         shared = 0
@@ -533,18 +640,20 @@ class _RowParser:
                 "responses", "identical responses ranked apart", "identical responses have different ranks"
             )
         margin = _margin(row)
-        return [Comparison(prompt.text, chosen, rejected, margin) for chosen, rejected in pairs], ties
+        ended = dict(zip(responses, _ended_list(row, len(responses))))
+        return [Comparison(prompt.text, chosen, rejected, margin, ended[chosen], ended[rejected])
+                for chosen, rejected in pairs], ties
 
     def _prompt_record(self, row: Mapping[str, Any], format_name: str | None) -> PromptRecord:
         if format_name == "chat":
             value = _require(row, "messages")
             if not isinstance(value, list):
                 raise RowProblem("messages", "wrong type", f"must be a list of messages, got {_type_name(value)}")
-            messages = _messages(value, "messages")
-            if messages[-1]["role"] == "assistant":
-                messages = messages[:-1]
-            if not messages:
-                raise RowProblem("messages", "empty", "has no messages before the assistant's answer")
+            if value and isinstance(value[-1], Mapping) and value[-1].get("role") == "assistant":
+                value = value[:-1]  # the answer, which a prompt row ignores (an export's empty placeholder too)
+                if not value:
+                    raise RowProblem("messages", "empty", "has no messages before the assistant's answer")
+            messages = self._messages(value, "messages")
             return PromptRecord(self._render(messages, True, "messages"))
         if format_name == "preference" and "prompt" not in row:
             return PromptRecord(self._shared_prompt_dialogues(row)[0])
@@ -628,6 +737,22 @@ def _wrong_format_message(row: Mapping[str, Any], format_name: str | None, kind:
         return f"no recognised fields; found keys {sorted(row)} — expected one of {expected}"
     article = "an" if kind[0] in "aeiou" else "a"
     return f"a {_DESCRIPTIONS[format_name]} row is not {article} {kind} row; expected one of {expected}"
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def _hh_turns(text: str) -> list[dict[str, str]] | None:
+    """hh-rlhf's ``\n\nHuman: …\n\nAssistant: …`` dialogue as messages, so that it is rendered with the model's chat
+    template like every other chat; ``None`` when the text is not such a dialogue (turns alternating from Human's to
+    the Assistant's last)."""
+    parts = _HH_TURN.split(text if text.startswith("\n\n") else "\n\n" + text)
+    roles, contents = parts[1::2], parts[2::2]
+    alternating = all(a != b for a, b in zip(roles, roles[1:]))
+    if parts[0] or not roles or roles[0] != "Human" or roles[-1] != "Assistant" or not alternating:
+        return None
+    return [{"role": "user" if role == "Human" else "assistant", "content": content.strip()}
+            for role, content in zip(roles, contents)]
 
 
 def _split_shared_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:

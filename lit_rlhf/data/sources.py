@@ -62,6 +62,11 @@ def read_rows(path: str, split: str = "train") -> Iterator[tuple[str, int, Any]]
         yield from _read_hub_dataset(path, split)
 
 
+def is_local(path: str) -> bool:
+    """Whether ``path`` names a local file or folder (one that is there, or looks like a path), not a hub dataset."""
+    return Path(path).expanduser().exists() or _looks_local(path)
+
+
 def _looks_local(path: str) -> bool:
     return path.startswith(("/", ".", "~")) or Path(path).suffix in SUPPORTED_SUFFIXES
 
