@@ -440,6 +440,7 @@ def _collect_command(argv: list[str]) -> None:
 
 def _pipeline_command(argv: list[str]) -> None:
     from lit_rlhf.pipeline import run_pipeline, run_seeds
+    from lit_rlhf.report import publish_report
 
     parser = argparse.ArgumentParser(
         prog="lit-rlhf pipeline",
@@ -455,9 +456,9 @@ def _pipeline_command(argv: list[str]) -> None:
                             "over the seeds, and the paired differences over them in OUT/paired.json")
     args = parser.parse_args(argv)
     if args.seeds:
-        run_seeds(args.config, fit_phase, args.seeds, args.out, tuple(args.force))
+        run_seeds(args.config, fit_phase, args.seeds, args.out, tuple(args.force), then=publish_report)
     else:
-        run_pipeline(args.config, fit_phase, args.out, tuple(args.force), args.seed)
+        run_pipeline(args.config, fit_phase, args.out, tuple(args.force), args.seed, then=publish_report)
 
 
 def _seed_list(text: str) -> list[int]:

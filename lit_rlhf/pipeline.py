@@ -31,20 +31,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from transformers import PreTrainedModel
 
 from lit_rlhf.advantages import clip_scores, normalize_scores
@@ -75,6 +71,26 @@ from lit_rlhf.pipeline_spec import (
     check_data_files,
     load_pipeline,
 )
+from lit_rlhf.run_folder import (
+    AGGREGATE_FILE,
+    DONE_FILE,
+    EVAL_SAMPLES_FILE,
+    HEALTH_FILE,
+    LOG_FILE,
+    PAIRED_FILE,
+    PAIRED_METRICS,
+    PROXY_SCORER,
+    SUMMARY_FILE,
+    format_paired,
+    format_table,
+    input_stamps,
+    interval_cell,
+    last_line,
+    output_to,
+    proxy_scorers,
+    write_atomically,
+    write_jsonl,
+)
 from lit_rlhf.scoring import Scorer, gold_scorer, make_scorer
 from lit_rlhf.selection import best_of_n_kl, pick_best, self_play_pairs
 from lit_rlhf.uncertainty import interval_over_seeds, kl_regularized_optimum
@@ -82,9 +98,6 @@ from lit_rlhf.world import Rater, ensure_world, speaks_world_language
 
 FitPhase = Callable[[list[str], str], Any]
 """Runs ``lit-rlhf fit ARGS`` with its logs under a folder and returns the finished LightningCLI."""
-DONE_FILE = "done.json"
-LOG_FILE = "log.txt"
-"""Everything a stage printed, in its folder; the console shows one line per stage."""
 POLICY, REWARD_MODEL, DATA, BASELINE, YARDSTICK = "policy", "reward_model", "data", "baseline", "yardstick"
 SUMMARY_METRICS = {
     "gold_reward": "gold/reward",
@@ -103,19 +116,9 @@ SUMMARY_METRICS = {
 """A policy's summary columns and the evaluation metrics they hold (:func:`lit_rlhf.evaluation.evaluate_policy`);
 ``<column>_se`` is the standard error of ``<column>``, clustered by prompt."""
 SUMMARY_KEYS = ("stage", *SUMMARY_METRICS, "seconds")
-PAIRED_METRICS = ("gold_reward", "proxy_reward")
-PROXY_SCORER = "proxy_scorer"
-"""The summary column naming what gave ``proxy_reward`` (the evaluation's reward model), which a policy's training
-reward need not be (PPO may train on a function)."""
-"""The summary columns compared between every two policies, prompt by prompt, in ``paired.json``."""
-SUMMARY_FILE = "summary.json"
-PAIRED_FILE = "paired.json"
 COST_KEYS = ("updates", "generated")
 """What a stage cost besides its ``seconds``: optimiser updates, and answers it sampled (PPO's rollouts, collect's,
 best-of-n's and the optimum's samples; DPO samples none)."""
-HEALTH_FILE = "health.json"
-"""A PPO stage's breaches of :class:`lit_rlhf.phases.ppo_health.HealthLimits`, one line each, in its folder."""
-EVAL_SAMPLES_FILE = "eval_samples.jsonl"
 SAMPLES_PER_STAGE = 4
 """Answers per policy written to ``eval_samples.jsonl`` for the report, each to another held-out prompt."""
 BOOKKEEPING_KEYS = ("kind", "role", "model", "data", "samples", "seconds", "spec", "seed", "inputs")
@@ -210,17 +213,17 @@ def run_stages(run: PipelineRun, force: tuple[str, ...] = (), until: str | None 
 
 def run_pipeline(
     config: str | Path, fit_phase: FitPhase, out: str | Path | None = None, force: tuple[str, ...] = (),
-    seed: int | None = None,
+    seed: int | None = None, then: Callable[[Path], object] | None = None,
 ) -> list[dict]:
-    """Run every stage not yet complete, then evaluate, write ``summary.json`` and the report; returns the rows.
+    """Run every stage not yet complete, then evaluate and write ``summary.json`` and ``paired.json``; returns the
+    rows. ``then`` is called with the run folder last (``lit-rlhf pipeline`` passes
+    :func:`lit_rlhf.report.publish_report`, which writes the folder's report).
 
     ``seed`` replaces the file's ``seed``; a stage completed under another seed runs again.
 
     ``fit_phase(args, runs_dir)`` runs ``lit-rlhf fit ARGS`` with its logs under ``runs_dir`` and returns the
     finished LightningCLI (the command line passes :func:`lit_rlhf.cli.fit_phase`).
     """
-    from lit_rlhf.report import build_report, publish_to_wandb
-
     run = start_run(config, fit_phase, out, seed)
     run_stages(run, force)
     summary = summarize(run)
@@ -239,14 +242,11 @@ def run_pipeline(
     write_atomically(run.out_dir / SUMMARY_FILE, json.dumps(rows, indent=2) + "\n")
     write_atomically(run.out_dir / PAIRED_FILE, json.dumps(paired, indent=2) + "\n")
     print(f"[pipeline] summary: {run.out_dir / SUMMARY_FILE}, paired differences: {run.out_dir / PAIRED_FILE}")
-    report = build_report([run.out_dir])
-    with output_to(report.out_dir / LOG_FILE):  # W&B's lines about its report run
-        publish_to_wandb(report)
-    print(f"[pipeline] report: {report.html_path}")
+    if then is not None:
+        then(run.out_dir)
     return rows
 
 
-AGGREGATE_FILE = "aggregate.json"
 AGGREGATE_SKIPPED = ("stage", "n", "test_pairs")
 """Summary keys that are not measurements to aggregate over seeds."""
 AGGREGATE_PRINTED = ("stage", "gold_reward", "proxy_reward", "kl", "length_ratio", "sycophancy_rate", "format_rate",
@@ -257,19 +257,19 @@ AGGREGATE_PRINTED = ("stage", "gold_reward", "proxy_reward", "kl", "length_ratio
 
 def run_seeds(
     config: str | Path, fit_phase: FitPhase, seeds: list[int], out: str | Path | None = None,
-    force: tuple[str, ...] = (),
+    force: tuple[str, ...] = (), then: Callable[[Path], object] | None = None,
 ) -> list[dict]:
     """The pipeline once per seed, in ``OUT/seed_<n>/``, then ``OUT/aggregate.json``: per stage, every measurement's
     mean over seeds with its 95 % t-interval (:func:`lit_rlhf.uncertainty.interval_over_seeds`), and
     ``OUT/paired.json``: each paired difference's mean over seeds with its interval, the seeds the units (a seed
     redraws the data, the initialisation, the training noise and the comparisons; the test prompts and the
-    evaluation's sampling seed stay the same, so the intervals are about training runs, measured alike). Returns the
-    aggregate rows."""
+    evaluation's sampling seed stay the same, so the intervals are about training runs, measured alike). ``then`` is
+    :func:`run_pipeline`'s, for each seed's folder. Returns the aggregate rows."""
     base = Path(out or load_pipeline(config).out)
     summaries, paired = [], []
     for seed in seeds:
         print(f"[pipeline] seed {seed}")
-        summaries.append(run_pipeline(config, fit_phase, base / f"seed_{seed}", force, seed))
+        summaries.append(run_pipeline(config, fit_phase, base / f"seed_{seed}", force, seed, then))
         paired.append(json.loads((base / f"seed_{seed}" / PAIRED_FILE).read_text()))
     rows, differences = aggregate_over_seeds(summaries), aggregate_paired_over_seeds(paired)
     write_atomically(base / AGGREGATE_FILE, json.dumps(rows, indent=2) + "\n")
@@ -309,54 +309,12 @@ def aggregate_paired_over_seeds(paired: list[list[dict[str, Any]]]) -> list[dict
             for (a, b, metric), values in means.items()]
 
 
-def interval_cell(value: Any) -> Any:
-    """An aggregate value (``{"mean", "ci95", "n"}``) as a table cell: ``mean [lo, hi]``; anything else as it is."""
-    if not isinstance(value, dict):
-        return value
-    if value["ci95"] is None:
-        return format_cell(value["mean"])
-    low, high = value["ci95"]
-    return f"{value['mean']:.3f} [{low:.3f}, {high:.3f}]"
-
-
-@contextmanager
-def output_to(path: Path) -> Iterator[None]:
-    """Everything printed inside goes to the end of ``path``: the process's output and error (file descriptors 1 and
-    2), which the log handlers of Lightning and transformers, W&B and compiled code write to, and Python's
-    ``sys.stdout`` and ``sys.stderr`` (which a test's capture may have replaced) pointed at them."""
-    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-        if stream is not None:
-            stream.flush()
-    console = os.dup(1), os.dup(2)
-    with open(path, "a") as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-    # Not closed: anything still holding them after the stage (a logging handler made inside) writes to the console.
-    output, error = (open(fd, "w", encoding="utf-8", buffering=1, closefd=False) for fd in (1, 2))
-    try:
-        with redirect_stdout(output), redirect_stderr(error):
-            yield
-    finally:
-        for stream in (output, error, sys.__stdout__, sys.__stderr__):
-            if stream is not None:
-                stream.flush()
-        for fd, original in zip((1, 2), console):
-            os.dup2(original, fd)
-            os.close(original)
-
-
 def _log_failure(log: Path, error: BaseException) -> None:
     """Why a stage failed, at the end of its log: the one line of an error of ours (bad data or settings), the
     traceback of anything else."""
     reason = str(error) if isinstance(error, LitRLHFError) else "".join(traceback.format_exception(error)).rstrip()
     with open(log, "a") as handle:
         handle.write(f"[pipeline] failed: {reason}\n")
-
-
-def last_line(path: Path) -> str:
-    """The last line of a log with something on it (what a failed command said last)."""
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()] if path.is_file() else []
-    return lines[-1].strip() if lines else "no output"
 
 
 def _merged_with_earlier_summary(rows: list[dict[str, Any]], out_dir: Path, seed: int) -> list[dict[str, Any]]:
@@ -432,35 +390,6 @@ def _stage_inputs(stage: StageSpec, run: PipelineRun) -> dict[str, int]:
     if isinstance(stage, (CollectStage, RejectionSampleStage)) and (prompts := _prompts_path(stage, run.spec)):
         values.add(prompts)
     return input_stamps(value for value in sorted(values) if value not in run.stage_names)
-
-
-def input_stamps(paths: Iterable[str]) -> dict[str, int]:
-    """When each file or model folder among ``paths`` was last written (``mtime_ns``; a model folder by its
-    ``config.json``); anything else (a hub name, a setting) is left out. A YAML file's ``config:`` (the file it
-    extends, as ``configs/kto.yaml`` does ``dpo.yaml``) is stamped too. A finished run is reused only while these
-    are unchanged, so an edited config, new data or a retrained model make it run again."""
-    stamps: dict[str, int] = {}
-    pending = [Path(path) for path in paths]
-    while pending:
-        path = pending.pop()
-        stamp = path / "config.json" if path.is_dir() else path
-        if str(path) in stamps or not stamp.is_file():
-            continue
-        stamps[str(path)] = stamp.stat().st_mtime_ns
-        if path.suffix in (".yaml", ".yml"):
-            pending += [path.parent / extended for extended in _extended_configs(path)]
-    return stamps
-
-
-def _extended_configs(path: Path) -> list[str]:
-    """The files a YAML config's top-level ``config:`` names (jsonargparse reads them first); none when unreadable."""
-    try:
-        extended = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return []
-    extended = extended.get("config") if isinstance(extended, dict) else None
-    names = extended if isinstance(extended, list) else [extended]
-    return [name for name in names if isinstance(name, str)]
 
 
 def _run_fit(stage: FitStage, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
@@ -541,7 +470,7 @@ def _run_rejection_sample(stage: RejectionSampleStage, stage_dir: Path, run: Pip
     scorer = make_scorer(run.resolve(stage.reward_model, "model"), device=inference_device())
     answers = [[response for response in group if response.text.strip()] for group in groups]  # EOS first: no answer
     picks = pick_best(prompts, answers, scorer, stage.keep, stage.threshold)  # an empty completion is a bad row
-    _write_jsonl(stage_dir / "demonstrations.jsonl",
+    write_jsonl(stage_dir / "demonstrations.jsonl",
                  [{"prompt": p.prompt, "completion": p.response, "completion_ended": p.ended} for p in picks])
     return {"kind": "rejection_sample", "role": DATA, "data": "demonstrations.jsonl", "rows": len(picks)}
 
@@ -556,7 +485,7 @@ def _run_self_play(stage: SelfPlayStage, stage_dir: Path, run: PipelineRun) -> d
     prompts = [record.prompt for record in records]
     groups = sample_responses(policy, prompts, 1, _sampling(stage), stage.max_prompt_length, SAMPLING_BATCH_SIZE)
     pairs = self_play_pairs(prompts, [record.completion for record in records], [group[0] for group in groups])
-    _write_jsonl(stage_dir / "comparisons.jsonl", pairs)
+    write_jsonl(stage_dir / "comparisons.jsonl", pairs)
     return {"kind": "self_play", "role": DATA, "data": "comparisons.jsonl", "pairs": len(pairs)}
 
 
@@ -566,7 +495,7 @@ def _run_best_of_n(stage: BestOfNStage, stage_dir: Path, run: PipelineRun) -> di
     evaluation, policy = HeldOutEvaluation(run), run.resolve(stage.policy, "model")
     groups = evaluation.sample_groups(policy, stage.n, stage.max_prompt_length)
     picks = evaluation.best_picks(policy, run.resolve(stage.reward_model, "model"), groups)
-    _write_jsonl(stage_dir / "samples.jsonl", picks)
+    write_jsonl(stage_dir / "samples.jsonl", picks)
     return {"kind": "best_of_n", "role": BASELINE, "n": stage.n, "samples": "samples.jsonl",
             "generated": len(groups) * stage.n,
             "kl": best_of_n_kl(stage.n)}
@@ -811,7 +740,7 @@ def summarize(run: PipelineRun) -> Summary:
             if done["role"] == REWARD_MODEL and evaluation.gold is not None and evaluation.baseline is not None:
                 row |= evaluation.reward_model_row(str(run.out_dir / stage.name / done["model"]))
         rows.append({**row, "seconds": done["seconds"]})
-    _write_jsonl(run.out_dir / EVAL_SAMPLES_FILE, samples)
+    write_jsonl(run.out_dir / EVAL_SAMPLES_FILE, samples)
     return Summary(rows, paired_rows(policies, exclude=("init",)))
 
 
@@ -829,80 +758,7 @@ def paired_rows(policies: dict[str, PolicyEvaluation], exclude: tuple[str, ...] 
     return rows
 
 
-def format_paired(rows: list[dict[str, Any]], metric: str | None = None) -> str:
-    """The paired differences of one metric as text, each said as resolved (its interval excludes 0) or not; by
-    default the first of :data:`PAIRED_METRICS` the rows have (gold where there is gold, else the proxy)."""
-    metric = metric or next((name for name in PAIRED_METRICS if any(row["metric"] == name for row in rows)),
-                            PAIRED_METRICS[0])
-    lines = [f"paired {metric} differences (a - b, mean, 95% interval over n units):"]
-    for row in (row for row in rows if row["metric"] == metric and row["ci95"] is not None):
-        low, high = row["ci95"]
-        verdict = (f"{row['a']} above {row['b']}" if low > 0 else f"{row['b']} above {row['a']}" if high < 0
-                   else "no resolved difference")
-        lines.append(f"  {row['a']:>10} - {row['b']:<10} {row['mean']:+.3f}  [{low:+.3f}, {high:+.3f}]  "
-                     f"n={row['n']}  {verdict}")
-    return "\n".join(lines)
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """The summary as fixed-width text: the policies' rows, then the other stages' (data, reward models); a value
-    with a standard error (``<column>_se``) is written ``value±se``; which scorer gave ``proxy_reward`` is said once,
-    under the table."""
-    rows = [{key: value for key, value in row.items() if key != PROXY_SCORER} for row in rows]
-    policies = [row for row in rows if "length_mean" in row or "gold_reward" in row]
-    others = [row for row in rows if row not in policies]
-    return "\n\n".join(_fixed_width([with_errors(row) for row in group]) for group in (policies, others) if group)
-
-
-def proxy_scorers(rows: list[dict[str, Any]]) -> str | None:
-    """One line naming the scorer of the rows' ``proxy_reward``, or ``None`` where none has one."""
-    scorers = sorted({str(row[PROXY_SCORER]) for row in rows if row.get(PROXY_SCORER)})
-    return f"proxy_reward: the score of {' and '.join(scorers)} (evaluation.reward_model)" if scorers else None
-
-
-def with_errors(row: dict[str, Any]) -> dict[str, Any]:
-    """A row whose ``<column>_se`` values are folded into their columns' cells."""
-    merged = {}
-    for key, value in row.items():
-        if key.endswith("_se") and key.removesuffix("_se") in row:
-            continue
-        error = row.get(f"{key}_se")
-        merged[key] = f"{format_cell(value)}±{error:.3f}" if value is not None and error is not None else value
-    return merged
-
-
-def _fixed_width(rows: list[dict[str, Any]]) -> str:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    cells = [[format_cell(row.get(column)) for column in columns] for row in rows]
-    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
-    lines = ["  ".join(column.ljust(width) for column, width in zip(columns, widths))]
-    lines += ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in cells]
-    return "\n".join(lines)
-
-
-def format_cell(value: Any) -> str:
-    """A table cell: floats to three decimals, or three significant digits where that would show a small one as
-    0.000 (a learning rate of 3e-05), ``-`` for a missing value."""
-    if value is None:
-        return "-"
-    if not isinstance(value, float):
-        return str(value)
-    return f"{value:.3g}" if 0 < abs(value) < 5e-4 else f"{value:.3f}"
-
-
 def _float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write a file that marks work as done (``done.json``, ``summary.json``) so that a kill never leaves a
-    half-written one: the text goes to a temporary file beside it, which then replaces it in one rename."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")

@@ -24,16 +24,19 @@ from matplotlib.figure import Figure
 
 from lit_rlhf.errors import ConfigError, DataError
 from lit_rlhf.phases.ppo_health import HealthLimits
-from lit_rlhf.pipeline import (
+from lit_rlhf.run_folder import (
     EVAL_SAMPLES_FILE,
+    LOG_FILE,
     PAIRED_FILE,
     PROXY_SCORER,
     SUMMARY_FILE,
+    SWEEP_FILE,
     format_cell,
     format_paired,
+    gao_points,
+    output_to,
     with_errors,
 )
-from lit_rlhf.sweep import SWEEP_FILE, gao_points
 from lit_rlhf.uncertainty import GaoFit
 
 EVAL_MARKERS = ("eval/gold/reward", "eval/response/length_mean")
@@ -606,6 +609,16 @@ def render_html(report: Report) -> str:
         for run, samples in folder.samples.items():
             parts.append(f"<h3>{html.escape(_labelled(folder, run, report.folders))}</h3>" + _html_table(samples))
     return "\n".join(parts) + "</body></html>\n"
+
+
+def publish_report(run_dir: str | Path) -> Report:
+    """A pipeline folder's report in ``run_dir/report/``, logged to a W&B ``report`` run (W&B's own lines go to
+    ``report/log.txt``): what ``lit-rlhf pipeline`` does once a folder's summary is written."""
+    report = build_report([run_dir])
+    with output_to(report.out_dir / LOG_FILE):
+        publish_to_wandb(report)
+    print(f"[pipeline] report: {report.html_path}")
+    return report
 
 
 def build_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> Report:

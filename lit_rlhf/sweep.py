@@ -38,21 +38,19 @@ from typing import Any
 
 from lit_rlhf import RUNS_DIR_VARIABLE
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.pipeline import (
+from lit_rlhf.pipeline import FitPhase, HeldOutEvaluation, PipelineRun, run_stages, start_run
+from lit_rlhf.pipeline_spec import read_yaml_file
+from lit_rlhf.run_folder import (
     DONE_FILE,
-    FitPhase,
-    HeldOutEvaluation,
-    PipelineRun,
+    SWEEP_FILE,
     format_cell,
     format_table,
+    gao_points,
     input_stamps,
     interval_cell,
     last_line,
-    run_stages,
-    start_run,
     write_atomically,
 )
-from lit_rlhf.pipeline_spec import read_yaml_file
 from lit_rlhf.selection import best_of_n_kl
 from lit_rlhf.uncertainty import fit_gao, interval_over_seeds
 
@@ -60,7 +58,6 @@ METHODS = ("grid", "random", "bayes")
 DISTRIBUTIONS = ("uniform", "log_uniform_values", "int_uniform")
 """Distributions of a random sweep's parameters drawn offline (W&B's names); W&B's server knows more."""
 BEST_OF_N = (1, 2, 4, 8, 16)
-SWEEP_FILE = "sweep.json"
 BASELINES_FILE = "baselines.json"
 
 
@@ -265,7 +262,7 @@ def run_offline(spec: dict[str, Any], path: Path, run: PipelineRun, out_dir: Pat
 
 
 def _inputs(command: list[str]) -> dict[str, int]:
-    """The stamps (:func:`~lit_rlhf.pipeline.input_stamps`) of every file or model folder a command names, as
+    """The stamps (:func:`~lit_rlhf.run_folder.input_stamps`) of every file or model folder a command names, as
     ``PATH`` or ``--key=PATH``: a trained trial is reused only while these are unchanged, so a retrained SFT policy,
     new comparisons or an edited config make every trial train again."""
     return input_stamps(part.split("=", 1)[-1] for part in command)
@@ -371,15 +368,6 @@ def gao_fits(result: dict[str, Any]) -> list[dict[str, Any]]:
             fit = asdict(fit_gao([d for d, _ in points], [gain for _, gain in points], form))
             fits.append(fit | {"r2": None if math.isnan(fit["r2"]) else fit["r2"]})  # no spread in the gains
     return fits
-
-
-def gao_points(result: dict[str, Any], reference_gold: float) -> dict[str, list[tuple[float, float]]]:
-    """``(√KL, gold gain over the reference)`` of a sweep's finished trials (``rl``) and best-of-n baselines
-    (``bon``), where both are measured."""
-    trials = [trial["metrics"] for trial in result["trials"] if trial.get("status") == "done" and trial.get("metrics")]
-    return {form: [(math.sqrt(max(row["kl"], 0.0)), row["gold_reward"] - reference_gold) for row in rows
-                   if row.get("kl") is not None and row.get("gold_reward") is not None]
-            for form, rows in (("rl", trials), ("bon", result.get("baselines") or []))}
 
 
 def _group_cells(group: dict[str, Any]) -> dict[str, Any]:

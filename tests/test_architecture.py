@@ -14,7 +14,7 @@ import lit_rlhf
 PACKAGE = Path(lit_rlhf.__file__).parent
 LAYERS = [
     ("lit_rlhf", "lit_rlhf.errors", "lit_rlhf.losses", "lit_rlhf.advantages", "lit_rlhf.kl_control",
-     "lit_rlhf.uncertainty"),
+     "lit_rlhf.uncertainty", "lit_rlhf.run_folder"),
     ("lit_rlhf.models", "lit_rlhf.data", "lit_rlhf.world", "lit_rlhf.diagnostics"),
     ("lit_rlhf.generation", "lit_rlhf.evaluation", "lit_rlhf.scoring", "lit_rlhf.judges", "lit_rlhf.collect",
      "lit_rlhf.selection"),
@@ -43,6 +43,61 @@ def imported(module: str) -> set[str]:
         elif isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
     return {name for name in names if name == "lit_rlhf" or name.startswith("lit_rlhf.")}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each module → the package's modules it imports anywhere in its file (inside functions too); ``from a import b``
+    counts as importing ``a.b`` where that is a module."""
+    graph = {}
+    for module in [*MODULES, "lit_rlhf"]:
+        path = PACKAGE.parent / (module.replace(".", "/") + ".py")
+        if not path.exists():
+            path = PACKAGE.parent / module.replace(".", "/") / "__init__.py"
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets |= {f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in MODULES else node.module
+                            for alias in node.names}
+            elif isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+        graph[module] = {target for target in targets if target in graph or target in MODULES} - {module}
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan): every circle of imports."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for target in graph.get(module, ()):
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            component = []
+            while not component or component[-1] != module:
+                component.append(stack.pop())
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return circles
+
+
+def test_no_import_circle_anywhere():
+    """Not even through an import inside a function, which the layering test cannot see between modules of one
+    layer (pipeline, sweep and report once imported each other)."""
+    assert import_circles(import_graph()) == []
+    assert import_circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
 def test_every_module_has_a_layer():

@@ -10,6 +10,7 @@ import pytest
 
 from lit_rlhf.cli import fit_phase
 from lit_rlhf.pipeline import SUMMARY_KEYS, run_pipeline
+from lit_rlhf.report import publish_report
 
 CONFIG = Path(__file__).parents[1] / "configs" / "pipeline.yaml"
 
@@ -18,7 +19,7 @@ CONFIG = Path(__file__).parents[1] / "configs" / "pipeline.yaml"
 def main_job(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline")
     started = time.perf_counter()
-    rows = run_pipeline(CONFIG, fit_phase, out)
+    rows = run_pipeline(CONFIG, fit_phase, out, then=publish_report)
     return {row["stage"]: row for row in rows}, time.perf_counter() - started, out
 
 

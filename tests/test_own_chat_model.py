@@ -11,9 +11,10 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from lit_rlhf import pipeline
+from lit_rlhf import pipeline, run_folder
 from lit_rlhf.cli import fit_phase
 from lit_rlhf.data.collate import encode_comparisons
+from lit_rlhf.report import publish_report
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +114,7 @@ def test_your_own_chat_model_and_data_end_to_end(tiny_chat_llama_path, tmp_path,
         fits[Path(runs_dir).name] = fit_phase(args, runs_dir)
         return fits[Path(runs_dir).name]
 
-    rows = pipeline.run_pipeline(tmp_path / "pipeline_hf.yaml", recording_fit, tmp_path / "out")
+    rows = pipeline.run_pipeline(tmp_path / "pipeline_hf.yaml", recording_fit, tmp_path / "out", then=publish_report)
     out = tmp_path / "out"
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_llama_path)
 
@@ -145,7 +146,7 @@ def test_your_own_chat_model_and_data_end_to_end(tiny_chat_llama_path, tmp_path,
     assert all(row["proxy_reward"] is not None for row in rows if row["stage"] in ("sft", "dpo", "kto", "ppo"))
 
     # the held-out prompts were rendered with the model's own chat template, as the policies trained on them
-    samples = [json.loads(line) for line in (out / pipeline.EVAL_SAMPLES_FILE).open()]
+    samples = [json.loads(line) for line in (out / run_folder.EVAL_SAMPLES_FILE).open()]
     expected = tokenizer.apply_chat_template([SYSTEM, user("name three fruits 0")], tokenize=False,
                                              add_generation_prompt=True)
     assert samples[0]["prompt"] == expected

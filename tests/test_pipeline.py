@@ -13,11 +13,12 @@ import pytest
 import yaml
 
 from helpers import run_cli
-from lit_rlhf import pipeline, pipeline_spec
+from lit_rlhf import pipeline, pipeline_spec, run_folder
 from lit_rlhf.cli import fit_phase
 from lit_rlhf.errors import ConfigError, DataError, LitRLHFError
 from lit_rlhf.generation import Response
 from lit_rlhf.pipeline_spec import EvaluationSpec, FitStage, IterativeRounds, PipelineSpec, StageSpec
+from lit_rlhf.report import publish_report
 from lit_rlhf.scoring import GoldScorer
 from lit_rlhf.selection import best_of_n_kl, pick_best, self_play_pairs
 from lit_rlhf.uncertainty import interval_over_seeds
@@ -80,7 +81,7 @@ def test_the_pipeline_resumes_after_a_crash_without_redoing_completed_stages(tmp
     assert [p.parent.name for p in sorted(out.glob("*/done.json"))] == ["collect", "rm", "sft"]
     assert not (out / "ppo" / "done.json").exists()
 
-    rows = pipeline.run_pipeline(spec, fit_phase, out)
+    rows = pipeline.run_pipeline(spec, fit_phase, out, then=publish_report)
     assert runs == ["sft", "rm", "ppo", "ppo", "dpo"]  # sft and rm were not trained again
     assert [row["stage"] for row in rows] == ["init", "sft", "collect", "rm", "ppo", "dpo", "best_of_n", "optimum"]
     assert json.loads((out / "summary.json").read_text()) == rows
@@ -110,8 +111,8 @@ def test_the_pipeline_resumes_after_a_crash_without_redoing_completed_stages(tmp
     assert 0.0 <= by_stage["rm"]["accuracy"] <= 1.0 and "gold_accuracy" in by_stage["rm"]
     assert by_stage["collect"]["pairs"] > 0
     assert {by_stage[stage].get("proxy_scorer") for stage in policies} == {"rm"}  # the evaluation's reward model
-    assert "proxy_scorer" not in pipeline.format_table(rows)
-    assert pipeline.proxy_scorers(rows) == "proxy_reward: the score of rm (evaluation.reward_model)"
+    assert "proxy_scorer" not in run_folder.format_table(rows)
+    assert run_folder.proxy_scorers(rows) == "proxy_reward: the score of rm (evaluation.reward_model)"
     assert set(by_stage["collect"]) == {"stage", "generated", "pairs", "ties_dropped", "gold_agreement", "seconds"}
     assert all(row["seconds"] >= 0 for row in rows)
 
@@ -166,7 +167,7 @@ def test_paired_differences_over_seeds_take_the_seeds_as_units():
     # mean 0.2, sd 0.1 over 3 seeds: half-width t(0.975, 2)·0.1/√3 = 4.303·0.057735 = 0.24844
     assert (row["a"], row["b"], row["metric"], row["n"]) == ("ppo", "sft", "gold_reward", 3)
     assert row["mean"] == pytest.approx(0.2) and row["ci95"] == pytest.approx([0.2 - 0.24844, 0.2 + 0.24844], abs=1e-4)
-    assert "no resolved difference" in pipeline.format_paired([row])
+    assert "no resolved difference" in run_folder.format_paired([row])
 
 
 def test_seeds_on_the_command_line_are_distinct_integers(capsys):
@@ -185,20 +186,20 @@ def wandb_offline(monkeypatch):
 
 def test_the_console_shows_one_line_per_stage_and_each_stage_folder_the_rest(tmp_path, wandb_offline, capfd):
     path, out = short_pipeline(tmp_path), tmp_path / "out"
-    rows = pipeline.run_pipeline(path, fit_phase, out)
+    rows = pipeline.run_pipeline(path, fit_phase, out, then=publish_report)
 
     printed = capfd.readouterr()
     lines = (printed.out + printed.err).splitlines()
     assert [line.split(" ... ")[0] for line in lines[:2]] == ["[pipeline] sft: running (fit)",
                                                               "[pipeline] collect: running (collect)"]
     assert all(" ... done in " in line for line in lines[:2])
-    assert lines[2:] == [*pipeline.format_table(rows).splitlines(),
+    assert lines[2:] == [*run_folder.format_table(rows).splitlines(),
                          f"[pipeline] summary: {out / 'summary.json'}, paired differences: {out / 'paired.json'}",
                          f"[pipeline] report: {out / 'report' / 'index.html'}"]
-    log = (out / "sft" / pipeline.LOG_FILE).read_text()
+    log = (out / "sft" / run_folder.LOG_FILE).read_text()
     assert "wandb: Run data is saved locally" in log  # where the W&B run is, and not the library notices:
     assert not any(noise in log for noise in ("wandb: Run summary:", "anonymous setting", "💡 Tip", "LeafSpec"))
-    assert "wandb:" in (out / "report" / pipeline.LOG_FILE).read_text()
+    assert "wandb:" in (out / "report" / run_folder.LOG_FILE).read_text()
 
 
 def test_a_phase_argument_refused_by_its_command_line_is_one_line_on_the_console(tmp_path):
@@ -221,10 +222,10 @@ def test_a_stage_that_fails_on_its_data_starts_no_wandb_run(tmp_path, wandb_offl
     }))
     with pytest.raises(LitRLHFError, match="field 'completion'"):
         pipeline.run_pipeline(path, fit_phase, out)
-    log = out / "sft" / pipeline.LOG_FILE
+    log = out / "sft" / run_folder.LOG_FILE
     assert capfd.readouterr().out == f"[pipeline] sft: running (fit) ... failed, its output: {log}\n"
-    assert pipeline.last_line(log).startswith(f"[pipeline] failed: {bad}:1: field 'completion'")  # the reason too
-    assert sorted(path.name for path in (out / "sft").iterdir()) == [pipeline.LOG_FILE]  # no W&B run, no run folder
+    assert run_folder.last_line(log).startswith(f"[pipeline] failed: {bad}:1: field 'completion'")  # the reason too
+    assert sorted(path.name for path in (out / "sft").iterdir()) == [run_folder.LOG_FILE]  # no W&B run, no run folder
 
 
 def test_every_data_file_is_read_before_the_first_stage_runs(tmp_path, capfd):
@@ -437,7 +438,7 @@ def test_a_second_pipeline_file_in_the_same_folder_adds_its_rows(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps(earlier))
     for name, seed in (("sft", 1), ("ppo", 1), ("dpo", 0), ("rs", 1)):
         (tmp_path / name).mkdir()
-        (tmp_path / name / pipeline.DONE_FILE).write_text(json.dumps({"seed": seed}))
+        (tmp_path / name / run_folder.DONE_FILE).write_text(json.dumps({"seed": seed}))
     rows = [{"stage": name, "gold_reward": 0.2} for name in ("init", "sft", "rs")]
     merged = pipeline._merged_with_earlier_summary(rows, tmp_path, seed=1)
     assert [(row["stage"], row["gold_reward"]) for row in merged] == [
@@ -454,7 +455,7 @@ def run_of(stage: StageSpec, seed: int, out_dir: Path) -> pipeline.PipelineRun:
 
 def test_a_done_file_without_a_seed_counts_as_seed_0(tmp_path):
     stage = FitStage(name="sft", config="sft.yaml")  # no such file here: nothing to stamp
-    (tmp_path / pipeline.DONE_FILE).write_text(json.dumps({"kind": "fit", "spec": stage.as_record()}))
+    (tmp_path / run_folder.DONE_FILE).write_text(json.dumps({"kind": "fit", "spec": stage.as_record()}))
     assert pipeline._is_complete(stage, tmp_path, run_of(stage, 0, tmp_path))
     assert not pipeline._is_complete(stage, tmp_path, run_of(stage, 1, tmp_path))
     other = FitStage(name="sft", config="other.yaml")
@@ -464,7 +465,7 @@ def test_a_done_file_without_a_seed_counts_as_seed_0(tmp_path):
 def test_a_stage_done_before_its_spec_listed_every_setting_runs_again(tmp_path):
     """done.json used to keep only the keys the file named; now every setting, so a changed default reruns a stage."""
     as_written = {"name": "sft", "kind": "fit", "config": "sft.yaml"}
-    (tmp_path / pipeline.DONE_FILE).write_text(json.dumps({"kind": "fit", "seed": 0, "spec": as_written}))
+    (tmp_path / run_folder.DONE_FILE).write_text(json.dumps({"kind": "fit", "seed": 0, "spec": as_written}))
     stage = FitStage(name="sft", config="sft.yaml")
     assert not pipeline._is_complete(stage, tmp_path, run_of(stage, 0, tmp_path))
 
@@ -481,7 +482,7 @@ def test_an_edited_phase_config_the_config_it_extends_or_data_reruns_the_stage(t
     stage_dir = tmp_path / "kto"
     stage_dir.mkdir()
     done = {"kind": "fit", "seed": 0, "spec": stage.as_record(), "inputs": pipeline._stage_inputs(stage, run)}
-    (stage_dir / pipeline.DONE_FILE).write_text(json.dumps(done))
+    (stage_dir / run_folder.DONE_FILE).write_text(json.dumps(done))
     assert set(done["inputs"]) == {str(base), str(config), str(data)}  # not the stage name "sft"
     assert pipeline._is_complete(stage, stage_dir, run)
     for edited in (config, base, data):
@@ -557,5 +558,5 @@ def test_the_world_prompts_are_refused_to_a_model_that_cannot_read_them(tiny_lla
 
 
 def test_table_cells_show_small_settings_and_missing_values():
-    assert [pipeline.format_cell(value) for value in (3e-05, 0.0001, 0.7456, 0.0, -2.0, None, 8, "rm")] == [
+    assert [run_folder.format_cell(value) for value in (3e-05, 0.0001, 0.7456, 0.0, -2.0, None, 8, "rm")] == [
         "3e-05", "0.0001", "0.746", "0.000", "-2.000", "-", "8", "rm"]
