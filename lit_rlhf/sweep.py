@@ -15,7 +15,7 @@ same file runs two ways:
 A sweep's trials start from the main job's SFT policy and reward model: the command names them under the
 pipeline's output folder (``runs/pipeline/sft/hf``), and the sweep first runs, or reuses, the pipeline stages it
 names, and those the pipeline's evaluation needs. Offline, every trained trial's policy is then measured with the
-pipeline's held-out evaluation (:class:`lit_rlhf.pipeline.HeldOutEvaluation`: the same sampling noise, reference
+pipeline's held-out evaluation (:class:`lit_rlhf.held_out.HeldOutEvaluation`: the same sampling noise, reference
 and reward model as the pipeline's summary, on the world's development prompts, since a sweep chooses settings and
 the test prompts are for reporting), and so is best-of-n from the reference at n = 1…16, the
 baseline of the reward–KL frontier. ``OUT/sweep.json`` holds it all and ``lit-rlhf report OUT`` draws it.
@@ -38,7 +38,9 @@ from typing import Any
 
 from lit_rlhf import RUNS_DIR_VARIABLE
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.pipeline import FitPhase, HeldOutEvaluation, PipelineRun, run_stages, start_run
+from lit_rlhf.held_out import HeldOutEvaluation
+from lit_rlhf.pipeline import run_stages
+from lit_rlhf.pipeline_run import FitPhase, PipelineRun, start_run
 from lit_rlhf.pipeline_spec import read_yaml_file
 from lit_rlhf.run_folder import (
     DONE_FILE,

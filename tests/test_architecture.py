@@ -19,7 +19,8 @@ LAYERS = [
     ("lit_rlhf.generation", "lit_rlhf.evaluation", "lit_rlhf.scoring", "lit_rlhf.judges", "lit_rlhf.collect",
      "lit_rlhf.selection"),
     ("lit_rlhf.phases",),
-    ("lit_rlhf.pipeline", "lit_rlhf.pipeline_spec", "lit_rlhf.sweep", "lit_rlhf.report"),
+    ("lit_rlhf.pipeline", "lit_rlhf.pipeline_spec", "lit_rlhf.pipeline_run", "lit_rlhf.held_out",
+     "lit_rlhf.stage_runners", "lit_rlhf.sweep", "lit_rlhf.report"),
     ("lit_rlhf.cli", "lit_rlhf.__main__"),
 ]
 """From the ground up; a module belongs to the layer of the longest entry it starts with."""
@@ -129,7 +130,7 @@ WORLD_PLUGS_IN = {
     "lit_rlhf.judges": "the simulated raters",
     "lit_rlhf.diagnostics": "the exact features the hacking detectors read",
     "lit_rlhf.cli": "the `lit-rlhf world` command",
-    "lit_rlhf.pipeline": "the guard on world prompts",
+    "lit_rlhf.held_out": "the guard on world prompts",
 }
 """The modules outside lit_rlhf.world that import it, and what of the world each plugs in."""
 

@@ -18,7 +18,8 @@ from lit_rlhf.errors import ConfigError, LitRLHFError
 from lit_rlhf.generation import SamplingConfig
 from lit_rlhf.judges import LLMJudge, ranks_from_scores
 from lit_rlhf.models import load_causal_lm, load_tokenizer
-from lit_rlhf.pipeline import run_stages, start_run
+from lit_rlhf.pipeline import run_stages
+from lit_rlhf.pipeline_run import start_run
 
 QUESTION = "name two fruits ."
 GOOD, BAD = " apple , pear .", " dog ."

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from lit_rlhf.cli import fit_phase
-from lit_rlhf.pipeline import SUMMARY_KEYS, run_pipeline
+from lit_rlhf.held_out import SUMMARY_KEYS
+from lit_rlhf.pipeline import run_pipeline
 from lit_rlhf.report import publish_report
 
 CONFIG = Path(__file__).parents[1] / "configs" / "pipeline.yaml"

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from helpers import run_cli
-from lit_rlhf import pipeline, pipeline_spec, run_folder
+from lit_rlhf import held_out, pipeline, pipeline_run, pipeline_spec, run_folder, stage_runners
 from lit_rlhf.cli import fit_phase
 from lit_rlhf.errors import ConfigError, DataError, LitRLHFError
 from lit_rlhf.generation import Response
@@ -66,7 +66,7 @@ def test_the_pipeline_resumes_after_a_crash_without_redoing_completed_stages(tmp
     spec, out = tiny(CONFIGS / "pipeline.yaml", tmp_path), tmp_path / "out"
     runs: list[str] = []
     crashed: list[bool] = []
-    fit = pipeline.STAGE_RUNNERS["fit"]
+    fit = stage_runners.STAGE_RUNNERS["fit"]
 
     def crash_at_ppo(stage, *args):
         runs.append(stage.name)
@@ -75,7 +75,7 @@ def test_the_pipeline_resumes_after_a_crash_without_redoing_completed_stages(tmp
             raise KeyboardInterrupt  # the process is killed half-way through PPO
         return fit(stage, *args)
 
-    monkeypatch.setitem(pipeline.STAGE_RUNNERS, "fit", crash_at_ppo)
+    monkeypatch.setitem(stage_runners.STAGE_RUNNERS, "fit", crash_at_ppo)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_pipeline(spec, fit_phase, out)
     assert [p.parent.name for p in sorted(out.glob("*/done.json"))] == ["collect", "rm", "sft"]
@@ -87,7 +87,7 @@ def test_the_pipeline_resumes_after_a_crash_without_redoing_completed_stages(tmp
     assert json.loads((out / "summary.json").read_text()) == rows
     by_stage = {row["stage"]: row for row in rows}
     for stage in ("init", "sft", "ppo", "dpo", "best_of_n"):
-        assert set(pipeline.SUMMARY_KEYS) - {"kl_se"} <= set(by_stage[stage]), stage
+        assert set(held_out.SUMMARY_KEYS) - {"kl_se"} <= set(by_stage[stage]), stage
         assert -1.0 <= by_stage[stage]["gold_reward"] <= 1.0 and by_stage[stage]["gold_reward_se"] > 0
     assert by_stage["ppo"]["kl_se"] > 0 and by_stage["best_of_n"]["kl_se"] is None  # its KL is the analytic bound
     assert by_stage["ppo"]["health_breaches"] >= 0
@@ -448,18 +448,18 @@ def test_a_second_pipeline_file_in_the_same_folder_adds_its_rows(tmp_path):
     assert pipeline._merged_with_earlier_summary(rows, tmp_path, seed=1) == rows
 
 
-def run_of(stage: StageSpec, seed: int, out_dir: Path) -> pipeline.PipelineRun:
+def run_of(stage: StageSpec, seed: int, out_dir: Path) -> pipeline_run.PipelineRun:
     """A run of one stage, to ask whether it is complete."""
-    return pipeline.PipelineRun(PipelineSpec(stages=[stage], seed=seed), out_dir, fit_phase)
+    return pipeline_run.PipelineRun(PipelineSpec(stages=[stage], seed=seed), out_dir, fit_phase)
 
 
 def test_a_done_file_without_a_seed_counts_as_seed_0(tmp_path):
     stage = FitStage(name="sft", config="sft.yaml")  # no such file here: nothing to stamp
     (tmp_path / run_folder.DONE_FILE).write_text(json.dumps({"kind": "fit", "spec": stage.as_record()}))
-    assert pipeline._is_complete(stage, tmp_path, run_of(stage, 0, tmp_path))
-    assert not pipeline._is_complete(stage, tmp_path, run_of(stage, 1, tmp_path))
+    assert pipeline_run.is_complete(stage, tmp_path, run_of(stage, 0, tmp_path))
+    assert not pipeline_run.is_complete(stage, tmp_path, run_of(stage, 1, tmp_path))
     other = FitStage(name="sft", config="other.yaml")
-    assert not pipeline._is_complete(other, tmp_path, run_of(other, 0, tmp_path))
+    assert not pipeline_run.is_complete(other, tmp_path, run_of(other, 0, tmp_path))
 
 
 def test_a_stage_done_before_its_spec_listed_every_setting_runs_again(tmp_path):
@@ -467,7 +467,7 @@ def test_a_stage_done_before_its_spec_listed_every_setting_runs_again(tmp_path):
     as_written = {"name": "sft", "kind": "fit", "config": "sft.yaml"}
     (tmp_path / run_folder.DONE_FILE).write_text(json.dumps({"kind": "fit", "seed": 0, "spec": as_written}))
     stage = FitStage(name="sft", config="sft.yaml")
-    assert not pipeline._is_complete(stage, tmp_path, run_of(stage, 0, tmp_path))
+    assert not pipeline_run.is_complete(stage, tmp_path, run_of(stage, 0, tmp_path))
 
 
 def test_an_edited_phase_config_the_config_it_extends_or_data_reruns_the_stage(tmp_path):
@@ -477,20 +477,20 @@ def test_an_edited_phase_config_the_config_it_extends_or_data_reruns_the_stage(t
     config.write_text("config: dpo.yaml\nmodel: {init_args: {beta: 0.1}}\n")
     data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
     stage = FitStage(name="kto", config=str(config), model="sft", data=str(data))
-    run = pipeline.PipelineRun(PipelineSpec(stages=[FitStage(name="sft", config=str(base)), stage]), tmp_path,
+    run = pipeline_run.PipelineRun(PipelineSpec(stages=[FitStage(name="sft", config=str(base)), stage]), tmp_path,
                                fit_phase)
     stage_dir = tmp_path / "kto"
     stage_dir.mkdir()
-    done = {"kind": "fit", "seed": 0, "spec": stage.as_record(), "inputs": pipeline._stage_inputs(stage, run)}
+    done = {"kind": "fit", "seed": 0, "spec": stage.as_record(), "inputs": pipeline_run.stage_inputs(stage, run)}
     (stage_dir / run_folder.DONE_FILE).write_text(json.dumps(done))
     assert set(done["inputs"]) == {str(base), str(config), str(data)}  # not the stage name "sft"
-    assert pipeline._is_complete(stage, stage_dir, run)
+    assert pipeline_run.is_complete(stage, stage_dir, run)
     for edited in (config, base, data):
         stamp = edited.stat().st_mtime_ns
         os.utime(edited, ns=(stamp + 10**9, stamp + 10**9))  # written again, a second later
-        assert not pipeline._is_complete(stage, stage_dir, run), edited.name
+        assert not pipeline_run.is_complete(stage, stage_dir, run), edited.name
         os.utime(edited, ns=(stamp, stamp))
-    assert pipeline._is_complete(stage, stage_dir, run)
+    assert pipeline_run.is_complete(stage, stage_dir, run)
 
 
 @pytest.mark.parametrize("setting, expected", [({}, 32), ({"max_prompt_length": 128}, 128)])
@@ -501,9 +501,9 @@ def test_the_evaluation_cuts_prompts_at_the_files_prompt_length(setting, expecte
         "evaluation": {"num_prompts": 2, "samples_per_prompt": 1, **setting},
     }))
     calls = []
-    monkeypatch.setattr(pipeline, "evaluate_policy", lambda *args, **kwargs: calls.append(args))
-    run = pipeline.start_run(path, fit_phase, tmp_path / "out")
-    pipeline.HeldOutEvaluation(run).policy("world")
+    monkeypatch.setattr(held_out, "evaluate_policy", lambda *args, **kwargs: calls.append(args))
+    run = pipeline_run.start_run(path, fit_phase, tmp_path / "out")
+    held_out.HeldOutEvaluation(run).policy("world")
     assert calls[0][4] == expected  # evaluate_policy(model, tokenizer, prompts, sampling, max_prompt_length, ...)
 
 
@@ -526,17 +526,17 @@ def test_the_evaluation_renders_chat_prompts_with_the_policies_template(tiny_cha
     """Held-out chat prompts read as the policies trained on them: the reference's chat template, not a default."""
     from lit_rlhf.models import load_tokenizer
 
-    held_out = tmp_path / "held_out.jsonl"
-    held_out.write_text("".join(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+    prompts = tmp_path / "held_out.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
                                                           {"role": "user", "content": f"Name {n} fruits."}]}) + "\n"
                                 for n in ("two", "three")))
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump({
         "stages": [{"name": "sft", "kind": "fit", "config": str(CONFIGS / "sft.yaml")}],
-        "evaluation": {"prompts": str(held_out), "reference": tiny_chat_llama_path, "num_prompts": 2,
+        "evaluation": {"prompts": str(prompts), "reference": tiny_chat_llama_path, "num_prompts": 2,
                        "samples_per_prompt": 1},
     }))
-    evaluation = pipeline.HeldOutEvaluation(pipeline.start_run(path, fit_phase, tmp_path / "out"))
+    evaluation = held_out.HeldOutEvaluation(pipeline_run.start_run(path, fit_phase, tmp_path / "out"))
     tokenizer = load_tokenizer(tiny_chat_llama_path)
     assert evaluation.prompts == [
         tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."},
@@ -552,7 +552,7 @@ def test_the_world_prompts_are_refused_to_a_model_that_cannot_read_them(tiny_lla
         "stages": [{"name": "sft", "kind": "fit", "config": str(CONFIGS / "sft.yaml")}],
         "evaluation": {"reference": tiny_llama_path},
     }))
-    evaluation = pipeline.HeldOutEvaluation(pipeline.start_run(path, fit_phase, tmp_path / "out"))
+    evaluation = held_out.HeldOutEvaluation(pipeline_run.start_run(path, fit_phase, tmp_path / "out"))
     with pytest.raises(ConfigError, match=f"evaluation.prompts is unset, and {tiny_llama_path} cannot read the world"):
         evaluation.prompts
 
