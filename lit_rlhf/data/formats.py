@@ -87,8 +87,8 @@ DEFAULT_CHAT_TEMPLATE = (
 "hello"]`` becomes the prompt ``"User: hi\\nAssistant:"`` and the completion ``" hello\\n"``."""
 
 _ASSISTANT_MARKER = "Assistant:"
-"""Where a text dialogue not in hh-rlhf's form hands over to the model: the shared prompt of two such dialogues
-ends right after it."""
+"""Where a text dialogue not in hh-rlhf's form hands over to the model: the prompt of two such dialogues (the prefix
+they have in common) ends right after it."""
 
 
 @dataclass(frozen=True)
@@ -562,13 +562,13 @@ class _RowParser:
 
     def _preference(self, row: Mapping[str, Any]) -> Comparison:
         if "prompt" not in row:
-            prompt, chosen, rejected = self._shared_prompt_dialogues(row)
+            prompt, chosen, rejected = self._dialogue_pair(row)
         elif isinstance(row["prompt"], str) and _is_dialogue(row.get("chosen")) and _is_dialogue(row.get("rejected")):
             # UltraFeedback (binarized) style: the prompt as text, and whole dialogues that repeat it as a user turn.
             users = [message.get("content") for message in row["chosen"] if message.get("role") == "user"]
             if row["prompt"] not in users:
                 raise RowProblem("prompt", "not in the dialogue", "is not a user message of the 'chosen' dialogue")
-            prompt, chosen, rejected = self._shared_prompt_dialogues(row)
+            prompt, chosen, rejected = self._dialogue_pair(row)
         else:
             if isinstance(row.get("chosen"), list):  # checked first, so a bad 'chosen' is not blamed on 'rejected'
                 _messages(row["chosen"], "chosen", self._drop_empty)
@@ -581,7 +581,7 @@ class _RowParser:
             raise RowProblem("rejected", "identical to chosen", "identical to 'chosen'")
         return Comparison(prompt, chosen, rejected, _margin(row), _ended(row, "chosen"), _ended(row, "rejected"))
 
-    def _shared_prompt_dialogues(self, row: Mapping[str, Any]) -> tuple[str, str, str]:
+    def _dialogue_pair(self, row: Mapping[str, Any]) -> tuple[str, str, str]:
         """hh-rlhf style: two whole dialogues; the prompt is what they share, the responses what follows."""
         chosen, rejected = _require(row, "chosen"), _require(row, "rejected")
         if isinstance(chosen, str):
@@ -593,7 +593,7 @@ class _RowParser:
                 raise RowProblem("rejected", "identical to chosen", "identical to 'chosen'")
             chosen_turns, rejected_turns = _hh_turns(chosen), _hh_turns(rejected)
             if chosen_turns is None or rejected_turns is None:
-                return _split_shared_prompt(_non_empty(chosen, "chosen"), _non_empty(rejected, "rejected"))
+                return _split_common_prefix(_non_empty(chosen, "chosen"), _non_empty(rejected, "rejected"))
             chosen, rejected = chosen_turns, rejected_turns  # rendered with the chat template, as messages are
         if not isinstance(chosen, list):
             raise RowProblem(
@@ -656,7 +656,7 @@ class _RowParser:
             messages = self._messages(value, "messages")
             return PromptRecord(self._render(messages, True, "messages"))
         if format_name == "preference" and "prompt" not in row:
-            return PromptRecord(self._shared_prompt_dialogues(row)[0])
+            return PromptRecord(self._dialogue_pair(row)[0])
         if "prompt" not in row:
             raise RowProblem(None, "wrong format", _wrong_format_message(row, format_name, "prompt"))
         return PromptRecord(self._prompt(row).text)
@@ -755,8 +755,8 @@ def _hh_turns(text: str) -> list[dict[str, str]] | None:
             for role, content in zip(roles, contents)]
 
 
-def _split_shared_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
-    """Split two dialogues into their shared prompt and their own responses.
+def _split_common_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Split two texts into the prefix they have in common (the prompt) and their own responses.
 
     The shared text ends just after its last ``Assistant:`` marker when it has one; otherwise it backs off to the
     whitespace before the first differing word, so that no word is cut in two.
@@ -769,5 +769,5 @@ def _split_shared_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
         last_word = re.search(r"\s+\S*$", shared)
         cut = last_word.start() if last_word else 0
     if cut == 0 or not shared[:cut].strip():
-        raise RowProblem("chosen", "no shared prompt", "'chosen' and 'rejected' share no leading prompt text")
+        raise RowProblem("chosen", "no common prefix", "'chosen' and 'rejected' share no leading prompt text")
     return shared[:cut], _non_empty(chosen[cut:], "chosen"), _non_empty(rejected[cut:], "rejected")
