@@ -39,13 +39,14 @@ from typing import Any
 
 from lit_rlhf.errors import ConfigError, LitRLHFError
 from lit_rlhf.held_out import summarize
-from lit_rlhf.pipeline_run import FitPhase, PipelineRun, done_under, is_complete, stage_inputs, stage_record, start_run
+from lit_rlhf.pipeline_run import FitPhase, PipelineRun, done_under, is_complete, stage_made_with, start_run
 from lit_rlhf.pipeline_spec import check_data_files, load_pipeline
 from lit_rlhf.run_folder import (
     AGGREGATE_FILE,
     DONE_FILE,
     HEALTH_FILE,
     LOG_FILE,
+    MADE_WITH,
     PAIRED_FILE,
     SUMMARY_FILE,
     format_paired,
@@ -96,7 +97,7 @@ def run_stages(run: PipelineRun, force: tuple[str, ...] = (), until: str | None 
             raise
         record["seconds"] = round(time.perf_counter() - started, 1)
         print(f"done in {record['seconds']} s")
-        record |= {"spec": stage_record(stage, run), "seed": run.seed, "inputs": stage_inputs(stage, run)}
+        record |= {"seed": run.seed, MADE_WITH: stage_made_with(stage, run)}
         write_atomically(stage_dir / DONE_FILE, json.dumps(record, indent=2) + "\n")
         rerun.add(stage.name)
 

@@ -20,14 +20,14 @@ from lit_rlhf.pipeline_spec import (
     StageSpec,
     load_pipeline,
 )
-from lit_rlhf.run_folder import DONE_FILE, input_stamps
+from lit_rlhf.run_folder import DONE_FILE, MADE_WITH, made_with
 
 FitPhase = Callable[[list[str], str], Any]
 """Runs ``lit-rlhf fit ARGS`` with its logs under a folder and returns the finished LightningCLI."""
 POLICY, REWARD_MODEL, DATA, BASELINE, YARDSTICK = "policy", "reward_model", "data", "baseline", "yardstick"
 """What a stage made, its ``done.json``'s ``role``: the summary evaluates policies and baselines, measures reward
 models, and takes the rest's record as it is."""
-BOOKKEEPING_KEYS = ("kind", "role", "model", "data", "samples", "seconds", "spec", "seed", "inputs")
+BOOKKEEPING_KEYS = ("kind", "role", "model", "data", "samples", "seconds", "seed", MADE_WITH)
 """Keys of ``done.json`` that say where a stage's output is, not what it measured."""
 
 
@@ -72,41 +72,32 @@ def start_run(
 
 
 def done_under(stage_dir: Path, seed: int) -> dict[str, Any] | None:
-    """The stage's ``done.json`` if it finished under ``seed``; one from before seeds were recorded counts as seed
-    0, the only seed fit stages had then."""
+    """The stage's ``done.json`` if it finished under ``seed``."""
     done = stage_dir / DONE_FILE
     record = json.loads(done.read_text()) if done.is_file() else None
-    return record if record is not None and record.get("seed", 0) == seed else None
+    return record if record is not None and record.get("seed") == seed else None
 
 
 def is_complete(stage: StageSpec, stage_dir: Path, run: PipelineRun) -> bool:
-    """Whether the stage finished before with the same settings, defaults included, the same seed, and the files it
-    reads unchanged since (:func:`input_stamps`; otherwise it runs again). A stage finished by a version that kept
-    only the settings the file named, not every one, runs again, and one from before stamps were kept if it reads a
-    file; so does a best-of-n stage from before its picks were kept (no ``samples``), since the summary measures
-    them."""
+    """Whether the stage finished before under this seed, made with what it would be made with now
+    (:func:`stage_made_with`); otherwise it runs again, as does a folder written by an earlier version."""
     record = done_under(stage_dir, run.seed)
-    outdated = record is not None and record.get("kind") == "best_of_n" and "samples" not in record
-    return (record is not None and record.get("spec") == stage_record(stage, run) and not outdated
-            and record.get("inputs", {}) == stage_inputs(stage, run))
+    return record is not None and record.get(MADE_WITH) == stage_made_with(stage, run)
 
 
-def stage_record(stage: StageSpec, run: PipelineRun) -> dict[str, Any]:
-    """The settings a stage's output depends on: its own, and for the stages that sample the held-out prompts
-    (best-of-n, the optimum) the file's ``evaluation`` too, so that new evaluation settings redraw them."""
-    record = stage.as_record()
+def stage_made_with(stage: StageSpec, run: PipelineRun) -> dict[str, Any]:
+    """What a stage's output is made from (:func:`lit_rlhf.run_folder.made_with`): its settings, defaults included,
+    and the seed; for the stages that sample the held-out prompts (best-of-n, the optimum) the file's ``evaluation``
+    too, so that new evaluation settings redraw them; and the files it reads that no stage of the run writes: its
+    phase config, data, prompts (the file's top-level ``prompts`` where the stage has none of its own), paths among
+    its ``args``."""
+    settings = {"spec": stage.as_record(), "seed": run.seed}
     if isinstance(stage, (BestOfNStage, OptimumStage)):
-        record["evaluation"] = asdict(run.spec.evaluation)
-    return record
-
-
-def stage_inputs(stage: StageSpec, run: PipelineRun) -> dict[str, int]:
-    """The stamps of the files a stage reads that no stage of the run writes: its phase config, data, prompts
-    (the file's top-level ``prompts`` where the stage has none of its own), paths among its ``args``."""
-    values = stage.reads() | {value for value in getattr(stage, "args", {}).values() if isinstance(value, str)}
+        settings["evaluation"] = asdict(run.spec.evaluation)
+    reads = stage.reads() | {value for value in getattr(stage, "args", {}).values() if isinstance(value, str)}
     if isinstance(stage, (CollectStage, RejectionSampleStage)) and (prompts := prompts_path(stage, run.spec)):
-        values.add(prompts)
-    return input_stamps(value for value in sorted(values) if value not in run.stage_names)
+        reads.add(prompts)
+    return made_with(settings, sorted(value for value in reads if value not in run.stage_names))
 
 
 def prompts_path(stage: CollectStage | RejectionSampleStage, spec: PipelineSpec) -> str | None:

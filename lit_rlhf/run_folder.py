@@ -24,6 +24,8 @@ from typing import Any
 import yaml
 
 DONE_FILE = "done.json"
+MADE_WITH = "made_with"
+"""The key of a ``done.json`` (and of a sweep's ``baselines.json``) holding :func:`made_with`."""
 """A finished stage's or trial's record: what it made, measured, and was made with."""
 LOG_FILE = "log.txt"
 """Everything a stage printed, in its folder; the console shows one line per stage."""
@@ -110,6 +112,15 @@ def input_stamps(paths: Iterable[str]) -> dict[str, int]:
         if path.suffix in (".yaml", ".yml"):
             pending += [path.parent / extended for extended in _extended_configs(path)]
     return stamps
+
+
+def made_with(settings: Any, reads: Iterable[str]) -> dict[str, Any]:
+    """What a piece of work was made from: its ``settings`` (whatever JSON writes) and the stamps of the files and
+    model folders it read (:func:`input_stamps`). The one test of "done already?": a pipeline stage, a sweep's trial,
+    a sweep's best-of-n baselines and DPO's precomputed reference log-probs each keep this beside their output
+    (``MADE_WITH`` in a ``done.json``) and are made again when it differs, so that changed settings, an edited config,
+    new data or a retrained model never leave stale work in use."""
+    return json.loads(json.dumps({"settings": settings, "inputs": input_stamps(reads)}))
 
 
 def _extended_configs(path: Path) -> list[str]:

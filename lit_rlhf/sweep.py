@@ -44,13 +44,14 @@ from lit_rlhf.pipeline_run import FitPhase, PipelineRun, start_run
 from lit_rlhf.pipeline_spec import read_yaml_file
 from lit_rlhf.run_folder import (
     DONE_FILE,
+    MADE_WITH,
     SWEEP_FILE,
     format_cell,
     format_table,
     gao_points,
-    input_stamps,
     interval_cell,
     last_line,
+    made_with,
     write_atomically,
 )
 from lit_rlhf.selection import best_of_n_kl
@@ -263,26 +264,19 @@ def run_offline(spec: dict[str, Any], path: Path, run: PipelineRun, out_dir: Pat
     return result
 
 
-def _inputs(command: list[str]) -> dict[str, int]:
-    """The stamps (:func:`~lit_rlhf.run_folder.input_stamps`) of every file or model folder a command names, as
-    ``PATH`` or ``--key=PATH``: a trained trial is reused only while these are unchanged, so a retrained SFT policy,
-    new comparisons or an edited config make every trial train again."""
-    return input_stamps(part.split("=", 1)[-1] for part in command)
-
-
 def _run_trial(
     spec: dict[str, Any], name: str, parameters: dict[str, Any], out_dir: Path, evaluation: HeldOutEvaluation
 ) -> dict[str, Any]:
     trial_dir = out_dir / name
     command = trial_command(spec, parameters)
     done_file = trial_dir / DONE_FILE
-    trained = {"command": command[1:], "inputs": _inputs(command)}
+    trained = made_with(command[1:], (part.split("=", 1)[-1] for part in command))  # PATH and --key=PATH
     record = json.loads(done_file.read_text()) if done_file.is_file() else {}
     export = trial_dir / record["export"] if record.get("export") else None
-    if record.get("status") == "done" and record.get("trained") == trained and (export / "config.json").is_file():
+    if record.get("status") == "done" and record.get(MADE_WITH) == trained and (export / "config.json").is_file():
         print(f"[sweep] {name}: trained, reused")
     else:
-        record = _train(name, parameters, command, trial_dir, out_dir) | {"trained": trained}
+        record = _train(name, parameters, command, trial_dir, out_dir) | {MADE_WITH: trained}
         export = trial_dir / record["export"] if record.get("export") else None
     if record["status"] == "done":
         record["metrics"] = evaluation.row(evaluation.policy(str(export)))
@@ -319,17 +313,17 @@ def _best_of_n_curve(evaluation: HeldOutEvaluation, out_dir: Path) -> list[dict[
     samples; cached in ``OUT/baselines.json`` while the evaluation and the models it reads are unchanged."""
     if not (evaluation.reference_path and evaluation.reward_model):
         return None
-    key = {"evaluation": asdict(evaluation.spec), "seed": evaluation.run.seed,
-           "models": _inputs([evaluation.reference_path, evaluation.reward_model])}
+    key = made_with({"evaluation": asdict(evaluation.spec), "seed": evaluation.run.seed},
+                    [evaluation.reference_path, evaluation.reward_model])
     cached = out_dir / BASELINES_FILE
-    if cached.is_file() and (record := json.loads(cached.read_text())).get("key") == key:
+    if cached.is_file() and (record := json.loads(cached.read_text())).get(MADE_WITH) == key:
         return record["curve"]
     groups = evaluation.sample_groups(evaluation.reference_path, max(BEST_OF_N))
     curve = []
     for n in BEST_OF_N:
         picks = evaluation.best_picks(evaluation.reference_path, evaluation.reward_model, [g[:n] for g in groups])
         curve.append({"stage": "best_of_n", "n": n, **evaluation.row(evaluation.picks(picks)), "kl": best_of_n_kl(n)})
-    write_atomically(cached, json.dumps({"key": key, "curve": curve}, indent=2) + "\n")
+    write_atomically(cached, json.dumps({MADE_WITH: key, "curve": curve}, indent=2) + "\n")
     return curve
 
 

@@ -453,20 +453,16 @@ def run_of(stage: StageSpec, seed: int, out_dir: Path) -> pipeline_run.PipelineR
     return pipeline_run.PipelineRun(PipelineSpec(stages=[stage], seed=seed), out_dir, fit_phase)
 
 
-def test_a_done_file_without_a_seed_counts_as_seed_0(tmp_path):
+def test_a_stage_is_done_only_under_its_seed_with_the_same_settings(tmp_path):
     stage = FitStage(name="sft", config="sft.yaml")  # no such file here: nothing to stamp
-    (tmp_path / run_folder.DONE_FILE).write_text(json.dumps({"kind": "fit", "spec": stage.as_record()}))
+    made = pipeline_run.stage_made_with(stage, run_of(stage, 0, tmp_path))
+    (tmp_path / run_folder.DONE_FILE).write_text(json.dumps({"kind": "fit", "seed": 0, run_folder.MADE_WITH: made}))
     assert pipeline_run.is_complete(stage, tmp_path, run_of(stage, 0, tmp_path))
     assert not pipeline_run.is_complete(stage, tmp_path, run_of(stage, 1, tmp_path))
     other = FitStage(name="sft", config="other.yaml")
     assert not pipeline_run.is_complete(other, tmp_path, run_of(other, 0, tmp_path))
-
-
-def test_a_stage_done_before_its_spec_listed_every_setting_runs_again(tmp_path):
-    """done.json used to keep only the keys the file named; now every setting, so a changed default reruns a stage."""
-    as_written = {"name": "sft", "kind": "fit", "config": "sft.yaml"}
-    (tmp_path / run_folder.DONE_FILE).write_text(json.dumps({"kind": "fit", "seed": 0, "spec": as_written}))
-    stage = FitStage(name="sft", config="sft.yaml")
+    # a folder of an earlier version, which kept the settings its own way, runs again
+    (tmp_path / run_folder.DONE_FILE).write_text(json.dumps({"kind": "fit", "seed": 0, "spec": stage.as_record()}))
     assert not pipeline_run.is_complete(stage, tmp_path, run_of(stage, 0, tmp_path))
 
 
@@ -478,12 +474,12 @@ def test_an_edited_phase_config_the_config_it_extends_or_data_reruns_the_stage(t
     data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
     stage = FitStage(name="kto", config=str(config), model="sft", data=str(data))
     run = pipeline_run.PipelineRun(PipelineSpec(stages=[FitStage(name="sft", config=str(base)), stage]), tmp_path,
-                               fit_phase)
+                                   fit_phase)
     stage_dir = tmp_path / "kto"
     stage_dir.mkdir()
-    done = {"kind": "fit", "seed": 0, "spec": stage.as_record(), "inputs": pipeline_run.stage_inputs(stage, run)}
+    done = {"kind": "fit", "seed": 0, run_folder.MADE_WITH: pipeline_run.stage_made_with(stage, run)}
     (stage_dir / run_folder.DONE_FILE).write_text(json.dumps(done))
-    assert set(done["inputs"]) == {str(base), str(config), str(data)}  # not the stage name "sft"
+    assert set(done[run_folder.MADE_WITH]["inputs"]) == {str(base), str(config), str(data)}  # not the stage "sft"
     assert pipeline_run.is_complete(stage, stage_dir, run)
     for edited in (config, base, data):
         stamp = edited.stat().st_mtime_ns
@@ -560,3 +556,11 @@ def test_the_world_prompts_are_refused_to_a_model_that_cannot_read_them(tiny_lla
 def test_table_cells_show_small_settings_and_missing_values():
     assert [run_folder.format_cell(value) for value in (3e-05, 0.0001, 0.7456, 0.0, -2.0, None, 8, "rm")] == [
         "3e-05", "0.0001", "0.746", "0.000", "-2.000", "-", "8", "rm"]
+
+
+def test_made_with_is_what_a_done_file_reads_back(tmp_path):
+    config = tmp_path / "sft.yaml"
+    config.write_text("trainer: {max_steps: 2}\n")
+    made = run_folder.made_with({"beta": 0.1, "shape": (2, 3)}, [str(config), "gpt2"])  # a hub name has no stamp
+    assert made == json.loads(json.dumps(made)) == {"settings": {"beta": 0.1, "shape": [2, 3]},
+                                                     "inputs": {str(config): config.stat().st_mtime_ns}}

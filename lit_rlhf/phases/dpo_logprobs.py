@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from transformers import PreTrainedModel
 
 from lit_rlhf import losses
 from lit_rlhf.models import model_token_logprobs, select_rows, shared_prompt_logprobs, shares_prompts
+from lit_rlhf.run_folder import made_with
 
 SEQUENCE_FIELDS = ("input_ids", "attention_mask", "response_mask")
 
@@ -118,10 +120,9 @@ class ReferenceLogpsCache:
 
 
 def reference_fingerprint(model_name_or_path: str, dtype: str | None, average: bool) -> str:
-    """The reference's identity: its name or folder, its files' sizes and mtimes, dtype and averaging."""
+    """The reference's identity, hashed: its name or folder, when that was written, the dtype and averaging
+    (:func:`lit_rlhf.run_folder.made_with`, the package's one test of "made with the same inputs?")."""
     folder = Path(model_name_or_path)
-    parts = [str(folder.resolve()) if folder.is_dir() else model_name_or_path, str(dtype), str(average)]
-    if folder.is_dir():
-        files = sorted(f for f in folder.iterdir() if f.is_file())
-        parts += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    name = str(folder.resolve()) if folder.is_dir() else model_name_or_path
+    made = made_with({"model": name, "dtype": dtype, "average": average}, [model_name_or_path])
+    return hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()
