@@ -124,13 +124,27 @@ def test_each_fit_in_one_process_gets_its_own_wandb_run(tmp_path, monkeypatch):
 
 def test_wandb_disabled_holds_over_a_saved_configs_offline_logger(tmp_path, monkeypatch):
     """A run's config.yaml, which resumes it, names the W&B logger with offline: true, as the first run chose."""
-    from lit_rlhf.cli import DeferredWandbLogger
+    from lit_rlhf.trainer_parts import DeferredWandbLogger
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     logger = DeferredWandbLogger(save_dir=str(tmp_path), project="lit-rlhf", offline=True)
     logger.log_metrics({"train/loss": 1.0}, step=0)
     logger.experiment.finish()
     assert os.environ["WANDB_MODE"] == "disabled" and not list(tmp_path.rglob("offline-run-*"))
+
+
+def test_the_private_lightning_attributes_we_use_are_there():
+    """Each private attribute the trainer parts lean on exists in the installed Lightning, so that an upgrade that
+    removes one fails here, by name, rather than somewhere in a fit."""
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    from lit_rlhf.trainer_parts import PRIVATE_ATTRIBUTES, DeferredWandbLogger
+
+    logger = DeferredWandbLogger(project="lit-rlhf", offline=True)
+    for owner, names in PRIVATE_ATTRIBUTES.items():
+        instance_or_class = logger if owner.__name__ == "WandbLogger" else owner
+        assert [name for name in names if not hasattr(instance_or_class, name)] == [], owner.__name__
+    assert "_batches_that_stepped" in _TrainingEpochLoop.__init__.__code__.co_names
 
 
 def test_help_lists_the_extra_commands(capsys):

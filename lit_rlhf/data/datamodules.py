@@ -522,6 +522,6 @@ class DataReport(Callback):
         }
         # The step self.log gives metrics, which Lightning's LearningRateMonitor takes too: under PPO the iteration,
         # not the optimiser step.
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # private: trainer_parts.PRIVATE_ATTRIBUTES
         for logger in trainer.loggers:
             logger.log_metrics(counts, step=step)

@@ -218,7 +218,7 @@ class PPOModule(LightningModule):
     @property
     def optimizer_steps_per_batch(self) -> int:
         """``trainer.max_steps`` counts optimiser updates, this many per iteration: the progress bar counts
-        iterations (:class:`lit_rlhf.cli.TrainingProgressBar`)."""
+        iterations (:class:`lit_rlhf.trainer_parts.TrainingProgressBar`)."""
         return self.hparams.ppo_epochs * self.hparams.num_minibatches
 
     # --- one iteration ---
