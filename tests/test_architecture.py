@@ -33,35 +33,37 @@ def layer(module: str) -> int:
     return max(matches)[1]
 
 
-def imported(module: str) -> set[str]:
+def module_source(module: str) -> ast.Module:
     path = PACKAGE.parent / (module.replace(".", "/") + ".py")
     if not path.exists():
         path = PACKAGE.parent / module.replace(".", "/") / "__init__.py"
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    return ast.parse(path.read_text())
+
+
+def imported_names(module: str) -> set[tuple[str, str | None]]:
+    """``(module, name)`` for every ``from module import name`` of the package anywhere in the file (inside functions
+    too), ``(module, None)`` for every ``import module``."""
+    found = set()
+    for node in ast.walk(module_source(module)):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
+            found |= {(node.module, alias.name) for alias in node.names}
         elif isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-    return {name for name in names if name == "lit_rlhf" or name.startswith("lit_rlhf.")}
+            found |= {(alias.name, None) for alias in node.names}
+    return {(name, alias) for name, alias in found if name == "lit_rlhf" or name.startswith("lit_rlhf.")}
+
+
+def imported(module: str) -> set[str]:
+    return {name for name, _ in imported_names(module)}
 
 
 def import_graph() -> dict[str, set[str]]:
-    """Each module → the package's modules it imports anywhere in its file (inside functions too); ``from a import b``
-    counts as importing ``a.b`` where that is a module."""
+    """Each module → the package's modules it imports; ``from a import b`` counts as importing ``a.b`` where that is
+    a module."""
     graph = {}
     for module in [*MODULES, "lit_rlhf"]:
-        path = PACKAGE.parent / (module.replace(".", "/") + ".py")
-        if not path.exists():
-            path = PACKAGE.parent / module.replace(".", "/") / "__init__.py"
-        targets = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets |= {f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in MODULES else node.module
-                            for alias in node.names}
-            elif isinstance(node, ast.Import):
-                targets |= {alias.name for alias in node.names}
-        graph[module] = {target for target in targets if target in graph or target in MODULES} - {module}
+        targets = {f"{name}.{alias}" if f"{name}.{alias}" in MODULES else name
+                   for name, alias in imported_names(module)}
+        graph[module] = targets - {module}
     return graph
 
 
@@ -136,14 +138,8 @@ WORLD_PLUGS_IN = {
 
 
 def imports_world(module: str) -> bool:
-    names = imported(module)
-    path = PACKAGE.parent / (module.replace(".", "/") + ".py")
-    if not path.exists():
-        path = PACKAGE.parent / module.replace(".", "/") / "__init__.py"
-    world_as_name = any(isinstance(node, ast.ImportFrom) and node.module == "lit_rlhf" and node.level == 0
-                        and any(alias.name == "world" for alias in node.names)
-                        for node in ast.walk(ast.parse(path.read_text())))
-    return world_as_name or any(name == "lit_rlhf.world" or name.startswith("lit_rlhf.world.") for name in names)
+    return any(name == "lit_rlhf.world" or name.startswith("lit_rlhf.world.") or (name, alias) == ("lit_rlhf", "world")
+               for name, alias in imported_names(module))
 
 
 def test_the_world_plugs_in_only_where_named():
