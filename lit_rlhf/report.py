@@ -493,10 +493,12 @@ def plot_reward_model(folders: list[RunFolder], out_dir: Path) -> Path:
         raise _NothingToPlot("no reward-model stage in a pipeline summary.json")
     figure = Figure(figsize=(11, 4), layout="constrained")
     bars_ax, curve_ax = figure.subplots(1, 2)
-    width = 0.8 / 3
-    for offset, key in enumerate(("accuracy", "gold_accuracy", "length_corr")):
+    keys = [key for key in ("accuracy", "gold_accuracy", "length_corr")
+            if any(row.get(key) is not None for _, row in rows)]
+    width = 0.8 / max(len(keys), 1)
+    for offset, key in enumerate(keys):
         values = [row.get(key) if row.get(key) is not None else math.nan for _, row in rows]
-        bars_ax.bar([i + (offset - 1) * width for i in range(len(rows))], values, width, label=key)
+        bars_ax.bar([i + (offset - (len(keys) - 1) / 2) * width for i in range(len(rows))], values, width, label=key)
     bars_ax.set_xticks(range(len(rows)), [label for label, _ in rows], rotation=20)
     bars_ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     bars_ax.set(title="held-out reward models (dotted: chance)", ylim=(min(0.0, bars_ax.get_ylim()[0]), 1.0))
@@ -571,6 +573,9 @@ GOLD_PANELS = {
     "frontier": "Final proxy reward (the evaluation's reward model, named on the axis) against √KL for every stage and "
                 "best-of-n baseline. These runs have no gold reward, so the frontier shows what the reward model "
                 "gave for each nat of drift, not what was gained.",
+    "reward_model": "Held-out pairwise accuracy of each reward model and the correlation of its score with answer "
+                    "length (near 0 is good); right: validation accuracy. Without a gold reward there is no gold "
+                    "accuracy.",
 }
 """The captions of the figures with gold panels, for runs without gold (your own data): the panels are left out."""
 

@@ -160,7 +160,7 @@ def with_errors(row: dict[str, Any]) -> dict[str, Any]:
         if key.endswith("_se") and key.removesuffix("_se") in row:
             continue
         error = row.get(f"{key}_se")
-        merged[key] = f"{format_cell(value)}±{error:.3f}" if value is not None and error is not None else value
+        merged[key] = f"{value:.3f}±{error:.3f}" if value is not None and error is not None else value
     return merged
 
 

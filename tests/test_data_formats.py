@@ -334,7 +334,7 @@ def test_an_empty_message_stops_the_run_naming_row_message_and_role(tmp_path):
     rows = [{"messages": [user("hi"), assistant("hello")]}, {"messages": [user(""), assistant("hello")]}]
     file.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.raises(DataError, match=rf"^{file}:2: field 'messages': message 1 \(user\): content is empty "
-                                        r"\(data.on_bad_row: skip drops it where the conversation stays valid\)$"):
+                                        r"\(on_bad_row: skip drops it where the conversation stays valid\)$"):
         normalize_rows(read_rows(str(file)), "demonstration")
 
 

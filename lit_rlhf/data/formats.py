@@ -339,7 +339,7 @@ def _messages(value: list[Any], name: str, drop_empty: bool = False) -> tuple[li
         position = next(i for i, message in enumerate(messages) if message["index"] == index)
         role = messages[position]["role"]
         if not (drop_empty and _droppable(messages, position)):
-            hint = " (data.on_bad_row: skip drops it where the conversation stays valid)" if not drop_empty else ""
+            hint = " (on_bad_row: skip drops it where the conversation stays valid)" if not drop_empty else ""
             raise RowProblem(name, f"empty {role} message", f"message {index} ({role}): content is empty{hint}")
         del messages[position]
         dropped.append(f"field '{name}': empty {role} message")
