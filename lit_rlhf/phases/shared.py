@@ -94,11 +94,11 @@ def adamw_with_warmup(
         schedule = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     else:
         schedule = get_constant_schedule_with_warmup(optimizer, warmup_steps)
-    scheduler = ScheduleOfTheseSettings(optimizer, schedule.lr_lambdas)
+    scheduler = ConfiguredRateSchedule(optimizer, schedule.lr_lambdas)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-class ScheduleOfTheseSettings(torch.optim.lr_scheduler.LambdaLR):
+class ConfiguredRateSchedule(torch.optim.lr_scheduler.LambdaLR):
     """transformers' schedule (its rate functions, ``lr_lambdas``) that keeps the rates it was built with when a
     checkpoint is loaded. Lightning restores the optimizer's and the scheduler's saved state after
     ``configure_optimizers``, rates included, so a run resumed with another learning rate would train at the
