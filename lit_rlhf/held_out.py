@@ -71,8 +71,8 @@ class HeldOutEvaluation:
         self.split = split
         """The world's held-out prompts it reads where the file names none: ``test`` (the summary) or ``dev``
         (a sweep's trials, which choose settings)."""
-        self.prompts_path = self.spec.prompts if self.spec.prompts is not None else run.spec.prompts
-        """The held-out prompts: ``evaluation.prompts``, else the file's ``prompts``, else the world's test prompts."""
+        self.prompts_path = run.spec.held_out_prompts
+        """The held-out prompts: ``evaluation.prompts``, else the file's ``prompts``, else the world's (``split``)."""
         self.num_prompts = self.spec.num_prompts
         self.repeats = self.spec.samples_per_prompt
         self.sampling = SamplingConfig(self.spec.max_new_tokens, self.spec.temperature)

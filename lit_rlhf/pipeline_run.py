@@ -95,11 +95,6 @@ def stage_made_with(stage: StageSpec, run: PipelineRun) -> dict[str, Any]:
     if isinstance(stage, (BestOfNStage, OptimumStage)):
         settings["evaluation"] = asdict(run.spec.evaluation)
     reads = stage.reads() | {value for value in getattr(stage, "args", {}).values() if isinstance(value, str)}
-    if isinstance(stage, (CollectStage, RejectionSampleStage)) and (prompts := prompts_path(stage, run.spec)):
+    if isinstance(stage, (CollectStage, RejectionSampleStage)) and (prompts := run.spec.training_prompts(stage)):
         reads.add(prompts)
     return made_with(settings, sorted(value for value in reads if value not in run.stage_names))
-
-
-def prompts_path(stage: CollectStage | RejectionSampleStage, spec: PipelineSpec) -> str | None:
-    """The training prompts a sampling stage uses: its own ``prompts``, else the file's, else the world's."""
-    return stage.prompts if stage.prompts is not None else spec.prompts

@@ -261,10 +261,10 @@ SHORTHANDS: dict[str, type[Rounds]] = {
     spec.kind: spec for spec in (RejectionSamplingRounds, SpinRounds, IterativeRounds)
 }
 CONFIG_KEYS = ("config", "rm_config")
+"""Phase configs, relative to the pipeline file."""
 PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 """The package's phase configs, where a pipeline file's ``config`` is looked up when it is not beside the file (a
 copied ``pipeline_hf.yaml`` still finds ``sft.yaml``)."""
-"""Phase configs, relative to the pipeline file."""
 
 
 # --- the evaluation and the file -----------------------------------------------------------------------------------
@@ -304,6 +304,23 @@ class PipelineSpec:
     on_bad_row: Literal["error", "skip"] = "error"
     """What a bad row of any data file does, in every stage (a fit stage's ``data.on_bad_row``, a sampling stage's
     own ``on_bad_row``, the held-out prompts): ``error`` stops the run naming it, ``skip`` leaves it out, counted."""
+
+    def training_prompts(self, stage: CollectStage | RejectionSampleStage) -> str | None:
+        """The training prompts a sampling stage uses: its own ``prompts``, else the file's, else (``None``) the
+        world's."""
+        return stage.prompts if stage.prompts is not None else self.prompts
+
+    @property
+    def held_out_prompts(self) -> str | None:
+        """The held-out prompts: ``evaluation.prompts``, else the file's ``prompts``, else (``None``) the world's."""
+        return self.evaluation.prompts if self.evaluation.prompts is not None else self.prompts
+
+    def bad_rows(self, stage: StageSpec) -> Literal["error", "skip"]:
+        """What a bad row does in ``stage``: a sampling stage's own ``on_bad_row``, or a fit stage's
+        ``data.on_bad_row`` among its ``args``, else the file's."""
+        own = stage.args.get("data.on_bad_row", stage.args.get("data.init_args.on_bad_row")) \
+            if isinstance(stage, FitStage) else getattr(stage, "on_bad_row", None)
+        return own or self.on_bad_row
 
 
 def load_pipeline(path: str | Path) -> PipelineSpec:
@@ -354,19 +371,16 @@ def data_files(spec: PipelineSpec) -> list[tuple[str, str, str]]:
     names = {stage.name for stage in spec.stages}
     files = []
     for stage in spec.stages:
-        on_bad_row = getattr(stage, "on_bad_row", None) or spec.on_bad_row
         if isinstance(stage, FitStage):
-            on_bad_row = stage.args.get("data.on_bad_row", stage.args.get("data.init_args.on_bad_row", on_bad_row))
             paths = [stage.data, stage.args.get("data.path"), stage.args.get("data.init_args.path")]
-            files += [(path, _fit_data_kind(stage), on_bad_row) for path in paths
+            files += [(path, _fit_data_kind(stage), spec.bad_rows(stage)) for path in paths
                       if isinstance(path, str) and path not in names]
-        elif isinstance(stage, (CollectStage, RejectionSampleStage)):
-            prompts = stage.prompts if stage.prompts is not None else spec.prompts
-            files += [(prompts, "prompt", on_bad_row)] if prompts else []
+        elif isinstance(stage, (CollectStage, RejectionSampleStage)) and (prompts := spec.training_prompts(stage)):
+            files.append((prompts, "prompt", spec.bad_rows(stage)))
         elif isinstance(stage, SelfPlayStage) and stage.demonstrations:
-            files.append((stage.demonstrations, "demonstration", on_bad_row))
-    if held_out := spec.evaluation.prompts if spec.evaluation.prompts is not None else spec.prompts:
-        files.append((held_out, "prompt", spec.on_bad_row))
+            files.append((stage.demonstrations, "demonstration", spec.bad_rows(stage)))
+    if spec.held_out_prompts:
+        files.append((spec.held_out_prompts, "prompt", spec.on_bad_row))
     return files
 
 

@@ -565,7 +565,7 @@ table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}td,th{border:1
 td{white-space:pre-wrap;vertical-align:top}.skip{color:#a33}.note{color:#555}"""
 
 
-GOLD_PANELS = {
+CAPTIONS_WITHOUT_GOLD = {
     "overoptimisation": "The training reward of the held-out evaluations during training (each run's own reward model "
                         "or function, named in the legend) against √KL to the reference. These runs have no gold "
                         "reward (only the embedded world has one), so whether the policy gamed its reward is not "
@@ -592,8 +592,8 @@ def render_html(report: Report) -> str:
              f"</title><style>{STYLE}</style></head><body><h1>lit-rlhf report: {html.escape(names)}</h1>"]
     has_gold = any(_has_gold(folder) for folder in report.folders)
     for name, description in DESCRIPTIONS.items():
-        if not has_gold and name in GOLD_PANELS:
-            description = GOLD_PANELS[name]
+        if not has_gold and name in CAPTIONS_WITHOUT_GOLD:
+            description = CAPTIONS_WITHOUT_GOLD[name]
         parts.append(f"<h2>{name.replace('_', ' ')}</h2><p class='note'>{html.escape(description)}</p>")
         if name in report.plots:
             data = base64.b64encode(report.plots[name].read_bytes()).decode("ascii")

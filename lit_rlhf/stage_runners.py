@@ -20,7 +20,7 @@ from lit_rlhf.held_out import SAMPLING_BATCH_SIZE, HeldOutEvaluation
 from lit_rlhf.models import inference_device
 from lit_rlhf.phases.ppo_health import PPOHealth
 from lit_rlhf.phases.reward import RewardModelModule
-from lit_rlhf.pipeline_run import BASELINE, DATA, POLICY, REWARD_MODEL, YARDSTICK, PipelineRun, prompts_path
+from lit_rlhf.pipeline_run import BASELINE, DATA, POLICY, REWARD_MODEL, YARDSTICK, PipelineRun
 from lit_rlhf.pipeline_spec import (
     BestOfNStage,
     CollectStage,
@@ -46,8 +46,7 @@ def _run_fit(stage: FitStage, stage_dir: Path, run: PipelineRun) -> dict[str, An
                                    (stage.data, "data.init_args.path", "data")):
         if reference:
             args += [f"--{key}", run.resolve(reference, output)]
-    if not {"data.on_bad_row", "data.init_args.on_bad_row"} & set(stage.args):
-        args += ["--data.init_args.on_bad_row", run.spec.on_bad_row]
+    args += ["--data.init_args.on_bad_row", run.spec.bad_rows(stage)]  # its args, below, may set it too
     for key, value in stage.args.items():
         args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
     cli = run.fit_phase(args, str(stage_dir))
@@ -71,9 +70,9 @@ def _run_collect(stage: CollectStage, stage_dir: Path, run: PipelineRun) -> dict
         run.resolve(stage.policy, "model"), stage_dir, k=stage.k,
         judge=stage.judge, judge_model=run.resolve(stage.judge_model, "model"),
         reward=stage.reward, principles_path=stage.principles,
-        prompts_path=prompts_path(stage, run.spec), num_prompts=stage.num_prompts,
+        prompts_path=run.spec.training_prompts(stage), num_prompts=stage.num_prompts,
         sampling=_sampling(stage), max_prompt_length=stage.max_prompt_length, seed=run.seed,
-        on_bad_row=_on_bad_row(stage, run.spec),
+        on_bad_row=run.spec.bad_rows(stage),
     )
     return {"kind": "collect", "role": DATA, "data": "comparisons.jsonl", "generated": summary.prompts * summary.k,
             "pairs": summary.pairs,
@@ -85,18 +84,13 @@ def _sampling(stage: SamplingStage) -> SamplingConfig:
     return SamplingConfig(stage.max_new_tokens, stage.temperature)
 
 
-def _on_bad_row(stage: SamplingStage, spec: PipelineSpec) -> str:
-    """A sampling stage's ``on_bad_row``, else the file's."""
-    return stage.on_bad_row or spec.on_bad_row
-
-
 def _training_prompts(stage: RejectionSampleStage, spec: PipelineSpec, policy: str) -> list[str]:
     """A sampling stage's prompts (``num_prompts`` of them drawn with the file's seed, when there are more), chat
     prompts rendered with the template of the ``policy`` that answers them."""
-    prompts = PromptDataModule(path=prompts_path(stage, spec), tokenizer_name_or_path=policy, val_fraction=0.0,
+    prompts = PromptDataModule(path=spec.training_prompts(stage), tokenizer_name_or_path=policy, val_fraction=0.0,
                                max_prompt_length=stage.max_prompt_length,
                                max_length=stage.max_prompt_length + stage.max_new_tokens,
-                               on_bad_row=_on_bad_row(stage, spec))
+                               on_bad_row=spec.bad_rows(stage))
     prompts.setup("fit")
     return [record.prompt for record in subsample(prompts.train_records, stage.num_prompts, spec.seed)]
 
@@ -118,7 +112,7 @@ def _run_rejection_sample(stage: RejectionSampleStage, stage_dir: Path, run: Pip
 def _run_self_play(stage: SelfPlayStage, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
     policy = run.resolve(stage.policy, "model")
     demonstrations = DemonstrationDataModule(path=stage.demonstrations, tokenizer_name_or_path=policy,
-                                             val_fraction=0.0, on_bad_row=_on_bad_row(stage, run.spec))
+                                             val_fraction=0.0, on_bad_row=run.spec.bad_rows(stage))
     demonstrations.setup("fit")
     records = subsample(demonstrations.train_records, stage.num_prompts, run.seed)
     torch.manual_seed(run.seed)

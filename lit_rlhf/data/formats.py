@@ -312,7 +312,7 @@ def _messages(value: list[Any], name: str, drop_empty: bool = False) -> tuple[li
     role, and it is not the last message), in which case it is dropped and its reason returned."""
     if not value:
         raise RowProblem(name, "empty", "must not be an empty list of messages")
-    messages, empty = [], []
+    messages, numbers, empty = [], [], []
     for index, message in enumerate(value, start=1):
         if not isinstance(message, Mapping):
             raise RowProblem(
@@ -333,33 +333,31 @@ def _messages(value: list[Any], name: str, drop_empty: bool = False) -> tuple[li
         kept_empty = role == "system" or (role == "assistant" and name in _RESPONSE_FIELDS)
         if not content.strip() and not kept_empty:
             empty.append(index)
-        messages.append({"role": role, "content": content, "index": index})
+        messages.append({"role": role, "content": content})
+        numbers.append(index)
     dropped = []
     for index in empty:
-        position = next(i for i, message in enumerate(messages) if message["index"] == index)
+        position = numbers.index(index)
         role = messages[position]["role"]
-        if not (drop_empty and _droppable(messages, position)):
+        if not (drop_empty and _droppable([message["role"] for message in messages], position)):
             hint = " (on_bad_row: skip drops it where the conversation stays valid)" if not drop_empty else ""
             raise RowProblem(name, f"empty {role} message", f"message {index} ({role}): content is empty{hint}")
-        del messages[position]
+        del messages[position], numbers[position]
         dropped.append(f"field '{name}': empty {role} message")
-    return [{"role": m["role"], "content": m["content"]} for m in messages], dropped
+    return messages, dropped
 
 
 _RESPONSE_FIELDS = ("chosen", "rejected", "responses")
 
 
-def _droppable(messages: list[dict[str, Any]], position: int) -> bool:
-    """Whether the conversation stays valid without ``messages[position]``: it is not the last message (the turn
-    that is trained on or answered), and the turns either side of it (system messages aside) are not of one role,
-    which would join two user or two assistant turns."""
-    if position == len(messages) - 1:
+def _droppable(roles: list[str], position: int) -> bool:
+    """Whether a conversation of these ``roles`` stays valid without the one at ``position``: it is not the last
+    message (the turn that is trained on or answered), another turn is left, and the turns either side of it
+    (system messages aside) are not of one role, which would join two user or two assistant turns."""
+    before = [role for role in roles[:position] if role != "system"]
+    after = [role for role in roles[position + 1 :] if role != "system"]
+    if position == len(roles) - 1 or not (before or after):
         return False
-    others = [m["role"] for i, m in enumerate(messages) if i != position and m["role"] != "system"]
-    before = [m["role"] for m in messages[:position] if m["role"] != "system"]
-    if not others:
-        return False
-    after = others[len(before):]
     return not (before and after and before[-1] == after[0])
 
 

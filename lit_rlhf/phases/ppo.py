@@ -450,8 +450,7 @@ class PPOModule(LightningModule):
         if saved_settings.get("seed", self.hparams.seed) == self.hparams.seed:
             self.seed = checkpoint["ppo"].get("seed", self.seed)
         self.iteration = checkpoint["ppo"]["iteration"]
-        if "health" in checkpoint["ppo"]:  # a checkpoint from before the health limits starts their record afresh
-            self.health.load_state_dict(checkpoint["ppo"]["health"])
+        self.health.load_state_dict(checkpoint["ppo"]["health"])
 
     def on_fit_end(self) -> None:
         export_trained(self, self.policy)
