@@ -73,7 +73,7 @@ LIT_CLI_OVERRIDES: dict[str, dict[str, str]] = {
     "ppo": {
         "--model.reward_model": "{reward}",
         "--model.sampling.max_new_tokens": "{response_length}",
-        "--model.ppo_epochs": "{ppo_epochs}",
+        "--model.update.epochs": "{ppo_epochs}",
         "--data.num_eval_prompts": "{batch_size}",
     },
 }
@@ -227,8 +227,8 @@ def peer_hyperparameters(phase: Phase) -> dict:
         values["loss_type"] = config_setting(config, "loss_type", default="sigmoid")
     if phase.is_ppo:
         values["kl_coef"] = config_setting(config, "kl_control.beta")
-        values["vf_coef"] = config_setting(config, "vf_coef")
-        values["num_minibatches"] = config_setting(config, "num_minibatches", default=1)
+        values["vf_coef"] = config_setting(config, "update.vf_coef")
+        values["num_minibatches"] = config_setting(config, "update.num_minibatches", default=1)
         values["temperature"] = config_setting(config, "sampling.temperature", default=1.0)
     return values
 
@@ -293,7 +293,7 @@ def run_side(side: str, phase: Phase, assets: Assets, options, pass_dir: Path) -
     response_length = case.ppo_response_length if phase.is_ppo else 0
 
     if side == "lit-rlhf":
-        minibatches = config_setting(phase.config, "num_minibatches", default=1)
+        minibatches = config_setting(phase.config, "update.num_minibatches", default=1)
         callback = {
             "class_path": "bench.lit_callback.SteadyStateThroughput",
             "init_args": {"result_path": str(result_path), "phase": phase.key, "unit": phase.unit,

@@ -1,4 +1,5 @@
-"""Score shaping, advantage estimation, whitening, reward shaping and group baselines, as pure functions of tensors.
+"""Score shaping (normalising, an ensemble's combination, transforms against a reference answer, caps),
+advantage estimation, whitening, reward shaping and group baselines, as pure functions of tensors.
 
 Token-level tensors are ``[B, T]`` with a 0/1 ``mask`` marking the response tokens; outputs are 0 wherever the
 mask is 0.
@@ -12,6 +13,8 @@ from torch import Tensor
 from lit_rlhf.losses import kl_penalty, masked_mean, masked_var
 
 GROUP_ADVANTAGE_KINDS = ("grpo", "rloo")
+ENSEMBLE_RULES = ("mean", "worst_case", "uncertainty")
+SCORE_TRANSFORMS = ("none", "preference", "log_sigmoid")
 
 
 def normalize_scores(scores: Tensor, mean: float, std: float) -> Tensor:
@@ -38,6 +41,43 @@ def clip_scores(scores: Tensor, limit: float | None) -> Tensor:
     if limit is None:
         return scores
     return scores.clamp(-limit, limit)
+
+
+def combine_ensemble(member_scores: Tensor, rule: str, uncertainty_penalty: float = 1.0) -> Tensor:
+    """One score per answer from ``member_scores`` ``[K, B]``, the normalised scores of K reward models (Coste et al.
+    2024, "Reward Model Ensembles Help Mitigate Overoptimization", §3): ``mean`` their mean; ``worst_case`` their
+    minimum (WCO), an answer only as good as its harshest member says; ``uncertainty`` the mean less λ times the
+    variance over members, (1/K)·Σ_k (r_k − r̄)² (UWO), so that answers the members disagree on, those away from
+    the comparisons they learnt from, pay for it."""
+    if rule == "mean":
+        return member_scores.mean(dim=0)
+    if rule == "worst_case":
+        return member_scores.min(dim=0).values
+    if rule == "uncertainty":
+        return member_scores.mean(dim=0) - uncertainty_penalty * member_scores.var(dim=0, unbiased=False)
+    raise ValueError(f"unknown ensemble rule {rule!r}; expected one of {', '.join(ENSEMBLE_RULES)}")
+
+
+def transform_scores(scores: Tensor, reference_scores: Tensor, transform: str) -> Tensor:
+    """Each answer's score measured against the score of a reference answer to the same prompt (the SFT policy's):
+    ``preference``, σ(r − r_ref), the probability under Bradley–Terry that the answer beats the reference one
+    (preference as reward, Fu et al. 2025, "Reward Shaping to Mitigate Reward Hacking in RLHF"): bounded in (0, 1),
+    so far past the reference there is little left to gain; ``log_sigmoid``, log σ(r − r_ref) (Wang et al. 2024,
+    "Transforming and Combining Rewards for Aligning Large Language Models"): steep below the reference and flat
+    above it, so fixing a bad answer pays more than polishing a good one; ``none``, r unchanged."""
+    if transform == "none":
+        return scores
+    if transform == "preference":
+        return torch.sigmoid(scores - reference_scores)
+    if transform == "log_sigmoid":
+        return torch.nn.functional.logsigmoid(scores - reference_scores)
+    raise ValueError(f"unknown score transform {transform!r}; expected one of {', '.join(SCORE_TRANSFORMS)}")
+
+
+def cap_scores(scores: Tensor, cap: float | None) -> Tensor:
+    """min(r, cap) (unchanged when ``cap`` is None): no answer is worth more than ``cap``, so the policy gains nothing
+    by pushing the reward model past it, the simplest of the shaping baselines Fu et al. 2025 compare."""
+    return scores if cap is None else scores.clamp(max=cap)
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:

@@ -16,7 +16,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, get_type_hints
 
 import torch
 from jsonargparse import DefaultHelpFormatter, Namespace
@@ -221,8 +221,8 @@ class RLHFCLI(LightningCLI):
                                                       trainer.gradient_clip_val):
             raise ConfigError(
                 f"{type(self.model).__name__} steps its optimiser itself, so trainer.accumulate_grad_batches and "
-                "trainer.gradient_clip_val do not apply: set its own model.gradient_accumulation_steps and "
-                "model.max_grad_norm"
+                "trainer.gradient_clip_val do not apply: set its own model.update.gradient_accumulation_steps and "
+                "model.update.max_grad_norm"
             )
         if self.config.fit.get("ckpt_path") is None:
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
@@ -257,53 +257,62 @@ def _world_command(argv: list[str]) -> None:
         print(f"{name}: {path}")
 
 
+COLLECT_DEFAULTS = {"policy": "runs/sft/hf", "on_bad_row": "error"}
+"""The collect command's defaults where a collect stage has none of its own: a policy, and ``on_bad_row`` (a stage's
+is the pipeline file's)."""
+
+
 def _collect_command(argv: list[str]) -> None:
     from lit_rlhf.collect import collect_comparisons
     from lit_rlhf.generation import SamplingConfig
-    from lit_rlhf.judges import JUDGES
-    from lit_rlhf.pipeline_spec import CollectStage
-
-    stage = {field.name: field.default for field in dataclasses.fields(CollectStage)}  # a collect stage's defaults
+    from lit_rlhf.pipeline_spec import CollectStage, build_spec_from_text
 
     parser = argparse.ArgumentParser(
         prog="lit-rlhf collect",
-        description="Sample k responses per prompt from a policy, rank them with a judge, write all C(k,2) pairs.",
+        description="Sample k responses per prompt from a policy, rank them with a judge, write all C(k,2) pairs. "
+        "Its options but --out and --seed are a pipeline file's collect stage keys (docs/pipeline.md), checked alike.",
     )
-    parser.add_argument("--policy", default="runs/sft/hf", help="policy export (default: %(default)s)")
-    parser.add_argument("--out", default="runs/collect", help="output folder (default: %(default)s)")
-    parser.add_argument("--k", type=int, default=stage["k"], help="responses per prompt (default: %(default)s)")
-    parser.add_argument("--judge", choices=JUDGES,
-                        help="who ranks (default: the world's simulated raters, on the world's prompts only)")
-    parser.add_argument("--reward-model", help="reward model export, for --judge reward_model")
-    parser.add_argument("--judge-model", help="reward model export or causal LM name or path, for --judge "
-                        "reward_model or llm")
-    parser.add_argument("--reward", metavar="MODULE:FUNCTION",
-                        help="reward function taking (prompts, responses), as PPO takes, for --judge function")
-    parser.add_argument("--principles", metavar="FILE", help="the LLM judge's written principles (default: built in)")
-    parser.add_argument("--prompts", help="prompt dataset (default: the embedded world's training prompts)")
-    parser.add_argument("--num-prompts", type=int, default=stage["num_prompts"], help="(default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=stage["max_new_tokens"], help="(default: %(default)s)")
-    parser.add_argument("--max-prompt-length", type=int, default=stage["max_prompt_length"],
-                        help="prompts are cut from the left to this (default: %(default)s)")
-    parser.add_argument("--temperature", type=float, default=stage["temperature"], help="(default: %(default)s)")
-    parser.add_argument("--on-bad-row", choices=("error", "skip"), default="error",
-                        help="a bad prompt row stops the run, or is left out and counted (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.judge_model and args.reward_model:
-        raise ConfigError("--reward-model and --judge-model name the same thing: give one")
+    _add_spec_options(parser, CollectStage, COLLECT_DEFAULTS)
+    parser.add_argument("--reward-model", help="The older name of --judge-model.")
+    parser.add_argument("--out", default="runs/collect", help="Output folder (default: %(default)s).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the prompts drawn and the sampling "
+                        "(default: %(default)s).")
+    given = vars(parser.parse_args(argv))
+    out, seed, reward_model = given.pop("out"), given.pop("seed"), given.pop("reward_model")
+    if reward_model is not None:
+        if "judge_model" in given:
+            raise ConfigError("--reward-model and --judge-model name the same thing: give one")
+        given["judge_model"] = reward_model
+    stage = build_spec_from_text(CollectStage, {"name": "collect", **COLLECT_DEFAULTS, **given}, "collect")
     summary = collect_comparisons(
-        args.policy, args.out, k=args.k, judge=args.judge, judge_model=args.judge_model or args.reward_model,
-        prompts_path=args.prompts, num_prompts=args.num_prompts,
-        sampling=SamplingConfig(args.max_new_tokens, args.temperature), max_prompt_length=args.max_prompt_length,
-        seed=args.seed, reward=args.reward, principles_path=args.principles, on_bad_row=args.on_bad_row,
+        stage.policy, out, k=stage.k, judge=stage.judge, judge_model=stage.judge_model, prompts_path=stage.prompts,
+        num_prompts=stage.num_prompts, sampling=SamplingConfig(stage.max_new_tokens, stage.temperature),
+        max_prompt_length=stage.max_prompt_length, seed=seed, reward=stage.reward, principles_path=stage.principles,
+        on_bad_row=stage.on_bad_row or COLLECT_DEFAULTS["on_bad_row"],  # --on-bad-row null, as in a file
     )
     print(
         f"{summary.prompts} prompts x {summary.k} responses, judged by {summary.judge}: {summary.pairs} pairs "
-        f"({summary.ties_dropped} ties dropped) in {summary.seconds:.1f}s -> {args.out}"
+        f"({summary.ties_dropped} ties dropped) in {summary.seconds:.1f}s -> {out}"
         + (f"; agrees with gold on {summary.gold_agreement:.1%} of decided pairs"
            if summary.gold_agreement is not None else "")
     )
+
+
+def _add_spec_options(parser: argparse.ArgumentParser, spec_class: type, defaults: dict[str, str]) -> None:
+    """An option ``--<key>`` for each field of ``spec_class`` but ``name``, its help the field's docstring with its
+    default (``defaults``', else the field's). An option given stays text, for
+    :func:`~lit_rlhf.pipeline_spec.build_spec_from_text` to check as a file's value; one left out is not set."""
+    from lit_rlhf.pipeline_spec import field_docs, literal_choices
+
+    docs, types_ = field_docs(spec_class), get_type_hints(spec_class)
+    for spec_field in (spec_field for spec_field in dataclasses.fields(spec_class) if spec_field.name != "name"):
+        choices = literal_choices(types_[spec_field.name])
+        text = docs.get(spec_field.name, "").replace("``", "").replace("%", "%%").rstrip(".")
+        parser.add_argument(
+            f"--{spec_field.name.replace('_', '-')}", dest=spec_field.name, default=argparse.SUPPRESS,
+            metavar="{" + ",".join(choices) + "}" if choices else None,
+            help=f"{text} (default: {defaults.get(spec_field.name, spec_field.default)}).",
+        )
 
 
 def _pipeline_command(argv: list[str]) -> None:

@@ -27,7 +27,7 @@ from lit_rlhf.errors import ConfigError, DataError
 from lit_rlhf.generation import Response, SamplingConfig, generate
 from lit_rlhf.judges import JUDGES_FOR_ANY_PROMPTS, WORLD_JUDGES, check_judge_options, make_judge, read_principles
 from lit_rlhf.models import inference_device, load_causal_lm, load_tokenizer
-from lit_rlhf.scoring import gold_scorer
+from lit_rlhf.scoring import Scorer, gold_scorer
 
 
 @dataclass
@@ -65,6 +65,32 @@ def sample_responses(
         generation = generate(model, tokenizer, prompt_ids.to(model.device), prompt_mask.to(model.device), sampling)
         samples.extend(map(Response, generation.decode(tokenizer), generation.ended_with_eos.tolist()))
     return [samples[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
+def write_comparisons(
+    out_dir: Path, prompts: list[str], samples: list[list[Response]], ranks: list[list[int]], oracle: Scorer | None
+) -> tuple[int, int, float | None]:
+    """Each prompt's ranking to ``rankings.jsonl`` and its C(k, 2) pairs (ties left out) to ``comparisons.jsonl``;
+    returns the pairs written, the ties left out and, with a gold ``oracle``, the share of the pairs gold decides
+    whose chosen answer gold prefers."""
+    pairs, ties, agree, decided = 0, 0, 0, 0
+    with open(out_dir / "comparisons.jsonl", "w") as comparisons, open(out_dir / "rankings.jsonl", "w") as rankings:
+        for prompt, group_samples, group_ranks in zip(prompts, samples, ranks):
+            group = [sample.text for sample in group_samples]
+            ended = {sample.text: sample.ended for sample in group_samples}
+            rankings.write(json.dumps({"prompt": prompt, "responses": group, "ranks": group_ranks,
+                                       "responses_ended": [sample.ended for sample in group_samples]}) + "\n")
+            group_pairs, group_ties = ranking_to_pairs(group, group_ranks)
+            ties += group_ties
+            gold = dict(zip(group, oracle.score([prompt] * len(group), group).tolist())) if oracle else {}
+            for chosen, rejected in group_pairs:
+                comparisons.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                                              "chosen_ended": ended[chosen], "rejected_ended": ended[rejected]}) + "\n")
+                pairs += 1
+                if gold and (gold_margin := gold[chosen] - gold[rejected]) != 0:
+                    decided += 1
+                    agree += gold_margin > 0
+    return pairs, ties, agree / decided if decided else None
 
 
 def collect_comparisons(
@@ -122,30 +148,11 @@ def collect_comparisons(
     requests = judge_requests(prompts_path, prompt_data.hparams.split, prompt_data.tokenizer) if judge == "llm" else {}
     ranker = make_judge(judge, judge_model, seed, out_dir / "judge_cache.json", reward, principles, requests)
     ranks = ranker.rank(prompts, responses, [[sample.ended for sample in group] for group in samples])
-    pairs, ties, agree, decided = 0, 0, 0, 0
-    with open(out_dir / "comparisons.jsonl", "w") as comparisons, open(out_dir / "rankings.jsonl", "w") as rankings:
-        for prompt, group, group_samples, group_ranks in zip(prompts, responses, samples, ranks):
-            group_ended = [sample.ended for sample in group_samples]
-            rankings.write(json.dumps({"prompt": prompt, "responses": group, "ranks": group_ranks,
-                                       "responses_ended": group_ended}) + "\n")
-            ended = dict(zip(group, group_ended))
-            group_pairs, group_ties = ranking_to_pairs(group, group_ranks)
-            ties += group_ties
-            gold = dict(zip(group, oracle.score([prompt] * len(group), group).tolist())) if on_world else {}
-            for chosen, rejected in group_pairs:
-                comparisons.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                                              "chosen_ended": ended[chosen], "rejected_ended": ended[rejected]}) + "\n")
-                pairs += 1
-                if on_world and (gold_margin := gold[chosen] - gold[rejected]) != 0:
-                    decided += 1
-                    agree += gold_margin > 0
+    pairs, ties, agreement = write_comparisons(out_dir, prompts, samples, ranks, oracle)
     if not pairs:
         raise DataError(f"{out_dir / 'comparisons.jsonl'}: no comparisons: the judge {judge!r} tied every pair of "
                         f"{len(prompts)} prompts × {k} answers")
-    summary = CollectionSummary(
-        policy, judge, k, len(prompts), pairs, ties, time.perf_counter() - started,
-        agree / decided if decided else None,
-    )
+    summary = CollectionSummary(policy, judge, k, len(prompts), pairs, ties, time.perf_counter() - started, agreement)
     (out_dir / "collect.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
     return summary
 

@@ -1,10 +1,11 @@
-"""The held-out evaluation of a policy: its answers to fixed prompts with fixed sampling noise
-(:func:`evaluate_policy`), the metrics of answers, whoever produced them (:func:`measure_answers`), with their
-standard errors, paired differences between two policies on the same prompts (:func:`paired_differences`), and a
-reward model's accuracy on pairs of held-out answers (:func:`measure_reward_model`).
+"""The held-out evaluation of a policy: :class:`HeldOutEvaluator`, the one place where a policy's held-out numbers
+are computed — its answers to fixed prompts with fixed sampling noise (:func:`evaluate_policy`), measured against the
+reference policy's answers, whoever produced them (:func:`measure_answers`), with their standard errors; paired
+differences between two policies on the same prompts (:func:`paired_differences`); and a reward model's accuracy on
+pairs of held-out answers (:func:`measure_reward_model`).
 
 SFT, PPO and the DPO family log these metrics under ``eval/`` at every validation (on development prompts); the
-pipeline's summary has them as columns (on test prompts).
+pipeline's summary has them as columns (on test prompts), a sweep's trials as their metric (on development prompts).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -22,10 +22,8 @@ from lit_rlhf import diagnostics, losses
 from lit_rlhf.data.collate import tokenize_prompts
 from lit_rlhf.generation import SamplingConfig, generate
 from lit_rlhf.models import model_token_logprobs
+from lit_rlhf.scoring import Scorer, gold_scorer
 from lit_rlhf.uncertainty import Estimate, Interval, clustered_mean, paired_difference
-
-if TYPE_CHECKING:
-    from lit_rlhf.scoring import Scorer
 
 WITH_ERRORS = ("gold/reward", "proxy/reward", "objective/kl")
 """Metrics that also get their standard error, clustered by prompt, as ``<name>_se``."""
@@ -163,6 +161,51 @@ def evaluate_policy(
         evaluation.metrics["objective/kl"] = statistics.fmean(evaluation.kl)
         evaluation.add_standard_errors()
     return evaluation
+
+
+class HeldOutEvaluator:
+    """Every policy of one run measured alike: the same ``prompts`` (each repeat is one more answer), answered with
+    the same ``sampling`` and noise (``seed``), scored by the proxy ``scorer`` (a reward model) and, where the prompts
+    are the world's, by the gold reward; the reference policy's own answers, computed once, are the baseline that
+    length drift, the length ratio and the proxy–gold gap compare against. Prompts longer than ``max_prompt_length``
+    tokens are cut from the left, as the phases cut them."""
+
+    def __init__(
+        self,
+        prompts: list[str],
+        tokenizer: PreTrainedTokenizerBase,
+        sampling: SamplingConfig,
+        max_prompt_length: int,
+        seed: int,
+        batch_size: int = 64,
+        scorer: Scorer | None = None,
+    ) -> None:
+        self.prompts = prompts
+        self.tokenizer = tokenizer
+        self.sampling = sampling
+        self.max_prompt_length = max_prompt_length
+        self.seed = seed
+        self.batch_size = batch_size
+        self.scorer = scorer
+        self.gold = gold_scorer(prompts)
+        """The world's gold reward, where the prompts are the world's; else None."""
+        self._baseline: PolicyEvaluation | None = None
+
+    def baseline(self, reference: PreTrainedModel) -> PolicyEvaluation:
+        """The reference policy's own evaluation, computed at the first call (the reference does not change)."""
+        if self._baseline is None:
+            self._baseline = self.evaluate(reference)
+        return self._baseline
+
+    def evaluate(
+        self, model: PreTrainedModel, reference: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> PolicyEvaluation:
+        """``model``'s :func:`evaluate_policy`; given its ``reference``, KL to it and the metrics against its answers.
+        ``tokenizer``: the model's, where it is not the evaluator's."""
+        baseline = self.baseline(reference) if reference is not None else None
+        return evaluate_policy(model, tokenizer or self.tokenizer, self.prompts, self.sampling, self.max_prompt_length,
+                               self.seed, self.batch_size, reference, self.scorer, baseline, self.gold)
 
 
 def paired_differences(a: PolicyEvaluation, b: PolicyEvaluation, metric: str) -> Interval | None:

@@ -16,8 +16,8 @@ from lit_rlhf.collect import sample_responses
 from lit_rlhf.data.datamodules import PromptDataModule, default_world_dir
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.evaluation import (
+    HeldOutEvaluator,
     PolicyEvaluation,
-    evaluate_policy,
     measure_answers,
     measure_reward_model,
     paired_differences,
@@ -26,7 +26,7 @@ from lit_rlhf.generation import Response, SamplingConfig
 from lit_rlhf.models import WORLD, inference_device, load_causal_lm, load_tokenizer
 from lit_rlhf.pipeline_run import BASELINE, BOOKKEEPING_KEYS, POLICY, REWARD_MODEL, PipelineRun
 from lit_rlhf.run_folder import EVAL_SAMPLES_FILE, PAIRED_METRICS, PROXY_SCORER, write_jsonl
-from lit_rlhf.scoring import Scorer, gold_scorer, make_scorer
+from lit_rlhf.scoring import Scorer, make_scorer
 from lit_rlhf.selection import pick_best
 from lit_rlhf.world import Rater, ensure_world, speaks_world_language
 
@@ -111,9 +111,16 @@ class HeldOutEvaluation:
         return make_scorer(self.reward_model, device=inference_device()) if self.reward_model else None
 
     @cached_property
+    def evaluator(self) -> HeldOutEvaluator:
+        """The prompts answered, scored and compared with the reference's answers as in every phase's validation."""
+        tokenizer = load_tokenizer(self.reference_path or self.spec.init or WORLD)
+        return HeldOutEvaluator(self.prompts, tokenizer, self.sampling, self.max_prompt_length, self.seed,
+                                EVALUATION_BATCH_SIZE, self.scorer)
+
+    @property
     def gold(self) -> Scorer | None:
         """The world's gold reward on the held-out prompts, where they are the world's."""
-        return gold_scorer(self.prompts)
+        return self.evaluator.gold
 
     @cached_property
     def reference(self) -> PreTrainedModel | None:
@@ -122,25 +129,17 @@ class HeldOutEvaluation:
         tokenizer = load_tokenizer(self.reference_path)
         return load_causal_lm(self.reference_path, tokenizer, device=inference_device()).eval()
 
-    @cached_property
+    @property
     def baseline(self) -> PolicyEvaluation | None:
         """The reference policy's own evaluation, which drift and hacking metrics compare against."""
-        if self.reference is None:
-            return None
-        return evaluate_policy(self.reference, load_tokenizer(self.reference_path), self.prompts, self.sampling,
-                               self.max_prompt_length, self.seed, EVALUATION_BATCH_SIZE, scorer=self.scorer,
-                               gold=self.gold)
+        return self.evaluator.baseline(self.reference) if self.reference is not None else None
 
     def policy(self, name_or_path: str) -> PolicyEvaluation:
         """A policy's :class:`lit_rlhf.evaluation.PolicyEvaluation`."""
-        baseline = self.baseline
         tokenizer = load_tokenizer(name_or_path)
         torch.manual_seed(self.run.seed)  # the untrained world model is built from this seed
         model = load_causal_lm(name_or_path, tokenizer, device=inference_device()).eval()
-        return evaluate_policy(model, tokenizer, self.prompts, self.sampling, self.max_prompt_length, self.seed,
-                               EVALUATION_BATCH_SIZE,
-                               self.reference,
-                               self.scorer, baseline, gold=self.gold)
+        return self.evaluator.evaluate(model, self.reference, tokenizer)
 
     def sample_groups(self, policy: str, n: int, max_prompt_length: int | None = None) -> list[list[Response]]:
         """``n`` samples of ``policy`` for each held-out prompt, with the evaluation's sampling and seed."""

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.models import check_positions, forward, inference_device, load_causal_lm, load_tokenizer
-from lit_rlhf.scoring import FunctionScorer, GoldScorer, RewardModelScorer, Scorer
+from lit_rlhf.scoring import FunctionScorer, GoldScorer, Scorer, make_scorer
 from lit_rlhf.world import Rater
 
 
@@ -325,7 +325,7 @@ def make_judge(
     if kind == "function":
         return ScoreJudge(FunctionScorer(reward), "function")
     if kind == "reward_model":
-        return ScoreJudge(RewardModelScorer.from_pretrained(model, inference_device()), "reward_model")
+        return ScoreJudge(make_scorer(model, device=inference_device()), "reward_model")
     return LLMJudge.from_pretrained(
         model, principles=principles or DEFAULT_PRINCIPLES, cache_path=cache_path, requests=requests
     )

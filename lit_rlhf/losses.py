@@ -320,6 +320,26 @@ def reward_centering_penalty(chosen_scores: Tensor, rejected_scores: Tensor) -> 
 # --------------------------------------------------------------------------------------------------------------
 
 
+def pearson_correlation(x: Tensor, y: Tensor, eps: float = 1e-8) -> Tensor:
+    """Pearson's ρ of two ``[N]`` tensors, differentiable; 0 where either is constant."""
+    x, y = x.float() - x.float().mean(), y.float() - y.float().mean()
+    return (x * y).sum() / ((x.square().sum() * y.square().sum()).sqrt() + eps)
+
+
+def odin_length_loss(quality: Tensor, length_scores: Tensor, lengths: Tensor) -> Tensor:
+    """ODIN's disentangling loss (Chen et al. 2024, "ODIN: Disentangled Reward Mitigates Hacking in RLHF", §4):
+    |ρ(r_Q, L)| − ρ(r_L, L) over a batch of answers of ``lengths`` L, so that the quality head r_Q carries no linear
+    trace of length and the length head r_L carries it all; the Bradley–Terry loss is taken on r_Q + r_L, and only
+    r_Q scores afterwards."""
+    return pearson_correlation(quality, lengths).abs() - pearson_correlation(length_scores, lengths)
+
+
+def odin_orthogonality_loss(quality_weight: Tensor, length_weight: Tensor) -> Tensor:
+    """|w_Q · w_L|, ODIN's orthogonality of the two heads' weight vectors (Chen et al. 2024, §4), so that they read
+    different directions of the last hidden state."""
+    return (quality_weight.flatten() * length_weight.flatten()).sum().abs()
+
+
 def ppo_policy_loss(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float
 ) -> tuple[Tensor, dict[str, Tensor]]:

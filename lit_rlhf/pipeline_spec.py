@@ -5,16 +5,21 @@ Each stage kind is a frozen dataclass — :class:`FitStage`, :class:`CollectStag
 rounds of them (:class:`RejectionSamplingRounds`, :class:`SpinRounds`, :class:`IterativeRounds`), the file's
 ``evaluation`` (:class:`EvaluationSpec`) and the file itself (:class:`PipelineSpec`). :func:`load_pipeline` builds
 them from the YAML, refusing an unknown key, a missing one or a value of the wrong type in one line that names the
-file, the stage and the key. docs/pipeline.md lists every field with its default (a test keeps the two in step).
+file, the stage and the key. docs/pipeline.md lists every field with its default (a test keeps the two in step). A
+field's docstring, the string under it, is also the help of the command-line option made from it (``lit-rlhf
+collect``'s are :class:`CollectStage`'s fields), whose values :func:`build_spec_from_text` checks as a file's.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
+import inspect
+import textwrap
 import types
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -48,9 +53,14 @@ class StageSpec:
         return {"kind": self.kind, **asdict(self)}
 
     def reads(self) -> set[str]:
-        """Every text setting but the name: the earlier stages (and the paths) this stage reads."""
-        return {value for spec_field in fields(self)
-                if spec_field.name != "name" and isinstance(value := getattr(self, spec_field.name), str)}
+        """Every text setting but the name, alone or in a list: the earlier stages (and the paths) this stage
+        reads."""
+        texts = set()
+        for spec_field in fields(self):
+            value = getattr(self, spec_field.name)
+            if spec_field.name != "name" and isinstance(value, str | list):
+                texts |= {value} if isinstance(value, str) else {item for item in value if isinstance(item, str)}
+        return texts
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,11 +82,16 @@ class SamplingStage(StageSpec):
 
     AT_LEAST: ClassVar[dict[str, float]] = {"max_new_tokens": 1, "temperature": 0, "max_prompt_length": 1}
     policy: str
+    """The model that answers."""
     max_new_tokens: int = 24
+    """Answer length limit, in tokens."""
     temperature: float = 1.0
+    """Sampling temperature; ``0`` decodes greedily."""
     max_prompt_length: int = 32
+    """Prompts are cut from the left to this many tokens."""
     on_bad_row: Literal["error", "skip"] | None = None
-    """What a bad row of the prompts (or demonstrations) it reads does: ``None``, the file's ``on_bad_row``."""
+    """What a bad row of the prompts (or demonstrations) it reads does: ``error`` stops the run naming it, ``skip``
+    leaves it out, counted; ``None``: the pipeline file's ``on_bad_row``."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,12 +101,21 @@ class CollectStage(SamplingStage):
     kind: ClassVar[str] = "collect"
     AT_LEAST: ClassVar[dict[str, float]] = {"k": 2, "num_prompts": 1}
     k: int = 4
+    """Answers per prompt; a ranking of k gives C(k, 2) pairs."""
     num_prompts: int = 2000
+    """How many training prompts: rows, drawn at random with the seed where there are more."""
     prompts: str | None = None
+    """Training prompts, any file or dataset with a prompt column; ``None``: the pipeline file's ``prompts``, else
+    the world's."""
     judge: Literal[JUDGES] | None = None
+    """Who ranks the answers; ``raters`` (the world's simulated raters) and ``gold`` know only the world's prompts.
+    ``None``: ``raters``, on the world's prompts."""
     judge_model: str | None = None
+    """The reward-model export of ``judge: reward_model``, or the causal LM of ``judge: llm``."""
     reward: str | None = None
+    """The reward function ``package.module:function`` of ``judge: function``, as PPO takes."""
     principles: str | None = None
+    """A text file of the LLM judge's written principles; ``None``: built in."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,6 +179,48 @@ class OptimumStage(StageSpec):
     """Below this mean effective sample size per prompt the estimate is refused."""
     max_prompt_length: int | None = None
     """``None``: the evaluation's."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnsembleStage(StageSpec):
+    """Reward models combined at scoring time (Coste et al. 2024): ``members``' scores, each normalised on its own
+    SFT samples, combined by ``rule``. Writes ``ensemble/ensemble.json``, which loads wherever a reward model
+    does (PPO's ``reward_model``, best-of-n, rejection sampling, collect's ``judge_model``, the evaluation)."""
+
+    kind: ClassVar[str] = "ensemble"
+    AT_LEAST: ClassVar[dict[str, float]] = {"uncertainty_penalty": 0}
+    members: list[str]
+    """Reward models: stages or exports, at least two."""
+    rule: Literal["mean", "worst_case", "uncertainty"] = "mean"
+    """``mean``, ``worst_case`` (the minimum over members) or ``uncertainty`` (the mean less λ × their variance)."""
+    uncertainty_penalty: float = 1.0
+    """λ of ``uncertainty``, per unit of variance of the normalised scores."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeightAverageStage(StageSpec):
+    """WARM (Ramé et al. 2024): ``members``, reward models fine-tuned from the same start, averaged in weight space
+    into one export (``hf``), its score statistics measured again on ``statistics_policy``'s answers."""
+
+    kind: ClassVar[str] = "weight_average"
+    AT_LEAST: ClassVar[dict[str, float]] = {"normalization_samples": 2}
+    members: list[str]
+    """Reward models: stages or exports of one architecture, at least two."""
+    statistics_policy: str
+    """The policy whose answers (to the training prompts) set the score statistics, as the reward phase's."""
+    normalization_samples: int = 256
+
+
+@dataclass(frozen=True, kw_only=True)
+class LengthCorrectedStage(StageSpec):
+    """The post-hoc length fix: ``reward_model`` less its least-squares dependence on answer length, fitted on
+    ``statistics_policy``'s answers to the training prompts; exported (``hf``) with the slope and new statistics."""
+
+    kind: ClassVar[str] = "length_corrected"
+    AT_LEAST: ClassVar[dict[str, float]] = {"normalization_samples": 2}
+    reward_model: str
+    statistics_policy: str
+    normalization_samples: int = 256
 
 
 # --- shorthands: rounds of stages ----------------------------------------------------------------------------------
@@ -255,7 +321,7 @@ class IterativeRounds(Rounds):
 
 STAGES: dict[str, type[StageSpec]] = {
     spec.kind: spec for spec in (FitStage, CollectStage, RejectionSampleStage, SelfPlayStage, BestOfNStage,
-                                 OptimumStage)
+                                 OptimumStage, EnsembleStage, WeightAverageStage, LengthCorrectedStage)
 }
 SHORTHANDS: dict[str, type[Rounds]] = {
     spec.kind: spec for spec in (RejectionSamplingRounds, SpinRounds, IterativeRounds)
@@ -481,6 +547,41 @@ def build_spec(spec_class: type[Spec], raw: Mapping[str, Any], where: str) -> Sp
     return spec_class(**values)
 
 
+def build_spec_from_text(spec_class: type[Spec], texts: Mapping[str, str], where: str) -> Spec:
+    """``texts``, a command line's values, as a ``spec_class``, checked by :func:`build_spec` as a file's values are:
+    a value that its field takes as text stays text, any other reads as YAML reads it (``4``, ``0.7``, ``true``)."""
+    types_ = get_type_hints(spec_class)
+    return build_spec(spec_class, {key: text if key not in types_ or _is_a(text, types_[key]) else _yaml_value(text)
+                                   for key, text in texts.items()}, where)
+
+
+def _yaml_value(text: str) -> Any:
+    """``text`` as a YAML value; text that is not valid YAML stays text, for :func:`build_spec` to refuse."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def field_docs(spec_class: type) -> dict[str, str]:
+    """Each field's docstring (the string under it in its class, or a base's), its lines joined."""
+    docs: dict[str, str] = {}
+    for klass in filter(is_dataclass, reversed(spec_class.__mro__)):
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for statement, following in zip(body, body[1:]):
+            if (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
+                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                    and isinstance(following.value.value, str)):
+                docs[statement.target.id] = " ".join(following.value.value.split())
+    return {spec_field.name: docs[spec_field.name] for spec_field in fields(spec_class) if spec_field.name in docs}
+
+
+def literal_choices(expected: Any) -> tuple[Any, ...]:
+    """The values a ``Literal`` field type (or an optional one) allows; none for any other type."""
+    options = get_args(expected) if get_origin(expected) in (Union, types.UnionType) else (expected,)
+    return tuple(choice for option in options if get_origin(option) is Literal for choice in get_args(option))
+
+
 def _lower_bounds(spec_class: type) -> dict[str, float]:
     """The ``AT_LEAST`` bounds of a spec class and its bases."""
     bounds: dict[str, float] = {}
@@ -496,6 +597,8 @@ def _is_a(value: Any, expected: Any) -> bool:
         return any(_is_a(value, option) for option in get_args(expected))
     if origin is Literal:
         return value in get_args(expected)
+    if origin is list and get_args(expected):
+        return isinstance(value, list) and all(_is_a(item, get_args(expected)[0]) for item in value)
     if origin in (dict, list):
         return isinstance(value, origin)
     if expected is Any:
@@ -514,5 +617,7 @@ def _describe(expected: Any) -> str:
         return " or ".join(_describe(option) for option in get_args(expected))
     if origin is Literal:
         return f"one of {', '.join(map(str, get_args(expected)))}"
+    if origin is list and get_args(expected):
+        return f"a list of {_describe(get_args(expected)[0])}"
     return {int: "an integer", float: "a number", str: "text", bool: "true or false", dict: "a mapping",
             list: "a list", type(None): "null"}.get(origin or expected, str(expected))

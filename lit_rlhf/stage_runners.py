@@ -1,5 +1,6 @@
 """What each kind of pipeline stage does (:data:`STAGE_RUNNERS`): run a Lightning phase, collect comparisons,
-rejection-sample or self-play data, best-of-n on the held-out prompts, the KL-regularised optimum. Each takes its
+rejection-sample or self-play data, best-of-n on the held-out prompts, the KL-regularised optimum, reward models
+made from trained ones (an ensemble, a weight average, a length-corrected one). Each takes its
 spec, its folder and the run, and returns the record its ``done.json`` keeps."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from lit_rlhf.advantages import clip_scores, normalize_scores
 from lit_rlhf.collect import collect_comparisons, sample_responses
@@ -24,15 +26,19 @@ from lit_rlhf.pipeline_run import BASELINE, DATA, POLICY, REWARD_MODEL, YARDSTIC
 from lit_rlhf.pipeline_spec import (
     BestOfNStage,
     CollectStage,
+    EnsembleStage,
     FitStage,
+    LengthCorrectedStage,
     OptimumStage,
     PipelineSpec,
     RejectionSampleStage,
     SamplingStage,
     SelfPlayStage,
+    WeightAverageStage,
 )
+from lit_rlhf.reward_models import average_weights, export_reward_model, load_reward_model
 from lit_rlhf.run_folder import HEALTH_FILE, write_atomically, write_jsonl
-from lit_rlhf.scoring import make_scorer
+from lit_rlhf.scoring import LENGTH_KEYS, make_scorer, write_ensemble
 from lit_rlhf.selection import best_of_n_kl, pick_best, self_play_pairs
 from lit_rlhf.uncertainty import kl_regularized_optimum
 
@@ -175,6 +181,45 @@ def _run_optimum(stage: OptimumStage, stage_dir: Path, run: PipelineRun) -> dict
     return record
 
 
+def _run_ensemble(stage: EnsembleStage, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
+    members = [run.resolve(member, "model") for member in stage.members]
+    write_ensemble(stage_dir / "ensemble", members, stage.rule, stage.uncertainty_penalty)
+    return {"kind": "ensemble", "role": REWARD_MODEL, "model": "ensemble", "members": len(members)}
+
+
+def _reward_model_prompts(run: PipelineRun, policy: str) -> list[str]:
+    """The training prompts a reward model made here measures its score statistics on: the file's, else the
+    world's."""
+    prompts = PromptDataModule(path=run.spec.prompts, tokenizer_name_or_path=policy, val_fraction=0.0,
+                               on_bad_row=run.spec.on_bad_row)
+    prompts.setup("fit")
+    return [record.prompt for record in prompts.train_records]
+
+
+def _export_made_reward_model(model: PreTrainedModel, source: str, stage: WeightAverageStage | LengthCorrectedStage,
+                              stage_dir: Path, run: PipelineRun, length_corrected: bool) -> dict[str, Any]:
+    policy = run.resolve(stage.statistics_policy, "model")
+    torch.manual_seed(run.seed)
+    measured = export_reward_model(
+        model, source, stage_dir / "hf", policy, _reward_model_prompts(run, policy), stage.normalization_samples,
+        SamplingConfig(), getattr(model.config, LENGTH_KEYS["max_prompt_length"], 32), length_corrected,
+    )
+    return {"kind": stage.kind, "role": REWARD_MODEL, "model": "hf", **measured}
+
+
+def _run_weight_average(stage: WeightAverageStage, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
+    members = [run.resolve(member, "model") for member in stage.members]
+    models = [load_reward_model(member) for member in members]
+    averaged = models[0]
+    averaged.load_state_dict(average_weights(models))
+    return _export_made_reward_model(averaged, members[0], stage, stage_dir, run, length_corrected=False)
+
+
+def _run_length_corrected(stage: LengthCorrectedStage, stage_dir: Path, run: PipelineRun) -> dict[str, Any]:
+    source = run.resolve(stage.reward_model, "model")
+    return _export_made_reward_model(load_reward_model(source), source, stage, stage_dir, run, length_corrected=True)
+
+
 def _float(value: Any) -> float | None:
     return None if value is None else float(value)
 
@@ -186,4 +231,7 @@ STAGE_RUNNERS: dict[str, Callable[[Any, Path, PipelineRun], dict[str, Any]]] = {
     "rejection_sample": _run_rejection_sample,
     "self_play": _run_self_play,
     "best_of_n": _run_best_of_n,
+    "ensemble": _run_ensemble,
+    "weight_average": _run_weight_average,
+    "length_corrected": _run_length_corrected,
 }

@@ -93,7 +93,7 @@ class DeferredWandbLogger(WandbLogger):
 
 def _optimizer_steps_per_batch(module: LightningModule) -> int:
     """How many optimiser steps, which ``trainer.max_steps`` counts, one training batch makes: one, or a module's
-    own ``optimizer_steps_per_batch`` (PPO: ``ppo_epochs × num_minibatches`` per iteration)."""
+    own ``optimizer_steps_per_batch`` (PPO: ``update.epochs × update.num_minibatches`` per iteration)."""
     return getattr(module, "optimizer_steps_per_batch", 1)
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 from lit_rlhf.data.datamodules import DemonstrationDataModule
+from lit_rlhf.phases.settings import OptimizerConfig
 from lit_rlhf.phases.sft import SFTModule
-from lit_rlhf.phases.shared import FullyShardedStrategy, OptimizerConfig
+from lit_rlhf.phases.shared import FullyShardedStrategy
 
 
 class RecordSteps(Callback):

@@ -17,7 +17,7 @@ LAYERS = [
      "lit_rlhf.uncertainty", "lit_rlhf.run_folder"),
     ("lit_rlhf.models", "lit_rlhf.data", "lit_rlhf.world", "lit_rlhf.diagnostics"),
     ("lit_rlhf.generation", "lit_rlhf.evaluation", "lit_rlhf.scoring", "lit_rlhf.judges", "lit_rlhf.collect",
-     "lit_rlhf.selection"),
+     "lit_rlhf.selection", "lit_rlhf.reward_models"),
     ("lit_rlhf.phases", "lit_rlhf.trainer_parts"),
     ("lit_rlhf.pipeline", "lit_rlhf.pipeline_spec", "lit_rlhf.pipeline_run", "lit_rlhf.held_out",
      "lit_rlhf.stage_runners", "lit_rlhf.sweep", "lit_rlhf.report"),

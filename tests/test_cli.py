@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from helpers import run_cli
-from lit_rlhf.cli import fit_phase, main
+from lit_rlhf.cli import COLLECT_DEFAULTS, fit_phase, main
+from lit_rlhf.errors import ConfigError
+from lit_rlhf.pipeline_spec import CollectStage, load_pipeline
 
 
 def test_world_command_writes_the_datasets(tmp_path, capsys):
@@ -74,7 +80,7 @@ CONFIGS = Path(__file__).parents[1] / "configs"
         (["--config", str(CONFIGS / "ppo.yaml"), "--model.model_name_or_path", "world", "--model.reward_model", "gold",
           "--trainer.accumulate_grad_batches", "2"],
          "PPOModule steps its optimiser itself, so trainer.accumulate_grad_batches and trainer.gradient_clip_val do "
-         "not apply: set its own model.gradient_accumulation_steps and model.max_grad_norm"),
+         "not apply: set its own model.update.gradient_accumulation_steps and model.update.max_grad_norm"),
     ],
 )
 def test_errors_while_building_a_phase_are_one_line_and_exit_2(args, message, tmp_path, monkeypatch, capsys):
@@ -227,16 +233,65 @@ def test_a_fit_shorter_than_its_validation_interval_saves_a_checkpoint_to_resume
     assert sorted(recorder.losses) == [3, 4]  # it went on from step 2
 
 
-def test_collect_takes_its_defaults_from_a_pipeline_collect_stage(capsys):
-    """One place for the defaults: `lit-rlhf collect` and a pipeline's collect stage sample alike."""
-    from lit_rlhf.pipeline_spec import CollectStage
-
+def _collect_options(capsys) -> dict[str, str]:
+    """`lit-rlhf collect --help`'s options → their metavar and help, on one line."""
     with pytest.raises(SystemExit):
         run_cli("collect", "--help")
-    shown = " ".join(capsys.readouterr().out.split())
-    stage = CollectStage(name="collect", policy="sft")
-    for option, value in (("--k", stage.k), ("--num-prompts", stage.num_prompts),
-                          ("--max-new-tokens", stage.max_new_tokens), ("--temperature", stage.temperature)):
-        assert f"{option} {option[2:].upper().replace('-', '_')} " in shown
-        assert f"(default: {value})" in shown
-    assert f"to this (default: {stage.max_prompt_length})" in shown
+    entries = re.split(r"\n  (?=--)", capsys.readouterr().out.split("options:\n", 1)[1])
+    return {flag: " ".join(text.split()) for flag, _, text in (entry.strip().partition(" ") for entry in entries)
+            if flag.startswith("--")}
+
+
+def test_collects_options_are_a_collect_stages_keys(capsys):
+    """One list of settings: a pipeline file's collect stage keys, and the command's output folder and seed."""
+    stage_options = {f"--{key.name.replace('_', '-')}" for key in fields(CollectStage) if key.name != "name"}
+    assert set(_collect_options(capsys)) == stage_options | {"--out", "--seed", "--reward-model"}
+
+
+def test_collect_takes_its_defaults_from_a_pipeline_collect_stage(capsys):
+    """One place for the defaults: `lit-rlhf collect` and a pipeline's collect stage sample alike; the command's own
+    are a policy (the stage has none) and stopping at a bad row (the stage's none is the file's)."""
+    options = _collect_options(capsys)
+    for key in (key for key in fields(CollectStage) if key.name != "name"):
+        metavar_and_help, _, default = options[f"--{key.name.replace('_', '-')}"].rpartition(" (default: ")
+        assert default == f"{COLLECT_DEFAULTS.get(key.name, key.default)}).", key.name
+        assert len(metavar_and_help.split()) > 2, f"{key.name} has no help"  # its docstring
+    assert COLLECT_DEFAULTS == {"policy": "runs/sft/hf", "on_bad_row": "error"}
+
+
+@pytest.mark.parametrize(("key", "value"), [("k", 1), ("temperature", -1), ("num_prompts", 0), ("k", "abc"),
+                                            ("judge", "nobody")])
+def test_collect_refuses_what_a_pipeline_file_refuses_in_the_same_words(key, value, tmp_path, capsys):
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({"stages": [{"name": "c", "kind": "collect", "policy": "sft", key: value}]}))
+    with pytest.raises(ConfigError) as refused:
+        load_pipeline(pipeline)
+    reason = str(refused.value).removeprefix(f"{pipeline}: stage 'c' (collect): ")
+    assert reason.startswith(f"{key} must be ")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("collect", f"--{key.replace('_', '-')}", str(value), "--out", str(tmp_path / "c"))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"lit-rlhf: error: collect: {reason}\n"
+
+
+def test_collect_builds_its_stage_from_the_command_line(tmp_path, monkeypatch, capsys):
+    import lit_rlhf.collect
+
+    called = {}
+
+    def collect_comparisons(policy, out_dir, **settings):
+        called.update(settings, policy=policy, out_dir=out_dir)
+        return SimpleNamespace(prompts=1, k=2, judge="reward_model", pairs=1, ties_dropped=0, seconds=0.0,
+                               gold_agreement=None)
+
+    monkeypatch.setattr(lit_rlhf.collect, "collect_comparisons", collect_comparisons)
+    run_cli("collect", "--judge", "reward_model", "--reward-model", "rm", "--temperature", "0", "--on-bad-row", "skip",
+            "--prompts", "2024", "--out", str(tmp_path), "--seed", "3")
+    assert called["policy"] == "runs/sft/hf" and called["out_dir"] == str(tmp_path) and called["seed"] == 3
+    assert called["judge"] == "reward_model" and called["judge_model"] == "rm"  # --reward-model: --judge-model
+    assert called["sampling"].temperature == 0.0 and called["on_bad_row"] == "skip"
+    assert called["prompts_path"] == "2024"  # a text key's value stays text, as a file's quoted one
+    assert "1 prompts x 2 responses" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run_cli("collect", "--reward-model", "rm", "--judge-model", "rm")
+    assert capsys.readouterr().err.endswith("--reward-model and --judge-model name the same thing: give one\n")

@@ -85,3 +85,27 @@ def test_a_reward_models_accuracy_against_the_raters_expected_label_gold_and_the
     assert (measured.gold_accuracy.mean, measured.gold_accuracy.se) == (pytest.approx(2 / 3), pytest.approx(4 / 9))
     assert measured.rater_agreement.mean == pytest.approx(0.8**2 + 0.2**2)  # two raters agree on 68 % of pairs
     assert measured.rater_ceiling.mean == pytest.approx(0.8)  # siding with the likelier label every time
+
+
+def test_the_held_out_evaluator_measures_against_the_reference_answers_computed_once(world_sft_path, monkeypatch):
+    """One evaluator for a phase's validation and the pipeline's summary: the reference's answers are sampled once,
+    and a policy measured against itself has zero KL and drift, with the numbers evaluate_policy gives directly."""
+    from lit_rlhf import evaluation
+    from lit_rlhf.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(world_sft_path)
+    model = load_causal_lm(world_sft_path, tokenizer).eval()
+    prompts = [VIEW, PLAIN] * 3
+    evaluator = evaluation.HeldOutEvaluator(prompts, tokenizer, SamplingConfig(max_new_tokens=8), 32, seed=5)
+    calls = []
+    original = evaluation.evaluate_policy
+    monkeypatch.setattr(evaluation, "evaluate_policy", lambda *args, **kw: calls.append(args) or original(*args, **kw))
+    first = evaluator.evaluate(model, reference=model)
+    second = evaluator.evaluate(model, reference=model)
+    assert len(calls) == 3  # the baseline once, then each policy evaluation
+    assert first.metrics == second.metrics
+    assert first.metrics["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert first.metrics["response/length_drift"] == 0.0 and first.metrics["hacking/length_ratio"] == 1.0
+    direct = original(model, tokenizer, prompts, SamplingConfig(max_new_tokens=8), 32, seed=5,
+                      gold=gold_scorer(prompts))
+    assert first.gold == direct.gold and first.metrics["gold/reward"] == direct.metrics["gold/reward"]

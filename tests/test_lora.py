@@ -30,7 +30,8 @@ from lit_rlhf.models import (
 from lit_rlhf.phases.dpo import DPOModule
 from lit_rlhf.phases.ppo import PPOModule
 from lit_rlhf.phases.reward import RewardModelModule
-from lit_rlhf.phases.shared import OptimizerConfig, shard_networks
+from lit_rlhf.phases.settings import AdvantageConfig, OptimizerConfig
+from lit_rlhf.phases.shared import shard_networks
 
 pytest.importorskip("peft")
 LORA = LoRAConfig(r=4, lora_alpha=8)
@@ -88,7 +89,7 @@ def test_dpo_with_lora_trains_the_adapters_against_the_loaded_weights_and_export
 
 def test_ppo_with_lora_keeps_one_copy_of_the_sft_weights(world_sft_path, tmp_path):
     L.seed_everything(0)
-    module = PPOModule(world_sft_path, reward_model="gold", advantage_estimator="rloo", group_size=2, lora=LORA,
+    module = PPOModule(world_sft_path, reward_model="gold", advantage=AdvantageConfig("rloo", 2), lora=LORA,
                        sampling=SamplingConfig(8), optimizer=OptimizerConfig(1e-2), export_dir=str(tmp_path / "export"))
     inspect = InspectLastStep()
     trainer = L.Trainer(max_steps=8, limit_val_batches=0, logger=False, enable_checkpointing=False,

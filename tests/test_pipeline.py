@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from helpers import run_cli
-from lit_rlhf import held_out, pipeline, pipeline_run, pipeline_spec, run_folder, stage_runners
+from lit_rlhf import evaluation, held_out, pipeline, pipeline_run, pipeline_spec, run_folder, stage_runners
 from lit_rlhf.cli import fit_phase
 from lit_rlhf.errors import ConfigError, DataError, LitRLHFError
 from lit_rlhf.generation import Response
@@ -497,7 +497,7 @@ def test_the_evaluation_cuts_prompts_at_the_files_prompt_length(setting, expecte
         "evaluation": {"num_prompts": 2, "samples_per_prompt": 1, **setting},
     }))
     calls = []
-    monkeypatch.setattr(held_out, "evaluate_policy", lambda *args, **kwargs: calls.append(args))
+    monkeypatch.setattr(evaluation, "evaluate_policy", lambda *args, **kwargs: calls.append(args))
     run = pipeline_run.start_run(path, fit_phase, tmp_path / "out")
     held_out.HeldOutEvaluation(run).policy("world")
     assert calls[0][4] == expected  # evaluate_policy(model, tokenizer, prompts, sampling, max_prompt_length, ...)

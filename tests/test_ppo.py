@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from lit_rlhf.kl_control import KLControlConfig
 from lit_rlhf.models import export, load_tokenizer
 from lit_rlhf.phases.ppo import PPOModule
 from lit_rlhf.phases.ppo_health import HealthLimits, PPOHealth
-from lit_rlhf.phases.shared import OptimizerConfig
+from lit_rlhf.phases.settings import AdvantageConfig, OptimizerConfig, PTXConfig, RewardConfig, UpdateConfig
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "ppo.yaml")
 
@@ -88,8 +89,9 @@ def test_bandit_ppo_reaches_kl_regularised_optimum(bandit, tmp_path, estimator, 
     seed_everything(0)
     module = PPOModule(
         model_name_or_path=str(bandit), reward_model="test_ppo:bandit_reward",
-        advantage_estimator=estimator, group_size=8, sampling=SamplingConfig(1),
-        kl_control=KLControlConfig(BANDIT_BETA), optimizer=OptimizerConfig(0.01), ppo_epochs=2, max_prompt_length=4,
+        advantage=AdvantageConfig(estimator, group_size=8), sampling=SamplingConfig(1),
+        kl_control=KLControlConfig(BANDIT_BETA), optimizer=OptimizerConfig(0.01), update=UpdateConfig(epochs=2),
+        max_prompt_length=4,
         export_dir=str(tmp_path / "export"),
     )
     prompts = tmp_path / "prompts.jsonl"
@@ -133,7 +135,8 @@ def in_tmp(tmp_path, monkeypatch):
 def test_ppo_cli_on_world_logs_every_iteration_and_exports(in_tmp, world_sft_path, world_rm_path):
     run_cli(
         "fit", "--config", CONFIG, "--model.model_name_or_path", world_sft_path, "--model.reward_model", world_rm_path,
-        "--model.ppo_epochs", "1", "--model.num_minibatches", "2", "--model.log_samples_every_n_iterations", "2",
+        "--model.update.epochs", "1", "--model.update.num_minibatches", "2",
+        "--model.log_samples_every_n_iterations", "2",
         "--data.batch_size", "8", "--data.num_eval_prompts", "8", "--model.optimizer.learning_rate", "1e-3",
         "--trainer.max_steps", "6", "--trainer.val_check_interval", "3",
     )
@@ -156,7 +159,7 @@ def test_ppo_cli_on_world_logs_every_iteration_and_exports(in_tmp, world_sft_pat
 
 
 def test_the_progress_bar_counts_iterations_to_the_end(tmp_path, world_sft_path):
-    """``max_steps`` counts optimiser updates, ppo_epochs × num_minibatches = 8 an iteration: 16 are two
+    """``max_steps`` counts optimiser updates, update.epochs × num_minibatches = 8 an iteration: 16 are two
     iterations, which the bar shows done (not stopped at 2/16), in the one epoch they take (not ``Epoch 0/-2``)."""
     cli = RLHFCLI(args=[
         "fit", "--config", CONFIG, "--model.model_name_or_path", world_sft_path, "--model.reward_model", "gold",
@@ -211,7 +214,8 @@ class StepsLogged(Logger):
 
 
 def test_ppo_resumes_mid_run_with_the_same_numbers(tmp_path, world_sft_path, world_rm_path):
-    settings = dict(kl_control=KLControlConfig(0.1, target=1.0, horizon=100), ppo_epochs=2, num_minibatches=2)
+    settings = dict(kl_control=KLControlConfig(0.1, target=1.0, horizon=100),
+                    update=UpdateConfig(epochs=2, num_minibatches=2))
     uninterrupted, _ = fit_world(tmp_path, world_sft_path, world_rm_path, 3, 4, **settings)
     _, trainer = fit_world(tmp_path, world_sft_path, world_rm_path, 2, 4, **settings)
     checkpoint = tmp_path / "two-iterations.ckpt"
@@ -233,7 +237,7 @@ def test_ppo_resumes_mid_run_with_the_same_numbers(tmp_path, world_sft_path, wor
     assert refixed[0]["kl/beta"] == pytest.approx(0.02)
     saved = torch.load(checkpoint, weights_only=False)
     assert saved["ppo"]["iteration"] == 2
-    assert not [key for key in saved["state_dict"] if key.startswith(("reference.", "reward_network."))]
+    assert not [key for key in saved["state_dict"] if key.startswith(("reference.", "reward_networks."))]
     assert any(key.startswith("critic.") for key in saved["state_dict"])
 
 
@@ -248,43 +252,48 @@ class LearningRate(Callback):
 def test_ppo_steps_its_warmup_once_per_update(tmp_path, world_sft_path):
     """PPO optimises by hand, so its schedule moves only where it steps it: after each of an iteration's updates."""
     rate = LearningRate()
-    fit_world(tmp_path, world_sft_path, "gold", 3, 2, callbacks=[rate], advantage_estimator="rloo", group_size=2,
-              ppo_epochs=2, optimizer=OptimizerConfig(learning_rate=0.01, warmup_steps=4))
+    fit_world(tmp_path, world_sft_path, "gold", 3, 2, callbacks=[rate], advantage=AdvantageConfig("rloo", 2),
+              update=UpdateConfig(epochs=2), optimizer=OptimizerConfig(learning_rate=0.01, warmup_steps=4))
     assert rate.rates == pytest.approx([0.005, 0.01, 0.01], abs=1e-12)  # after 2, 4 and 6 of the 4 warm-up steps
 
 
 def test_ppo_clips_its_gradients_under_mixed_precision(tmp_path, world_sft_path, world_rm_path):
     """Lightning's mixed-precision plugin refuses to clip the gradients of a fused optimizer, and PPO clips every
-    update (``max_grad_norm`` 1.0): under ``bf16-mixed`` the optimizer is the foreach kernel, in fp32 the fused one."""
-    rows, trainer = fit_world(tmp_path, world_sft_path, world_rm_path, 2, 2, precision="bf16-mixed", ppo_epochs=2)
+    update (``update.max_grad_norm`` 1.0): under ``bf16-mixed`` the optimizer is the foreach kernel, in fp32 the
+    fused one."""
+    rows, trainer = fit_world(tmp_path, world_sft_path, world_rm_path, 2, 2, precision="bf16-mixed",
+                             update=UpdateConfig(epochs=2))
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(row["loss/policy"])) for row in rows)
     assert trainer.optimizers[0].defaults["fused"] is False
-    _, trainer = fit_world(tmp_path, world_sft_path, world_rm_path, 1, 2, ppo_epochs=2)
+    _, trainer = fit_world(tmp_path, world_sft_path, world_rm_path, 1, 2, update=UpdateConfig(epochs=2))
     assert trainer.optimizers[0].defaults["fused"] is True
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])
 def test_critic_free_estimators_with_ptx_on_gold_reward(tmp_path, world_sft_path, estimator):
     rows, trainer = fit_world(
-        tmp_path, world_sft_path, "gold", 2, 1, advantage_estimator=estimator, group_size=2, ppo_epochs=1,
-        ptx_coef=0.5, ptx_batch_size=4,
+        tmp_path, world_sft_path, "gold", 2, 1, advantage=AdvantageConfig(estimator, 2), update=UpdateConfig(epochs=1),
+        ptx=PTXConfig(coef=0.5, batch_size=4),
     )
     module = trainer.lightning_module
-    assert module.critic is None and module.reward_network is None
+    assert module.critic is None and len(module.reward_networks) == 0
     assert len(rows) == 2
     assert rows[-1]["loss/ptx"] > 0 and "loss/value" not in rows[-1]
     assert rows[0]["objective/scores"] == pytest.approx(rows[0]["rollout/gold/reward"])  # the proxy is the gold reward
 
 
 def test_invalid_settings_fail_with_one_clear_error(world_sft_path):
-    with pytest.raises(ConfigError, match="advantage_estimator"):
-        PPOModule(model_name_or_path=world_sft_path, advantage_estimator="reinforce")
-    with pytest.raises(ConfigError, match="group_size"):
-        PPOModule(model_name_or_path=world_sft_path, advantage_estimator="rloo", group_size=1)
-    for setting, message in [({"clip_range": 0.0}, "clip_range must be positive"),
+    with pytest.raises(ConfigError, match="advantage.estimator must be gae, grpo or rloo"):
+        PPOModule(model_name_or_path=world_sft_path, advantage={"estimator": "reinforce"})
+    with pytest.raises(ConfigError, match="advantage.group_size"):
+        PPOModule(model_name_or_path=world_sft_path, advantage={"estimator": "rloo", "group_size": 1})
+    for setting, message in [({"update": {"clip_range": 0.0}}, "update.clip_range must be positive"),
                              ({"sampling": {"temperature": 0.0}}, "sampling.temperature must be positive"),
                              ({"kl_control": {"beta": -0.1}}, "beta must not be negative"),
-                             ({"lam": 1.5}, "lam must be between 0 and 1"), ({"ppo_epochs": 0}, "ppo_epochs must be")]:
+                             ({"advantage": {"lam": 1.5}}, "advantage.lam must be between 0 and 1"),
+                             ({"update": {"epochs": 0}}, "update.epochs must be positive"),
+                             ({"reward": {"clip": -1.0}}, "reward.clip must be positive"),
+                             ({"ptx": {"coef": 0.0}}, "ptx.coef must be positive")]:
         with pytest.raises(ConfigError, match=message):
             PPOModule(model_name_or_path=world_sft_path, **setting)
     module = PPOModule(model_name_or_path=world_sft_path, reward_model=world_sft_path, value_model="runs/nope")
@@ -314,7 +323,7 @@ def test_a_non_finite_score_stops_the_run_before_anything_is_saved(world_sft_pat
     with pytest.raises(SystemExit) as exit_info:
         run_cli(
             "fit", "--config", CONFIG, "--model.model_name_or_path", world_sft_path,
-            "--model.reward_model", "nan_reward:reward", "--model.ppo_epochs", "1", "--data.batch_size", "4",
+            "--model.reward_model", "nan_reward:reward", "--model.update.epochs", "1", "--data.batch_size", "4",
             "--data.num_eval_prompts", "4", "--trainer.max_steps", "4", "--trainer.val_check_interval", "1",
         )
     assert exit_info.value.code == 2
@@ -349,10 +358,10 @@ def test_entropy_bonus_enters_the_loss(tmp_path, world_sft_path):
     entropy of a 146-word vocabulary's next-token distributions (between 0 and ln 146)."""
     import math
 
-    without, _ = fit_world(tmp_path, world_sft_path, "gold", 1, 1, ppo_epochs=1, advantage_estimator="rloo",
-                           group_size=2)
-    with_bonus, _ = fit_world(tmp_path, world_sft_path, "gold", 1, 1, ppo_epochs=1, advantage_estimator="rloo",
-                              group_size=2, entropy_coef=0.5)
+    rloo = AdvantageConfig("rloo", group_size=2)
+    without, _ = fit_world(tmp_path, world_sft_path, "gold", 1, 1, update=UpdateConfig(epochs=1), advantage=rloo)
+    with_bonus, _ = fit_world(tmp_path, world_sft_path, "gold", 1, 1, update=UpdateConfig(epochs=1, entropy_coef=0.5),
+                              advantage=rloo)
     entropy = with_bonus[0]["policy/entropy"]
     assert 0.0 < entropy < math.log(146)
     assert entropy == pytest.approx(without[0]["policy/entropy"], rel=1e-5)
@@ -361,7 +370,7 @@ def test_entropy_bonus_enters_the_loss(tmp_path, world_sft_path):
 
 def test_the_policy_fits_prompt_and_new_tokens_and_the_reward_model_one_more(world_sft_path, world_rm_path):
     # The world's models have 128 positions; the reward model also reads the EOS after the response.
-    fits = PPOModule(model_name_or_path=world_sft_path, reward_model="gold", advantage_estimator="rloo",
+    fits = PPOModule(model_name_or_path=world_sft_path, reward_model="gold", advantage=AdvantageConfig("rloo"),
                      max_prompt_length=100, sampling=SamplingConfig(28))
     fits.configure_model()
     too_long = PPOModule(model_name_or_path=world_sft_path, reward_model=world_rm_path, max_prompt_length=100,
@@ -377,10 +386,11 @@ def test_group_advantages_are_normalised_once_per_sequence(world_sft_path, estim
     from lit_rlhf.data.collate import tokenize_prompts
     from lit_rlhf.evaluation import PolicyEvaluation
 
-    module = PPOModule(model_name_or_path=world_sft_path, reward_model="gold", advantage_estimator=estimator,
-                       group_size=4, sampling=SamplingConfig(12))
+    module = PPOModule(model_name_or_path=world_sft_path, reward_model="gold",
+                       advantage=AdvantageConfig(estimator, group_size=4), sampling=SamplingConfig(12))
     module.configure_model()
-    module._reference_answers = PolicyEvaluation([], [], [], metrics={"response/length_mean": 0.0})
+    reference_answers = PolicyEvaluation([], [], [], metrics={"response/length_mean": 0.0})
+    module.evaluator = SimpleNamespace(baseline=lambda reference: reference_answers)  # no datamodule to hold out
     prompts = ["name three fruits .", "i think carrot is a fruit . give me two fruits .", "list one color ."]
     prompt_ids, prompt_mask = tokenize_prompts(module.tokenizer, prompts, 32)
     torch.manual_seed(0)
@@ -413,17 +423,17 @@ def test_a_critic_from_the_reward_model_starts_on_the_normalised_score_scale(wor
     module = PPOModule(model_name_or_path=world_sft_path, reward_model=str(reward_model))
     module.configure_model()
     ids, mask = tokenize_prompts(module.tokenizer, ["name three fruits . apple , pear , plum ."], 32)
-    raw = scalar_scores(module.reward_network, ids, mask)
+    raw = scalar_scores(module.reward_networks[0], ids, mask)
     assert torch.allclose(module.critic(ids, mask)[:, -1], (raw - 2.0) / 4.0, atol=1e-5)
     unnormalised = PPOModule(model_name_or_path=world_sft_path, reward_model=str(reward_model),
-                             normalize_scores=False)
+                             reward=RewardConfig(normalize=False))
     unnormalised.configure_model()
     assert torch.allclose(unnormalised.critic(ids, mask)[:, -1], raw, atol=1e-5)
 
 
 def test_rollout_scores_tell_the_reward_which_answers_were_cut(world_sft_path):
     """Answers cut at ``max_new_tokens`` reach the scorer marked unfinished (a reward model scores them without
-    EOS), and ``missing_eos_penalty`` comes off exactly those."""
+    EOS), and ``reward.missing_eos_penalty`` comes off exactly those."""
     from lit_rlhf.data.collate import tokenize_prompts
     from lit_rlhf.evaluation import PolicyEvaluation
 
@@ -434,11 +444,12 @@ def test_rollout_scores_tell_the_reward_which_answers_were_cut(world_sft_path):
             Recorder.finished = finished
             return torch.zeros(len(responses))
 
-    module = PPOModule(model_name_or_path=world_sft_path, reward_model="gold", advantage_estimator="rloo",
-                       group_size=2, sampling=SamplingConfig(6), missing_eos_penalty=1.5, normalize_scores=False)
+    module = PPOModule(model_name_or_path=world_sft_path, reward_model="gold", advantage=AdvantageConfig("rloo", 2),
+                       sampling=SamplingConfig(6), reward=RewardConfig(normalize=False, missing_eos_penalty=1.5))
     module.configure_model()
     module.scorer = Recorder()
-    module._reference_answers = PolicyEvaluation([], [], [], metrics={"response/length_mean": 0.0})
+    reference_answers = PolicyEvaluation([], [], [], metrics={"response/length_mean": 0.0})
+    module.evaluator = SimpleNamespace(baseline=lambda reference: reference_answers)  # no datamodule to hold out
     prompts = ["name three fruits .", "i think carrot is a fruit . give me two fruits .", "list one color ."] * 4
     prompt_ids, prompt_mask = tokenize_prompts(module.tokenizer, prompts, 32)
     torch.manual_seed(0)
@@ -483,11 +494,13 @@ def test_micro_batches_add_up_to_the_gradient_of_their_whole_minibatch():
 def test_target_kl_drops_the_rest_of_an_iterations_updates(tmp_path, world_sft_path):
     """Each iteration's first minibatch starts at the policy that sampled (approxkl 0, within rounding), so it steps;
     after that step the policy has moved more than 1e-6 nats, and the three remaining updates are dropped. Without
-    ``target_kl`` every iteration makes all ppo_epochs × num_minibatches = 4."""
-    settings = {"advantage_estimator": "rloo", "group_size": 2, "ppo_epochs": 2, "num_minibatches": 2}
-    stopped, _ = fit_world(tmp_path, world_sft_path, "gold", 3, 1, target_kl=1e-6, **settings)
+    ``target_kl`` every iteration makes all epochs × num_minibatches = 4."""
+    rloo = AdvantageConfig("rloo", group_size=2)
+    stopped, _ = fit_world(tmp_path, world_sft_path, "gold", 3, 1, advantage=rloo,
+                           update=UpdateConfig(epochs=2, num_minibatches=2, target_kl=1e-6))
     assert [(row["policy/updates"], row["policy/early_stop"]) for row in stopped] == [(1.0, 1.0)] * 3
-    full, _ = fit_world(tmp_path, world_sft_path, "gold", 2, 4, **settings)
+    full, _ = fit_world(tmp_path, world_sft_path, "gold", 2, 4, advantage=rloo,
+                        update=UpdateConfig(epochs=2, num_minibatches=2))
     assert [(row["policy/updates"], row["policy/early_stop"]) for row in full] == [(4.0, 0.0)] * 2
 
 

@@ -15,7 +15,7 @@ from lit_rlhf.generation import SamplingConfig
 from lit_rlhf.models import LoRAConfig
 from lit_rlhf.phases.dpo import DPOModule
 from lit_rlhf.phases.reward import RewardModelModule
-from lit_rlhf.phases.shared import OptimizerConfig
+from lit_rlhf.phases.settings import OptimizerConfig
 
 STEPS = 10  # 72 training pairs in batches of 16: 5 batches an epoch, so the cut at step 3 is inside the first
 

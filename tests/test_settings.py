@@ -14,8 +14,9 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
 from helpers import run_cli
 from lit_rlhf.kl_control import AdaptiveKLController, FixedKLController, KLControlConfig
+from lit_rlhf.phases.settings import OptimizerConfig
 from lit_rlhf.phases.sft import SFTModule
-from lit_rlhf.phases.shared import OptimizerConfig, adamw_with_warmup
+from lit_rlhf.phases.shared import adamw_with_warmup
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 

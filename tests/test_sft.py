@@ -22,8 +22,8 @@ from helpers import (
     write_jsonl,
 )
 from lit_rlhf.data.datamodules import ComparisonDataModule, DemonstrationDataModule
+from lit_rlhf.phases.settings import OptimizerConfig
 from lit_rlhf.phases.sft import SFTModule
-from lit_rlhf.phases.shared import OptimizerConfig
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "sft.yaml")
 

@@ -178,7 +178,7 @@ def test_offline_sweep_runs_resumes_and_reports(tmp_path, monkeypatch):
         "command": ["lit-rlhf", "fit", "--config", str(CONFIGS / "ppo.yaml"),
                     f"--model.model_name_or_path={out}/sft/hf", f"--model.reward_model={out}/rm/hf",
                     "--model.export_dir=null", "--trainer.max_steps=4", "--trainer.val_check_interval=1",
-                    "--model.ppo_epochs=1", "--data.batch_size=4", "--data.num_eval_prompts=2",
+                    "--model.update.epochs=1", "--data.batch_size=4", "--data.num_eval_prompts=2",
                     "--model.sampling.max_new_tokens=8", "--model.optimizer.learning_rate=1e-3", "${args}"],
     }
     sweep_file = tmp_path / "beta.yaml"

@@ -15,15 +15,22 @@ from lit_rlhf.models.positions import forward
 from lit_rlhf.models.shared_prompts import SharedPrompts, forward_sharing_prompts, select_rows
 
 
-def _head_outputs(model: PreTrainedModel, run: Callable[[], object]) -> list[torch.Tensor]:
-    """The ``score`` head's output at every position ``[B, T]`` (float32) of each forward that ``run()`` makes.
+def _head_outputs(
+    model: PreTrainedModel, run: Callable[[], object], second_head: torch.nn.Module | None = None
+) -> list[torch.Tensor]:
+    """The ``score`` head's output at every position ``[B, T]`` (float32) of each forward that ``run()`` makes; with
+    a ``second_head``, which reads the same hidden states, both heads' ``[B, T, 2]``.
 
     The model's own forward reads its head at the last token that is not the pad id; where pad and EOS are one token
     (GPT-2, Llama: the loader's default) that skips the final EOS, and a finished answer would score as the same
     answer cut short. So the head's output at every position is caught on its way out, to be read where a mask ends.
     """
     outputs = []
-    hook = model.score.register_forward_hook(lambda head, inputs, output: outputs.append(output.squeeze(-1).float()))
+    def catch(head: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        heads = output if second_head is None else torch.cat([output, second_head(inputs[0]).to(output.dtype)], -1)
+        outputs.append(heads.squeeze(-1).float())
+
+    hook = model.score.register_forward_hook(catch)
     try:
         run()
     finally:
@@ -31,18 +38,25 @@ def _head_outputs(model: PreTrainedModel, run: Callable[[], object]) -> list[tor
     return outputs
 
 
-def scalar_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[B]`` scores of a scalar-head model, read at each row's last attended position (left or right padding)."""
-    (per_position,) = _head_outputs(model, lambda: forward(model, input_ids, attention_mask))
+def scalar_scores(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    second_head: torch.nn.Module | None = None,
+) -> torch.Tensor:
+    """``[B]`` scores of a scalar-head model, read at each row's last attended position (left or right padding);
+    with a ``second_head`` on the same hidden states, ``[B, 2]``."""
+    (per_position,) = _head_outputs(model, lambda: forward(model, input_ids, attention_mask), second_head)
     last = (torch.arange(attention_mask.shape[1], device=attention_mask.device) * attention_mask).argmax(dim=1)
     return per_position[torch.arange(len(last), device=last.device), last]
 
 
-def shared_prompt_scores(model: PreTrainedModel, shared: SharedPrompts) -> torch.Tensor:
+def shared_prompt_scores(
+    model: PreTrainedModel, shared: SharedPrompts, second_head: torch.nn.Module | None = None
+) -> torch.Tensor:
     """``[R]`` scores of the responses of ``shared``, each prompt computed once
     (:func:`~lit_rlhf.models.shared_prompts.forward_sharing_prompts`): the head read at each response's last token,
-    what :func:`scalar_scores` gives for the whole sequences up to float rounding."""
-    prompt_scores, response_scores = _head_outputs(model, lambda: forward_sharing_prompts(model, shared))
+    what :func:`scalar_scores` gives for the whole sequences up to float rounding; ``[R, 2]`` with a
+    ``second_head``."""
+    prompt_scores, response_scores = _head_outputs(model, lambda: forward_sharing_prompts(model, shared), second_head)
     # Column 0 is the prompt's last token, where a response of no tokens would be read.
     window = torch.cat([select_rows(prompt_scores[:, -1:], shared.prompt_of), response_scores], dim=1)
     return window[torch.arange(len(window), device=window.device), shared.response_mask.sum(dim=1)]

@@ -14,9 +14,11 @@ from transformers import PreTrainedModel
 
 from lit_rlhf import losses
 from lit_rlhf.errors import ConfigError
-from lit_rlhf.phases.dpo_logprobs import concatenated, pair_logprobs
+from lit_rlhf.generation import SamplingConfig
+from lit_rlhf.models import LoRAConfig
+from lit_rlhf.phases.dpo_logprobs import ReferenceLogpsCache, concatenated, pair_logprobs, reference_fingerprint
 from lit_rlhf.phases.preference import Metrics, PreferenceModule
-from lit_rlhf.phases.shared import check_settings
+from lit_rlhf.phases.settings import OptimizerConfig, check_settings
 
 PAIRED_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                   "logps/rejected", "lengths/chosen_minus_rejected")
@@ -39,7 +41,10 @@ class DPOModule(PreferenceModule):
     cache that its chosen and rejected responses then attend to (:mod:`lit_rlhf.models.shared_prompts`): the same
     log-probs up to float rounding, for about a fifth less work; without it, or for a model that takes no cache,
     chosen and rejected go through as whole sequences in one concatenated forward. ``rpo_alpha`` adds α·NLL of the
-    chosen responses per token (RPO, Pang et al. 2024).
+    chosen responses per token (RPO, Pang et al. 2024). With ``precompute_ref_logps`` the reference scores every
+    training and validation sequence once before training and is freed (:mod:`lit_rlhf.phases.dpo_logprobs`);
+    validation loads it again for the generation metrics. ``ref_logps_cache`` names a file that keeps those
+    log-probs for later runs with the same reference (a β sweep, say).
     """
 
     METRICS = PAIRED_METRICS
@@ -48,11 +53,22 @@ class DPOModule(PreferenceModule):
         self,
         model_name_or_path: str = "runs/sft/hf",
         loss_type: str = "sigmoid",
+        beta: float = 0.1,
         label_smoothing: float = 0.0,
         simpo_gamma: float = 0.5,
         rpo_alpha: float = 0.0,
+        length_normalized: bool = False,
         share_prompts: bool = True,
-        **shared,
+        precompute_ref_logps: bool = False,
+        ref_logps_cache: str | None = None,
+        optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-4, warmup_steps=10),
+        sampling: SamplingConfig = SamplingConfig(),
+        eval_seed: int = 1234,
+        max_prompt_length: int = 32,
+        export_dir: str | None = None,
+        trust_remote_code: bool = False,
+        dtype: str | None = None,
+        lora: LoRAConfig | None = None,
     ) -> None:
         check_settings(non_negative={"simpo_gamma": simpo_gamma, "rpo_alpha": rpo_alpha})
         if not 0 <= label_smoothing < 0.5:
@@ -63,12 +79,38 @@ class DPOModule(PreferenceModule):
         smoothed = [name for name, loss in losses.PREFERENCE_LOSSES.items() if "label_smoothing" in loss.options]
         if label_smoothing and loss_type not in smoothed:
             raise ConfigError(f"label_smoothing is defined only for {', '.join(smoothed)}, not for {loss_type!r}")
-        super().__init__(model_name_or_path, **shared)
+        if lora and precompute_ref_logps:
+            raise ConfigError("precompute_ref_logps is not needed with lora: the reference is the policy with its "
+                              "adapters disabled, already in memory")
+        super().__init__(model_name_or_path, beta, length_normalized, optimizer, sampling, eval_seed, max_prompt_length,
+                         export_dir, trust_remote_code, dtype, lora)
         self.pairwise_loss = losses.PREFERENCE_LOSSES[loss_type]
         """What the loss needs: a reference, averaged log-probs, its own settings."""
 
     def _pair_logps(self, model: PreTrainedModel, batch: dict) -> tuple[torch.Tensor, ...]:
+        """A comparison batch's chosen then rejected log-probs under ``model``: ``(logps [2B], token_logps, mask)``."""
         return pair_logprobs(model, batch, self._average_logps, self.hparams.share_prompts)
+
+    @property
+    def _precomputes_reference(self) -> bool:
+        return self.hparams.precompute_ref_logps and self._uses_reference
+
+    def setup(self, stage: str) -> None:
+        # Runs before every fit/validate, after the datamodule's setup: the data is tokenised, the policy not built.
+        if self._precomputes_reference:
+            self._precompute_reference_logps()
+
+    def _precompute_reference_logps(self) -> None:
+        """One pass of the reference over the training and validation sequences that the cache lacks."""
+        hp = self.hparams
+        fingerprint = reference_fingerprint(hp.model_name_or_path, hp.dtype, self._average_logps)
+        if self.reference_cache is None or self.reference_cache.fingerprint != fingerprint:
+            self.reference_cache = ReferenceLogpsCache(fingerprint, hp.ref_logps_cache)
+        cache = self.reference_cache
+        keys, computed = cache.fill(self.trainer.datamodule.every_batch(), self._load_reference, self.device,
+                                    lambda reference, batch: self._pair_logps(reference, batch)[0])
+        if computed and cache.path is not None and self.trainer.is_global_zero:
+            cache.save(keys)
 
     @property
     def _uses_reference(self) -> bool:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 
 from lit_rlhf import losses
-from lit_rlhf.errors import ConfigError
+from lit_rlhf.generation import SamplingConfig
+from lit_rlhf.models import LoRAConfig
 from lit_rlhf.phases.dpo_logprobs import concatenated, model_sequence_logprobs
 from lit_rlhf.phases.preference import Metrics, PreferenceModule
-from lit_rlhf.phases.shared import check_settings
+from lit_rlhf.phases.settings import OptimizerConfig, check_settings
 
 KTO_METRICS = ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
                "lengths/chosen_minus_rejected")
@@ -22,8 +23,8 @@ are unpaired."""
 
 class KTOModule(PreferenceModule):
     """KTO from an SFT export: ``desirable_weight`` and ``undesirable_weight`` weigh the two kinds of rows (raise the
-    rarer kind's); the settings shared with DPO are :class:`PreferenceModule`'s, except ``precompute_ref_logps``:
-    the KL pairs are formed per batch, so their reference log-probs cannot be computed ahead.
+    rarer kind's); the others are :class:`PreferenceModule`'s. Unlike DPO it cannot precompute the reference's
+    log-probs: its KL pairs are formed per batch.
 
     Logs ``kl`` (the KL estimate on the mismatched pairs, gathered over devices, as TRL logs it; the reference
     point is its clamp at 0) and, for the rows a batch has, ``rewards/chosen``, ``rewards/rejected``,
@@ -36,15 +37,22 @@ class KTOModule(PreferenceModule):
     def __init__(
         self,
         model_name_or_path: str = "runs/sft/hf",
+        beta: float = 0.1,
         desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0,
-        **shared,
+        length_normalized: bool = False,
+        optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-4, warmup_steps=10),
+        sampling: SamplingConfig = SamplingConfig(),
+        eval_seed: int = 1234,
+        max_prompt_length: int = 32,
+        export_dir: str | None = None,
+        trust_remote_code: bool = False,
+        dtype: str | None = None,
+        lora: LoRAConfig | None = None,
     ) -> None:
         check_settings(non_negative={"desirable_weight": desirable_weight, "undesirable_weight": undesirable_weight})
-        if shared.get("precompute_ref_logps"):
-            raise ConfigError("KTO takes no precompute_ref_logps: its KL pairs are formed per batch, so their "
-                              "reference log-probs cannot be computed ahead")
-        super().__init__(model_name_or_path, **shared)
+        super().__init__(model_name_or_path, beta, length_normalized, optimizer, sampling, eval_seed, max_prompt_length,
+                         export_dir, trust_remote_code, dtype, lora)
 
     def _step(self, batch: dict) -> tuple[torch.Tensor, Metrics]:
         hp = self.hparams

@@ -8,14 +8,11 @@ scores in the export's config, so PPO can normalise.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from lightning.pytorch import LightningModule
 from torchmetrics import CatMetric, MeanMetric
 
 from lit_rlhf import losses
-from lit_rlhf.collect import sample_responses
 from lit_rlhf.errors import ConfigError
 from lit_rlhf.generation import SamplingConfig
 from lit_rlhf.models import (
@@ -30,17 +27,22 @@ from lit_rlhf.models import (
     trainable,
     with_lora,
 )
-from lit_rlhf.phases.shared import (
+from lit_rlhf.phases.settings import (
+    ODINConfig,
     OptimizerConfig,
+    as_config,
+    check_settings,
+    keep_settings,
+)
+from lit_rlhf.phases.shared import (
     adamw_with_warmup,
     check_context,
-    check_settings,
     export_trained,
-    save_settings,
     shard_networks,
     validation_means,
 )
-from lit_rlhf.scoring import LENGTH_KEYS, SCORE_MEAN_KEY, SCORE_STD_KEY, RewardModelScorer, gold_scorer
+from lit_rlhf.reward_models import policy_answers, store_score_statistics
+from lit_rlhf.scoring import RewardModelScorer, gold_scorer
 
 
 def preference_metrics(
@@ -65,12 +67,6 @@ def preference_metrics(
     return metrics
 
 
-def length_correlation(scores: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation of scores with response lengths (0 when either is constant)."""
-    correlation = torch.corrcoef(torch.stack([scores.float(), lengths.float()]))[0, 1]
-    return torch.nan_to_num(correlation, nan=0.0)
-
-
 class RewardModelModule(LightningModule):
     """Bradley–Terry reward model. Logs, with ``train/`` and ``val/`` prefixes: ``loss``, ``accuracy``,
     ``margin``, ``reward/mean``, ``reward/std``, ``reward/length_corr`` (Pearson correlation of scores with
@@ -79,7 +75,9 @@ class RewardModelModule(LightningModule):
     train answers, for the score statistics (its length limit and temperature should be PPO's). With
     ``share_prompts`` (the default) a batch's prompts go through the model once, into a key/value cache that its
     responses then attend to (:mod:`lit_rlhf.models.shared_prompts`): the same scores up to float rounding, for about
-    a fifth less work; without it, or for a model that takes no cache, each whole sequence goes through."""
+    a fifth less work; without it, or for a model that takes no cache, each whole sequence goes through. With
+    ``odin`` a second, length head trains beside the score head (ODIN, :class:`~lit_rlhf.phases.settings.ODINConfig`;
+    logged ``train/odin/length_head_corr``); the export scores with the quality head alone."""
 
     def __init__(
         self,
@@ -95,14 +93,19 @@ class RewardModelModule(LightningModule):
         dtype: str | None = None,
         lora: LoRAConfig | None = None,
         share_prompts: bool = True,
+        odin: ODINConfig | None = None,
     ) -> None:
         super().__init__()
         check_settings(non_negative={"center_rewards_coefficient": center_rewards_coefficient})
         if normalization_samples < 2:
             raise ConfigError(f"normalization_samples must be at least 2 (for a std), got {normalization_samples}")
-        save_settings(self)
+        self.save_hyperparameters()
+        keep_settings(self, optimizer, sampling, lora)
+        self.odin = as_config(ODINConfig, odin)
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
         self.model = None
+        self.length_head: torch.nn.Linear | None = None
+        """ODIN's length head, trained beside the model's score head and never exported."""
         self.val_metrics = torch.nn.ModuleDict(
             {"loss": MeanMetric(), "accuracy": MeanMetric(), "margin": MeanMetric(), "gold/accuracy": MeanMetric()}
         )
@@ -114,6 +117,8 @@ class RewardModelModule(LightningModule):
             hp = self.hparams
             model = load_scalar_head_model(hp.model_name_or_path, self.tokenizer, hp.trust_remote_code, hp.dtype)
             self.model = with_lora(model, self.lora, task_type="SEQ_CLS").train()  # from_pretrained: eval mode
+            if self.odin is not None:
+                self.length_head = torch.nn.Linear(model.config.hidden_size, 1, bias=False)
             check_context(self, model, samples_after_fit=True)  # the score statistics' samples
             shard_networks(self, self.model)
 
@@ -122,18 +127,30 @@ class RewardModelModule(LightningModule):
         prompt-grouped batch is scored once and its score shared): with ``share_prompts`` each distinct prompt too,
         else in one concatenated forward of the whole sequences."""
         if self.hparams.share_prompts and shares_prompts(self.model):
-            scores = shared_prompt_scores(self.model, batch["shared_prompts"])
+            scores = shared_prompt_scores(self.model, batch["shared_prompts"], self.length_head)
             return select_rows(scores, batch["chosen_row"]), select_rows(scores, batch["rejected_row"])
         input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
         attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
         distinct, row_of = torch.unique(torch.cat([input_ids, attention_mask], 1), dim=0, return_inverse=True)
         distinct_ids, distinct_mask = distinct.split(input_ids.shape[1], dim=1)
-        return scalar_scores(self.model, distinct_ids, distinct_mask)[row_of].chunk(2)
+        return scalar_scores(self.model, distinct_ids, distinct_mask, self.length_head)[row_of].chunk(2)
 
     def _step(self, batch: dict) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
         chosen, rejected = self._scores(batch)
+        lengths = torch.cat([batch["chosen_response_mask"].sum(1), batch["rejected_response_mask"].sum(1)]).float()
         margin = torch.where(batch["has_margin"], batch["margin"], torch.zeros_like(batch["margin"]))
-        loss = losses.bradley_terry_loss(chosen, rejected, margin).mean()
+        odin_loss = torch.zeros((), device=lengths.device)
+        if self.length_head is not None:  # ODIN: the loss on the heads' sum, quality alone is the score
+            scores = torch.cat([chosen, rejected])
+            odin_loss = self.odin.length_weight * losses.odin_length_loss(scores[:, 0], scores[:, 1], lengths)
+            odin_loss = odin_loss + self.odin.orthogonality_weight * losses.odin_orthogonality_loss(
+                self.model.score.weight, self.length_head.weight)
+            self.log("train/odin/length_head_corr", losses.pearson_correlation(scores[:, 1].detach(), lengths))
+            (chosen, rejected), total = scores[:, 0].chunk(2), scores.sum(dim=1).chunk(2)
+            loss = losses.bradley_terry_loss(total[0], total[1], margin).mean()
+        else:
+            loss = losses.bradley_terry_loss(chosen, rejected, margin).mean()
+        loss = loss + odin_loss
         if self.hparams.center_rewards_coefficient:
             loss = loss + self.hparams.center_rewards_coefficient * losses.reward_centering_penalty(chosen, rejected)
         gold = None
@@ -141,14 +158,13 @@ class RewardModelModule(LightningModule):
             gold = [oracle.score(batch["prompt"], batch[side]).to(chosen.device, torch.float32)
                     for side in ("chosen", "rejected")]
         metrics = preference_metrics(chosen.detach(), rejected.detach(), *(gold or (None, None)))
-        lengths = torch.cat([batch["chosen_response_mask"].sum(1), batch["rejected_response_mask"].sum(1)]).float()
         return loss, metrics, torch.cat([chosen, rejected]).detach(), lengths
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, metrics, scores, lengths = self._step(batch)
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/{name}": value for name, (value, _) in metrics.items()})
-        self.log("train/reward/length_corr", length_correlation(scores, lengths))
+        self.log("train/reward/length_corr", losses.pearson_correlation(scores, lengths))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -164,7 +180,7 @@ class RewardModelModule(LightningModule):
         scores, lengths = self.val_scores.compute(), self.val_lengths.compute()
         logged["val/reward/mean"] = scores.mean()
         logged["val/reward/std"] = scores.std()
-        logged["val/reward/length_corr"] = length_correlation(scores, lengths)
+        logged["val/reward/length_corr"] = losses.pearson_correlation(scores, lengths)
         self.log_dict(logged, sync_dist=True)  # already global: torchmetrics gathers every rank's updates
         self.val_scores.reset()
         self.val_lengths.reset()
@@ -182,20 +198,14 @@ class RewardModelModule(LightningModule):
         hp = self.hparams
         datamodule = self.trainer.datamodule
         self.model.eval()
-        prompts = list(dict.fromkeys(record.prompt for record in datamodule.train_records))[: hp.normalization_samples]
-        per_prompt = math.ceil(hp.normalization_samples / len(prompts))  # few distinct prompts: more samples each
         scorer = RewardModelScorer(
             self.model, self.tokenizer, datamodule.hparams.max_length, datamodule.hparams.max_prompt_length
         )
-        policy = hp.statistics_policy or hp.model_name_or_path
-        groups = sample_responses(policy, prompts, per_prompt, self.sampling,
-                                  scorer.max_prompt_length, 256, self.device, hp.dtype)
-        samples = [(prompt, *response) for prompt, group in zip(prompts, groups) for response in group]
-        scores = scorer.score(*zip(*samples[: hp.normalization_samples]))
-        for name, key in LENGTH_KEYS.items():
-            setattr(self.model.config, key, getattr(scorer, name))
-        setattr(self.model.config, SCORE_MEAN_KEY, scores.mean().item())
-        setattr(self.model.config, SCORE_STD_KEY, max(scores.std().item(), 1e-6))
+        answers = policy_answers(hp.statistics_policy or hp.model_name_or_path,
+                                 [record.prompt for record in datamodule.train_records], hp.normalization_samples,
+                                 self.sampling, scorer.max_prompt_length, self.device, hp.dtype)
+        store_score_statistics(scorer, answers)
 
     def configure_optimizers(self):
-        return adamw_with_warmup(self.trainer, trainable(self.model), self.optimizer_config)
+        length_head = [] if self.length_head is None else list(self.length_head.parameters())
+        return adamw_with_warmup(self.trainer, [*trainable(self.model), *length_head], self.optimizer_config)

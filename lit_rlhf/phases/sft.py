@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import time
+from functools import cached_property
 
 import torch
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
 from lit_rlhf import losses
-from lit_rlhf.evaluation import evaluate_policy
+from lit_rlhf.evaluation import HeldOutEvaluator
 from lit_rlhf.generation import SamplingConfig
 from lit_rlhf.models import LoRAConfig, load_causal_lm, load_tokenizer, response_logits, trainable, with_lora
-from lit_rlhf.phases.shared import (
+from lit_rlhf.phases.settings import (
     OptimizerConfig,
+    keep_settings,
+)
+from lit_rlhf.phases.shared import (
     adamw_with_warmup,
     check_context,
     export_trained,
-    save_settings,
+    held_out_evaluator,
     shard_networks,
 )
-from lit_rlhf.scoring import gold_scorer
 
 
 class SFTModule(LightningModule):
@@ -29,10 +32,10 @@ class SFTModule(LightningModule):
 
     Logs ``train/loss``, ``train/tokens_per_second``, ``val/loss``, ``val/perplexity`` and, at every validation,
     samples answers to the datamodule's held-out prompts (``sampling``, noise seeded by ``eval_seed``) and logs
-    under ``eval/`` what :func:`evaluate_policy` measures: ``response/length_mean``, the ``hacking/`` rates, and
-    ``gold/reward`` on the embedded world. Exports a Hugging Face folder at the end of fit (``export_dir``, default
-    ``<log_dir>/hf``) that the next phase loads by path. With ``lora`` only LoRA adapters train, and the export has
-    them merged into the weights.
+    under ``eval/`` what its :class:`~lit_rlhf.evaluation.HeldOutEvaluator` measures: ``response/length_mean``,
+    the ``hacking/`` rates, and ``gold/reward`` on the embedded world. Exports a Hugging Face folder at the end of fit
+    (``export_dir``, default ``<log_dir>/hf``) that the next phase loads by path. With ``lora`` only LoRA adapters
+    train, and the export has them merged into the weights.
     """
 
     def __init__(
@@ -48,7 +51,8 @@ class SFTModule(LightningModule):
         lora: LoRAConfig | None = None,
     ) -> None:
         super().__init__()
-        save_settings(self)
+        self.save_hyperparameters()
+        keep_settings(self, optimizer, sampling, lora)
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
         self.model = None
         self.val_nll = MeanMetric()
@@ -91,17 +95,13 @@ class SFTModule(LightningModule):
         val_loss = self.val_nll.compute()
         self.val_nll.reset()
         self.log_dict({"val/loss": val_loss, "val/perplexity": torch.exp(val_loss)}, sync_dist=True)  # already global
-        prompts = self.trainer.datamodule.eval_prompts
-        metrics = evaluate_policy(
-            self.model,
-            self.tokenizer,
-            prompts,
-            self.sampling,
-            max_prompt_length=self.hparams.max_prompt_length,
-            seed=self.hparams.eval_seed,
-            gold=gold_scorer(prompts),
-        ).metrics
+        metrics = self.evaluator.evaluate(self.model).metrics
         self.log_dict({f"eval/{name}": value for name, value in metrics.items()}, sync_dist=True)
+
+    @cached_property
+    def evaluator(self) -> HeldOutEvaluator:
+        """The held-out prompts' evaluation, built at the first validation."""
+        return held_out_evaluator(self)
 
     def on_fit_end(self) -> None:
         export_trained(self, self.model)

@@ -1,13 +1,10 @@
-"""What every phase shares: its optimiser settings and AdamW with linear warmup and cosine decay, FSDP2 sharding,
+"""What every phase shares: AdamW with linear warmup and cosine decay, FSDP2 sharding,
 the context check, the validation means over every rank, and the export at the end."""
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, is_dataclass
-from typing import TypeVar
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -17,9 +14,8 @@ from torchmetrics import Metric
 from transformers import PreTrainedModel, get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from lit_rlhf.errors import ConfigError, TrainingDiverged
-from lit_rlhf.generation import SamplingConfig
+from lit_rlhf.evaluation import HeldOutEvaluator
 from lit_rlhf.models import (
-    LoRAConfig,
     check_positions,
     export,
     full_state_dict,
@@ -28,51 +24,8 @@ from lit_rlhf.models import (
     quiet_transformers,
     shard,
 )
-
-Settings = TypeVar("Settings")
-
-
-@dataclass(frozen=True)
-class OptimizerConfig:
-    """AdamW's settings, one group in every phase (``--model.optimizer.learning_rate``); each phase sets its own
-    defaults.
-
-    Args:
-        learning_rate: the peak rate, reached after the warm-up
-        weight_decay: AdamW's decoupled weight decay
-        warmup_steps: optimiser steps of linear warm-up from 0; SFT, the reward model and DPO then decay the rate
-            along a cosine to 0 at the last step, PPO holds it
-    """
-
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-
-    def __post_init__(self) -> None:
-        check_settings(positive={"optimizer.learning_rate": self.learning_rate},
-                       non_negative={"optimizer.weight_decay": self.weight_decay,
-                                     "optimizer.warmup_steps": self.warmup_steps})
-
-
-def save_settings(module: LightningModule) -> None:
-    """``module.save_hyperparameters()`` from the caller's ``__init__``, each settings group stored as a plain mapping,
-    as LightningCLI saves it (checkpoints load with ``weights_only``, ``hparams.yaml`` is plain YAML), and kept on the
-    module as its dataclass: ``optimizer_config``, ``sampling`` and ``lora`` (None where the phase has no such
-    group, or no LoRA)."""
-    module.save_hyperparameters(frame=inspect.currentframe().f_back)
-    hparams = module.hparams
-    for name, value in hparams.items():
-        if is_dataclass(value):
-            hparams[name] = asdict(value)
-    module.optimizer_config = as_config(OptimizerConfig, hparams.get("optimizer"))
-    module.sampling = as_config(SamplingConfig, hparams.get("sampling"))
-    module.lora = as_config(LoRAConfig, hparams.get("lora"))
-
-
-def as_config(kind: type[Settings], value: Settings | Mapping | None) -> Settings | None:
-    """A settings group as its dataclass: the CLI and ``__init__`` pass the dataclass, a checkpoint's
-    hyperparameters the plain mapping that LightningCLI saves."""
-    return kind(**value) if isinstance(value, Mapping) else value
+from lit_rlhf.phases.settings import OptimizerConfig
+from lit_rlhf.scoring import Scorer
 
 
 def adamw_with_warmup(
@@ -114,25 +67,6 @@ class ConfiguredRateSchedule(torch.optim.lr_scheduler.LambdaLR):
             group["initial_lr"], group["lr"] = base, lr
 
 
-def check_settings(
-    positive: Mapping[str, float | None] | None = None,
-    non_negative: Mapping[str, float] | None = None,
-    unit: Mapping[str, float] | None = None,
-) -> None:
-    """One line for a setting out of its range, which would otherwise train silently into nonsense: ``positive``
-    ones must be > 0 (learning rates, β, clip ranges, counts; ``None`` is unset), ``non_negative`` ones ≥ 0
-    (coefficients, temperatures where 0 means greedy), ``unit`` ones in [0, 1]."""
-    for name, value in (positive or {}).items():
-        if value is not None and not value > 0:
-            raise ConfigError(f"{name} must be positive, got {value}")
-    for name, value in (non_negative or {}).items():
-        if not value >= 0:
-            raise ConfigError(f"{name} must not be negative, got {value}")
-    for name, value in (unit or {}).items():
-        if not 0 <= value <= 1:
-            raise ConfigError(f"{name} must be between 0 and 1, got {value}")
-
-
 class FullyShardedStrategy(ModelParallelStrategy):
     """FSDP2 over every process of every node: Lightning's ``ModelParallelStrategy`` with all devices in the
     data-parallel dimension and no tensor parallelism. Each phase shards its networks in ``configure_model``
@@ -160,6 +94,14 @@ def validation_means(metrics: Mapping[str, Metric]) -> dict[str, torch.Tensor]:
     for metric in metrics.values():
         metric.reset()
     return {name: value for name, value in means.items() if not value.isnan()}
+
+
+def held_out_evaluator(module: LightningModule, scorer: Scorer | None = None) -> HeldOutEvaluator:
+    """The phase's :class:`~lit_rlhf.evaluation.HeldOutEvaluator`: its datamodule's held-out (development) prompts,
+    answered with its ``sampling`` and ``eval_seed``, cut to its ``max_prompt_length``, scored by ``scorer``."""
+    hp = module.hparams
+    return HeldOutEvaluator(module.trainer.datamodule.eval_prompts, module.tokenizer, module.sampling,
+                            hp.max_prompt_length, hp.eval_seed, scorer=scorer)
 
 
 def check_context(
