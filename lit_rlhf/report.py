@@ -34,6 +34,7 @@ from lit_rlhf.run_folder import (
     format_cell,
     format_paired,
     gao_points,
+    group_cells,
     output_to,
     with_errors,
 )
@@ -62,6 +63,10 @@ DESCRIPTIONS = {
     "scaling_law": "Each sweep's gold reward gained over the reference policy against d = √KL, its trials (circles) "
                    "and best-of-n (triangles), with Gao et al. (2022)'s forms fitted: RL d(α − β ln d), best-of-n "
                    "d(α − β d); the legend has the coefficients and R².",
+    "settings": "Each setting of a sweep over its seeds: mean final gold (left) and proxy (right) reward with their "
+                "95 % intervals over seeds, against the mean √KL to the reference. For a sweep over reward models "
+                "(sweeps/mitigations.yaml) one point per mitigation at the same β: a mitigation that works sits above "
+                "the single reward model's gold with an interval that does not reach it, usually at a smaller KL.",
     "reward_model": "Held-out pairwise accuracy of each reward model against the proxy and gold labels, and the "
                     "correlation of its score with answer length (near 0 is good); right: validation accuracy.",
 }
@@ -100,11 +105,12 @@ class RunFolder:
     baselines: list[dict[str, Any]] = field(default_factory=list)
     reference: dict[str, Any] | None = None
     gao: list[dict[str, Any]] = field(default_factory=list)  # a sweep's fitted Gao et al. forms
+    groups: list[dict[str, Any]] = field(default_factory=list)  # a sweep's settings over their seeds
     curves: list[Curve] = field(default_factory=list)  # policy optimisation runs with held-out evaluations
     ppo_iterations: list[Curve] = field(default_factory=list)  # PPO runs' per-iteration rows
     rm_curves: list[Curve] = field(default_factory=list)  # reward-model runs with validation rows
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # stage or trial → sampled answers
-    paired: list[dict[str, Any]] = field(default_factory=list)  # a pipeline's paired.json
+    paired: list[dict[str, Any]] = field(default_factory=list)  # a pipeline's paired.json, a sweep's `paired`
 
 
 @dataclass
@@ -177,7 +183,8 @@ def _load_sweep(path: Path) -> RunFolder:
     spec = _read_json(path / SWEEP_FILE, dict)
     folder = RunFolder("sweep", str(spec.get("name") or path.resolve().name), phase=str(spec.get("phase", "")),
                        trials=spec.get("trials") or [], baselines=spec.get("baselines") or [],
-                       reference=spec.get("reference"), gao=spec.get("gao") or [])
+                       reference=spec.get("reference"), gao=spec.get("gao") or [], groups=spec.get("groups") or [],
+                       paired=spec.get("paired") or [])
     for trial in folder.trials:
         log_dir = path / trial["log_dir"] if trial.get("log_dir") else None
         label = _params_label(trial.get("params") or {}) or str(trial.get("trial"))
@@ -278,7 +285,12 @@ def _params_label(params: dict[str, Any]) -> str:
 
 
 def _param_text(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    """A setting as a label: a number briefly, a path into a pipeline folder by its stage (``rm_worst`` for
+    ``runs/pipeline/rm_worst/ensemble``)."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    path = Path(str(value))
+    return path.parent.name if len(path.parts) > 2 and path.name in ("hf", "ensemble") else str(value)
 
 
 # --- the figures ---------------------------------------------------------------------------------------------------
@@ -486,6 +498,30 @@ def plot_hacking(folders: list[RunFolder], out_dir: Path) -> Path:
     return _save(figure, out_dir / "hacking.png")
 
 
+def plot_settings(folders: list[RunFolder], out_dir: Path) -> Path:
+    figure = Figure(figsize=(11, 4.5), layout="constrained")
+    gold_ax, proxy_ax = figure.subplots(1, 2)
+    groups = [(folder, group) for folder in folders for group in folder.groups if group.get("seeds", 0) > 1]
+    for colour, (folder, group) in enumerate(groups):
+        label = _labelled(folder, _params_label(group["params"]), folders)
+        x = _root_kl(group["kl"]["mean"]) if "kl" in group else None
+        for ax, metric in ((gold_ax, "gold_reward"), (proxy_ax, "proxy_reward")):
+            if x is None or metric not in group:
+                continue
+            mean, interval = group[metric]["mean"], group[metric]["ci95"]
+            error = [[mean - interval[0]], [interval[1] - mean]] if interval else None
+            ax.errorbar([x], [mean], yerr=error, marker="o", capsize=3, color=f"C{colour % 10}", label=label)
+    if not gold_ax.lines and not proxy_ax.lines:
+        raise _NothingToPlot("no sweep has a setting run under more than one seed")
+    for ax, title in ((gold_ax, "gold reward"), (proxy_ax, "proxy reward")):
+        ax.set(xlabel="mean √KL to the reference (√nats)", ylabel=f"final {title}, 95 % interval over seeds",
+               title=f"each setting's {title} over its seeds")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    _drop_empty_axes(figure)
+    return _save(figure, out_dir / "settings.png")
+
+
 def plot_reward_model(folders: list[RunFolder], out_dir: Path) -> Path:
     rows = [(_labelled(folder, str(row.get("stage")), folders), row) for folder in folders for row in folder.summary
             if folder.roles.get(str(row.get("stage"))) == "reward_model" or "accuracy" in row]
@@ -516,7 +552,8 @@ def plot_reward_model(folders: list[RunFolder], out_dir: Path) -> Path:
 
 
 PLOTS = {"overoptimisation": plot_overoptimisation, "frontier": plot_frontier, "scaling_law": plot_scaling_law,
-         "ppo_health": plot_ppo_health, "hacking": plot_hacking, "reward_model": plot_reward_model}
+         "ppo_health": plot_ppo_health, "hacking": plot_hacking, "settings": plot_settings,
+         "reward_model": plot_reward_model}
 
 
 # --- tables and the page -------------------------------------------------------------------------------------------
@@ -573,6 +610,10 @@ CAPTIONS_WITHOUT_GOLD = {
     "frontier": "Final proxy reward (the evaluation's reward model, named on the axis) against √KL for every stage and "
                 "best-of-n baseline. These runs have no gold reward, so the frontier shows what the reward model "
                 "gave for each nat of drift, not what was gained.",
+    "settings": "Each setting of a sweep over its seeds: mean final gold (left) and proxy (right) reward with their "
+                "95 % intervals over seeds, against the mean √KL to the reference. For a sweep over reward models "
+                "(sweeps/mitigations.yaml) one point per mitigation at the same β: a mitigation that works sits above "
+                "the single reward model's gold with an interval that does not reach it, usually at a smaller KL.",
     "reward_model": "Held-out pairwise accuracy of each reward model and the correlation of its score with answer "
                     "length (near 0 is good); right: validation accuracy. Without a gold reward there is no gold "
                     "accuracy.",
@@ -606,6 +647,10 @@ def render_html(report: Report) -> str:
     for folder in report.folders:
         rows = [with_errors(row) for row in summary_rows(folder)]
         parts.append(f"<h3>{html.escape(folder.name)} ({folder.kind})</h3>" + _html_table(rows))
+        if folder.groups:
+            parts.append("<h4>each setting over its seeds: mean [95 % interval]</h4>" + _html_table(
+                [group_cells(group) | {key: _param_text(value) for key, value in group["params"].items()}
+                 for group in folder.groups]))
         if folder.paired:
             parts.append(f"<pre>{html.escape(format_paired(folder.paired))}</pre>")
     if any(folder.samples for folder in report.folders):

@@ -193,6 +193,18 @@ def interval_cell(value: Any) -> Any:
     return f"{value['mean']:.3f} [{low:.3f}, {high:.3f}]"
 
 
+GROUP_METRICS = ("gold_reward", "proxy_reward", "kl", "length_ratio", "repetition_rate", "sycophancy_rate",
+                 "format_rate", "seconds")
+"""What a sweep's seed group (``sweep.json``'s ``groups``) gives over its seeds: the rewards, the drift, the hacking
+rates and the trials' training time."""
+
+
+def group_cells(group: dict[str, Any]) -> dict[str, Any]:
+    """A seed group as a table row: its parameters, seeds, and each measurement as ``mean [lo, hi]``."""
+    return {**group["params"], "seeds": group["seeds"],
+            **{metric: interval_cell(group[metric]) for metric in GROUP_METRICS if metric in group}}
+
+
 def format_paired(rows: list[dict[str, Any]], metric: str | None = None) -> str:
     """The paired differences of one metric as text, each said as resolved (its interval excludes 0) or not; by
     default the first of :data:`PAIRED_METRICS` the rows have (gold where there is gold, else the proxy)."""

@@ -14,11 +14,14 @@ same file runs two ways:
 
 A sweep's trials start from the main job's SFT policy and reward model: the command names them under the
 pipeline's output folder (``runs/pipeline/sft/hf``), and the sweep first runs, or reuses, the pipeline stages it
-names, and those the pipeline's evaluation needs. Offline, every trained trial's policy is then measured with the
+names, in its command or its parameters' values (a sweep over reward models), and those the pipeline's evaluation
+needs. Offline, every trained trial's policy is then measured with the
 pipeline's held-out evaluation (:class:`lit_rlhf.held_out.HeldOutEvaluation`: the same sampling noise, reference
 and reward model as the pipeline's summary, on the world's development prompts, since a sweep chooses settings and
 the test prompts are for reporting), and so is best-of-n from the reference at n = 1…16, the
-baseline of the reward–KL frontier. ``OUT/sweep.json`` holds it all and ``lit-rlhf report OUT`` draws it.
+baseline of the reward–KL frontier. Under a ``seed_everything`` parameter each setting gets its measurements over
+seeds (``groups``) and its paired difference to the first setting, seed by seed (``paired``). ``OUT/sweep.json``
+holds it all and ``lit-rlhf report OUT`` draws it.
 """
 
 from __future__ import annotations
@@ -44,12 +47,15 @@ from lit_rlhf.pipeline_run import FitPhase, PipelineRun, start_run
 from lit_rlhf.pipeline_spec import read_yaml_file
 from lit_rlhf.run_folder import (
     DONE_FILE,
+    GROUP_METRICS,
     MADE_WITH,
+    PAIRED_METRICS,
     SWEEP_FILE,
     format_cell,
+    format_paired,
     format_table,
     gao_points,
-    interval_cell,
+    group_cells,
     last_line,
     made_with,
     write_atomically,
@@ -178,12 +184,15 @@ def _short(value: Any) -> str:
 
 
 def pipeline_stages_needed(spec: dict[str, Any], run: PipelineRun) -> str | None:
-    """The last pipeline stage the sweep needs: those whose output folder the command names, and those the
-    pipeline's evaluation reads (its reference policy and reward model); ``None`` when it needs none."""
+    """The last pipeline stage the sweep needs: those whose output folder the command or a parameter's values name
+    (a sweep over reward models names several), and those the pipeline's evaluation reads (its reference policy and
+    reward model); ``None`` when it needs none."""
     names = [stage.name for stage in run.spec.stages]
     out_parts = run.out_dir.parts
     needed = {run.spec.evaluation.reference, run.spec.evaluation.reward_model} & set(names)
-    for part in map(str, spec["command"]):
+    values = [value for parameter in spec["parameters"].values()
+              for value in parameter.get("values", [parameter.get("value")])]
+    for part in map(str, [*spec["command"], *values]):
         parts = Path(part.split("=", 1)[-1]).parts  # --key=PATH or PATH
         if parts[: len(out_parts)] == out_parts and len(parts) > len(out_parts) and parts[len(out_parts)] in names:
             needed.add(parts[len(out_parts)])
@@ -249,11 +258,14 @@ def run_offline(spec: dict[str, Any], path: Path, run: PipelineRun, out_dir: Pat
         "baselines": _best_of_n_curve(evaluation, out_dir),
     }
     result["groups"] = seed_groups(trials)
+    result["paired"] = paired_with_the_first_setting(trials)
     result["gao"] = gao_fits(result)
     write_atomically(out_dir / SWEEP_FILE, json.dumps(result, indent=2) + "\n")
     print(format_trials(result))
     if any(group["seeds"] > 1 for group in result["groups"]):
-        print(format_table([_group_cells(group) for group in result["groups"]]))
+        print(format_table([group_cells(group) for group in result["groups"]]))
+    if result["paired"]:
+        print(format_paired(result["paired"]))
     for fit in result["gao"]:
         print(f"[sweep] Gao et al. (2022) {fit['form']} fit of gold gain over the reference against sqrt(KL): "
               f"alpha {fit['alpha']:.3f}, beta {fit['beta']:.3f}, R^2 {format_cell(fit['r2'])} over {fit['n']} points")
@@ -330,9 +342,6 @@ def _best_of_n_curve(evaluation: HeldOutEvaluation, out_dir: Path) -> list[dict[
 SEED_PARAMETER = "seed_everything"
 """A sweep parameter that repeats the other parameters' trials under other seeds (``seed_everything: {values:
 [0, 1, 2]}``): :func:`seed_groups` puts them together."""
-GROUP_METRICS = ("gold_reward", "proxy_reward", "kl")
-
-
 def seed_groups(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The finished trials grouped by their parameters other than the seed, each measurement of
     :data:`GROUP_METRICS` as ``{"mean", "ci95", "n"}`` over the group's seeds
@@ -344,11 +353,44 @@ def seed_groups(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
         params = {name: value for name, value in trial["params"].items() if name != SEED_PARAMETER}
         group = groups.setdefault(json.dumps(params, sort_keys=True), {"params": params, "values": {}})
         for metric in GROUP_METRICS:
-            if (value := trial["metrics"].get(metric)) is not None:
+            if (value := trial["metrics"].get(metric, trial.get(metric))) is not None:
                 group["values"].setdefault(metric, []).append(value)
     return [{"params": group["params"], "seeds": max(map(len, group["values"].values()), default=0),
              **{metric: interval_over_seeds(values).as_dict() for metric, values in group["values"].items()}}
             for group in groups.values()]
+
+
+def paired_with_the_first_setting(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each setting minus the sweep's first, seed by seed: the trials of one seed share the seed of the data order,
+    the initialisation and the training noise, so pairing them removes what the seed adds to both. For each of
+    :data:`PAIRED_METRICS`, the mean of the per-seed differences with its 95 % interval over the seeds both settings
+    finished (:func:`lit_rlhf.uncertainty.interval_over_seeds`), as ``paired.json``'s rows: ``a`` the setting,
+    ``b`` the first, each named by the values that differ between settings. A sweep over reward models lists the
+    single reward model first, so each row is a mitigation's effect."""
+    by_setting: dict[str, dict[Any, dict[str, Any]]] = {}
+    for trial in trials:
+        if trial.get("status") == "done" and trial.get("metrics") and SEED_PARAMETER in trial["params"]:
+            params = {name: value for name, value in trial["params"].items() if name != SEED_PARAMETER}
+            by_setting.setdefault(json.dumps(params), {})[trial["params"][SEED_PARAMETER]] = trial["metrics"]
+    if not by_setting:
+        return []
+    settings = [json.loads(key) for key in by_setting]
+    varying = [name for name in settings[0] if len({json.dumps(setting[name]) for setting in settings}) > 1]
+
+    def label(params: dict[str, Any]) -> str:
+        return ",".join(_short(params[name]) for name in varying) or "all"
+
+    rows = []
+    first_key, *other_keys = list(by_setting)
+    for key in other_keys:
+        for metric in PAIRED_METRICS:
+            seeds = [seed for seed in by_setting[key] if seed in by_setting[first_key]
+                     and None not in (by_setting[key][seed].get(metric), by_setting[first_key][seed].get(metric))]
+            if seeds:
+                differences = [by_setting[key][seed][metric] - by_setting[first_key][seed][metric] for seed in seeds]
+                rows.append({"a": label(json.loads(key)), "b": label(settings[0]), "metric": metric,
+                             **interval_over_seeds(differences).as_dict()})
+    return rows
 
 
 def gao_fits(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -364,12 +406,6 @@ def gao_fits(result: dict[str, Any]) -> list[dict[str, Any]]:
             fit = asdict(fit_gao([d for d, _ in points], [gain for _, gain in points], form))
             fits.append(fit | {"r2": None if math.isnan(fit["r2"]) else fit["r2"]})  # no spread in the gains
     return fits
-
-
-def _group_cells(group: dict[str, Any]) -> dict[str, Any]:
-    """A seed group as a table row: its parameters, seeds, and each measurement as ``mean [lo, hi]``."""
-    return {**group["params"], "seeds": group["seeds"],
-            **{metric: interval_cell(group[metric]) for metric in GROUP_METRICS if metric in group}}
 
 
 def _phase(spec: dict[str, Any]) -> str | None:

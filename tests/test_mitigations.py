@@ -105,6 +105,7 @@ def test_the_length_slope_by_hand_and_a_corrected_scorer_subtracts_it(world_rm_p
     assert scorer.score(*ANSWERS).tolist() == pytest.approx((raw - 0.25 * lengths).tolist())
 
 
+@pytest.mark.slow
 def test_the_reward_model_stages_write_exports_that_score(world_sft_path, world_rm_path, second_rm_path, tmp_path):
     """An ensemble, WARM and the post-hoc length fix as pipeline stages: each writes a reward model that loads by
     path; the length-corrected one's scores no longer correlate linearly with length on the policy's answers."""
@@ -232,7 +233,7 @@ def test_an_odin_reward_model_trains_two_heads_and_exports_the_quality_head(worl
 # --- PPO against an ensemble, its reward shaped ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("transform", ["preference", "log_sigmoid"])
+@pytest.mark.parametrize("transform", ["preference", pytest.param("log_sigmoid", marks=pytest.mark.slow)])
 def test_ppo_trains_against_an_ensemble_with_a_shaped_reward(world_sft_path, world_rm_path, second_rm_path, tmp_path,
                                                              transform):
     """Both members are registered frozen networks (left out of checkpoints); each rollout answer's score is

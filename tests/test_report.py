@@ -128,7 +128,8 @@ def test_pipeline_report_has_every_figure_the_summary_and_escaped_samples(pipeli
     assert "&lt;b&gt;bold&lt;/b&gt; answer" in page and "<b>bold</b>" not in page
     assert page.count("question ") == 4  # at most 4 samples per stage
     assert report.skipped == {"scaling_law": "no sweep folder has fitted Gao et al. forms (run a sweep with lit-rlhf "
-                                             "sweep)"}  # a sweep's figure
+                                             "sweep)",
+                              "settings": "no sweep has a setting run under more than one seed"}  # sweeps' figures
 
 
 def test_sweep_report_reads_trials_baselines_and_the_last_samples(sweep_dir, tmp_path):
@@ -296,3 +297,23 @@ def test_runs_without_gold_get_no_gold_panels_or_columns(pipeline_dir, tmp_path,
     assert "gold_reward" not in page and "These runs have no gold reward" in page
     assert "proxy_scorer" in page and "Gold (left)" not in page
     assert panels["overoptimisation"] == 1 and panels["frontier"] == 1  # the training or proxy panel alone
+
+
+def test_a_sweep_over_reward_models_draws_each_setting_over_its_seeds(sweep_dir, tmp_path):
+    """sweeps/mitigations.yaml's groups: one point per reward model with its interval over seeds, named by the
+    pipeline stage that made it, and a table of the groups with their hacking rates."""
+    spec = json.loads((sweep_dir / "sweep.json").read_text())
+    def interval(mean: float) -> dict:
+        return {"mean": mean, "ci95": [mean - 0.05, mean + 0.05], "n": 3}
+
+    spec["groups"] = [
+        {"params": {"model.reward_model": f"runs/pipeline/{name}/{folder}", "model.kl_control.beta": 0.01}, "seeds": 3,
+         "gold_reward": interval(gold), "proxy_reward": interval(0.8), "kl": interval(4.0),
+         "length_ratio": interval(1.3)}
+        for name, folder, gold in (("rm", "hf", 0.4), ("rm_worst", "ensemble", 0.7))]
+    (sweep_dir / "sweep.json").write_text(json.dumps(spec))
+    report = build_report([sweep_dir], tmp_path / "out")
+    assert "settings" in report.plots and report.plots["settings"].read_bytes().startswith(b"\x89PNG")
+    page = report.html_path.read_text()
+    for cell in ("rm_worst", "0.700 [0.650, 0.750]", "1.300 [1.250, 1.350]"):  # the stage, gold, length ratio
+        assert f"<td>{cell}</td>" in page

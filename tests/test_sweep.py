@@ -239,3 +239,35 @@ def test_gao_fits_recover_the_forms_from_gains_over_the_reference():
     assert (fit["form"], fit["n"]) == ("rl", 3)
     assert (fit["alpha"], fit["beta"], fit["r2"]) == (pytest.approx(1.0), pytest.approx(0.5), pytest.approx(1.0))
     assert sweep.gao_fits({**result, "reference": None}) == []  # no reference: no gain to fit
+
+
+def test_the_stages_a_sweep_needs_include_those_its_parameters_name(tmp_path):
+    """A sweep over reward models names them in a parameter's values: each is built before the trials."""
+    from lit_rlhf.pipeline_run import start_run
+
+    run = start_run(CONFIGS / "pipeline_mitigations.yaml", fit_phase, "runs/pipeline")
+    spec = sweep.load_sweep(ROOT / "sweeps" / "mitigations.yaml")
+    assert sweep.pipeline_stages_needed(spec, run) == "rm_odin"  # the last stage any value names
+    spec["parameters"]["model.reward_model"] = {"value": "runs/pipeline/rm_seed1/hf"}
+    assert sweep.pipeline_stages_needed(spec, run) == "rm_seed1"
+    spec["parameters"].pop("model.reward_model")
+    assert sweep.pipeline_stages_needed(spec, run) == "rm"  # the evaluation's reward model
+
+
+def test_each_setting_is_paired_with_the_first_seed_by_seed():
+    def trial(model, seed, gold, status="done"):
+        return {"params": {"model.reward_model": model, "model.kl_control.beta": 0.01, "seed_everything": seed},
+                "status": status, "metrics": {"gold_reward": gold, "proxy_reward": 1.0} if status == "done" else None}
+
+    trials = [trial("runs/pipeline/rm/hf", 0, 0.3), trial("runs/pipeline/rm/hf", 1, 0.5),
+              trial("runs/pipeline/rm/hf", 2, 0.4), trial("runs/pipeline/rm_worst/ensemble", 0, 0.6),
+              trial("runs/pipeline/rm_worst/ensemble", 1, 0.7), trial("runs/pipeline/rm_worst/ensemble", 2, 0.0,
+                                                                      status="failed")]
+    gold, proxy = sweep.paired_with_the_first_setting(trials)
+    # seeds 0 and 1 only: differences 0.3 and 0.2, mean 0.25, sd 0.0707, half-width 12.706 · 0.0707 / √2 = 0.635
+    assert (gold["a"], gold["b"], gold["metric"], gold["n"]) == (
+        "runs-pipeline-rm_worst-ensemble", "runs-pipeline-rm-hf", "gold_reward", 2)
+    assert gold["mean"] == pytest.approx(0.25) and gold["ci95"] == pytest.approx([0.25 - 0.6353, 0.25 + 0.6353],
+                                                                                abs=1e-4)
+    assert proxy["mean"] == 0.0
+    assert sweep.paired_with_the_first_setting([{**t, "params": {"b": 1}} for t in trials[:1]]) == []  # no seeds
