@@ -340,6 +340,16 @@ def odin_orthogonality_loss(quality_weight: Tensor, length_weight: Tensor) -> Te
     return (quality_weight.flatten() * length_weight.flatten()).sum().abs()
 
 
+def odin_penalty(
+    quality: Tensor, length_scores: Tensor, lengths: Tensor, quality_weight: Tensor, length_weight: Tensor,
+    length_coef: float, orthogonality_coef: float,
+) -> Tensor:
+    """ODIN's two terms added to the Bradley–Terry loss on r_Q + r_L (Chen et al. 2024, §4):
+    λ_L·(|ρ(r_Q, L)| − ρ(r_L, L)) + λ_O·|w_Q · w_L|."""
+    return (length_coef * odin_length_loss(quality, length_scores, lengths)
+            + orthogonality_coef * odin_orthogonality_loss(quality_weight, length_weight))
+
+
 def ppo_policy_loss(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float
 ) -> tuple[Tensor, dict[str, Tensor]]:

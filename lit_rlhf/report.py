@@ -610,10 +610,9 @@ CAPTIONS_WITHOUT_GOLD = {
     "frontier": "Final proxy reward (the evaluation's reward model, named on the axis) against √KL for every stage and "
                 "best-of-n baseline. These runs have no gold reward, so the frontier shows what the reward model "
                 "gave for each nat of drift, not what was gained.",
-    "settings": "Each setting of a sweep over its seeds: mean final gold (left) and proxy (right) reward with their "
-                "95 % intervals over seeds, against the mean √KL to the reference. For a sweep over reward models "
-                "(sweeps/mitigations.yaml) one point per mitigation at the same β: a mitigation that works sits above "
-                "the single reward model's gold with an interval that does not reach it, usually at a smaller KL.",
+    "settings": "Each setting of a sweep over its seeds: mean final proxy reward with its 95 % interval over seeds, "
+                "against the mean √KL to the reference. These runs have no gold reward, so whether a setting "
+                "resisted the reward model's exploits is not measured here.",
     "reward_model": "Held-out pairwise accuracy of each reward model and the correlation of its score with answer "
                     "length (near 0 is good); right: validation accuracy. Without a gold reward there is no gold "
                     "accuracy.",

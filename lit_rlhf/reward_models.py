@@ -66,11 +66,10 @@ def policy_answers(
 
 
 def store_score_statistics(scorer: RewardModelScorer, answers: tuple[list[str], list[str], list[bool]]) -> None:
-    """Keep in the scorer's model config the mean and standard deviation of its raw scores of ``answers`` (the
-    policy's, :func:`policy_answers`) and its length limits, which scorers loading the export take as defaults."""
-    normalize, scorer.normalize = scorer.normalize, False
+    """Keep in the scorer's model config the mean and standard deviation of its scores of ``answers`` (the
+    policy's, :func:`policy_answers`; the scorer built without ``normalize``) and its length limits, which scorers
+    loading the export take as defaults."""
     scores = scorer.score(*answers)
-    scorer.normalize = normalize
     config = scorer.model.config
     for name, key in LENGTH_KEYS.items():
         setattr(config, key, getattr(scorer, name))
@@ -86,9 +85,8 @@ def export_reward_model(
     ``statistics_policy`` to ``prompts``; with ``length_corrected``, first fit and store the slope of its scores on
     answer length over the same answers (the post-hoc length fix). Returns what was measured."""
     tokenizer = load_tokenizer(tokenizer_path)
-    for key in (SCORE_MEAN_KEY, SCORE_STD_KEY, LENGTH_SLOPE_KEY):
-        if hasattr(model.config, key):
-            delattr(model.config, key)
+    if hasattr(model.config, LENGTH_SLOPE_KEY):  # a slope is fitted to the scores without one
+        delattr(model.config, LENGTH_SLOPE_KEY)
     scorer = RewardModelScorer(model, tokenizer, getattr(model.config, LENGTH_KEYS["max_length"], 64),
                                getattr(model.config, LENGTH_KEYS["max_prompt_length"], max_prompt_length))
     answers = policy_answers(statistics_policy, prompts, samples, sampling, max_prompt_length, model.device)

@@ -156,7 +156,7 @@ def _fit_heads(odin: bool) -> tuple[float, float]:
     """Linear heads on fixed features of 512 answers whose raters prefer quality and, as much, length: with ODIN a
     quality head and a length head trained on their sum, else one head. Returns the quality (or only) head's
     correlation with length and its accuracy on the true quality order."""
-    from lit_rlhf.losses import bradley_terry_loss, odin_length_loss, odin_orthogonality_loss, pearson_correlation
+    from lit_rlhf.losses import bradley_terry_loss, odin_penalty, pearson_correlation
 
     generator = torch.Generator().manual_seed(0)
     length = torch.randint(1, 21, (512,), generator=generator).float()
@@ -175,8 +175,7 @@ def _fit_heads(odin: bool) -> tuple[float, float]:
         total = r_quality + r_length if odin else r_quality
         loss = bradley_terry_loss(total[chosen], total[rejected]).mean()
         if odin:
-            loss = loss + odin_length_loss(r_quality, r_length, length)
-            loss = loss + odin_orthogonality_loss(quality_head.weight, length_head.weight)
+            loss = loss + odin_penalty(r_quality, r_length, length, quality_head.weight, length_head.weight, 1.0, 1.0)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -196,7 +195,7 @@ def test_odins_penalty_takes_length_out_of_the_quality_head_on_a_constructed_set
 
 
 def test_odin_by_hand():
-    from lit_rlhf.losses import odin_length_loss, odin_orthogonality_loss, pearson_correlation
+    from lit_rlhf.losses import odin_length_loss, odin_orthogonality_loss, odin_penalty, pearson_correlation
 
     lengths = torch.tensor([1.0, 2.0, 3.0])
     assert float(pearson_correlation(torch.tensor([2.0, 4.0, 6.0]), lengths)) == pytest.approx(1.0)
@@ -206,6 +205,10 @@ def test_odin_by_hand():
     # quality uncorrelated ([1, 0, 1]: ρ = 0), length head anti-correlated: 0 − (−1) = 1
     assert float(odin_length_loss(torch.tensor([1.0, 0.0, 1.0]), -lengths, lengths)) == pytest.approx(1.0)
     assert float(odin_orthogonality_loss(torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, -4.0]]))) == 5.0
+    # λ_L·1 + λ_O·5 with the second case and those weights: 0.5 + 0.2·5 = 1.5
+    penalty = odin_penalty(torch.tensor([1.0, 0.0, 1.0]), -lengths, lengths, torch.tensor([[1.0, 2.0]]),
+                           torch.tensor([[3.0, -4.0]]), length_coef=0.5, orthogonality_coef=0.2)
+    assert float(penalty) == pytest.approx(1.5)
 
 
 def test_an_odin_reward_model_trains_two_heads_and_exports_the_quality_head(world_sft_path, tmp_path, monkeypatch):

@@ -139,18 +139,16 @@ class RewardModelModule(LightningModule):
         chosen, rejected = self._scores(batch)
         lengths = torch.cat([batch["chosen_response_mask"].sum(1), batch["rejected_response_mask"].sum(1)]).float()
         margin = torch.where(batch["has_margin"], batch["margin"], torch.zeros_like(batch["margin"]))
-        odin_loss = torch.zeros((), device=lengths.device)
-        if self.length_head is not None:  # ODIN: the loss on the heads' sum, quality alone is the score
-            scores = torch.cat([chosen, rejected])
-            odin_loss = self.odin.length_weight * losses.odin_length_loss(scores[:, 0], scores[:, 1], lengths)
-            odin_loss = odin_loss + self.odin.orthogonality_weight * losses.odin_orthogonality_loss(
-                self.model.score.weight, self.length_head.weight)
-            self.log("train/odin/length_head_corr", losses.pearson_correlation(scores[:, 1].detach(), lengths))
-            (chosen, rejected), total = scores[:, 0].chunk(2), scores.sum(dim=1).chunk(2)
-            loss = losses.bradley_terry_loss(total[0], total[1], margin).mean()
-        else:
+        if self.length_head is None:
             loss = losses.bradley_terry_loss(chosen, rejected, margin).mean()
-        loss = loss + odin_loss
+        else:  # ODIN: the loss on the heads' sum; the quality head alone is the score
+            quality, length_scores = torch.cat([chosen, rejected]).unbind(dim=1)
+            total_chosen, total_rejected = (quality + length_scores).chunk(2)
+            loss = losses.bradley_terry_loss(total_chosen, total_rejected, margin).mean() + losses.odin_penalty(
+                quality, length_scores, lengths, self.model.score.weight, self.length_head.weight,
+                self.odin.length_weight, self.odin.orthogonality_weight)
+            self.log("train/odin/length_head_corr", losses.pearson_correlation(length_scores.detach(), lengths))
+            chosen, rejected = quality.chunk(2)
         if self.hparams.center_rewards_coefficient:
             loss = loss + self.hparams.center_rewards_coefficient * losses.reward_centering_penalty(chosen, rejected)
         gold = None
